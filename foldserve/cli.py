@@ -1,0 +1,142 @@
+"""The ``foldserve`` command: train, fold, verify, serve, infer, pipeline.
+
+Each subcommand imports its stage lazily, so ``foldserve serve`` never imports torch. User errors
+(:class:`foldserve.errors.UserError`) print one line and exit 2; verification failures exit 1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any, Callable, Sequence
+
+from foldserve import __version__
+from foldserve.errors import ConfigError, FoldserveError
+
+logger = logging.getLogger("foldserve")
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _parse_kv(items: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--arch-arg {item!r}: expected KEY=VALUE (e.g. width=32)")
+        key, value = item.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _bn_momentum(value: str) -> float | None:
+    if value.lower() in ("cumulative", "none"):
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1] or 'cumulative', got {value!r}") from None
+
+
+# --- train ----------------------------------------------------------------------------------------
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a BatchNorm network and write DIR/checkpoint.pt")
+    p.add_argument("--arch", default="resnet", help="architecture name (see --list-archs)")
+    p.add_argument("--dataset", default="digits", help="digits | synthetic | npz | folder")
+    p.add_argument("--data", help="path for --dataset npz (arrays x, y) or folder (one sub-folder per class)")
+    p.add_argument("--out", default="runs/default", help="output directory (default: runs/default)")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
+    p.add_argument("--lr", type=float, default=None, help="default: 0.1 for sgd, 3e-3 for adamw")
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--bn-momentum", type=_bn_momentum, default=0.1,
+                   help="BN running-average momentum, or 'cumulative' for an equal-weight average")
+    p.add_argument("--bn-placement", choices=("before", "after"), default="before",
+                   help="BN before the activation (BN paper) or after it")
+    p.add_argument("--precise-bn", type=int, default=0, metavar="N",
+                   help="after training, recompute BN statistics exactly over N batches")
+    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun (saved as plain BN)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--image-size", type=int, default=32, help="--dataset folder: images are resized to this")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-amp", action="store_true", help="disable mixed precision on GPU")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--arch-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="architecture size knob, e.g. --arch-arg width=32 --arch-arg blocks=2")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from trainer.train import TrainConfig, train
+
+    lr = args.lr if args.lr is not None else (0.1 if args.optimizer == "sgd" else 3e-3)
+    cfg = TrainConfig(arch=args.arch, dataset=args.dataset, data=args.data, out=args.out, epochs=args.epochs,
+                      batch_size=args.batch_size, optimizer=args.optimizer, lr=lr,
+                      weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
+                      bn_momentum=args.bn_momentum, bn_placement=args.bn_placement, precise_bn=args.precise_bn,
+                      sync_bn=args.sync_bn, seed=args.seed, val_fraction=args.val_fraction,
+                      image_size=args.image_size, device=args.device, amp=not args.no_amp, resume=args.resume,
+                      arch_args=_parse_kv(args.arch_arg), progress=not args.no_progress)
+    result = train(cfg)
+    metrics = {k: v for k, v in result.metrics.items() if v is not None}
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"checkpoint: {result.checkpoint}")
+        print(f"metrics: {json.dumps(metrics, sort_keys=True)}")
+        print(f"wall time: {result.wall_s:.1f} s")
+    return 0
+
+
+# --- main ------------------------------------------------------------------------------------------
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train]
+
+
+def _register_optional() -> None:
+    """Subcommands of the later stages, each in its own module."""
+    from foldserve import commands
+
+    COMMANDS.extend(commands.REGISTER)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="foldserve", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"foldserve {__version__}")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    if len(COMMANDS) == 1:
+        _register_optional()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.log_level)
+    try:
+        return int(args.func(args) or 0)
+    except FoldserveError as exc:
+        print(f"foldserve {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"foldserve {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""One error hierarchy for the whole project.
+
+Every stage raises these; each transport maps them once (CLI -> exit code, gRPC -> status code,
+REST -> HTTP status). Messages say what was wrong and what to do; they are shown to users as they are.
+"""
+from __future__ import annotations
+
+
+class FoldserveError(Exception):
+    """Base class of every error foldserve raises on purpose."""
+
+    #: exit code of the CLI, HTTP status and gRPC status name for this class of error
+    exit_code = 1
+    http_status = 500
+    grpc_status = "INTERNAL"
+
+
+class UserError(FoldserveError):
+    """The user asked for something that cannot be done (bad flag, bad file, bad data)."""
+
+    exit_code = 2
+    http_status = 400
+    grpc_status = "INVALID_ARGUMENT"
+
+
+class ConfigError(UserError):
+    """An unknown architecture, dataset or option, or options that contradict each other."""
+
+
+class DataError(UserError):
+    """Training or inference data that is missing, unreadable or of the wrong shape."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is missing, corrupt, foreign, or of an unsupported format version."""
+
+
+class FoldError(UserError):
+    """A model that the folding pass refuses (train mode, untraceable, malformed graph)."""
+
+
+class VerificationFailed(FoldserveError):
+    """The folded model does not compute what the unfolded one did."""
+
+    exit_code = 1
+
+
+# --- serving ---------------------------------------------------------------------------------------
+
+class InvalidInput(UserError):
+    """A request that does not match the model's metadata or the protocol."""
+
+
+class ModelNotFound(FoldserveError):
+    """No such model, or no such version of it."""
+
+    exit_code = 2
+    http_status = 404
+    grpc_status = "NOT_FOUND"
+
+
+class ModelNotReady(FoldserveError):
+    """The model exists but cannot serve now (loading, failed to load, failed verification)."""
+
+    http_status = 503
+    grpc_status = "UNAVAILABLE"
+
+
+class ServerNotReady(ModelNotReady):
+    """The server is starting or shutting down."""
+
+
+class QueueFull(FoldserveError):
+    """The model's request queue is full: the client should back off and retry."""
+
+    http_status = 429
+    grpc_status = "RESOURCE_EXHAUSTED"
+
+
+class RequestTimeout(FoldserveError):
+    """The request waited longer than its timeout."""
+
+    http_status = 504
+    grpc_status = "DEADLINE_EXCEEDED"
+
+
+class Unauthenticated(FoldserveError):
+    """Missing or wrong credentials."""
+
+    http_status = 401
+    grpc_status = "UNAUTHENTICATED"
+
+
+class PermissionDenied(FoldserveError):
+    """The operation is disabled or needs other credentials."""
+
+    http_status = 403
+    grpc_status = "PERMISSION_DENIED"

@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def run_cli(*args: str, timeout: float = 300, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    """Run the installed ``foldserve`` command in a subprocess, as a user would."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([str(BIN / "foldserve"), *args], capture_output=True, text=True, timeout=timeout,
+                          env=full_env, cwd=kw.pop("cwd", ROOT), **kw)
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory) -> Path:
+    """A short digits ResNet training run shared by tests that need a real checkpoint."""
+    from trainer.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("digits_run")
+    train(TrainConfig(arch="resnet", dataset="digits", out=str(out), epochs=3, progress=False))
+    return out

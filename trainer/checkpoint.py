@@ -1,0 +1,96 @@
+"""The trainer's checkpoint format: what ``folding/`` reads to rebuild a model without guessing.
+
+A checkpoint is a ``torch.save`` of a dict holding only tensors and plain Python values (so it loads
+with ``weights_only=True``)::
+
+    format          "foldserve.checkpoint"
+    format_version  1
+    arch            architecture name (trainer.models.ARCHITECTURES)
+    arch_args       complete arguments of trainer.models.build_model (input_shape, num_classes, ...)
+    task            "classification" or "denoising"
+    model_state     state dict of build_model(arch, arch_args): Normalize buffers + network
+    optimizer_state, scheduler_state, epoch, rng_state
+    config          the resolved training configuration
+    normalization   {"mean": [...], "std": [...]} per input channel
+    class_names     list of label names
+    metrics         last epoch's metrics
+    dataset         {"name", "data", "seed", "val_fraction", "image_size"}: enough to reload the data
+
+Writes are atomic (temp file + ``os.replace``): a crash never leaves a half-written checkpoint.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from foldserve.atomic import write_with
+from foldserve.errors import CheckpointError, ConfigError
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "foldserve.checkpoint"
+FORMAT_VERSION = 1
+REQUIRED = ("arch", "arch_args", "model_state", "task", "normalization", "class_names")
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
+    path = Path(path)
+    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, **payload}
+    write_with(path, lambda tmp: torch.save(payload, tmp))
+    logger.info("checkpoint written: %s (epoch %s)", path, payload.get("epoch"))
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load and validate a checkpoint; every problem is a :class:`CheckpointError` naming the file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError,
+            AttributeError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"checkpoint {path}: cannot be read as a torch checkpoint ({first[:200]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path}: not a foldserve checkpoint (no format marker "
+                              f"{FORMAT!r}); write it with `foldserve train`")
+    if ckpt.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path}: format version {ckpt.get('format_version')!r} is not "
+                              f"supported (this foldserve reads version {FORMAT_VERSION})")
+    missing = [k for k in REQUIRED if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"checkpoint {path}: missing fields {missing}")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict[str, Any]) -> torch.nn.Module:
+    """Rebuild the eval-mode model from a loaded checkpoint."""
+    from trainer.models import build_model
+
+    try:
+        model = build_model(ckpt["arch"], ckpt["arch_args"])
+    except ConfigError as exc:
+        raise CheckpointError(f"checkpoint describes a model this foldserve cannot build: {exc}") from None
+    try:
+        model.load_state_dict(ckpt["model_state"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint weights do not fit architecture {ckpt['arch']!r}: "
+                              f"{str(exc).splitlines()[0]}") from None
+    return model.eval()
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
