@@ -390,7 +390,7 @@ def fold_onnx(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FoldReport]:
             result = rule(gr, prod, params, True, *extra)
             _take_over_output(out, gr, bn, prod, add, result[1][1])
             report.folded.append(FoldedPair(name, prod.name or prod.output[0], "backward", prod.op_type,
-                                            "BatchNormalization"))
+                                            "BatchNormalization", bn.output[0]))
             target = prod.name or prod.op_type
         else:
             fwd, cons = _consumer(gr, bn)
@@ -403,7 +403,7 @@ def fold_onnx(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FoldReport]:
             result = _fold_forward(gr, bn, cons, params, True)
             cons.input[0] = bn.input[0]
             report.folded.append(FoldedPair(name, cons.name or cons.output[0], "forward", cons.op_type,
-                                            "BatchNormalization"))
+                                            "BatchNormalization", cons.output[0]))
             target = cons.name or cons.op_type
         report.warnings += params.lint(name) + overflow_warning(target, *result[1])
         removed_inputs += list(bn.input[1:5])

@@ -12,6 +12,7 @@ class FoldedPair:
     direction: str        # "backward" (producer -> BN) or "forward" (BN -> consumer)
     producer_type: str
     bn_type: str = "BatchNorm"
+    tensor: str = ""      # ONNX: the tensor at the fold site, same name in the unfolded and folded graph
 
 
 @dataclass

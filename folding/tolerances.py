@@ -1,0 +1,81 @@
+"""Numerical tolerances, in one place, and the one comparison every check uses.
+
+An output passes when ``max|actual - expected| <= rtol * max|expected| + atol``: the error is measured
+against the scale of the output (logits of size 10 and of size 0.01 are judged alike), with an absolute
+floor for outputs that are all near zero. ``max_rel`` reports ``|a - e| / max(|e|, rel_floor * max|e|)``
+so that near-zero elements do not dominate it.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    rtol: float            # relative to max |expected|
+    atol: float            # absolute floor
+    rel_floor: float = 1e-3  # max_rel divides by at least rel_floor * max|expected|
+
+
+# Float32 folds differ from float64 ground truth by rounding that grows with depth and with channels of
+# tiny running_var (their scale is ~1/sqrt(eps)); 1e-4 of the output scale is ~100x fp32 epsilon for a
+# single layer and still catches a 1% error in one channel.
+TOLERANCES: dict[str, Tolerance] = {
+    "float64": Tolerance(1e-9, 1e-12),
+    "float32": Tolerance(1e-4, 1e-5),
+    "float16": Tolerance(1e-2, 1e-3),
+    "bfloat16": Tolerance(5e-2, 1e-2),
+}
+# For one folded layer against its unfolded float32 original (tests of each pattern).
+LAYER_FP32 = Tolerance(1e-5, 1e-6)
+
+
+def tolerance_for(dtype: str, rtol: float | None = None, atol: float | None = None) -> Tolerance:
+    tol = TOLERANCES.get(str(dtype).replace("torch.", ""), TOLERANCES["float32"])
+    if rtol is not None:
+        tol = replace(tol, rtol=rtol)
+    if atol is not None:
+        tol = replace(tol, atol=atol)
+    return tol
+
+
+@dataclass
+class Comparison:
+    max_abs: float
+    max_rel: float
+    mean_abs: float
+    worst_index: list[int]
+    frac_over: float
+    bound: float
+    passed: bool
+    n: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return (f"max_abs={self.max_abs:.3g} (bound {self.bound:.3g}) max_rel={self.max_rel:.3g} "
+                f"mean_abs={self.mean_abs:.3g} worst={self.worst_index} over={self.frac_over:.2%}")
+
+
+def compare(actual: Any, expected: Any, tol: Tolerance) -> Comparison:
+    """Compare two arrays (any float dtype) in float64; NaN where the reference is finite fails."""
+    a = np.asarray(actual, dtype=np.float64)
+    e = np.asarray(expected, dtype=np.float64)
+    if a.shape != e.shape:
+        raise ValueError(f"shape mismatch: {a.shape} vs {e.shape}")
+    if e.size == 0:
+        return Comparison(0.0, 0.0, 0.0, [], 0.0, tol.atol, True, 0)
+    diff = np.abs(a - e)
+    diff = np.where(np.isnan(diff) & ~np.isnan(e), np.inf, np.nan_to_num(diff, nan=0.0))
+    scale = float(np.nanmax(np.abs(e))) if np.isfinite(e).any() else 0.0
+    bound = tol.rtol * scale + tol.atol
+    rel = diff / np.maximum(np.abs(e), max(tol.rel_floor * scale, 1e-30))
+    worst = np.unravel_index(int(np.argmax(diff)), diff.shape)
+    max_abs = float(diff.max())
+    return Comparison(max_abs=max_abs, max_rel=float(np.nanmax(rel)), mean_abs=float(diff.mean()),
+                      worst_index=[int(i) for i in worst], frac_over=float((diff > bound).mean()),
+                      bound=bound, passed=bool(max_abs <= bound), n=int(e.size))
