@@ -127,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _register_optional()
     parser = build_parser()
     args = parser.parse_args(argv)
-    _configure_logging(args.log_level)
+    _configure_logging(getattr(args, "log_level", "INFO"))
     try:
         return int(args.func(args) or 0)
     except FoldserveError as exc:

@@ -147,4 +147,79 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     return 0 if entry.verification["passed"] else 1
 
 
-REGISTER: list[Callable[[argparse._SubParsersAction], None]] = [add_fold, add_verify, add_pipeline]
+# --- serve -----------------------------------------------------------------------------------------
+
+def add_serve(sub: argparse._SubParsersAction) -> None:
+    """Every server setting is a flag (``--http-port``) and an environment variable (``FOLDSERVE_HTTP_PORT``)."""
+    import typing
+
+    from server.settings import Settings
+
+    p = sub.add_parser("serve", help="serve a model repository over KServe v2 gRPC (:8001) and REST (:8000)")
+    for name, field in Settings.model_fields.items():
+        if name == "log_level":
+            continue
+        flag = "--" + name.replace("_", "-")
+        help_ = field.description or ""
+        ann = field.annotation
+        origin = typing.get_origin(ann)
+        args = [a for a in typing.get_args(ann) if a is not type(None)]
+        if ann is bool:
+            p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        elif origin is list:
+            p.add_argument(flag, dest=name, nargs="+", default=None, help=help_)
+        elif origin is typing.Literal:
+            p.add_argument(flag, dest=name, choices=list(typing.get_args(ann)), default=None, help=help_)
+        else:
+            base = args[0] if args else ann
+            conv = {int: int, float: float}.get(base, str)
+            p.add_argument(flag, dest=name, type=conv, default=None, help=help_)
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from server.main import run
+    from server.settings import Settings
+
+    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ConfigError(f"--{'-'.join(str(x) for x in first['loc']).replace('_', '-')}: {first['msg']}") from None
+    if not settings.repository.is_dir():
+        raise ConfigError(f"--repository {settings.repository}: no such directory (build one with `foldserve fold` "
+                          f"or `make model`)")
+    if bool(settings.tls_cert) != bool(settings.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    return run(settings)
+
+
+# --- infer -----------------------------------------------------------------------------------------
+
+def add_infer(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("infer", help="send an image or .npy/.npz to a running server and print the top classes")
+    p.add_argument("file", help="an image (png/jpg/...), .npy, or .npz (first array, or --key)")
+    p.add_argument("--url", default="127.0.0.1:8001", help="server address: HOST:PORT (gRPC) or http://HOST:PORT")
+    p.add_argument("--model", required=True)
+    p.add_argument("--version", default="")
+    p.add_argument("--protocol", choices=("grpc", "http"), default=None, help="default: from --url")
+    p.add_argument("--key", help="array name inside an .npz")
+    p.add_argument("--top", type=int, default=3)
+    p.add_argument("--token", help="bearer token, if the server requires one")
+    p.set_defaults(func=cmd_infer)
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    from server.client import infer_file
+
+    for line in infer_file(args.url, args.model, args.file, version=args.version, protocol=args.protocol,
+                           key=args.key, top=args.top, token=args.token):
+        print(line)
+    return 0
+
+
+REGISTER: list[Callable[[argparse._SubParsersAction], None]] = [add_fold, add_verify, add_pipeline, add_serve,
+                                                                 add_infer]

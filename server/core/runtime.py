@@ -1,0 +1,96 @@
+"""onnxruntime sessions: provider choice (CUDA when a GPU is really present), threads, IO binding."""
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from foldserve.errors import ModelNotReady
+from server.core.datatypes import ORT_TO_V2
+
+logger = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=1)
+def gpu_count() -> int:
+    """CUDA devices visible to the driver (0 without a driver): onnxruntime-gpu lists the CUDA provider
+    even on machines with no GPU, so its provider list alone cannot decide."""
+    for name in ("libcuda.so.1", "libcuda.so"):
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        count = ctypes.c_int(0)
+        if lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+            return 0
+        return count.value
+    return 0
+
+
+def choose_providers(provider: str, device_id: int) -> list:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if provider == "cuda" or (provider == "auto" and gpu_count() > 0 and "CUDAExecutionProvider" in available):
+        if "CUDAExecutionProvider" not in available:
+            raise ModelNotReady("provider 'cuda' requested but this onnxruntime has no CUDAExecutionProvider "
+                                "(install onnxruntime-gpu)")
+        if gpu_count() == 0:
+            raise ModelNotReady("provider 'cuda' requested but no CUDA device is visible")
+        return [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class OnnxModel:
+    """One loaded ONNX model: ``run(feeds)`` returns the outputs as numpy arrays on the host."""
+
+    def __init__(self, path: Path, *, provider: str = "auto", device_id: int = 0, intra_op_threads: int = 0,
+                 inter_op_threads: int = 0, io_binding: bool = True) -> None:
+        import onnxruntime as ort
+
+        if provider in ("auto", "cuda") and gpu_count() > 0:
+            try:  # CUDA libraries from pip packages (nvidia-*), if present
+                ort.preload_dlls()
+            except Exception:
+                pass
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        if intra_op_threads:
+            opts.intra_op_num_threads = intra_op_threads
+        if inter_op_threads:
+            opts.inter_op_num_threads = inter_op_threads
+        providers = choose_providers(provider, device_id)
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types for bad files
+            raise ModelNotReady(f"{path.name}: onnxruntime cannot load it ({type(exc).__name__}: "
+                                f"{str(exc).splitlines()[0][:300]})") from None
+        self.provider = self.session.get_providers()[0]
+        self.device_id = device_id
+        self.use_binding = io_binding and self.provider == "CUDAExecutionProvider"
+        self.inputs = [(i.name, ORT_TO_V2.get(i.type, "FP32"), list(i.shape)) for i in self.session.get_inputs()]
+        self.outputs = [(o.name, ORT_TO_V2.get(o.type, "FP32"), list(o.shape)) for o in self.session.get_outputs()]
+        self.output_names = [o[0] for o in self.outputs]
+        logger.info("loaded %s on %s", path, self.provider)
+
+    def run(self, feeds: dict[str, np.ndarray], output_names: Sequence[str] | None = None) -> list[np.ndarray]:
+        names = list(output_names or self.output_names)
+        if not self.use_binding:
+            return self.session.run(names, feeds)
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        for name in names:
+            binding.bind_output(name, "cuda", self.device_id)
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
+
+
+def default_threads() -> int:
+    return max(1, (os.cpu_count() or 1))

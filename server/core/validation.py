@@ -1,0 +1,117 @@
+"""Check an inference request against the model's metadata before anything is allocated.
+
+Order matters: names, datatypes and declared shapes are checked first (pure arithmetic on Python ints,
+so no shape product can overflow), then the payload's byte length or element count is compared with
+what the shape declares, and only then is the data turned into an array (zero-copy for raw bytes).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from foldserve.errors import InvalidInput
+from server.core.datatypes import ALL_V2, V2_TO_NUMPY, numpy_dtype
+from server.core.types import InferInput, InferRequest, ModelSpec, TensorSpec
+
+
+def _check_shape(t: InferInput, spec: TensorSpec, model: ModelSpec, max_elements: int) -> int:
+    """Returns the batch size of this input (1 for unbatched models)."""
+    if any(not isinstance(d, int) or isinstance(d, bool) for d in t.shape):
+        raise InvalidInput(f"input {t.name!r}: shape must be a list of integers, got {t.shape!r}")
+    if any(d < 0 for d in t.shape):
+        raise InvalidInput(f"input {t.name!r}: shape {t.shape} has a negative dimension")
+    expected = spec.full_shape(model.max_batch_size)
+    if len(t.shape) != len(expected):
+        raise InvalidInput(f"input {t.name!r}: expected rank {len(expected)} with shape {_fmt(expected)}, "
+                           f"got shape {t.shape}")
+    for i, (got, want) in enumerate(zip(t.shape, expected)):
+        if want >= 0 and got != want:
+            raise InvalidInput(f"input {t.name!r}: dimension {i} is {got}, expected {want} "
+                               f"(shape {_fmt(expected)}, got {t.shape})")
+    batch = 1
+    if model.max_batch_size > 0:
+        batch = t.shape[0]
+        if batch < 1:
+            raise InvalidInput(f"input {t.name!r}: batch size must be >= 1, got {batch}")
+        if batch > model.max_batch_size:
+            raise InvalidInput(f"input {t.name!r}: batch size {batch} exceeds the model's max_batch_size "
+                               f"{model.max_batch_size}")
+    n = math.prod(t.shape)
+    if n > max_elements:
+        raise InvalidInput(f"input {t.name!r}: shape {t.shape} has {n} elements, more than the server's limit "
+                           f"of {max_elements}")
+    return batch
+
+
+def _fmt(shape: list[int]) -> str:
+    return "[" + ", ".join("-1" if d < 0 else str(d) for d in shape) + "]"
+
+
+def _decode(t: InferInput, dtype: np.dtype) -> np.ndarray:
+    n = math.prod(t.shape)
+    if t.raw is not None:
+        expected = n * dtype.itemsize
+        if len(t.raw) != expected:
+            raise InvalidInput(f"input {t.name!r}: {len(t.raw)} bytes of data, expected {expected} "
+                               f"({n} elements of {t.datatype}, {dtype.itemsize} bytes each, shape {t.shape})")
+        return np.frombuffer(t.raw, dtype=dtype).reshape(t.shape)
+    if t.values is None:
+        raise InvalidInput(f"input {t.name!r}: no data (give 'data', typed contents, raw_input_contents or a "
+                           f"binary_data_size)")
+    try:
+        arr = np.asarray(t.values)
+    except (ValueError, TypeError):
+        raise InvalidInput(f"input {t.name!r}: data is not a regular (non-ragged) array of numbers") from None
+    if arr.size != n:
+        raise InvalidInput(f"input {t.name!r}: {arr.size} elements of data, shape {t.shape} needs {n}")
+    if arr.dtype == object or arr.dtype.kind not in "biuf":
+        raise InvalidInput(f"input {t.name!r}: data must be numbers (or booleans for BOOL)")
+    if dtype.kind in "iu" and arr.dtype.kind == "f":
+        raise InvalidInput(f"input {t.name!r}: {t.datatype} data must be integers")
+    if dtype.kind in "iu" and arr.size:
+        info = np.iinfo(dtype)
+        if arr.min() < info.min or arr.max() > info.max:
+            raise InvalidInput(f"input {t.name!r}: values out of range for {t.datatype}")
+    return arr.astype(dtype, copy=False).reshape(t.shape)
+
+
+def validate_request(req: InferRequest, model: ModelSpec, max_elements: int) -> tuple[dict[str, np.ndarray], int]:
+    """Returns (feeds, batch size). Raises :class:`InvalidInput` naming the tensor and what was expected."""
+    if not req.inputs:
+        raise InvalidInput(f"request has no inputs; model {model.name!r} expects "
+                           f"{[t.name for t in model.inputs]}")
+    seen: set[str] = set()
+    batches: set[int] = set()
+    for t in req.inputs:
+        spec = model.input(t.name)
+        if spec is None:
+            raise InvalidInput(f"unknown input {t.name!r}; model {model.name!r} expects "
+                               f"{[i.name for i in model.inputs]}")
+        if t.name in seen:
+            raise InvalidInput(f"input {t.name!r} is given twice")
+        seen.add(t.name)
+        if t.datatype not in ALL_V2:
+            raise InvalidInput(f"input {t.name!r}: unknown datatype {t.datatype!r}; expected {spec.datatype}")
+        if t.datatype != spec.datatype:
+            raise InvalidInput(f"input {t.name!r}: datatype {t.datatype}, expected {spec.datatype}")
+        batches.add(_check_shape(t, spec, model, max_elements))
+    missing = [i.name for i in model.inputs if i.name not in seen]
+    if missing:
+        raise InvalidInput(f"missing inputs {missing} for model {model.name!r}")
+    if len(batches) > 1:
+        raise InvalidInput(f"inputs disagree on the batch size: {sorted(batches)}")
+    for o in req.outputs:
+        if model.output(o.name) is None:
+            raise InvalidInput(f"unknown output {o.name!r} requested; model {model.name!r} has "
+                               f"{[t.name for t in model.outputs]}")
+        if o.class_count < 0:
+            raise InvalidInput(f"output {o.name!r}: classification count must be >= 0")
+    feeds = {}
+    for t in req.inputs:
+        dtype = numpy_dtype(t.datatype, f"input {t.name!r}")
+        t.data = _decode(t, dtype)
+        feeds[t.name] = t.data
+    if not all(np.issubdtype(V2_TO_NUMPY[t.datatype], np.number) or t.datatype == "BOOL" for t in req.inputs):
+        raise InvalidInput("unsupported input datatype")
+    return feeds, batches.pop()

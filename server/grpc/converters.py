@@ -1,0 +1,96 @@
+"""The one place where protobuf messages meet the core's types (gRPC transport)."""
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import numpy as np
+from google.protobuf import json_format
+
+from foldserve.errors import InvalidInput
+from server.core.types import InferInput, InferRequest, InferResponse, RequestedOutput
+from server.protocol import grpc_service_pb2 as pb
+from server.protocol import model_config_pb2 as mc
+
+# typed contents field for each v2 datatype (FP16/BF16 travel only as raw bytes)
+CONTENTS_FIELD = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+                  "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
+                  "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
+                  "FP64": "fp64_contents", "BYTES": "bytes_contents"}
+
+
+def _param(p: pb.InferParameter) -> Any:
+    which = p.WhichOneof("parameter_choice")
+    return getattr(p, which) if which else None
+
+
+def request_from_proto(msg: pb.ModelInferRequest) -> InferRequest:
+    raw = msg.raw_input_contents
+    if raw and len(raw) != len(msg.inputs):
+        raise InvalidInput(f"raw_input_contents has {len(raw)} entries for {len(msg.inputs)} inputs; "
+                           f"give one per input, in the order of 'inputs'")
+    inputs = []
+    for i, t in enumerate(msg.inputs):
+        inp = InferInput(t.name, t.datatype, list(t.shape))
+        if raw:
+            if t.HasField("contents"):
+                raise InvalidInput(f"input {t.name!r}: give either raw_input_contents or contents, not both")
+            inp.raw = raw[i]
+        elif t.HasField("contents"):
+            field = CONTENTS_FIELD.get(t.datatype)
+            if field is None:
+                raise InvalidInput(f"input {t.name!r}: datatype {t.datatype!r} must be sent in raw_input_contents")
+            others = [f.name for f, _ in t.contents.ListFields() if f.name != field]
+            if others:
+                raise InvalidInput(f"input {t.name!r}: {t.datatype} data must be in contents.{field}, found {others}")
+            inp.values = getattr(t.contents, field)
+        inputs.append(inp)
+    outputs = []
+    for o in msg.outputs:
+        cc = o.parameters["classification"].int64_param if "classification" in o.parameters else 0
+        outputs.append(RequestedOutput(o.name, None, int(cc)))
+    params = {k: _param(v) for k, v in msg.parameters.items()}
+    return InferRequest(msg.model_name, msg.model_version, msg.id, inputs, outputs, params)
+
+
+def _bytes_raw(arr: np.ndarray) -> bytes:
+    """Triton's raw BYTES layout: each element as a 4-byte little-endian length and its bytes."""
+    parts = []
+    for item in arr.reshape(-1):
+        b = item if isinstance(item, bytes) else str(item).encode()
+        parts.append(struct.pack("<I", len(b)) + b)
+    return b"".join(parts)
+
+
+def response_to_proto(resp: InferResponse) -> pb.ModelInferResponse:
+    out = pb.ModelInferResponse(model_name=resp.model_name, model_version=resp.model_version, id=resp.id)
+    raws = []
+    for o in resp.outputs:
+        out.outputs.add(name=o.name, datatype=o.datatype, shape=o.shape)
+        if o.datatype == "BYTES":
+            raws.append(_bytes_raw(o.data))
+        else:
+            raws.append(np.ascontiguousarray(o.data).tobytes())
+    out.raw_output_contents.extend(raws)  # always raw: what tritonclient decodes
+    return out
+
+
+def metadata_to_proto(meta: dict[str, Any]) -> pb.ModelMetadataResponse:
+    out = pb.ModelMetadataResponse(name=meta["name"], versions=meta["versions"], platform=meta["platform"])
+    for t in meta["inputs"]:
+        out.inputs.add(name=t["name"], datatype=t["datatype"], shape=t["shape"])
+    for t in meta["outputs"]:
+        out.outputs.add(name=t["name"], datatype=t["datatype"], shape=t["shape"])
+    return out
+
+
+def config_to_proto(config: dict[str, Any]) -> mc.ModelConfig:
+    return json_format.ParseDict(config, mc.ModelConfig(), ignore_unknown_fields=True)
+
+
+def stats_to_proto(stats: list[dict[str, Any]]) -> pb.ModelStatisticsResponse:
+    return json_format.ParseDict({"model_stats": stats}, pb.ModelStatisticsResponse())
+
+
+def index_to_proto(index: list[dict[str, str]]) -> pb.RepositoryIndexResponse:
+    return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**m) for m in index])

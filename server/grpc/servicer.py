@@ -1,0 +1,166 @@
+"""gRPC transport (grpc.aio): the v2 GRPCInferenceService, grpc.health.v1 and server reflection.
+
+Errors are mapped once, in :func:`_rpc`: a :class:`FoldserveError` becomes its gRPC status with its
+message; anything else is INTERNAL with a generic message (the detail goes to the log).
+"""
+from __future__ import annotations
+
+import functools
+import hmac
+import logging
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from foldserve.errors import FoldserveError, PermissionDenied, Unauthenticated
+from server.core.dataplane import DataPlane
+from server.grpc import converters as conv
+from server.protocol import grpc_service_pb2 as pb
+from server.protocol import grpc_service_pb2_grpc as pb_grpc
+from server.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
+def _check_token(context: grpc.aio.ServicerContext, token: str | None, what: str) -> None:
+    if not token:
+        return
+    md = dict(context.invocation_metadata() or ())
+    got = md.get("authorization", "")
+    if not got.startswith("Bearer ") or not hmac.compare_digest(got[7:].encode(), token.encode()):
+        raise Unauthenticated(f"{what} needs 'authorization: Bearer <token>' metadata")
+
+
+def _rpc(auth: str | None = None) -> Callable:
+    """Map the error hierarchy to gRPC status codes; check the bearer token if one is configured."""
+
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        async def handler(self: "InferenceServicer", request: Any, context: grpc.aio.ServicerContext):
+            try:
+                if auth == "infer":
+                    _check_token(context, self.settings.auth_token, "inference")
+                elif auth == "admin":
+                    _check_token(context, self.settings.admin_token, "the repository API")
+                return await fn(self, request, context)
+            except FoldserveError as exc:
+                await context.abort(getattr(grpc.StatusCode, exc.grpc_status), str(exc))
+            except grpc.aio.AbortError:
+                raise
+            except Exception:
+                logger.exception("internal error in %s", fn.__name__)
+                await context.abort(grpc.StatusCode.INTERNAL, "internal error (see the server log)")
+        return handler
+    return wrap
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, settings: Settings, dataplane: DataPlane) -> None:
+        self.settings = settings
+        self.dp = dataplane
+
+    @_rpc()
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=self.dp.live())
+
+    @_rpc()
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self.dp.ready())
+
+    @_rpc()
+    async def ModelReady(self, request, context):
+        return pb.ModelReadyResponse(ready=self.dp.model_ready(request.name, request.version))
+
+    @_rpc()
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(**self.dp.metadata())
+
+    @_rpc()
+    async def ModelMetadata(self, request, context):
+        return conv.metadata_to_proto(self.dp.model_metadata(request.name, request.version))
+
+    @_rpc("infer")
+    async def ModelInfer(self, request, context):
+        resp = await self.dp.infer(conv.request_from_proto(request), "grpc")
+        return conv.response_to_proto(resp)
+
+    async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest], context):
+        try:
+            _check_token(context, self.settings.auth_token, "inference")
+        except FoldserveError as exc:
+            await context.abort(getattr(grpc.StatusCode, exc.grpc_status), str(exc))
+        async for request in request_iterator:
+            try:
+                resp = await self.dp.infer(conv.request_from_proto(request), "grpc")
+                yield pb.ModelStreamInferResponse(infer_response=conv.response_to_proto(resp))
+            except FoldserveError as exc:
+                yield pb.ModelStreamInferResponse(error_message=str(exc),
+                                                  infer_response=pb.ModelInferResponse(id=request.id))
+            except Exception:
+                logger.exception("internal error in ModelStreamInfer")
+                yield pb.ModelStreamInferResponse(error_message="internal error (see the server log)",
+                                                  infer_response=pb.ModelInferResponse(id=request.id))
+
+    @_rpc()
+    async def ModelConfig(self, request, context):
+        return pb.ModelConfigResponse(config=conv.config_to_proto(self.dp.model_config(request.name, request.version)))
+
+    @_rpc()
+    async def ModelStatistics(self, request, context):
+        return conv.stats_to_proto(self.dp.statistics(request.name, request.version))
+
+    @_rpc()
+    async def RepositoryIndex(self, request, context):
+        return conv.index_to_proto(self.dp.repository_index(request.ready))
+
+    @_rpc("admin")
+    async def RepositoryModelLoad(self, request, context):
+        if request.parameters:
+            raise PermissionDenied("loading with parameters (config or file overrides) is not supported")
+        await self.dp.load(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    @_rpc("admin")
+    async def RepositoryModelUnload(self, request, context):
+        await self.dp.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+
+def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    if not settings.tls_cert:
+        return None
+    key = Path(settings.tls_key).read_bytes() if settings.tls_key else None
+    cert = Path(settings.tls_cert).read_bytes()
+    ca = Path(settings.tls_ca).read_bytes() if settings.tls_ca else None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+
+
+def build_grpc_server(settings: Settings, dataplane: DataPlane) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+    """A grpc.aio server with the v2 service, health and reflection; returns (server, bound port, health)."""
+    limit = settings.max_request_bytes
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
+        ("grpc.so_reuseport", 0),
+    ])
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(settings, dataplane), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+    address = f"{settings.host}:{settings.grpc_port}"
+    creds = _credentials(settings)
+    port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot bind gRPC to {address}")
+    return server, port, health_servicer
+
+
+async def set_health(health_servicer: health.aio.HealthServicer, serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, status)

@@ -1,0 +1,151 @@
+"""REST body <-> core types: v2 JSON tensors and Triton's binary tensor data extension.
+
+A request body is a JSON header, optionally followed by binary tensor data when the
+``Inference-Header-Content-Length`` header says how long the JSON part is; inputs with
+``parameters.binary_data_size`` take their bytes from the binary part, in order. JSON is parsed with
+orjson straight into Python lists, which numpy turns into arrays in one call; outputs are encoded with
+orjson's numpy support, or as binary when the client asks (``binary_data`` per output, or
+``binary_data_output`` for all).
+"""
+from __future__ import annotations
+
+import struct
+import zlib
+from typing import Any
+
+import numpy as np
+import orjson
+
+from foldserve.errors import InvalidInput
+from server.core.types import InferInput, InferRequest, InferResponse, RequestedOutput
+
+HEADER = "inference-header-content-length"
+
+
+def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
+    """gzip/deflate request bodies, never inflating past ``limit`` bytes (no decompression bombs)."""
+    if not encoding or encoding == "identity":
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise InvalidInput(f"Content-Encoding {encoding!r} is not supported (use gzip or deflate)")
+    wbits = 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS
+    d = zlib.decompressobj(wbits)
+    try:
+        out = d.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise InvalidInput(f"body is not valid {encoding} data ({exc})") from None
+    if len(out) > limit or d.unconsumed_tail:
+        raise InvalidInput(f"decompressed body exceeds the {limit}-byte request limit")
+    if not d.eof:
+        raise InvalidInput(f"truncated {encoding} body")
+    return out
+
+
+def _typed(value: Any, kind: type, what: str) -> Any:
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise InvalidInput(f"{what} must be {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def parse_infer_request(model: str, version: str, body: bytes, header_length: str | None) -> InferRequest:
+    if header_length is not None:
+        try:
+            n = int(header_length)
+        except ValueError:
+            raise InvalidInput(f"Inference-Header-Content-Length {header_length!r} is not an integer") from None
+        if n < 0 or n > len(body):
+            raise InvalidInput(f"Inference-Header-Content-Length {n} is outside the body of {len(body)} bytes")
+        json_part, binary = body[:n], memoryview(body)[n:]
+    else:
+        json_part, binary = body, memoryview(b"")
+    try:
+        doc = orjson.loads(json_part)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"request body is not valid JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise InvalidInput("request body must be a JSON object with 'inputs'")
+    inputs_doc = doc.get("inputs")
+    if not isinstance(inputs_doc, list):
+        raise InvalidInput("'inputs' must be a list of tensors")
+    params = doc.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise InvalidInput("'parameters' must be an object")
+    binary_all = bool(params.get("binary_data_output", False))
+    offset = 0
+    inputs = []
+    for i, t in enumerate(inputs_doc):
+        if not isinstance(t, dict):
+            raise InvalidInput(f"inputs[{i}] must be an object with name, datatype, shape and data")
+        name = _typed(t.get("name"), str, f"inputs[{i}].name")
+        datatype = _typed(t.get("datatype"), str, f"input {name!r}: datatype")
+        shape = _typed(t.get("shape"), list, f"input {name!r}: shape")
+        inp = InferInput(name, datatype, shape)
+        tparams = t.get("parameters") or {}
+        if not isinstance(tparams, dict):
+            raise InvalidInput(f"input {name!r}: parameters must be an object")
+        size = tparams.get("binary_data_size")
+        if size is not None:
+            size = _typed(size, int, f"input {name!r}: binary_data_size")
+            if size < 0 or offset + size > len(binary):
+                raise InvalidInput(f"input {name!r}: binary_data_size {size} runs past the {len(binary) - offset} "
+                                   f"bytes of binary data left in the body")
+            if "data" in t:
+                raise InvalidInput(f"input {name!r}: give 'data' or binary_data_size, not both")
+            inp.raw = binary[offset:offset + size]
+            offset += size
+        elif "data" in t:
+            inp.values = t["data"]
+        inputs.append(inp)
+    if offset != len(binary):
+        raise InvalidInput(f"{len(binary) - offset} bytes of binary data are not claimed by any input's "
+                           f"binary_data_size")
+    outputs = []
+    outs_doc = doc.get("outputs") or []
+    if not isinstance(outs_doc, list):
+        raise InvalidInput("'outputs' must be a list")
+    for i, o in enumerate(outs_doc):
+        if not isinstance(o, dict):
+            raise InvalidInput(f"outputs[{i}] must be an object with a name")
+        oname = _typed(o.get("name"), str, f"outputs[{i}].name")
+        op = o.get("parameters") or {}
+        if not isinstance(op, dict):
+            raise InvalidInput(f"output {oname!r}: parameters must be an object")
+        binary = op.get("binary_data")
+        cc = op.get("classification", 0)
+        outputs.append(RequestedOutput(oname, bool(binary) if binary is not None else None,
+                                       _typed(cc, int, f"output {oname!r}: classification")))
+    rid = doc.get("id", "")
+    if not isinstance(rid, str):
+        raise InvalidInput("'id' must be a string")
+    params["binary_data_output"] = binary_all
+    return InferRequest(model, version, rid, inputs, outputs, params)
+
+
+def _bytes_raw(arr: np.ndarray) -> bytes:
+    return b"".join(struct.pack("<I", len(b)) + b for b in
+                    (x if isinstance(x, bytes) else str(x).encode() for x in arr.reshape(-1)))
+
+
+def encode_infer_response(resp: InferResponse, binary_default: bool) -> tuple[bytes, int | None]:
+    """(body, json header length or None)."""
+    outputs = []
+    blobs = []
+    for o in resp.outputs:
+        entry: dict[str, Any] = {"name": o.name, "datatype": o.datatype, "shape": o.shape}
+        binary = o.binary if o.binary is not None else binary_default
+        if binary:
+            blob = _bytes_raw(o.data) if o.datatype == "BYTES" else np.ascontiguousarray(o.data).tobytes()
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        elif o.datatype == "BYTES":
+            entry["data"] = [str(x) for x in o.data.reshape(-1)]
+        else:
+            entry["data"] = np.ascontiguousarray(o.data).reshape(-1)
+        outputs.append(entry)
+    doc = {"model_name": resp.model_name, "model_version": resp.model_version, "outputs": outputs}
+    if resp.id:
+        doc["id"] = resp.id
+    header = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not blobs:
+        return header, None
+    return header + b"".join(blobs), len(header)

@@ -1,0 +1,48 @@
+"""Server settings in one place: environment variables (``FOLDSERVE_*``) and CLI flags map onto these."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every server option. ``foldserve serve --help`` lists the same options as flags."""
+
+    model_config = SettingsConfigDict(env_prefix="FOLDSERVE_", extra="ignore")
+
+    repository: Path = Field(Path("model_repository"), description="model repository (Triton layout)")
+    host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 inside containers")
+    http_port: int = Field(8000, ge=0, le=65535, description="REST port (0: pick a free one)")
+    grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC port (0: pick a free one)")
+    models: list[str] = Field(default_factory=list, description="load only these models at start (default: all)")
+
+    provider: Literal["auto", "cpu", "cuda"] = Field("auto", description="onnxruntime execution provider")
+    device_id: int = Field(0, ge=0, description="CUDA device id")
+    io_binding: bool = Field(True, description="use IO binding with the CUDA provider")
+    intra_op_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads per session (0: default)")
+    inter_op_threads: int = Field(0, ge=0, description="onnxruntime inter-op threads (0: default)")
+    instances: int = Field(0, ge=0, description="parallel executions per model (0: from config.pbtxt, else 1)")
+
+    batching: bool = Field(True, description="dynamic batching for models whose config enables it")
+    max_queue_delay_us: int | None = Field(None, ge=0, description="override config's max_queue_delay_microseconds")
+    max_queue_size: int = Field(256, ge=1, description="requests waiting per model before RESOURCE_EXHAUSTED / 429")
+    request_timeout_s: float = Field(30.0, gt=0, description="a request waiting longer fails with DEADLINE_EXCEEDED")
+    warmup: bool = Field(True, description="run each model over its batch sizes at load")
+
+    allow_unverified: bool = Field(False, description="serve versions whose verification failed or is missing")
+    repository_api: bool = Field(False, description="enable the repository load/unload API")
+    admin_token: str | None = Field(None, description="bearer token the repository API requires")
+    auth_token: str | None = Field(None, description="bearer token inference requires (off when unset)")
+
+    max_request_bytes: int = Field(64 * 1024 * 1024, gt=0, description="largest request body / message")
+    max_elements: int = Field(64 * 1024 * 1024, gt=0, description="largest element count of one input tensor")
+    grace_period_s: float = Field(10.0, ge=0, description="time to finish in-flight requests on SIGTERM")
+
+    tls_cert: Path | None = Field(None, description="TLS certificate (PEM) for gRPC and HTTPS")
+    tls_key: Path | None = Field(None, description="TLS private key (PEM)")
+    tls_ca: Path | None = Field(None, description="CA bundle: require client certificates (mutual TLS)")
+
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR")
