@@ -24,6 +24,9 @@ model: install
 	test -f $(REPO)/$(MODEL)/config.pbtxt || $(BIN)/foldserve pipeline --repository $(REPO) --name $(MODEL)
 
 serve: model
+	@echo "serving $(REPO) on gRPC :8001 and HTTP :8000 (Ctrl-C stops). Try, in another shell:"
+	@echo "  curl localhost:8000/v2/models/$(MODEL)"
+	@echo "  $(BIN)/foldserve infer --url localhost:8001 --model $(MODEL) some_digits.npy"
 	$(BIN)/foldserve serve --repository $(REPO)
 
 clean:

@@ -63,10 +63,13 @@ async def serve(settings: Settings) -> int:
 
     await stop.wait()
     logger.info("shutting down: not ready, finishing in-flight requests (grace %.1f s)", settings.grace_period_s)
-    dp.begin_shutdown()
+    dp.begin_shutdown()  # new requests get UNAVAILABLE / 503 from here on
     await set_health(health, False)
+    drained = await dp.drain(settings.grace_period_s)
+    if not drained:
+        logger.warning("grace period over with requests still in flight; stopping anyway")
     http.should_exit = True
-    await asyncio.gather(grpc_server.stop(settings.grace_period_s), http_task, return_exceptions=True)
+    await asyncio.gather(grpc_server.stop(1.0), http_task, return_exceptions=True)
     await dp.stop()
     logger.info("stopped")
     return 0

@@ -28,6 +28,7 @@ class DataPlane:
         self.models = ModelManager(settings, self.metrics)
         self._ready = False
         self._live = True
+        self._inflight = 0
 
     # --- server ---------------------------------------------------------------------------------
 
@@ -38,6 +39,15 @@ class DataPlane:
     def begin_shutdown(self) -> None:
         """Readiness goes false at once; new inference requests are refused."""
         self._ready = False
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Wait until no inference request is in flight (or the timeout passes); True when drained."""
+        import asyncio
+
+        deadline = time.monotonic() + timeout_s
+        while self._inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return self._inflight == 0
 
     async def stop(self) -> None:
         self._ready = False
@@ -119,6 +129,7 @@ class DataPlane:
         code = "OK"
         lv: LoadedVersion | None = None
         batch = 0
+        self._inflight += 1
         try:
             if not self._ready:
                 raise ServerNotReady("the server is not ready (starting or shutting down)")
@@ -151,6 +162,7 @@ class DataPlane:
                 lv.stats.record_request(False, int((time.perf_counter() - t0) * 1e9), 0, batch)
             raise
         finally:
+            self._inflight -= 1
             model = req.model_name if lv is not None else "_unknown"
             self.metrics.request(model, protocol, code, time.perf_counter() - t0)
 
