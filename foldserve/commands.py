@@ -221,5 +221,23 @@ def cmd_infer(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- bench -----------------------------------------------------------------------------------------
+
+def add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmark the limits, the server and the baselines; JSON + Markdown")
+    p.add_argument("--quick", action="store_true", help="fewer requests and points (under 5 minutes on 2 cores)")
+    p.add_argument("--out", default="bench/results", help="directory for bench-*.json / .md and latest.*")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from bench.suite import markdown, run, _intkeys
+
+    report = run(Path(args.out), quick=args.quick)
+    print(markdown(_intkeys(report)))
+    print(f"written to {args.out}/latest.json and latest.md ({report['meta']['wall_s']} s)")
+    return 0
+
+
 REGISTER: list[Callable[[argparse._SubParsersAction], None]] = [add_fold, add_verify, add_pipeline, add_serve,
-                                                                 add_infer]
+                                                                 add_infer, add_bench]

@@ -27,6 +27,8 @@ class Settings(BaseSettings):
     instances: int = Field(0, ge=0, description="parallel executions per model (0: from config.pbtxt, else 1)")
 
     batching: bool = Field(True, description="dynamic batching for models whose config enables it")
+    batch_policy: Literal["delay", "eager"] = Field(
+        "delay", description="delay: wait up to max_queue_delay for a fuller batch (Triton); eager: never wait")
     max_queue_delay_us: int | None = Field(None, ge=0, description="override config's max_queue_delay_microseconds")
     max_queue_size: int = Field(256, ge=1, description="requests waiting per model before RESOURCE_EXHAUSTED / 429")
     request_timeout_s: float = Field(30.0, gt=0, description="a request waiting longer fails with DEADLINE_EXCEEDED")

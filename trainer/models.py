@@ -110,12 +110,12 @@ class ResNet(nn.Module):
     """CIFAR-style ResNet: a 3x3 stem, stages of ``blocks`` blocks at widths w, 2w, 4w, ..."""
 
     def __init__(self, in_channels: int, num_classes: int, block: str = "basic", blocks: int = 1,
-                 width: int = 16, stages: int = 3, placement: str = "before") -> None:
+                 width: int = 16, stages: int = 3, placement: str = "before", stem_stride: int = 1) -> None:
         super().__init__()
         block_cls = {"basic": BasicBlock, "bottleneck": Bottleneck}.get(block)
         if block_cls is None:
             raise ConfigError(f"unknown ResNet block {block!r}; expected 'basic' or 'bottleneck'")
-        self.stem = ConvUnit(in_channels, width, 3, 1, placement=placement)
+        self.stem = ConvUnit(in_channels, width, 3, stem_stride, placement=placement)
         layers: list[nn.Module] = []
         cin = width
         for stage in range(stages):
@@ -284,9 +284,13 @@ def _conv1d(in_shape, num_classes, **kw):
 ARCHITECTURES: dict[str, ArchSpec] = {
     s.name: s for s in (
         ArchSpec("resnet", _resnet, "image", "classification",
-                 {"block": "basic", "blocks": 1, "width": 16, "stages": 3}, "CIFAR-style ResNet"),
+                 {"block": "basic", "blocks": 1, "width": 16, "stages": 3, "stem_stride": 1}, "CIFAR-style ResNet"),
         ArchSpec("resnet20", _resnet, "image", "classification",
-                 {"block": "basic", "blocks": 3, "width": 16, "stages": 3}, "ResNet-20 (3 basic blocks/stage)"),
+                 {"block": "basic", "blocks": 3, "width": 16, "stages": 3, "stem_stride": 1},
+                 "ResNet-20 (3 basic blocks/stage)"),
+        ArchSpec("resnet18", _resnet, "image", "classification",
+                 {"block": "basic", "blocks": 2, "width": 64, "stages": 4, "stem_stride": 4},
+                 "ResNet-18-sized (2 basic blocks x 4 stages, widths 64..512, strided stem for 224x224)"),
         ArchSpec("resnet_bottleneck", _resnet, "image", "classification",
                  {"block": "bottleneck", "blocks": 1, "width": 8, "stages": 3}, "ResNet with bottleneck blocks"),
         ArchSpec("mobilenetv2", _mobilenet, "image", "classification",

@@ -204,9 +204,10 @@ class ModelManager:
             delay = us / 1e6
         stats = ModelStats(name, str(version))
         scheduler = Scheduler(f"{name}:{version}", runtime.run, max_batch_size=spec.max_batch_size, max_delay_s=delay,
-                              max_queue=s.max_queue_size, instances=spec.instances, stats=stats, metrics=self.metrics)
+                              max_queue=s.max_queue_size, instances=spec.instances, stats=stats, metrics=self.metrics,
+                              eager=s.batch_policy == "eager")
         if s.warmup:
-            _warmup(spec, runtime)
+            scheduler.run_estimate_s = _warmup(spec, runtime)
         return LoadedVersion(name, version, spec, runtime, scheduler, stats, verification, vdir)
 
     async def unload(self, name: str) -> None:
@@ -301,8 +302,9 @@ def _check_spec_matches_model(spec: ModelSpec, runtime: OnnxModel) -> None:
             raise ModelNotReady(f"config.pbtxt output {t.name!r} is not an output of the ONNX model ({sorted(outs)})")
 
 
-def _warmup(spec: ModelSpec, runtime: OnnxModel) -> None:
-    """One run per power-of-two batch size up to max_batch_size, so the first requests are not slow."""
+def _warmup(spec: ModelSpec, runtime: OnnxModel) -> float:
+    """One run per power-of-two batch size up to max_batch_size, so the first requests are not slow.
+    Returns the best of three timed batch-1 runs (seconds)."""
     sizes = [1]
     while spec.max_batch_size > 0 and sizes[-1] * 2 <= spec.max_batch_size:
         sizes.append(sizes[-1] * 2)
@@ -314,4 +316,12 @@ def _warmup(spec: ModelSpec, runtime: OnnxModel) -> None:
             shape = ([b] if spec.max_batch_size > 0 else []) + dims
             feeds[t.name] = np.zeros(shape, dtype=V2_TO_NUMPY[t.datatype])
         runtime.run(feeds)
+        if b in (0, 1):
+            one = feeds
+    timings = []
+    for _ in range(3):
+        t = time.perf_counter()
+        runtime.run(one)
+        timings.append(time.perf_counter() - t)
     logger.info("warmed up %s over batch sizes %s in %.2f s", spec.name, sizes, time.perf_counter() - t0)
+    return min(timings)

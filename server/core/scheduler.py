@@ -24,6 +24,7 @@ from server.core.stats import Metrics, ModelStats
 
 logger = logging.getLogger(__name__)
 
+INLINE_MAX_S = 0.001  # runs shorter than this may execute on the event loop itself (see _infer_direct)
 RunFn = Callable[[dict[str, np.ndarray], list[str]], list[np.ndarray]]
 
 
@@ -38,12 +39,14 @@ class _Pending:
 
 class Scheduler:
     def __init__(self, name: str, run: RunFn, *, max_batch_size: int, max_delay_s: float | None,
-                 max_queue: int, instances: int, stats: ModelStats, metrics: Metrics) -> None:
+                 max_queue: int, instances: int, stats: ModelStats, metrics: Metrics, eager: bool = False) -> None:
         self.name = name
         self._run = run
         self.max_batch_size = max(1, max_batch_size)
         self.batching = max_delay_s is not None and max_batch_size > 1
         self.max_delay_s = max_delay_s or 0.0
+        self.eager = eager
+        self.run_estimate_s = float("inf")  # per-sample run time measured at warm-up (inf: unknown)
         self.max_queue = max_queue
         self.instances = max(1, instances)
         self.stats, self.metrics = stats, metrics
@@ -113,8 +116,13 @@ class Scheduler:
         queued = time.perf_counter() - t0
         self._inflight += 1
         try:
-            loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(self.executor, self._execute, feeds, outputs, batch)
+            if self._inflight == 1 and batch * self.run_estimate_s <= INLINE_MAX_S:
+                # a tiny run with nothing else executing: the hand-off to a worker thread and back costs
+                # more than the run itself blocks the event loop
+                result = self._execute(feeds, outputs, batch)
+            else:
+                loop = asyncio.get_running_loop()
+                result = await loop.run_in_executor(self.executor, self._execute, feeds, outputs, batch)
         finally:
             self._inflight -= 1
             self._direct_slots.release()
@@ -165,9 +173,11 @@ class Scheduler:
             while not self._queue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            # wait for more requests until the batch is full or the oldest has waited max_delay
+            # Triton's policy: wait for more requests until the batch is full or the oldest has waited
+            # max_delay. The "eager" policy never waits: requests that queued during the previous
+            # execution form the next batch, so a lone request pays no delay.
             oldest = self._queue[0].enqueued
-            while (sum(p.batch for p in self._queue if not p.future.done()) < self.max_batch_size
+            while (not self.eager and sum(p.batch for p in self._queue if not p.future.done()) < self.max_batch_size
                    and time.perf_counter() - oldest < self.max_delay_s):
                 self._wakeup.clear()
                 remaining = self.max_delay_s - (time.perf_counter() - oldest)

@@ -1,0 +1,1 @@
+"""Benchmarks: foldserve bench (bench/suite.py)."""

@@ -1,0 +1,400 @@
+"""``foldserve bench``: the limits, our server and the baselines, measured in one run on one machine.
+
+Sections (each in the JSON report; the Markdown table summarises them):
+
+* ``folding``    fold + verify time of a ResNet-50-sized net; folded vs unfolded inference in torch eager
+                 and onnxruntime (optimisations off / all).
+* ``inprocess``  onnxruntime in-process on the served model file: p50 at batch 1, throughput per batch.
+* ``floors``     bare grpc.aio and uvicorn echo servers with the same payload (the transport's own cost).
+* ``server``     our server over gRPC and REST (binary and JSON), with and without dynamic batching.
+* ``rest224``    a 3x224x224 input: binary REST vs gRPC vs JSON REST vs a plain FastAPI+pydantic endpoint.
+* ``gpu``        onnxruntime CUDA EP (skipped without a GPU).
+* ``goals``      the issue's goals as ratios from this run, each with pass/fail.
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.loadgen import (closed_loop, grpc_sender_factory, http_request_bytes, http_sender_factory,
+                           percentile)
+from foldserve.atomic import write_json, write_text
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Proc:
+    """A server subprocess that prints a line containing ``ready_token`` when it is up."""
+
+    def __init__(self, cmd: list[str], ready_token: str, timeout: float = 120) -> None:
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            line = self.proc.stdout.readline()
+            if not line and self.proc.poll() is not None:
+                raise RuntimeError(f"{cmd[:3]} exited with {self.proc.returncode}")
+            if ready_token in line:
+                break
+        time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+# --- models -----------------------------------------------------------------------------------------
+
+def make_entry(repo: Path, name: str, arch: str, input_shape: list[int], num_classes: int = 10,
+               overrides: dict | None = None, max_batch_size: int = 64) -> Path:
+    """An untrained model with non-trivial BN statistics, folded and verified into ``repo/name/1``."""
+    import torch
+
+    from folding.export import build_entry
+    from folding.verify import VerifyOptions
+    from trainer.checkpoint import save_checkpoint
+    from trainer.models import build_model, resolve_arch_args
+
+    torch.manual_seed(0)
+    args = resolve_arch_args(arch, input_shape, num_classes, "before", overrides)
+    model = build_model(arch, args)
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    ckpt_path = repo.parent / f"{name}.pt"
+    save_checkpoint(ckpt_path, {"arch": arch, "arch_args": args, "model_state": model.state_dict(),
+                                "task": "classification", "class_names": [str(i) for i in range(num_classes)],
+                                "normalization": {"mean": [0.0] * input_shape[0], "std": [1.0] * input_shape[0]},
+                                "input_shape": input_shape, "dataset": {"name": "random"}, "epoch": 0})
+    build_entry(ckpt_path, repo, name, 1, max_batch_size=max_batch_size,
+                verify_options=VerifyOptions(batch_sizes=(1, 4)))
+    return repo / name / "1" / "model.onnx"
+
+
+# --- sections ------------------------------------------------------------------------------------------
+
+def bench_folding(quick: bool) -> dict[str, Any]:
+    import onnx
+    import torch
+
+    from folding import fold_module, fold_onnx
+    from folding.export import export_onnx
+    from folding.verify import ort_session
+    from trainer.models import build_model, resolve_arch_args
+
+    shape = [3, 64, 64]
+    args = resolve_arch_args("resnet", shape, 1000, "before",
+                             {"block": "bottleneck", "blocks": 4, "width": 64, "stages": 4, "stem_stride": 2})
+    model = build_model("resnet", args).eval()
+    x = torch.randn(8, *shape)
+    t0 = time.perf_counter()
+    folded, report = fold_module(model, (x,))
+    fold_torch_s = time.perf_counter() - t0
+    reference = export_onnx(model, x[:2], keep_bn=True)
+    t0 = time.perf_counter()
+    folded_onnx, onnx_report = fold_onnx(reference)
+    fold_onnx_s = time.perf_counter() - t0
+
+    def timeit(fn, n):
+        fn()
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return percentile(times, 50) * 1000
+
+    n = 3 if quick else 10
+    with torch.no_grad():
+        eager_unfolded = timeit(lambda: model(x), n)
+        eager_folded = timeit(lambda: folded(x), n)
+    xn = x.numpy()
+    ort_ms = {}
+    for label, m in (("unfolded", reference), ("folded", folded_onnx)):
+        for level in ("disable", "all"):
+            sess = ort_session(m.SerializeToString(), level, "cpu")
+            ort_ms[f"{label}_{level}"] = timeit(lambda: sess.run(None, {"input": xn}), n)
+    params = sum(p.numel() for p in model.parameters())
+    return {"model": f"ResNet-50-sized (bottleneck 4x4, width 64, {params / 1e6:.1f} M parameters), input "
+                     f"8x{'x'.join(map(str, shape))}",
+            "bn_folded": len(report.folded), "fold_module_s": fold_torch_s, "fold_onnx_s": fold_onnx_s,
+            "torch_eager_ms": {"unfolded": eager_unfolded, "folded": eager_folded},
+            "onnxruntime_ms": ort_ms, "onnx_bn_folded": len(onnx_report.folded)}
+
+
+def bench_inprocess(model_path: Path, shape: list[int], quick: bool) -> dict[str, Any]:
+    from folding.verify import ort_session
+
+    sess = ort_session(model_path, "all", "cpu")
+    out: dict[str, Any] = {"batch": {}}
+    for b in (1, 8, 32, 64):
+        x = np.random.rand(b, *shape).astype(np.float32)
+        sess.run(None, {"input": x})
+        n = max(5, (50 if quick else 200) // b)
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            sess.run(None, {"input": x})
+            times.append(time.perf_counter() - t)
+        p50 = percentile(times, 50)
+        out["batch"][b] = {"p50_ms": p50 * 1000, "samples_per_s": b / p50}
+    out["p50_ms_batch1"] = out["batch"][1]["p50_ms"]
+    out["best_samples_per_s"] = max(v["samples_per_s"] for v in out["batch"].values())
+    return out
+
+
+def _infer_grpc_payload(model: str, x: np.ndarray) -> bytes:
+    from server.protocol import grpc_service_pb2 as pb
+
+    req = pb.ModelInferRequest(model_name=model)
+    req.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
+    req.raw_input_contents.append(x.tobytes())
+    return req.SerializeToString()
+
+
+def _infer_http_payloads(model: str, x: np.ndarray, port: int) -> tuple[bytes, bytes]:
+    path = f"/v2/models/{model}/infer"
+    header = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape),
+                                     "parameters": {"binary_data_size": x.nbytes}}],
+                         "parameters": {"binary_data_output": True}}).encode()
+    binary = http_request_bytes("127.0.0.1", port, path, header + x.tobytes(),
+                                {"Inference-Header-Content-Length": str(len(header)),
+                                 "Content-Type": "application/octet-stream"})
+    body = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape),
+                                   "data": x.reshape(-1).tolist()}]}).encode()
+    return binary, http_request_bytes("127.0.0.1", port, path, body)
+
+
+def _run(coro):
+    return asyncio.run(coro)
+
+
+def bench_floors(payload_bytes: int, concurrencies: list[int], n: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"payload_bytes": payload_bytes}
+    payload = os.urandom(payload_bytes)
+    gport, hport = _free_port(), _free_port()
+    g = Proc([sys.executable, "-m", "bench.loadgen", "grpc", str(gport)], "ready")
+    h = Proc([sys.executable, "-m", "bench.loadgen", "http", str(hport)], "ready")
+    try:
+        out["grpc_echo"] = {c: _run(closed_loop(grpc_sender_factory(f"127.0.0.1:{gport}", "/echo.Echo/Echo", payload),
+                                                c, n)).to_dict() for c in concurrencies}
+        raw = http_request_bytes("127.0.0.1", hport, "/echo", payload, {"Content-Type": "application/octet-stream"})
+        out["http_echo"] = {c: _run(closed_loop(http_sender_factory("127.0.0.1", hport, raw), c, n)).to_dict()
+                            for c in concurrencies}
+    finally:
+        g.stop()
+        h.stop()
+    return out
+
+
+def start_server(repo: Path, batching: bool, extra: list[str] | None = None) -> tuple[Proc, int, int]:
+    """Our server in its own process (the load generator runs in this one)."""
+    hport, gport = _free_port(), _free_port()
+    cmd = [sys.executable, "-m", "foldserve.cli", "--log-level", "WARNING", "serve", "--repository", str(repo),
+           "--http-port", str(hport), "--grpc-port", str(gport), "--batching" if batching else "--no-batching",
+           *(extra or [])]
+    return Proc(cmd, '"serving"'), hport, gport
+
+
+def bench_server(repo: Path, model: str, x: np.ndarray, concurrencies: list[int], n: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for label, batching, extra in (("batching", True, []), ("batching_eager", True, ["--batch-policy", "eager"]),
+                                   ("no_batching", False, [])):
+        proc, hport, gport = start_server(repo, batching, extra)
+        try:
+            gp = _infer_grpc_payload(model, x)
+            binary, js = _infer_http_payloads(model, x, hport)
+            res = {"grpc": {}, "rest_binary": {}, "rest_json": {}}
+            for c in concurrencies:
+                res["grpc"][c] = _run(closed_loop(grpc_sender_factory(f"127.0.0.1:{gport}",
+                                                                      "/inference.GRPCInferenceService/ModelInfer", gp),
+                                                  c, n, batch=len(x))).to_dict()
+                res["rest_binary"][c] = _run(closed_loop(http_sender_factory("127.0.0.1", hport, binary), c, n,
+                                                         batch=len(x))).to_dict()
+                if c <= 8 or label == "no_batching":
+                    res["rest_json"][c] = _run(closed_loop(http_sender_factory("127.0.0.1", hport, js), c,
+                                                           max(n // 2, 20), batch=len(x))).to_dict()
+            out[label] = res
+        finally:
+            proc.stop()
+    return out
+
+
+def bench_rest224(repo: Path, model: str, model_path: Path, quick: bool) -> dict[str, Any]:
+    x = np.random.rand(1, 3, 224, 224).astype(np.float32)
+    n = 30 if quick else 100
+    proc, hport, gport = start_server(repo, False)
+    out: dict[str, Any] = {"input": "1x3x224x224 FP32 (602 KB)"}
+    try:
+        gp = _infer_grpc_payload(model, x)
+        binary, js = _infer_http_payloads(model, x, hport)
+        out["grpc"] = _run(closed_loop(grpc_sender_factory(f"127.0.0.1:{gport}",
+                                                           "/inference.GRPCInferenceService/ModelInfer", gp),
+                                       1, n, warmup=5)).to_dict()
+        out["rest_binary"] = _run(closed_loop(http_sender_factory("127.0.0.1", hport, binary), 1, n, warmup=5)).to_dict()
+        out["rest_json"] = _run(closed_loop(http_sender_factory("127.0.0.1", hport, js), 1, max(n // 3, 10),
+                                            warmup=3)).to_dict()
+    finally:
+        proc.stop()
+    port = _free_port()
+    naive = Proc([sys.executable, "-m", "bench.naive", str(port), str(model_path)], "ready")
+    try:
+        time.sleep(1.0)
+        _, js_naive = _infer_http_payloads(model, x, port)
+        out["naive_fastapi_json"] = _run(closed_loop(http_sender_factory("127.0.0.1", port, js_naive), 1,
+                                                     5 if quick else 10, warmup=1)).to_dict()
+    finally:
+        naive.stop()
+    return out
+
+
+def bench_gpu(model_path: Path) -> dict[str, Any]:
+    from server.core.runtime import gpu_count
+
+    if gpu_count() == 0:
+        return {"skipped": "no CUDA device visible"}
+    from folding.verify import ort_session
+
+    out = {}
+    sess = ort_session(model_path, "all", "cuda")
+    for b in (1, 64):
+        x = np.random.rand(b, 3, 32, 32).astype(np.float32)
+        sess.run(None, {"input": x})
+        t = time.perf_counter()
+        for _ in range(20):
+            sess.run(None, {"input": x})
+        out[f"batch{b}_samples_per_s"] = 20 * b / (time.perf_counter() - t)
+    out["provider"] = sess.get_providers()[0]
+    return out
+
+
+def goals(r: dict[str, Any]) -> list[dict[str, Any]]:
+    g = []
+    inp, fl, srv = r["inprocess"], r["floors"], r["server"]
+    c_hi = max(int(c) for c in srv["batching"]["grpc"])
+    grpc_p50 = srv["no_batching"]["grpc"][1]["p50_ms"]
+    bound = inp["p50_ms_batch1"] + 1.2 * fl["grpc_echo"][1]["p50_ms"]
+    g.append({"goal": "gRPC p50 at batch 1 <= in-process p50 + 1.2 x bare gRPC echo p50",
+              "measured": f"{grpc_p50:.3f} ms", "limit": f"{bound:.3f} ms", "passed": grpc_p50 <= bound})
+    thr = srv["batching"]["grpc"][c_hi]["throughput"]
+    limit = 0.7 * min(inp["batch"][32]["samples_per_s"], fl["grpc_echo"][c_hi]["throughput"])
+    g.append({"goal": f"throughput at concurrency {c_hi} with batching >= 0.7 x min(in-process batch 32, "
+                      f"gRPC echo at {c_hi})", "measured": f"{thr:.0f} req/s", "limit": f"{limit:.0f} req/s",
+              "passed": thr >= limit})
+    r224 = r["rest224"]
+    g.append({"goal": "binary REST p50 <= 1.3 x gRPC p50 at 3x224x224",
+              "measured": f"{r224['rest_binary']['p50_ms']:.2f} ms", "limit": f"{1.3 * r224['grpc']['p50_ms']:.2f} ms",
+              "passed": r224["rest_binary"]["p50_ms"] <= 1.3 * r224["grpc"]["p50_ms"]})
+    speedup = r224["naive_fastapi_json"]["p50_ms"] / r224["rest_json"]["p50_ms"]
+    g.append({"goal": "JSON REST >= 10 x faster than a plain FastAPI+pydantic endpoint at 3x224x224",
+              "measured": f"{speedup:.1f}x ({r224['rest_json']['p50_ms']:.0f} vs "
+                          f"{r224['naive_fastapi_json']['p50_ms']:.0f} ms)", "limit": "10x", "passed": speedup >= 10})
+    f = r["folding"]
+    g.append({"goal": "fold a ResNet-50-sized model in < 2 s", "measured": f"{f['fold_module_s']:.2f} s (torch.fx), "
+              f"{f['fold_onnx_s']:.2f} s (ONNX)", "limit": "2 s", "passed": max(f["fold_module_s"], f["fold_onnx_s"]) < 2})
+    return g
+
+
+def markdown(r: dict[str, Any]) -> str:
+    m = r["meta"]
+    lines = [f"Benchmark of {m['date']} on {m['machine']} (commit {m['commit']}, quick={m['quick']}).", ""]
+    lines += ["| goal | measured | limit | result |", "|---|---|---|---|"]
+    lines += [f"| {g['goal']} | {g['measured']} | {g['limit']} | {'pass' if g['passed'] else 'MISS'} |"
+              for g in r["goals"]]
+    lines += ["", "ResNet-20 (3x32x32, batch 1 per request): p50 / p99 latency (ms) and throughput (req/s)", "",
+              "| target | concurrency | p50 | p99 | req/s |", "|---|---|---|---|---|"]
+    inp = r["inprocess"]
+    lines.append(f"| in-process onnxruntime (batch 1) | 1 | {inp['p50_ms_batch1']:.3f} | - | "
+                 f"{1000 / inp['p50_ms_batch1']:.0f} |")
+    lines.append(f"| in-process onnxruntime (batch 32) | - | {inp['batch'][32]['p50_ms']:.3f} | - | "
+                 f"{inp['batch'][32]['samples_per_s']:.0f} samples/s |")
+    for name in ("grpc_echo", "http_echo"):
+        for c, v in r["floors"][name].items():
+            lines.append(f"| bare {name.replace('_', ' ')} | {c} | {v['p50_ms']:.3f} | {v['p99_ms']:.3f} | {v['throughput']:.0f} |")
+    for mode, res in r["server"].items():
+        for proto, per_c in res.items():
+            for c, v in per_c.items():
+                lines.append(f"| foldserve {proto} ({mode.replace('_', ' ')}) | {c} | {v['p50_ms']:.3f} | "
+                             f"{v['p99_ms']:.3f} | {v['throughput']:.0f} |")
+    r224 = r["rest224"]
+    lines += ["", "3x224x224 input (ResNet-18-sized, concurrency 1): p50 (ms)", "", "| path | p50 | p99 |", "|---|---|---|"]
+    for k in ("grpc", "rest_binary", "rest_json", "naive_fastapi_json"):
+        lines.append(f"| {k} | {r224[k]['p50_ms']:.2f} | {r224[k]['p99_ms']:.2f} |")
+    f = r["folding"]
+    lines += ["", f"Folding, {f['model']}: fold_module {f['fold_module_s']:.2f} s, fold_onnx {f['fold_onnx_s']:.2f} s; "
+              f"torch eager {f['torch_eager_ms']['unfolded']:.1f} -> {f['torch_eager_ms']['folded']:.1f} ms; "
+              f"onnxruntime no-opt {f['onnxruntime_ms']['unfolded_disable']:.1f} -> "
+              f"{f['onnxruntime_ms']['folded_disable']:.1f} ms, all-opt {f['onnxruntime_ms']['unfolded_all']:.1f} -> "
+              f"{f['onnxruntime_ms']['folded_all']:.1f} ms (unfolded -> folded)."]
+    lines.append(f"GPU: {json.dumps(r['gpu'])}")
+    return "\n".join(lines) + "\n"
+
+
+def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    meta = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_implementation()} "
+                       f"{platform.python_version()}", "commit": commit or "unknown", "quick": quick}
+    work = Path(tempfile.mkdtemp(prefix="foldserve-bench-"))
+    try:
+        repo = work / "repo"
+        repo.mkdir()
+        r20 = make_entry(repo, "resnet20", "resnet20", [3, 32, 32])
+        r18 = make_entry(repo, "resnet18", "resnet18", [3, 224, 224], max_batch_size=8)
+        conc = [1, 8, 32] if quick else [1, 8, 32, 64]
+        n = 300 if quick else 2000
+        x = np.random.rand(1, 3, 32, 32).astype(np.float32)
+        report: dict[str, Any] = {"meta": meta}
+        report["folding"] = bench_folding(quick)
+        report["inprocess"] = bench_inprocess(r20, [3, 32, 32], quick)
+        report["floors"] = bench_floors(x.nbytes + 64, conc, n)
+        report["server"] = bench_server(repo, "resnet20", x, conc, n)
+        report["rest224"] = bench_rest224(repo, "resnet18", r18, quick)
+        report["gpu"] = bench_gpu(r20)
+        report["goals"] = goals(report)
+        report["meta"]["wall_s"] = round(time.perf_counter() - t0, 1)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report = json.loads(json.dumps(report, default=str))  # int keys -> str, as the file will hold them
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / f"bench-{stamp}.json", report)
+    write_text(out_dir / f"bench-{stamp}.md", markdown(_intkeys(report)))
+    write_json(out_dir / "latest.json", report)
+    write_text(out_dir / "latest.md", markdown(_intkeys(report)))
+    return report
+
+
+def _intkeys(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {(int(k) if isinstance(k, str) and k.isdigit() else k): _intkeys(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_intkeys(v) for v in obj]
+    return obj
