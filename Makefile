@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 REPO ?= model_repository
 MODEL ?= digits_resnet
 
-.PHONY: install test serve model clean
+.PHONY: install test test-docker serve model bench clean
 
 install: $(STAMP)
 
@@ -18,6 +18,13 @@ $(STAMP): pyproject.toml constraints.txt
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+# Builds the CPU server image from a locally made base and runs it (needs a container engine or root).
+test-docker: install
+	bash docker/test-docker.sh
+
+bench: install
+	$(BIN)/foldserve bench
 
 # Builds the default model repository entry if it is missing (train on digits -> fold -> verify).
 model: install

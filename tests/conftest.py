@@ -26,3 +26,13 @@ def digits_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("digits_run")
     train(TrainConfig(arch="resnet", dataset="digits", out=str(out), epochs=3, progress=False))
     return out
+
+
+@pytest.fixture(scope="session")
+def repository(digits_run, tmp_path_factory) -> Path:
+    """A repository with the digits model ('digits') built by the real pipeline (train -> fold -> verify)."""
+    from folding.export import build_entry
+
+    repo = tmp_path_factory.mktemp("repository")
+    build_entry(digits_run / "checkpoint.pt", repo, "digits", 1)
+    return repo

@@ -80,16 +80,6 @@ class ServerProcess:
         return "".join(self.stderr)
 
 
-@pytest.fixture(scope="session")
-def repository(digits_run, tmp_path_factory) -> Path:
-    """A repository with the digits model ('digits') built by the real pipeline."""
-    from folding.export import build_entry
-
-    repo = tmp_path_factory.mktemp("repository")
-    build_entry(digits_run / "checkpoint.pt", repo, "digits", 1)
-    return repo
-
-
 @pytest.fixture(scope="module")
 def server(repository, tmp_path_factory):
     repo = tmp_path_factory.mktemp("served")
