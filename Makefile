@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 REPO ?= model_repository
 MODEL ?= digits_resnet
 
-.PHONY: install test test-docker serve model bench clean
+.PHONY: install test test-hardening test-docker serve model bench clean
 
 install: $(STAMP)
 
@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+# The full hardening run: 10,000+ fuzz cases across both transports, 60 s at twice capacity.
+test-hardening: install
+	FOLDSERVE_HARDENING_FULL=1 $(BIN)/python -m pytest -q -s -m hardening tests/hardening
 
 # Builds the CPU server image from a locally made base and runs it (needs a container engine or root).
 test-docker: install

@@ -51,6 +51,13 @@ class InvalidInput(UserError):
     """A request that does not match the model's metadata or the protocol."""
 
 
+class PayloadTooLarge(InvalidInput):
+    """A request larger than the server's limits (body size, element count)."""
+
+    http_status = 413
+    grpc_status = "RESOURCE_EXHAUSTED"
+
+
 class ModelNotFound(FoldserveError):
     """No such model, or no such version of it."""
 

@@ -31,6 +31,9 @@ class Settings(BaseSettings):
         "delay", description="delay: wait up to max_queue_delay for a fuller batch (Triton); eager: never wait")
     max_queue_delay_us: int | None = Field(None, ge=0, description="override config's max_queue_delay_microseconds")
     max_queue_size: int = Field(256, ge=1, description="requests waiting per model before RESOURCE_EXHAUSTED / 429")
+    max_concurrent_requests: int = Field(
+        0, ge=0, description="requests handled at once per transport before RESOURCE_EXHAUSTED / 429 "
+                             "(0: max_queue_size + 64)")
     request_timeout_s: float = Field(30.0, gt=0, description="a request waiting longer fails with DEADLINE_EXCEEDED")
     warmup: bool = Field(True, description="run each model over its batch sizes at load")
 
@@ -48,3 +51,6 @@ class Settings(BaseSettings):
     tls_ca: Path | None = Field(None, description="CA bundle: require client certificates (mutual TLS)")
 
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR")
+
+    def concurrency_limit(self) -> int:
+        return self.max_concurrent_requests or self.max_queue_size + 64

@@ -62,6 +62,18 @@ class DataPlane:
     def metadata(self) -> dict[str, Any]:
         return {"name": "foldserve", "version": __version__, "extensions": EXTENSIONS}
 
+    def render_metrics(self) -> str:
+        """Prometheus text: the counters and histograms, plus queue and in-flight gauges."""
+        lines = [self.metrics.render().rstrip("\n"),
+                 "# HELP foldserve_queue_length Requests waiting for an execution.",
+                 "# TYPE foldserve_queue_length gauge"]
+        for lv in self.models.ready_models():
+            lines.append(f'foldserve_queue_length{{model="{lv.name}",version="{lv.version}"}} '
+                         f"{lv.scheduler.queue_length}")
+        lines += ["# HELP foldserve_inflight_requests Inference requests being handled.",
+                  "# TYPE foldserve_inflight_requests gauge", f"foldserve_inflight_requests {self._inflight}"]
+        return "\n".join(lines) + "\n"
+
     # --- models ---------------------------------------------------------------------------------
 
     def model_ready(self, name: str, version: str = "") -> bool:

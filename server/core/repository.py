@@ -175,6 +175,9 @@ class ModelManager:
             except FoldserveError as exc:
                 reasons[v] = str(exc)
                 logger.error("model %s version %d: %s", name, v, exc)
+            except Exception as exc:  # a broken model must never take the server down
+                logger.exception("model %s version %d failed to load", name, v)
+                reasons[v] = f"failed to load ({type(exc).__name__}; see the server log)"
         return versions, reasons
 
     def _build_version(self, name: str, model_dir: Path, version: int, config) -> LoadedVersion:
@@ -207,7 +210,11 @@ class ModelManager:
                               max_queue=s.max_queue_size, instances=spec.instances, stats=stats, metrics=self.metrics,
                               eager=s.batch_policy == "eager")
         if s.warmup:
-            scheduler.run_estimate_s = _warmup(spec, runtime)
+            try:
+                scheduler.run_estimate_s = _warmup(spec, runtime)
+            except Exception as exc:  # some models reject zero-filled inputs; they can still serve
+                logger.warning("warm-up of %s version %d failed (%s): serving without warm-up", name, version,
+                               str(exc).splitlines()[0][:200])
         return LoadedVersion(name, version, spec, runtime, scheduler, stats, verification, vdir)
 
     async def unload(self, name: str) -> None:

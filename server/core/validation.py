@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from foldserve.errors import InvalidInput
+from foldserve.errors import InvalidInput, PayloadTooLarge
 from server.core.datatypes import ALL_V2, V2_TO_NUMPY, numpy_dtype
 from server.core.types import InferInput, InferRequest, ModelSpec, TensorSpec
 
@@ -39,7 +39,7 @@ def _check_shape(t: InferInput, spec: TensorSpec, model: ModelSpec, max_elements
                                f"{model.max_batch_size}")
     n = math.prod(t.shape)
     if n > max_elements:
-        raise InvalidInput(f"input {t.name!r}: shape {t.shape} has {n} elements, more than the server's limit "
+        raise PayloadTooLarge(f"input {t.name!r}: shape {t.shape} has {n} elements, more than the server's limit "
                            f"of {max_elements}")
     return batch
 

@@ -15,7 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from foldserve.errors import FoldserveError, PermissionDenied, Unauthenticated
+from foldserve.errors import FoldserveError, InvalidInput, PermissionDenied, Unauthenticated
 from server.core.dataplane import DataPlane
 from server.grpc import converters as conv
 from server.protocol import grpc_service_pb2 as pb
@@ -25,6 +25,23 @@ from server.settings import Settings
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
+class BadRequest:
+    """What a request that is not a valid protobuf message deserialises to (see :func:`_tolerant`)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _tolerant(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    """A deserializer that never raises: grpc would answer UNKNOWN; we answer INVALID_ARGUMENT."""
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception as exc:  # protobuf's DecodeError and friends
+            return BadRequest(exc)
+    return deserialize
 
 
 def _check_token(context: grpc.aio.ServicerContext, token: str | None, what: str) -> None:
@@ -43,6 +60,8 @@ def _rpc(auth: str | None = None) -> Callable:
         @functools.wraps(fn)
         async def handler(self: "InferenceServicer", request: Any, context: grpc.aio.ServicerContext):
             try:
+                if isinstance(request, BadRequest):
+                    raise InvalidInput(f"the request is not a valid protobuf message ({request.error})")
                 if auth == "infer":
                     _check_token(context, self.settings.auth_token, "inference")
                 elif auth == "admin":
@@ -95,6 +114,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         except FoldserveError as exc:
             await context.abort(getattr(grpc.StatusCode, exc.grpc_status), str(exc))
         async for request in request_iterator:
+            if isinstance(request, BadRequest):
+                yield pb.ModelStreamInferResponse(error_message=f"the request is not a valid protobuf message "
+                                                                f"({request.error})")
+                continue
             try:
                 resp = await self.dp.infer(conv.request_from_proto(request), "grpc")
                 yield pb.ModelStreamInferResponse(infer_response=conv.response_to_proto(resp))
@@ -140,14 +163,33 @@ def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
 
+def _service_handler(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
+    """The v2 service's method handlers, with tolerant request deserializers."""
+    from google.protobuf import symbol_database
+
+    db = symbol_database.Default()
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
+        req_cls = db.GetSymbol(method.input_type.full_name)
+        resp_cls = db.GetSymbol(method.output_type.full_name)
+        fn = getattr(servicer, method.name)
+        make = (grpc.stream_stream_rpc_method_handler if method.client_streaming
+                else grpc.unary_unary_rpc_method_handler)
+        handlers[method.name] = make(fn, request_deserializer=_tolerant(req_cls.FromString),
+                                     response_serializer=resp_cls.SerializeToString)
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+
+
 def build_grpc_server(settings: Settings, dataplane: DataPlane) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """A grpc.aio server with the v2 service, health and reflection; returns (server, bound port, health)."""
     limit = settings.max_request_bytes
-    server = grpc.aio.server(options=[
+    # Admission control in grpc core: past this many concurrent RPCs a call is refused at once with
+    # RESOURCE_EXHAUSTED, before it costs any Python work, so a backlog cannot build in front of our queue.
+    server = grpc.aio.server(maximum_concurrent_rpcs=settings.concurrency_limit(), options=[
         ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
         ("grpc.so_reuseport", 0),
     ])
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(settings, dataplane), server)
+    server.add_generic_rpc_handlers((_service_handler(InferenceServicer(settings, dataplane)),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

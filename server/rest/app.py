@@ -15,9 +15,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from foldserve import __version__
-from foldserve.errors import FoldserveError, InvalidInput, Unauthenticated
+from foldserve.errors import FoldserveError, InvalidInput, PayloadTooLarge, Unauthenticated
 from server.core.dataplane import DataPlane
 from server.rest.codec import HEADER, decompress, encode_infer_response, parse_infer_request
 from server.settings import Settings
@@ -66,9 +67,30 @@ def create_app(settings: Settings, dataplane: DataPlane) -> FastAPI:
     dp = dataplane
     errors = {400: {"model": ErrorBody}, 404: {"model": ErrorBody}, 503: {"model": ErrorBody}}
 
+    limit = settings.concurrency_limit()
+    active = [0]
+
+    @app.middleware("http")
+    async def admission(request: Request, call_next):
+        """Past ``limit`` requests in flight, answer 429 at once instead of queueing without bound."""
+        if active[0] >= limit and request.url.path.endswith("/infer"):
+            return _error(429, f"server busy: {active[0]} requests in flight (limit {limit}); retry later")
+        active[0] += 1
+        try:
+            return await call_next(request)
+        finally:
+            active[0] -= 1
+
     @app.exception_handler(FoldserveError)
     async def _foldserve_error(request: Request, exc: FoldserveError) -> Response:
         return _error(exc.http_status, str(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        detail = exc.detail if isinstance(exc.detail, str) else "request failed"
+        if exc.status_code == 404:
+            detail = f"no such endpoint: {request.method} {request.url.path}"
+        return _error(exc.status_code, detail)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
@@ -94,15 +116,17 @@ def create_app(settings: Settings, dataplane: DataPlane) -> FastAPI:
         declared = request.headers.get("content-length")
         if declared is not None:
             try:
-                if int(declared) > limit:
-                    raise InvalidInput(f"request body of {declared} bytes exceeds the {limit}-byte limit")
+                too_big = int(declared) > limit
             except ValueError:
                 raise InvalidInput("Content-Length is not an integer") from None
+            if too_big:
+                raise PayloadTooLarge(f"request body of {declared} bytes exceeds the {limit}-byte limit "
+                                      f"(--max-request-bytes)")
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise InvalidInput(f"request body exceeds the {limit}-byte limit")
+                raise PayloadTooLarge(f"request body exceeds the {limit}-byte limit (--max-request-bytes)")
             chunks.append(chunk)
         body = b"".join(chunks)
         return decompress(body, request.headers.get("content-encoding"), limit)
@@ -131,6 +155,7 @@ def create_app(settings: Settings, dataplane: DataPlane) -> FastAPI:
     @app.get("/v2/models/{model}/ready", summary="Model readiness", responses=errors)
     @app.get("/v2/models/{model}/versions/{version}/ready", summary="Model readiness (one version)", responses=errors)
     async def model_ready(model: str, version: str = "") -> Response:
+        dp.model(model, version)  # unknown model or version: 404; known but not ready: 503
         return Response(status_code=200 if dp.model_ready(model, version) else 503)
 
     @app.get("/v2/models/{model}/config", summary="Model configuration (Triton's JSON form)", responses=errors)
@@ -193,6 +218,6 @@ def create_app(settings: Settings, dataplane: DataPlane) -> FastAPI:
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:
-        return PlainTextResponse(dp.metrics.render(), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(dp.render_metrics(), media_type="text/plain; version=0.0.4")
 
     return app

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from foldserve.errors import InvalidInput
+from foldserve.errors import InvalidInput, PayloadTooLarge
 from server.core.types import InferInput, InferRequest, InferResponse, RequestedOutput
 
 HEADER = "inference-header-content-length"
@@ -35,7 +35,7 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
     except zlib.error as exc:
         raise InvalidInput(f"body is not valid {encoding} data ({exc})") from None
     if len(out) > limit or d.unconsumed_tail:
-        raise InvalidInput(f"decompressed body exceeds the {limit}-byte request limit")
+        raise PayloadTooLarge(f"decompressed body exceeds the {limit}-byte request limit")
     if not d.eof:
         raise InvalidInput(f"truncated {encoding} body")
     return out

@@ -224,7 +224,7 @@ def test_http_error_cases(server):
     status, body, _ = _http(server, "GET", "/v2/models/..%2F..%2Fetc/ready")
     assert status in (400, 404)
     status, _, _ = _http(server, "GET", "/v2/models/nope/ready")
-    assert status == 503
+    assert status == 404
 
 
 # --- batching and concurrency ------------------------------------------------------------------------
