@@ -274,6 +274,87 @@ def bench_rest224(repo: Path, model: str, model_path: Path, quick: bool) -> dict
     return out
 
 
+def bench_peers(repo: Path, model_path: Path, x: np.ndarray, concurrencies: list[int], n: int, quick: bool,
+                work: Path) -> dict[str, Any]:
+    """perf_analyzer against our server, and MLServer under the same client and batching limits."""
+    from bench import peers
+
+    out: dict[str, Any] = {}
+    if quick:
+        out["perf_analyzer"] = {"skipped": "--quick (the full run sets perf_analyzer up and runs it)"}
+        out["mlserver"] = {"skipped": "--quick (the full run sets MLServer up in its own venv and runs it)"}
+        return out
+    cmd = peers.ensure_perf_analyzer()
+    if isinstance(cmd, str):
+        out["perf_analyzer"] = {"skipped": cmd}
+    else:
+        res = {}
+        for label, batching in (("batching", True), ("no_batching", False)):
+            proc, hport, gport = start_server(repo, batching)
+            try:
+                res[label] = peers.perf_analyzer(cmd, "resnet20", f"127.0.0.1:{gport}", concurrencies, work)
+            finally:
+                proc.stop()
+        out["perf_analyzer"] = res
+    exe = peers.ensure_mlserver()
+    if isinstance(exe, str):
+        out["mlserver"] = {"skipped": exe}
+        return out
+    hport, gport = _free_port(), _free_port()
+    try:
+        peer = peers.MLServerPeer(exe, model_path, "resnet20", 64, 0.002, hport, gport, work)
+    except RuntimeError as exc:
+        out["mlserver"] = {"skipped": str(exc)}
+        return out
+    try:
+        gp = _infer_grpc_payload("resnet20", x)
+        grpc_res = {c: _run(closed_loop(grpc_sender_factory(f"127.0.0.1:{gport}",
+                                                            "/inference.GRPCInferenceService/ModelInfer", gp),
+                                        c, n, batch=len(x))).to_dict() for c in concurrencies}
+        out["mlserver"] = {"version": peers.MLSERVER_VERSION, "max_batch_size": 64, "max_batch_time_s": 0.002,
+                           "grpc": grpc_res}
+        if not isinstance(cmd, str):
+            out["mlserver"]["perf_analyzer"] = peers.perf_analyzer(cmd, "resnet20", f"127.0.0.1:{gport}",
+                                                                   concurrencies, work)
+    finally:
+        peer.stop()
+    return out
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """PNG: latency (p50, p99) and throughput vs concurrency for each target (our load generator)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {}
+    for mode, res in report["server"].items():
+        for proto in ("grpc", "rest_binary"):
+            series[f"foldserve {proto} ({mode})"] = res[proto]
+    for name in ("grpc_echo", "http_echo"):
+        series[f"bare {name}"] = report["floors"][name]
+    ml = report.get("peers", {}).get("mlserver", {})
+    if "grpc" in ml:
+        series["MLServer grpc (adaptive batching)"] = ml["grpc"]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for label, pts in series.items():
+        cs = sorted(int(c) for c in pts)
+        a1.plot(cs, [pts[c if c in pts else str(c)]["p50_ms"] for c in cs], marker="o", label=label)
+        a2.plot(cs, [pts[c if c in pts else str(c)]["throughput"] for c in cs], marker="o", label=label)
+    for a, ylabel in ((a1, "p50 latency (ms)"), (a2, "throughput (req/s)")):
+        a.set_xscale("log", base=2)
+        a.set_xlabel("concurrency")
+        a.set_ylabel(ylabel)
+        a.grid(alpha=0.3)
+    a1.set_yscale("log")
+    a2.legend(fontsize=7, loc="best")
+    fig.suptitle(f"ResNet-20 3x32x32, batch 1 per request - {report['meta']['machine']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def bench_gpu(model_path: Path) -> dict[str, Any]:
     from server.core.runtime import gpu_count
 
@@ -315,6 +396,17 @@ def goals(r: dict[str, Any]) -> list[dict[str, Any]]:
     g.append({"goal": "JSON REST >= 10 x faster than a plain FastAPI+pydantic endpoint at 3x224x224",
               "measured": f"{speedup:.1f}x ({r224['rest_json']['p50_ms']:.0f} vs "
                           f"{r224['naive_fastapi_json']['p50_ms']:.0f} ms)", "limit": "10x", "passed": speedup >= 10})
+    ml = r.get("peers", {}).get("mlserver", {})
+    if "grpc" in ml:
+        ours, theirs = srv["batching"]["grpc"][c_hi], ml["grpc"][c_hi]
+        ratio = ours["throughput"] / theirs["throughput"]
+        g.append({"goal": f">= 2 x MLServer's throughput at concurrency {c_hi}, and lower p99 (same model, client, "
+                          f"batching limits)", "measured": f"{ratio:.1f}x ({ours['throughput']:.0f} vs "
+                          f"{theirs['throughput']:.0f} req/s); p99 {ours['p99_ms']:.1f} vs {theirs['p99_ms']:.1f} ms",
+                  "limit": "2x, lower p99", "passed": ratio >= 2 and ours["p99_ms"] < theirs["p99_ms"]})
+    else:
+        g.append({"goal": ">= 2 x MLServer's throughput at concurrency 32", "measured": "not run",
+                  "limit": "2x", "passed": None, "skipped": ml.get("skipped", "no MLServer")})
     f = r["folding"]
     g.append({"goal": "fold a ResNet-50-sized model in < 2 s", "measured": f"{f['fold_module_s']:.2f} s (torch.fx), "
               f"{f['fold_onnx_s']:.2f} s (ONNX)", "limit": "2 s", "passed": max(f["fold_module_s"], f["fold_onnx_s"]) < 2})
@@ -325,8 +417,8 @@ def markdown(r: dict[str, Any]) -> str:
     m = r["meta"]
     lines = [f"Benchmark of {m['date']} on {m['machine']} (commit {m['commit']}, quick={m['quick']}).", ""]
     lines += ["| goal | measured | limit | result |", "|---|---|---|---|"]
-    lines += [f"| {g['goal']} | {g['measured']} | {g['limit']} | {'pass' if g['passed'] else 'MISS'} |"
-              for g in r["goals"]]
+    lines += [f"| {g['goal']} | {g['measured']} | {g['limit']} | "
+              f"{'skipped' if g['passed'] is None else 'pass' if g['passed'] else 'MISS'} |" for g in r["goals"]]
     lines += ["", "ResNet-20 (3x32x32, batch 1 per request): p50 / p99 latency (ms) and throughput (req/s)", "",
               "| target | concurrency | p50 | p99 | req/s |", "|---|---|---|---|---|"]
     inp = r["inprocess"]
@@ -342,6 +434,26 @@ def markdown(r: dict[str, Any]) -> str:
             for c, v in per_c.items():
                 lines.append(f"| foldserve {proto} ({mode.replace('_', ' ')}) | {c} | {v['p50_ms']:.3f} | "
                              f"{v['p99_ms']:.3f} | {v['throughput']:.0f} |")
+    peers_r = r.get("peers", {})
+    ml = peers_r.get("mlserver", {})
+    for c, v in ml.get("grpc", {}).items():
+        lines.append(f"| MLServer {ml.get('version', '')} grpc (adaptive batching) | {c} | {v['p50_ms']:.3f} | "
+                     f"{v['p99_ms']:.3f} | {v['throughput']:.0f} |")
+    pa = peers_r.get("perf_analyzer", {})
+    if "skipped" not in pa and pa:
+        lines += ["", "Triton's perf_analyzer (gRPC, ResNet-20): req/s, p50 / p99 (ms)", "",
+                  "| target | concurrency | req/s | p50 | p99 |", "|---|---|---|---|---|"]
+        rows = [(f"foldserve ({mode.replace('_', ' ')})", res) for mode, res in pa.items()]
+        if isinstance(ml.get("perf_analyzer"), dict):
+            rows.append(("MLServer", ml["perf_analyzer"]))
+        for label, res in rows:
+            for c, v in res.items():
+                if "error" in v:
+                    lines.append(f"| {label} | {c} | error | - | - |")
+                else:
+                    lines.append(f"| {label} | {c} | {v['throughput']:.0f} | {v['p50_ms']:.2f} | {v['p99_ms']:.2f} |")
+    else:
+        lines.append(f"\nperf_analyzer: {pa.get('skipped', 'not run')}; MLServer: {ml.get('skipped', 'run')}")
     r224 = r["rest224"]
     lines += ["", "3x224x224 input (ResNet-18-sized, concurrency 1): p50 (ms)", "", "| path | p50 | p99 |", "|---|---|---|"]
     for k in ("grpc", "rest_binary", "rest_json", "naive_fastapi_json"):
@@ -377,6 +489,7 @@ def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
         report["floors"] = bench_floors(x.nbytes + 64, conc, n)
         report["server"] = bench_server(repo, "resnet20", x, conc, n)
         report["rest224"] = bench_rest224(repo, "resnet18", r18, quick)
+        report["peers"] = bench_peers(repo, r20, x, conc, n, quick, work)
         report["gpu"] = bench_gpu(r20)
         report["goals"] = goals(report)
         report["meta"]["wall_s"] = round(time.perf_counter() - t0, 1)
@@ -389,6 +502,11 @@ def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
     write_text(out_dir / f"bench-{stamp}.md", markdown(_intkeys(report)))
     write_json(out_dir / "latest.json", report)
     write_text(out_dir / "latest.md", markdown(_intkeys(report)))
+    try:
+        plot(_intkeys(report), out_dir / f"bench-{stamp}.png")
+        shutil.copy(out_dir / f"bench-{stamp}.png", out_dir / "latest.png")
+    except Exception as exc:  # a plot is a convenience; the JSON and Markdown are the record
+        print(f"plot failed: {exc}", file=sys.stderr)
     return report
 
 
