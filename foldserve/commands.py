@@ -209,6 +209,8 @@ def add_infer(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--key", help="array name inside an .npz")
     p.add_argument("--top", type=int, default=3)
     p.add_argument("--token", help="bearer token, if the server requires one")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="images: multiply pixel values (0..255) by this, e.g. 0.0627 for the 0..16 digits range")
     p.set_defaults(func=cmd_infer)
 
 
@@ -216,7 +218,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     from server.client import infer_file
 
     for line in infer_file(args.url, args.model, args.file, version=args.version, protocol=args.protocol,
-                           key=args.key, top=args.top, token=args.token):
+                           key=args.key, top=args.top, token=args.token, scale=args.scale):
         print(line)
     return 0
 

@@ -389,6 +389,12 @@ def test_infer_cli_grpc_and_http(server):
         proc = run_cli("infer", "--url", url, "--model", MODEL, str(server.repo / "x.npy"), "--top", "2")
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.count("class") == 4 and "sample 1:" in proc.stdout
+    from PIL import Image
+
+    Image.fromarray((digits_batch(1, seed=4)[0, 0] * 255 / 16).astype(np.uint8)).resize((32, 32)).save(server.repo / "d.png")
+    proc = run_cli("infer", "--url", server.grpc, "--model", MODEL, str(server.repo / "d.png"), "--scale", "0.0627")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("class") == 3 and "sample 0:" in proc.stdout
     proc = run_cli("infer", "--url", server.grpc, "--model", "nope", str(server.repo / "x.npy"))
     assert proc.returncode != 0 and "NOT_FOUND" in proc.stderr
 
@@ -419,3 +425,28 @@ def test_cuda_provider_serves_the_same_answers(repository, tmp_path, reference_s
                                    reference_session.run(None, {"input": x})[0], rtol=1e-3, atol=1e-3)
     finally:
         srv.stop()
+
+
+def test_model_stream_infer(server, reference_session):
+    import queue as _queue
+
+    results: _queue.Queue = _queue.Queue()
+    c = tgrpc.InferenceServerClient(server.grpc)
+    c.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+        xs = [digits_batch(1 + i % 2, seed=50 + i) for i in range(5)]
+        for i, x in enumerate(xs):
+            c.async_stream_infer(MODEL, [_ginput(x)], request_id=str(i))
+        c.async_stream_infer("nope", [_ginput(xs[0])], request_id="bad")
+        got = {}
+        for _ in range(6):
+            result, error = results.get(timeout=30)
+            if error is not None:
+                got["bad"] = error
+            else:
+                got[result.get_response().id] = result.as_numpy("output")
+    finally:
+        c.stop_stream()
+    for i, x in enumerate(xs):
+        np.testing.assert_allclose(got[str(i)], reference_session.run(None, {"input": x})[0], rtol=1e-5, atol=1e-5)
+    assert "unknown model 'nope'" in str(got["bad"])
