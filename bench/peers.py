@@ -68,7 +68,9 @@ def ensure_mlserver() -> Path | str:
     r = _run([sys.executable, "-m", "venv", str(venv)])
     if r.returncode != 0:
         return f"venv failed: {r.stderr[-300:]}"
-    r = _run([str(venv / "bin" / "pip"), "install", "-q", f"mlserver=={MLSERVER_VERSION}", "onnxruntime==1.31.1"])
+    # uvloop 0.22+ breaks MLServer 1.7's parallel workers ("no current event loop"): pin the last good one
+    r = _run([str(venv / "bin" / "pip"), "install", "-q", f"mlserver=={MLSERVER_VERSION}", "onnxruntime==1.31.1",
+              "uvloop==0.21.0"])
     if r.returncode != 0 or not exe.exists():
         shutil.rmtree(venv, ignore_errors=True)
         return f"pip install mlserver failed: {r.stderr[-300:]}"
@@ -155,7 +157,8 @@ def perf_analyzer(cmd: list[str], model: str, grpc_address: str, concurrencies: 
     for c in concurrencies:
         out = work / f"pa-{model}-{c}-{int(time.time() * 1000)}.csv"
         r = _run([*cmd, "-m", model, "-u", grpc_address, "-i", "grpc", "--concurrency-range", f"{c}:{c}",
-                  "--measurement-interval", str(interval_ms), "-f", str(out)], timeout=1200)
+                  "--measurement-interval", str(interval_ms), "--stability-percentage", "30",
+                  "--max-trials", "12", "-f", str(out)], timeout=1200)
         if r.returncode != 0 or not out.exists():
             result[c] = {"error": (r.stdout + r.stderr)[-500:]}
             continue

@@ -378,7 +378,7 @@ def bench_gpu(model_path: Path) -> dict[str, Any]:
 def goals(r: dict[str, Any]) -> list[dict[str, Any]]:
     g = []
     inp, fl, srv = r["inprocess"], r["floors"], r["server"]
-    c_hi = max(int(c) for c in srv["batching"]["grpc"])
+    c_hi = 32
     grpc_p50 = srv["no_batching"]["grpc"][1]["p50_ms"]
     bound = inp["p50_ms_batch1"] + 1.2 * fl["grpc_echo"][1]["p50_ms"]
     g.append({"goal": "gRPC p50 at batch 1 <= in-process p50 + 1.2 x bare gRPC echo p50",
