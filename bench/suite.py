@@ -348,6 +348,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         a.set_ylabel(ylabel)
         a.grid(alpha=0.3)
     a1.set_yscale("log")
+    a2.set_yscale("log")
     a2.legend(fontsize=7, loc="best")
     fig.suptitle(f"ResNet-20 3x32x32, batch 1 per request - {report['meta']['machine']}")
     fig.tight_layout()
@@ -413,6 +414,11 @@ def goals(r: dict[str, Any]) -> list[dict[str, Any]]:
     return g
 
 
+def _by_c(points: dict) -> list:
+    """Concurrency points in numeric order (JSON keys come back as sorted strings)."""
+    return sorted(points.items(), key=lambda kv: int(kv[0]))
+
+
 def markdown(r: dict[str, Any]) -> str:
     m = r["meta"]
     lines = [f"Benchmark of {m['date']} on {m['machine']} (commit {m['commit']}, quick={m['quick']}).", ""]
@@ -427,16 +433,16 @@ def markdown(r: dict[str, Any]) -> str:
     lines.append(f"| in-process onnxruntime (batch 32) | - | {inp['batch'][32]['p50_ms']:.3f} | - | "
                  f"{inp['batch'][32]['samples_per_s']:.0f} samples/s |")
     for name in ("grpc_echo", "http_echo"):
-        for c, v in r["floors"][name].items():
+        for c, v in _by_c(r["floors"][name]):
             lines.append(f"| bare {name.replace('_', ' ')} | {c} | {v['p50_ms']:.3f} | {v['p99_ms']:.3f} | {v['throughput']:.0f} |")
     for mode, res in r["server"].items():
         for proto, per_c in res.items():
-            for c, v in per_c.items():
+            for c, v in _by_c(per_c):
                 lines.append(f"| foldserve {proto} ({mode.replace('_', ' ')}) | {c} | {v['p50_ms']:.3f} | "
                              f"{v['p99_ms']:.3f} | {v['throughput']:.0f} |")
     peers_r = r.get("peers", {})
     ml = peers_r.get("mlserver", {})
-    for c, v in ml.get("grpc", {}).items():
+    for c, v in _by_c(ml.get("grpc", {})):
         lines.append(f"| MLServer {ml.get('version', '')} grpc (adaptive batching) | {c} | {v['p50_ms']:.3f} | "
                      f"{v['p99_ms']:.3f} | {v['throughput']:.0f} |")
     pa = peers_r.get("perf_analyzer", {})
@@ -447,9 +453,11 @@ def markdown(r: dict[str, Any]) -> str:
         if isinstance(ml.get("perf_analyzer"), dict):
             rows.append(("MLServer", ml["perf_analyzer"]))
         for label, res in rows:
-            for c, v in res.items():
+            for c, v in _by_c(res):
                 if "error" in v:
-                    lines.append(f"| {label} | {c} | error | - | - |")
+                    reason = next((ln.strip() for ln in v["error"].splitlines() if "rror" in ln or "ailed" in ln),
+                                  "error")
+                    lines.append(f"| {label} | {c} | {reason[:90]} | - | - |")
                 else:
                     lines.append(f"| {label} | {c} | {v['throughput']:.0f} | {v['p50_ms']:.2f} | {v['p99_ms']:.2f} |")
     else:

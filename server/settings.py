@@ -24,6 +24,8 @@ class Settings(BaseSettings):
     io_binding: bool = Field(True, description="use IO binding with the CUDA provider")
     intra_op_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads per session (0: default)")
     inter_op_threads: int = Field(0, ge=0, description="onnxruntime inter-op threads (0: default)")
+    spin: bool = Field(True, description="let onnxruntime's intra-op threads spin while idle (faster alone, "
+                                          "but they steal CPU from the server's own threads on small machines)")
     instances: int = Field(0, ge=0, description="parallel executions per model (0: from config.pbtxt, else 1)")
 
     batching: bool = Field(True, description="dynamic batching for models whose config enables it")

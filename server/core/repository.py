@@ -192,7 +192,7 @@ class ModelManager:
         _check_onnx(onnx_path, vdir)
         s = self.settings
         runtime = OnnxModel(onnx_path, provider=s.provider, device_id=s.device_id, intra_op_threads=s.intra_op_threads,
-                            inter_op_threads=s.inter_op_threads, io_binding=s.io_binding)
+                            inter_op_threads=s.inter_op_threads, io_binding=s.io_binding, spin=s.spin)
         cfg = type(config)()
         cfg.CopyFrom(config)
         complete_config(cfg, runtime.inputs, runtime.outputs)

@@ -50,7 +50,7 @@ class OnnxModel:
     """One loaded ONNX model: ``run(feeds)`` returns the outputs as numpy arrays on the host."""
 
     def __init__(self, path: Path, *, provider: str = "auto", device_id: int = 0, intra_op_threads: int = 0,
-                 inter_op_threads: int = 0, io_binding: bool = True) -> None:
+                 inter_op_threads: int = 0, io_binding: bool = True, spin: bool = True) -> None:
         import onnxruntime as ort
 
         if provider in ("auto", "cuda") and gpu_count() > 0:
@@ -65,6 +65,9 @@ class OnnxModel:
             opts.intra_op_num_threads = intra_op_threads
         if inter_op_threads:
             opts.inter_op_num_threads = inter_op_threads
+        if not spin:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         providers = choose_providers(provider, device_id)
         try:
             self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
