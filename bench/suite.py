@@ -274,6 +274,26 @@ def bench_rest224(repo: Path, model: str, model_path: Path, quick: bool) -> dict
     return out
 
 
+def bench_models(repo: Path, models: dict[str, tuple[Path, list[int]]], quick: bool) -> dict[str, Any]:
+    """Each model: in-process onnxruntime, and our gRPC at concurrency 1 and 32 (batching on)."""
+    out: dict[str, Any] = {}
+    n = 100 if quick else 400
+    proc, hport, gport = start_server(repo, True)
+    try:
+        for name, (path, shape) in models.items():
+            x = np.random.rand(1, *shape).astype(np.float32)
+            gp = _infer_grpc_payload(name, x)
+            make = lambda: grpc_sender_factory(f"127.0.0.1:{gport}", "/inference.GRPCInferenceService/ModelInfer", gp)
+            inproc = bench_inprocess(path, shape, quick)
+            out[name] = {"input": "x".join(map(str, shape)), "inprocess_p50_ms_batch1": inproc["p50_ms_batch1"],
+                         "inprocess_best_samples_per_s": inproc["best_samples_per_s"],
+                         "grpc_c1": _run(closed_loop(make(), 1, max(n // 4, 20))).to_dict(),
+                         "grpc_c32": _run(closed_loop(make(), 32, n)).to_dict()}
+    finally:
+        proc.stop()
+    return out
+
+
 def bench_peers(repo: Path, model_path: Path, x: np.ndarray, concurrencies: list[int], n: int, quick: bool,
                 work: Path) -> dict[str, Any]:
     """perf_analyzer against our server, and MLServer under the same client and batching limits."""
@@ -440,6 +460,13 @@ def markdown(r: dict[str, Any]) -> str:
             for c, v in _by_c(per_c):
                 lines.append(f"| foldserve {proto} ({mode.replace('_', ' ')}) | {c} | {v['p50_ms']:.3f} | "
                              f"{v['p99_ms']:.3f} | {v['throughput']:.0f} |")
+    lines += ["", "Models (in-process onnxruntime vs our gRPC with batching; p50 in ms, throughput in req/s)", "",
+              "| model | input | in-process p50 (b=1) | in-process best samples/s | gRPC p50 c=1 | gRPC req/s c=32 |",
+              "|---|---|---|---|---|---|"]
+    for name, m in r.get("models", {}).items():
+        lines.append(f"| {name} | {m['input']} | {m['inprocess_p50_ms_batch1']:.3f} | "
+                     f"{m['inprocess_best_samples_per_s']:.0f} | {m['grpc_c1']['p50_ms']:.3f} | "
+                     f"{m['grpc_c32']['throughput']:.0f} |")
     peers_r = r.get("peers", {})
     ml = peers_r.get("mlserver", {})
     for c, v in _by_c(ml.get("grpc", {})):
@@ -488,6 +515,7 @@ def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
         repo.mkdir()
         r20 = make_entry(repo, "resnet20", "resnet20", [3, 32, 32])
         r18 = make_entry(repo, "resnet18", "resnet18", [3, 224, 224], max_batch_size=8)
+        digits = make_entry(repo, "digits", "resnet", [1, 8, 8])
         conc = [1, 8, 32] if quick else [1, 8, 32, 64]
         n = 300 if quick else 2000
         x = np.random.rand(1, 3, 32, 32).astype(np.float32)
@@ -497,6 +525,8 @@ def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
         report["floors"] = bench_floors(x.nbytes + 64, conc, n)
         report["server"] = bench_server(repo, "resnet20", x, conc, n)
         report["rest224"] = bench_rest224(repo, "resnet18", r18, quick)
+        report["models"] = bench_models(repo, {"digits": (digits, [1, 8, 8]), "resnet20": (r20, [3, 32, 32]),
+                                               "resnet18": (r18, [3, 224, 224])}, quick)
         report["peers"] = bench_peers(repo, r20, x, conc, n, quick, work)
         report["gpu"] = bench_gpu(r20)
         report["goals"] = goals(report)

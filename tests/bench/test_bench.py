@@ -14,7 +14,7 @@ def test_quick_bench_report_has_every_section(tmp_path):
     proc = run_cli("--log-level", "WARNING", "bench", "--quick", "--out", str(tmp_path), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "latest.json").read_text())
-    for section in ("meta", "folding", "inprocess", "floors", "server", "rest224", "peers", "gpu", "goals"):
+    for section in ("meta", "folding", "inprocess", "floors", "server", "rest224", "models", "peers", "gpu", "goals"):
         assert section in report, section
     assert set(report["server"]) == {"batching", "batching_eager", "no_batching"}
     for mode in report["server"].values():
@@ -27,6 +27,7 @@ def test_quick_bench_report_has_every_section(tmp_path):
     assert {"grpc", "rest_binary", "rest_json", "naive_fastapi_json"} <= set(report["rest224"])
     assert all({"goal", "measured", "limit", "passed"} <= set(g) for g in report["goals"])
     assert {"perf_analyzer", "mlserver"} <= set(report["peers"])
+    assert set(report["models"]) == {"digits", "resnet20", "resnet18"}
     assert (tmp_path / "latest.png").read_bytes()[:4] == b"\x89PNG"
     assert report["meta"]["commit"] and report["meta"]["machine"]
     md = (tmp_path / "latest.md").read_text()
