@@ -48,6 +48,19 @@ def _set_attr(node: onnx.NodeProto, name: str, value) -> None:
     node.attribute.append(helper.make_attribute(name, value))
 
 
+def _input_uses(nodes) -> Counter:
+    """How often each tensor name is read, subgraphs (If/Loop/Scan bodies) included."""
+    used: Counter = Counter()
+    for n in nodes:
+        for i in n.input:
+            if i:
+                used[i] += 1
+        for a in n.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                used.update(_input_uses(sub.node))
+    return used
+
+
 class _Graph:
     """Indexes over one graph: initializers, producers, consumer counts (subgraphs included)."""
 
@@ -57,21 +70,10 @@ class _Graph:
         self.inits = {t.name: t for t in self.g.initializer}
         self.producer = {o: n for n in self.g.node for o in n.output if o}
         self.graph_outputs = {o.name for o in self.g.output}
-        self.uses = Counter()
-        for n in self.g.node:
-            self._count_uses(n)
+        self.uses = _input_uses(self.g.node)
         self.ranks = self._infer_ranks()
         self.used_names = set(self.inits) | set(self.producer) | {i.name for i in self.g.input}
         self.used_names |= {n.name for n in self.g.node}
-
-    def _count_uses(self, node: onnx.NodeProto) -> None:
-        for i in node.input:
-            if i:
-                self.uses[i] += 1
-        for a in node.attribute:  # names read inside subgraphs (If/Loop/Scan bodies)
-            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                for n in sub.node:
-                    self._count_uses(n)
 
     def _infer_ranks(self) -> dict[str, int]:
         try:
@@ -135,15 +137,7 @@ def _remove_dead_constants(model: onnx.ModelProto) -> None:
     pure = {"Identity", "Transpose", "Constant"}
     outputs = {o.name for o in model.graph.output}
     while True:
-        used = Counter()
-        for n in model.graph.node:
-            for i in n.input:
-                used[i] += 1
-            for a in n.attribute:
-                for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                    for sn in sub.node:
-                        for i in sn.input:
-                            used[i] += 1
+        used = _input_uses(model.graph.node)
         dead = [n for n in model.graph.node
                 if n.op_type in pure and not any(used[o] or o in outputs for o in n.output)]
         if not dead:
@@ -440,16 +434,7 @@ def _take_over_output(out: onnx.ModelProto, gr: _Graph, bn: onnx.NodeProto, prod
 
 def _drop_unused_initializers(model: onnx.ModelProto, gr: _Graph, candidates: list[str]) -> None:
     graph_inputs = {i.name for i in model.graph.input}
-    used = Counter()
-    for n in model.graph.node:
-        gr_tmp = used
-        for i in n.input:
-            gr_tmp[i] += 1
-        for a in n.attribute:
-            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                for sn in sub.node:
-                    for i in sn.input:
-                        gr_tmp[i] += 1
+    used = _input_uses(model.graph.node)
     outputs = {o.name for o in model.graph.output}
     keep = [t for t in model.graph.initializer
             if used[t.name] or t.name in outputs or t.name in graph_inputs and t.name not in candidates]
