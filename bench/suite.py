@@ -460,13 +460,6 @@ def markdown(r: dict[str, Any]) -> str:
             for c, v in _by_c(per_c):
                 lines.append(f"| foldserve {proto} ({mode.replace('_', ' ')}) | {c} | {v['p50_ms']:.3f} | "
                              f"{v['p99_ms']:.3f} | {v['throughput']:.0f} |")
-    lines += ["", "Models (in-process onnxruntime vs our gRPC with batching; p50 in ms, throughput in req/s)", "",
-              "| model | input | in-process p50 (b=1) | in-process best samples/s | gRPC p50 c=1 | gRPC req/s c=32 |",
-              "|---|---|---|---|---|---|"]
-    for name, m in r.get("models", {}).items():
-        lines.append(f"| {name} | {m['input']} | {m['inprocess_p50_ms_batch1']:.3f} | "
-                     f"{m['inprocess_best_samples_per_s']:.0f} | {m['grpc_c1']['p50_ms']:.3f} | "
-                     f"{m['grpc_c32']['throughput']:.0f} |")
     peers_r = r.get("peers", {})
     ml = peers_r.get("mlserver", {})
     for c, v in _by_c(ml.get("grpc", {})):
@@ -489,6 +482,13 @@ def markdown(r: dict[str, Any]) -> str:
                     lines.append(f"| {label} | {c} | {v['throughput']:.0f} | {v['p50_ms']:.2f} | {v['p99_ms']:.2f} |")
     else:
         lines.append(f"\nperf_analyzer: {pa.get('skipped', 'not run')}; MLServer: {ml.get('skipped', 'run')}")
+    lines += ["", "Models (in-process onnxruntime vs our gRPC with batching; p50 in ms, throughput in req/s)", "",
+              "| model | input | in-process p50 (b=1) | in-process best samples/s | gRPC p50 c=1 | gRPC req/s c=32 |",
+              "|---|---|---|---|---|---|"]
+    for name, m in r.get("models", {}).items():
+        lines.append(f"| {name} | {m['input']} | {m['inprocess_p50_ms_batch1']:.3f} | "
+                     f"{m['inprocess_best_samples_per_s']:.0f} | {m['grpc_c1']['p50_ms']:.3f} | "
+                     f"{m['grpc_c32']['throughput']:.0f} |")
     r224 = r["rest224"]
     lines += ["", "3x224x224 input (ResNet-18-sized, concurrency 1): p50 (ms)", "", "| path | p50 | p99 |", "|---|---|---|"]
     for k in ("grpc", "rest_binary", "rest_json", "naive_fastapi_json"):
