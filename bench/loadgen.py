@@ -7,7 +7,6 @@ keep-alive client), so the client's own cost stays small and identical for every
 from __future__ import annotations
 
 import asyncio
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -28,6 +27,14 @@ class LoadResult:
 
     def to_dict(self) -> dict:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -191,6 +198,3 @@ if __name__ == "__main__":
     else:
         http_echo(port)
 
-
-def summarize(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values), "p50": percentile(values, 50), "min": min(values)}

@@ -22,6 +22,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from bench.loadgen import free_port
+
 CACHE = Path(__file__).resolve().parent / ".cache"
 MLSERVER_VERSION = "1.7.1"
 PERF_ANALYZER_VERSION = "2.60.0"
@@ -89,7 +91,7 @@ class MLServerPeer:
             "parameters": {"uri": str(model_path)},
             "max_batch_size": max_batch_size, "max_batch_time": max_delay_s}))
         (root / "settings.json").write_text(json.dumps({
-            "http_port": http_port, "grpc_port": grpc_port, "metrics_port": _free_port(), "host": "127.0.0.1",
+            "http_port": http_port, "grpc_port": grpc_port, "metrics_port": free_port(), "host": "127.0.0.1",
             "debug": False}))
         self.proc = subprocess.Popen([str(exe), "start", str(root)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, cwd=root,
@@ -167,11 +169,3 @@ def perf_analyzer(cmd: list[str], model: str, grpc_address: str, concurrencies: 
         result[c] = {"throughput": float(row["Inferences/Second"]), "p50_ms": float(row["p50 latency"]) / 1000,
                      "p90_ms": float(row["p90 latency"]) / 1000, "p99_ms": float(row["p99 latency"]) / 1000}
     return result
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -20,7 +20,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,17 +29,11 @@ from typing import Any
 
 import numpy as np
 
-from bench.loadgen import (closed_loop, grpc_sender_factory, http_request_bytes, http_sender_factory,
-                           percentile)
+from bench.loadgen import (closed_loop, free_port, grpc_sender_factory, http_request_bytes,
+                           http_sender_factory, percentile)
 from foldserve.atomic import write_json, write_text
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Proc:
@@ -100,7 +93,6 @@ def make_entry(repo: Path, name: str, arch: str, input_shape: list[int], num_cla
 # --- sections ------------------------------------------------------------------------------------------
 
 def bench_folding(quick: bool) -> dict[str, Any]:
-    import onnx
     import torch
 
     from folding import fold_module, fold_onnx
@@ -198,7 +190,7 @@ def _run(coro):
 def bench_floors(payload_bytes: int, concurrencies: list[int], n: int) -> dict[str, Any]:
     out: dict[str, Any] = {"payload_bytes": payload_bytes}
     payload = os.urandom(payload_bytes)
-    gport, hport = _free_port(), _free_port()
+    gport, hport = free_port(), free_port()
     g = Proc([sys.executable, "-m", "bench.loadgen", "grpc", str(gport)], "ready")
     h = Proc([sys.executable, "-m", "bench.loadgen", "http", str(hport)], "ready")
     try:
@@ -215,7 +207,7 @@ def bench_floors(payload_bytes: int, concurrencies: list[int], n: int) -> dict[s
 
 def start_server(repo: Path, batching: bool, extra: list[str] | None = None) -> tuple[Proc, int, int]:
     """Our server in its own process (the load generator runs in this one)."""
-    hport, gport = _free_port(), _free_port()
+    hport, gport = free_port(), free_port()
     cmd = [sys.executable, "-m", "foldserve.cli", "--log-level", "WARNING", "serve", "--repository", str(repo),
            "--http-port", str(hport), "--grpc-port", str(gport), "--batching" if batching else "--no-batching",
            *(extra or [])]
@@ -262,7 +254,7 @@ def bench_rest224(repo: Path, model: str, model_path: Path, quick: bool) -> dict
                                             warmup=3)).to_dict()
     finally:
         proc.stop()
-    port = _free_port()
+    port = free_port()
     naive = Proc([sys.executable, "-m", "bench.naive", str(port), str(model_path)], "ready")
     try:
         time.sleep(1.0)
@@ -320,7 +312,7 @@ def bench_peers(repo: Path, model_path: Path, x: np.ndarray, concurrencies: list
     if isinstance(exe, str):
         out["mlserver"] = {"skipped": exe}
         return out
-    hport, gport = _free_port(), _free_port()
+    hport, gport = free_port(), free_port()
     try:
         peer = peers.MLServerPeer(exe, model_path, "resnet20", 64, 0.002, hport, gport, work)
     except RuntimeError as exc:

@@ -17,7 +17,6 @@ renamed into place, so a reader never sees half an entry.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 import shutil
@@ -26,13 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 import torch
 
 from foldserve import __version__
 from foldserve.atomic import write_json, write_text
 from foldserve.errors import CheckpointError, ConfigError, FoldError
+from foldserve.names import RULE, is_valid_model_name
 from folding.onnx_fold import fold_onnx
 from folding.torch_fold import fold_module
 from trainer.checkpoint import file_sha256, load_checkpoint, model_from_checkpoint, save_checkpoint
@@ -44,7 +43,6 @@ INPUT_NAME, OUTPUT_NAME = "input", "output"
 ONNX_TO_TRITON = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.FLOAT16: "TYPE_FP16",
                   onnx.TensorProto.BFLOAT16: "TYPE_BF16", onnx.TensorProto.DOUBLE: "TYPE_FP64",
                   onnx.TensorProto.INT64: "TYPE_INT64", onnx.TensorProto.INT32: "TYPE_INT32"}
-VALID_NAME = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-."
 
 
 @dataclass
@@ -58,8 +56,8 @@ class EntryResult:
 
 
 def check_model_name(name: str) -> str:
-    if not name or name in (".", "..") or any(c not in VALID_NAME for c in name) or name.startswith("."):
-        raise ConfigError(f"model name {name!r}: use letters, digits, '_', '-' and '.', not starting with '.'")
+    if not is_valid_model_name(name):
+        raise ConfigError(f"model name {name!r}: {RULE}")
     return name
 
 
@@ -231,6 +229,3 @@ def model_input_dtype(model: onnx.ModelProto) -> str:
     return {onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16",
             onnx.TensorProto.DOUBLE: "float64"}.get(t, "float32")
 
-
-def json_dump(obj: Any) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True, default=lambda o: o.tolist() if isinstance(o, np.ndarray) else str(o))

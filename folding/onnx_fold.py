@@ -23,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from foldserve.errors import FoldError
 from folding.fold_math import BNParams, fold_backward, fold_forward, overflow_warning
@@ -211,7 +211,7 @@ def _matmul(gr: _Graph, prod: onnx.NodeProto, bn: BNParams, apply: bool, add: on
         other = add.input[1] if add.input[0] == prod.output[0] else add.input[0]
         barr = gr.array(other)
         if barr is None or barr.size != w.shape[1]:
-            return f"Add after MatMul does not add a per-output constant bias"
+            return "Add after MatMul does not add a per-output constant bias"
         bias = barr.astype(np.float64).reshape(-1)
     w2, b2 = fold_backward(w.astype(np.float64).T, bias, bn, 0)
     w2 = w2.T
@@ -406,7 +406,7 @@ def fold_onnx(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FoldReport]:
             gr.uses[i] -= 1
 
     _remove_dead_constants(out)
-    _drop_unused_initializers(out, gr, removed_inputs)
+    _drop_unused_initializers(out, removed_inputs)
     report.bn_after = sum(n.op_type == "BatchNormalization" for n in out.graph.node)
     report.nodes_after = len(out.graph.node)
     report.params_after = sum(int(np.prod(t.dims)) for t in out.graph.initializer)
@@ -432,7 +432,7 @@ def _take_over_output(out: onnx.ModelProto, gr: _Graph, bn: onnx.NodeProto, prod
     last.output[0] = bn.output[0]
 
 
-def _drop_unused_initializers(model: onnx.ModelProto, gr: _Graph, candidates: list[str]) -> None:
+def _drop_unused_initializers(model: onnx.ModelProto, candidates: list[str]) -> None:
     graph_inputs = {i.name for i in model.graph.input}
     used = _input_uses(model.graph.node)
     outputs = {o.name for o in model.graph.output}

@@ -38,3 +38,18 @@ def numpy_dtype(datatype: str, field: str = "datatype") -> np.dtype:
 
 def element_size(datatype: str) -> int:
     return numpy_dtype(datatype).itemsize
+
+
+def serialize_bytes(arr: np.ndarray) -> bytes:
+    """Triton's raw layout for BYTES tensors (gRPC raw contents and REST binary data alike): each element as a
+    4-byte little-endian length followed by its bytes."""
+    out = []
+    for item in arr.reshape(-1):
+        b = item if isinstance(item, bytes) else str(item).encode()
+        out.append(len(b).to_bytes(4, "little") + b)
+    return b"".join(out)
+
+
+def raw_bytes(datatype: str, arr: np.ndarray) -> bytes:
+    """An output tensor as raw bytes, in row-major order."""
+    return serialize_bytes(arr) if datatype == "BYTES" else np.ascontiguousarray(arr).tobytes()

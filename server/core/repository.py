@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from foldserve.errors import FoldserveError, InvalidInput, ModelNotFound, ModelNotReady
+from foldserve.names import RULE, is_valid_model_name
 from server.core.datatypes import V2_TO_NUMPY
 from server.core.model_config import complete_config, read_config, select_versions, to_spec
 from server.core.runtime import OnnxModel
@@ -31,13 +32,11 @@ from server.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
 
 
 def check_model_name(name: str, field_name: str = "model name") -> str:
-    if not name or name in (".", "..") or name.startswith(".") or not set(name) <= NAME_CHARS:
-        raise InvalidInput(f"{field_name} {name!r} is not valid: use letters, digits, '_', '-' and '.' "
-                           f"(no path separators, not starting with '.')")
+    if not is_valid_model_name(name):
+        raise InvalidInput(f"{field_name} {name!r} is not valid: {RULE}")
     return name
 
 

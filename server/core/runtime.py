@@ -4,7 +4,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -94,6 +93,3 @@ class OnnxModel:
         self.session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()
 
-
-def default_threads() -> int:
-    return max(1, (os.cpu_count() or 1))

@@ -11,7 +11,7 @@ import math
 import numpy as np
 
 from foldserve.errors import InvalidInput, PayloadTooLarge
-from server.core.datatypes import ALL_V2, V2_TO_NUMPY, numpy_dtype
+from server.core.datatypes import ALL_V2, numpy_dtype
 from server.core.types import InferInput, InferRequest, ModelSpec, TensorSpec
 
 
@@ -112,6 +112,4 @@ def validate_request(req: InferRequest, model: ModelSpec, max_elements: int) -> 
         dtype = numpy_dtype(t.datatype, f"input {t.name!r}")
         t.data = _decode(t, dtype)
         feeds[t.name] = t.data
-    if not all(np.issubdtype(V2_TO_NUMPY[t.datatype], np.number) or t.datatype == "BOOL" for t in req.inputs):
-        raise InvalidInput("unsupported input datatype")
     return feeds, batches.pop()

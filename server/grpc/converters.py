@@ -1,13 +1,12 @@
 """The one place where protobuf messages meet the core's types (gRPC transport)."""
 from __future__ import annotations
 
-import struct
 from typing import Any
 
-import numpy as np
 from google.protobuf import json_format
 
 from foldserve.errors import InvalidInput
+from server.core.datatypes import raw_bytes
 from server.core.types import InferInput, InferRequest, InferResponse, RequestedOutput
 from server.protocol import grpc_service_pb2 as pb
 from server.protocol import model_config_pb2 as mc
@@ -53,24 +52,12 @@ def request_from_proto(msg: pb.ModelInferRequest) -> InferRequest:
     return InferRequest(msg.model_name, msg.model_version, msg.id, inputs, outputs, params)
 
 
-def _bytes_raw(arr: np.ndarray) -> bytes:
-    """Triton's raw BYTES layout: each element as a 4-byte little-endian length and its bytes."""
-    parts = []
-    for item in arr.reshape(-1):
-        b = item if isinstance(item, bytes) else str(item).encode()
-        parts.append(struct.pack("<I", len(b)) + b)
-    return b"".join(parts)
-
-
 def response_to_proto(resp: InferResponse) -> pb.ModelInferResponse:
     out = pb.ModelInferResponse(model_name=resp.model_name, model_version=resp.model_version, id=resp.id)
     raws = []
     for o in resp.outputs:
         out.outputs.add(name=o.name, datatype=o.datatype, shape=o.shape)
-        if o.datatype == "BYTES":
-            raws.append(_bytes_raw(o.data))
-        else:
-            raws.append(np.ascontiguousarray(o.data).tobytes())
+        raws.append(raw_bytes(o.datatype, o.data))
     out.raw_output_contents.extend(raws)  # always raw: what tritonclient decodes
     return out
 

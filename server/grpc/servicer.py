@@ -6,7 +6,6 @@ message; anything else is INTERNAL with a generic message (the detail goes to th
 from __future__ import annotations
 
 import functools
-import hmac
 import logging
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
@@ -15,7 +14,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from foldserve.errors import FoldserveError, InvalidInput, PermissionDenied, Unauthenticated
+from foldserve.errors import FoldserveError, InvalidInput, PermissionDenied
+from server.core.auth import check_bearer
 from server.core.dataplane import DataPlane
 from server.grpc import converters as conv
 from server.protocol import grpc_service_pb2 as pb
@@ -45,12 +45,7 @@ def _tolerant(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
 
 
 def _check_token(context: grpc.aio.ServicerContext, token: str | None, what: str) -> None:
-    if not token:
-        return
-    md = dict(context.invocation_metadata() or ())
-    got = md.get("authorization", "")
-    if not got.startswith("Bearer ") or not hmac.compare_digest(got[7:].encode(), token.encode()):
-        raise Unauthenticated(f"{what} needs 'authorization: Bearer <token>' metadata")
+    check_bearer(dict(context.invocation_metadata() or ()).get("authorization"), token, what)
 
 
 def _rpc(auth: str | None = None) -> Callable:

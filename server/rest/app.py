@@ -6,7 +6,6 @@ once, in the exception-handler table: a :class:`FoldserveError` becomes its HTTP
 """
 from __future__ import annotations
 
-import hmac
 import logging
 from typing import Any
 
@@ -18,7 +17,8 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from foldserve import __version__
-from foldserve.errors import FoldserveError, InvalidInput, PayloadTooLarge, Unauthenticated
+from foldserve.errors import FoldserveError, InvalidInput, PayloadTooLarge, QueueFull
+from server.core.auth import check_bearer
 from server.core.dataplane import DataPlane
 from server.rest.codec import HEADER, decompress, encode_infer_response, parse_infer_request
 from server.settings import Settings
@@ -68,18 +68,7 @@ def create_app(settings: Settings, dataplane: DataPlane) -> FastAPI:
     errors = {400: {"model": ErrorBody}, 404: {"model": ErrorBody}, 503: {"model": ErrorBody}}
 
     limit = settings.concurrency_limit()
-    active = [0]
-
-    @app.middleware("http")
-    async def admission(request: Request, call_next):
-        """Past ``limit`` requests in flight, answer 429 at once instead of queueing without bound."""
-        if active[0] >= limit and request.url.path.endswith("/infer"):
-            return _error(429, f"server busy: {active[0]} requests in flight (limit {limit}); retry later")
-        active[0] += 1
-        try:
-            return await call_next(request)
-        finally:
-            active[0] -= 1
+    active = [0]  # inference requests in flight on this transport (admission control)
 
     @app.exception_handler(FoldserveError)
     async def _foldserve_error(request: Request, exc: FoldserveError) -> Response:
@@ -104,11 +93,7 @@ def create_app(settings: Settings, dataplane: DataPlane) -> FastAPI:
         return _error(500, "internal error (see the server log)")
 
     def _auth(request: Request, token: str | None, what: str) -> None:
-        if not token:
-            return
-        got = request.headers.get("authorization", "")
-        if not got.startswith("Bearer ") or not hmac.compare_digest(got[7:].encode(), token.encode()):
-            raise Unauthenticated(f"{what} needs an 'Authorization: Bearer <token>' header")
+        check_bearer(request.headers.get("authorization"), token, what)
 
     async def _read_body(request: Request) -> bytes:
         """The body, refused before it is read in full when it is larger than max_request_bytes."""
@@ -181,9 +166,15 @@ def create_app(settings: Settings, dataplane: DataPlane) -> FastAPI:
               openapi_extra=infer_doc)
     async def infer(model: str, request: Request, version: str = "") -> Response:
         _auth(request, settings.auth_token, "inference")
-        body = await _read_body(request)
-        req = parse_infer_request(model, version, body, request.headers.get(HEADER))
-        resp = await dp.infer(req, "http")
+        if active[0] >= limit:  # past the limit answer at once instead of queueing without bound
+            raise QueueFull(f"server busy: {active[0]} requests in flight (limit {limit}); retry later")
+        active[0] += 1
+        try:
+            body = await _read_body(request)
+            req = parse_infer_request(model, version, body, request.headers.get(HEADER))
+            resp = await dp.infer(req, "http")
+        finally:
+            active[0] -= 1
         payload, header_len = encode_infer_response(resp, bool(req.parameters.get("binary_data_output")))
         if header_len is None:
             return Response(payload, media_type="application/json")

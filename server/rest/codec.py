@@ -9,7 +9,6 @@ orjson's numpy support, or as binary when the client asks (``binary_data`` per o
 """
 from __future__ import annotations
 
-import struct
 import zlib
 from typing import Any
 
@@ -17,6 +16,7 @@ import numpy as np
 import orjson
 
 from foldserve.errors import InvalidInput, PayloadTooLarge
+from server.core.datatypes import raw_bytes
 from server.core.types import InferInput, InferRequest, InferResponse, RequestedOutput
 
 HEADER = "inference-header-content-length"
@@ -121,11 +121,6 @@ def parse_infer_request(model: str, version: str, body: bytes, header_length: st
     return InferRequest(model, version, rid, inputs, outputs, params)
 
 
-def _bytes_raw(arr: np.ndarray) -> bytes:
-    return b"".join(struct.pack("<I", len(b)) + b for b in
-                    (x if isinstance(x, bytes) else str(x).encode() for x in arr.reshape(-1)))
-
-
 def encode_infer_response(resp: InferResponse, binary_default: bool) -> tuple[bytes, int | None]:
     """(body, json header length or None)."""
     outputs = []
@@ -134,7 +129,7 @@ def encode_infer_response(resp: InferResponse, binary_default: bool) -> tuple[by
         entry: dict[str, Any] = {"name": o.name, "datatype": o.datatype, "shape": o.shape}
         binary = o.binary if o.binary is not None else binary_default
         if binary:
-            blob = _bytes_raw(o.data) if o.datatype == "BYTES" else np.ascontiguousarray(o.data).tobytes()
+            blob = raw_bytes(o.datatype, o.data)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         elif o.datatype == "BYTES":
