@@ -32,6 +32,7 @@ import numpy as np
 from bench.loadgen import (closed_loop, free_port, grpc_sender_factory, http_request_bytes,
                            http_sender_factory, percentile)
 from foldserve.atomic import write_json, write_text
+from foldserve.entry import INPUT_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -162,22 +163,19 @@ def bench_inprocess(model_path: Path, shape: list[int], quick: bool) -> dict[str
 
 
 def _infer_grpc_payload(model: str, x: np.ndarray) -> bytes:
-    from server.protocol import grpc_service_pb2 as pb
+    """A serialised ModelInferRequest, built by the project's one v2 client."""
+    from foldserve.client import grpc_infer_request
 
-    req = pb.ModelInferRequest(model_name=model)
-    req.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
-    req.raw_input_contents.append(x.tobytes())
-    return req.SerializeToString()
+    return grpc_infer_request(model, {INPUT_NAME: x}).SerializeToString()
 
 
 def _infer_http_payloads(model: str, x: np.ndarray, port: int) -> tuple[bytes, bytes]:
+    """(binary-extension request, plain JSON request) as raw HTTP bytes."""
+    from foldserve.client import http_infer_body
+
     path = f"/v2/models/{model}/infer"
-    header = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape),
-                                     "parameters": {"binary_data_size": x.nbytes}}],
-                         "parameters": {"binary_data_output": True}}).encode()
-    binary = http_request_bytes("127.0.0.1", port, path, header + x.tobytes(),
-                                {"Inference-Header-Content-Length": str(len(header)),
-                                 "Content-Type": "application/octet-stream"})
+    body, headers = http_infer_body({INPUT_NAME: x})
+    binary = http_request_bytes("127.0.0.1", port, path, body, headers)
     body = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape),
                                    "data": x.reshape(-1).tolist()}]}).encode()
     return binary, http_request_bytes("127.0.0.1", port, path, body)
@@ -208,7 +206,7 @@ def bench_floors(payload_bytes: int, concurrencies: list[int], n: int) -> dict[s
 def start_server(repo: Path, batching: bool, extra: list[str] | None = None) -> tuple[Proc, int, int]:
     """Our server in its own process (the load generator runs in this one)."""
     hport, gport = free_port(), free_port()
-    cmd = [sys.executable, "-m", "foldserve.cli", "--log-level", "WARNING", "serve", "--repository", str(repo),
+    cmd = [sys.executable, "-m", "cli.main", "--log-level", "WARNING", "serve", "--repository", str(repo),
            "--http-port", str(hport), "--grpc-port", str(gport), "--batching" if batching else "--no-batching",
            *(extra or [])]
     return Proc(cmd, '"serving"'), hport, gport
@@ -431,7 +429,9 @@ def _by_c(points: dict) -> list:
     return sorted(points.items(), key=lambda kv: int(kv[0]))
 
 
-def markdown(r: dict[str, Any]) -> str:
+def markdown(report: dict[str, Any]) -> str:
+    """The Markdown summary of a report (as run() returns it or as latest.json holds it)."""
+    r = _intkeys(report)
     m = r["meta"]
     lines = [f"Benchmark of {m['date']} on {m['machine']} (commit {m['commit']}, quick={m['quick']}).", ""]
     lines += ["| goal | measured | limit | result |", "|---|---|---|---|"]

@@ -38,4 +38,4 @@ EXPOSE 8000 8001
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
   CMD ["python3", "-c", "import os,urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/v2/health/ready' % os.environ.get('FOLDSERVE_HTTP_PORT', '8000'), timeout=2)"]
 STOPSIGNAL SIGTERM
-ENTRYPOINT ["python3", "-m", "foldserve.cli", "serve"]
+ENTRYPOINT ["foldserve", "serve"]

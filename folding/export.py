@@ -1,26 +1,22 @@
-"""Build a model-repository entry in Triton's layout from a trainer checkpoint.
-
-::
-
-    REPO/NAME/config.pbtxt            platform onnxruntime_onnx, max_batch_size, inputs/outputs, batching
-    REPO/NAME/labels.txt              class names (Triton's label_filename)
-    REPO/NAME/VERSION/model.onnx      the folded model that is served
-    REPO/NAME/VERSION/reference.onnx  the unfolded model, BatchNormalization nodes kept
-    REPO/NAME/VERSION/source.pt       the trainer checkpoint's model (weights_only loadable, no optimiser)
-    REPO/NAME/VERSION/fold_report.json, preprocess.json, labels.txt, verification.json
+"""Build a model-repository entry (the layout in :mod:`foldserve.entry`) from a trainer checkpoint.
 
 The served ``model.onnx`` is ``fold_onnx(reference.onnx)``: every fold site keeps its tensor name, which
 is what lets the verifier compare the two graphs layer by layer. ``fold_module`` folds the same model in
-PyTorch; both reports are saved and must agree. A version folder is assembled in a staging folder and
-renamed into place, so a reader never sees half an entry.
+PyTorch as a second opinion, and the two passes must agree on what they fold (the fold fails otherwise).
+A version folder is assembled in a staging folder and swapped into place (:mod:`foldserve.swap`), so a
+reader never sees half an entry and a kill never leaves a model without its version. A model whose
+existing versions have another interface (input shape, datatypes, outputs) or other labels is refused:
+its older versions would stay READY and fail every request.
 """
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,20 +25,25 @@ import onnx
 import torch
 
 from foldserve import __version__
-from foldserve.atomic import write_json, write_text
-from foldserve.errors import CheckpointError, ConfigError, FoldError
+from foldserve.atomic import write_bytes, write_json, write_text
+from foldserve.datatypes import lookup
+from foldserve.entry import (FOLD_REPORT_FILE, INPUT_NAME, LABELS_FILE, MODEL_FILE, OUTPUT_NAME, PREPROCESS_FILE,
+                             REFERENCE_FILE, SOURCE_FILE, Preprocess, next_version, read_labels, version_numbers)
+from foldserve.errors import ConfigError, FoldError, WriteError
+from foldserve.model_config import CONFIG_FILE, TensorSpec, interface, make_config, read_config, write_config
 from foldserve.names import RULE, is_valid_model_name
+from foldserve.swap import STAGING_PREFIX, clean_leftovers, install_dir
 from folding.onnx_fold import fold_onnx
+from folding.report import FoldReport
+from folding.source import example_input
 from folding.torch_fold import fold_module
 from trainer.checkpoint import file_sha256, load_checkpoint, model_from_checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
 
 OPSET = 17
-INPUT_NAME, OUTPUT_NAME = "input", "output"
-ONNX_TO_TRITON = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.FLOAT16: "TYPE_FP16",
-                  onnx.TensorProto.BFLOAT16: "TYPE_BF16", onnx.TensorProto.DOUBLE: "TYPE_FP64",
-                  onnx.TensorProto.INT64: "TYPE_INT64", onnx.TensorProto.INT32: "TYPE_INT32"}
+SOURCE_KEYS = ("arch", "arch_args", "model_state", "task", "normalization", "class_names", "input_shape", "config",
+               "dataset", "metrics", "epoch", "input_range")
 
 
 @dataclass
@@ -50,8 +51,8 @@ class EntryResult:
     model_dir: Path
     version_dir: Path
     version: int
-    onnx_report: Any
-    torch_report: Any
+    onnx_report: FoldReport
+    torch_report: FoldReport
     verification: dict[str, Any] | None
 
 
@@ -65,8 +66,6 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, *, keep_bn: bool)
     """TorchScript export with a dynamic batch axis. ``keep_bn`` turns constant folding off, which is
     what keeps torch's exporter from folding Conv+BN on its own."""
     buf = io.BytesIO()
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (example,), buf, dynamo=False, do_constant_folding=not keep_bn,
@@ -75,65 +74,51 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, *, keep_bn: bool)
     return onnx.load_from_string(buf.getvalue())
 
 
-def example_input(ckpt: dict[str, Any], batch: int, seed: int = 0) -> torch.Tensor:
-    """Random inputs matching the saved normalisation: per channel mean + std * N(0, 1)."""
-    shape = list(ckpt["arch_args"]["input_shape"])
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn([batch, *shape], generator=g, dtype=torch.float64)
-    norm = ckpt["normalization"]
-    view = [1, -1] + [1] * (len(shape) - 1)
-    mean = torch.tensor(norm["mean"], dtype=torch.float64).view(view)
-    std = torch.tensor(norm["std"], dtype=torch.float64).view(view)
-    return (x * std + mean).to(torch.float32)
+def tensor_specs(model: onnx.ModelProto, batched: bool) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """The graph's inputs and outputs (initializers excluded) as TensorSpecs, without the batch axis."""
+    inits = {t.name for t in model.graph.initializer}
 
-
-def config_pbtxt(name: str, model: onnx.ModelProto, max_batch_size: int, max_queue_delay_us: int,
-                 has_labels: bool) -> str:
-    def tensor_block(vi: onnx.ValueInfoProto, labels: bool) -> str:
+    def spec(vi: onnx.ValueInfoProto) -> TensorSpec:
         t = vi.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim][1:]
-        extra = '\n    label_filename: "labels.txt"' if labels else ""
-        return (f'  {{\n    name: "{vi.name}"\n    data_type: {ONNX_TO_TRITON.get(t.elem_type, "TYPE_FP32")}\n'
-                f'    dims: [ {", ".join(str(d) for d in dims)} ]{extra}\n  }}')
-
-    inputs = ",\n".join(tensor_block(i, False) for i in model.graph.input
-                        if i.name not in {t.name for t in model.graph.initializer})
-    outputs = ",\n".join(tensor_block(o, has_labels) for o in model.graph.output)
-    preferred = sorted({b for b in (4, 8, 16, 32, 64) if b <= max_batch_size})
-    return (f'name: "{name}"\nplatform: "onnxruntime_onnx"\nbackend: "onnxruntime"\n'
-            f"max_batch_size: {max_batch_size}\n"
-            f"input [\n{inputs}\n]\noutput [\n{outputs}\n]\n"
-            f"dynamic_batching {{\n  preferred_batch_size: [ {', '.join(map(str, preferred))} ]\n"
-            f"  max_queue_delay_microseconds: {max_queue_delay_us}\n}}\n"
-            f"version_policy: {{ latest: {{ num_versions: 1 }} }}\n"
-            f"instance_group [ {{ count: 1 kind: KIND_AUTO }} ]\n")
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim]
+        return TensorSpec(vi.name, lookup(t.elem_type, "onnx", f"tensor {vi.name!r}").v2,
+                          tuple(dims[1:] if batched else dims))
+    return [spec(i) for i in model.graph.input if i.name not in inits], [spec(o) for o in model.graph.output]
 
 
-def _next_version(model_dir: Path) -> int:
-    versions = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()] if model_dir.is_dir() else []
-    return max(versions, default=0) + 1
+def check_agreement(onnx_report: FoldReport, torch_report: FoldReport) -> None:
+    """The ONNX pass (what is served) and the torch.fx pass (the second opinion) must fold the same BNs."""
+    if (len(onnx_report.folded), len(onnx_report.skipped)) != (len(torch_report.folded), len(torch_report.skipped)):
+        raise FoldError(f"the ONNX and torch.fx passes disagree: ONNX folded {len(onnx_report.folded)} and skipped "
+                        f"{len(onnx_report.skipped)}, torch.fx folded {len(torch_report.folded)} and skipped "
+                        f"{len(torch_report.skipped)} of {onnx_report.bn_before} BNs (the exported graph differs "
+                        f"from the module); skipped: ONNX {[s.reason for s in onnx_report.skipped][:3]}, torch "
+                        f"{[s.reason for s in torch_report.skipped][:3]}")
 
 
-def build_entry(checkpoint: str | Path, repository: str | Path, name: str | None = None,
-                version: int | None = None, *, max_batch_size: int = 64, max_queue_delay_us: int = 2000,
-                verify: bool = True, verify_options: Any = None, force: bool = False) -> EntryResult:
-    """checkpoint -> fold -> export -> (verify) -> REPO/NAME/VERSION, atomically."""
-    ckpt_path = Path(checkpoint)
-    if ckpt_path.is_dir():
-        ckpt_path = ckpt_path / "checkpoint.pt"
-    ckpt = load_checkpoint(ckpt_path)
-    model = model_from_checkpoint(ckpt)
-    name = check_model_name(name or f"{ckpt.get('dataset', {}).get('name', 'model')}_{ckpt['arch']}")
-    if max_batch_size < 1:
-        raise ConfigError(f"--max-batch-size must be >= 1, got {max_batch_size}")
-    model_dir = Path(repository) / name
-    version = version if version is not None else _next_version(model_dir)
-    if version < 1:
-        raise ConfigError(f"--version must be >= 1, got {version}")
-    version_dir = model_dir / str(version)
-    if version_dir.exists() and not force:
-        raise ConfigError(f"{version_dir} already exists; choose another --version or pass --force")
+def check_compatible(model_dir: Path, config: Any, labels: list[str], replacing: int) -> None:
+    """Refuse a version whose interface or labels differ from the model's other versions."""
+    others = [v for v in version_numbers(model_dir) if v != replacing]
+    if not others or not (model_dir / CONFIG_FILE).is_file():
+        return
+    old = interface(read_config(model_dir))
+    new = interface(config)
+    what = None
+    if old != new:
+        what = f"its interface (max_batch_size, inputs, outputs) {_fmt(old)}; this model's is {_fmt(new)}"
+    elif read_labels(model_dir) != labels:
+        what = f"{len(read_labels(model_dir))} labels; this model has {len(labels)} other ones"
+    if what:
+        raise ConfigError(f"model {model_dir.name!r} (versions {others}) has {what}: its versions would stop "
+                          f"working; fold it under a new --name")
 
+
+def _fmt(iface: tuple) -> str:
+    mbs, ins, outs = iface
+    return f"{mbs}, " + ", ".join(f"{t.name} {t.datatype} {list(t.dims)}" for t in ins + outs)
+
+
+def _fold(ckpt: dict[str, Any], model: torch.nn.Module) -> tuple[onnx.ModelProto, onnx.ModelProto, FoldReport, FoldReport]:
     example = example_input(ckpt, 2)
     reference = export_onnx(model, example, keep_bn=True)
     n_bn = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
@@ -143,15 +128,12 @@ def build_entry(checkpoint: str | Path, repository: str | Path, name: str | None
                         f"the exporter changed the graph, so it cannot serve as the reference")
     folded, onnx_report = fold_onnx(reference)
     _, torch_report = fold_module(model, (example,))
-    if len(torch_report.folded) != len(onnx_report.folded):
-        logger.warning("torch.fx folded %d BN, the ONNX pass %d: see fold_report.json",
-                       len(torch_report.folded), len(onnx_report.folded))
-    sha = file_sha256(ckpt_path)
-    meta = {"foldserve_version": __version__, "source_checkpoint_sha256": sha,
-            "source_checkpoint": str(ckpt_path.resolve()), "bn_before": str(onnx_report.bn_before),
-            "bn_folded": str(len(onnx_report.folded)), "bn_skipped": str(len(onnx_report.skipped)),
-            "task": ckpt["task"], "arch": ckpt["arch"]}
-    for m, role in ((reference, "reference"), (folded, "served")):
+    check_agreement(onnx_report, torch_report)
+    return reference, folded, onnx_report, torch_report
+
+
+def _stamp(models: dict[str, onnx.ModelProto], meta: dict[str, str]) -> None:
+    for role, m in models.items():
         onnx.helper.set_model_props(m, {**meta, "foldserve_role": role})
         m.producer_name, m.producer_version = "foldserve", __version__
         try:
@@ -159,44 +141,97 @@ def build_entry(checkpoint: str | Path, repository: str | Path, name: str | None
         except onnx.checker.ValidationError as exc:
             raise FoldError(f"the {role} ONNX model fails onnx.checker: {exc}") from None
 
-    model_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".staging-{version}-", dir=model_dir))
-    staging.chmod(0o755)
-    try:
-        onnx.save(reference, staging / "reference.onnx")
-        onnx.save(folded, staging / "model.onnx")
-        source = {k: ckpt[k] for k in ("arch", "arch_args", "model_state", "task", "normalization", "class_names",
-                                       "input_shape", "config", "dataset", "metrics", "epoch") if k in ckpt}
-        save_checkpoint(staging / "source.pt", source)
-        labels = list(ckpt["class_names"]) if ckpt["task"] == "classification" else []
-        if labels:
-            write_text(staging / "labels.txt", "\n".join(labels) + "\n")
-        write_json(staging / "preprocess.json", {
-            "input_name": INPUT_NAME, "output_name": OUTPUT_NAME, "input_shape": ckpt["arch_args"]["input_shape"],
-            "normalization": ckpt["normalization"], "normalization_in_model": True, "task": ckpt["task"],
-            "class_names": labels, "dataset": ckpt.get("dataset", {})})
-        write_json(staging / "fold_report.json", {
-            "onnx": onnx_report.to_dict(), "torch": torch_report.to_dict(), "source_checkpoint_sha256": sha,
-            "foldserve_version": __version__})
-        verification = None
-        if verify:
-            from folding.verify import verify_entry
 
-            verification = verify_entry(staging, verify_options)
-        if version_dir.exists():
-            shutil.rmtree(version_dir)
-        os.replace(staging, version_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+def _write_version(staging: Path, ckpt: dict[str, Any], reference: onnx.ModelProto, folded: onnx.ModelProto,
+                   reports: dict[str, Any], labels: list[str]) -> None:
+    onnx.save(reference, staging / REFERENCE_FILE)
+    onnx.save(folded, staging / MODEL_FILE)
+    save_checkpoint(staging / SOURCE_FILE, {k: ckpt[k] for k in SOURCE_KEYS if k in ckpt})
     if labels:
-        write_text(model_dir / "labels.txt", "\n".join(labels) + "\n")
-    write_text(model_dir / "config.pbtxt", config_pbtxt(name, folded, max_batch_size, max_queue_delay_us, bool(labels)))
+        write_text(staging / LABELS_FILE, "\n".join(labels) + "\n")
+    write_json(staging / PREPROCESS_FILE, Preprocess(
+        input_shape=list(ckpt["arch_args"]["input_shape"]), normalization=ckpt["normalization"],
+        input_range=ckpt.get("input_range"), task=ckpt["task"], class_names=labels,
+        dataset=ckpt.get("dataset", {})).to_dict())
+    write_json(staging / FOLD_REPORT_FILE, reports)
+
+
+def build_entry(checkpoint: str | Path, repository: str | Path, name: str | None = None,
+                version: int | None = None, *, max_batch_size: int = 64, max_queue_delay_us: int = 2000,
+                verify: bool = True, verify_options: Any = None, force: bool = False) -> EntryResult:
+    """checkpoint -> fold -> export -> (verify) -> REPO/NAME/VERSION, atomically."""
+    ckpt_path = Path(checkpoint) / "checkpoint.pt" if Path(checkpoint).is_dir() else Path(checkpoint)
+    ckpt = load_checkpoint(ckpt_path)
+    model = model_from_checkpoint(ckpt)
+    name = check_model_name(name or f"{ckpt.get('dataset', {}).get('name', 'model')}_{ckpt['arch']}")
+    if max_batch_size < 1:
+        raise ConfigError(f"--max-batch-size must be >= 1, got {max_batch_size}")
+    model_dir = Path(repository) / name
+    version = version if version is not None else next_version(model_dir)
+    if version < 1:
+        raise ConfigError(f"--version must be >= 1, got {version}")
+    version_dir = model_dir / str(version)
+    if version_dir.exists() and not force:
+        raise ConfigError(f"{name}/{version} already exists; choose another --version or pass --force")
+    reference, folded, onnx_report, torch_report = _fold(ckpt, model)
+    labels = list(ckpt["class_names"]) if ckpt["task"] == "classification" else []
+    inputs, outputs = tensor_specs(folded, batched=True)
+    config = make_config(name, inputs, outputs, max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
+                         label_output=outputs[0].name if labels else None)
+    check_compatible(model_dir, config, labels, version)
+    sha = file_sha256(ckpt_path)
+    _stamp({"reference": reference, "served": folded}, {
+        "foldserve_version": __version__, "source_checkpoint_sha256": sha, "bn_before": str(onnx_report.bn_before),
+        "bn_folded": str(len(onnx_report.folded)), "bn_skipped": str(len(onnx_report.skipped)),
+        "task": ckpt["task"], "arch": ckpt["arch"]})
+    reports = {"onnx": onnx_report.to_dict(), "torch": torch_report.to_dict(), "source_checkpoint_sha256": sha,
+               "foldserve_version": __version__}
+    created = not model_dir.exists()
+    try:
+        verification = _install(model_dir, version_dir, config, labels, verify, verify_options,
+                                lambda staging: _write_version(staging, ckpt, reference, folded, reports, labels))
+    except BaseException:
+        if created and not version_numbers(model_dir):
+            shutil.rmtree(model_dir, ignore_errors=True)  # an interrupted first fold leaves no empty model
+        raise
     logger.info("repository entry %s version %d: %s", name, version, onnx_report.summary())
     return EntryResult(model_dir, version_dir, version, onnx_report, torch_report, verification)
 
 
-def fold_onnx_file(src: str | Path, dst: str | Path) -> Any:
+def _install(model_dir: Path, version_dir: Path, config: Any, labels: list[str], verify: bool, verify_options: Any,
+             write_files: Any) -> dict[str, Any] | None:
+    """Stage the version (files, verification), swap it into place, then write the model's shared files."""
+    from folding.verify import verify_entry
+
+    try:
+        model_dir.mkdir(parents=True, exist_ok=True)
+        clean_leftovers(model_dir)
+        staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{version_dir.name}-", suffix=f"-{os.getpid()}",
+                                        dir=model_dir))
+    except OSError as exc:
+        raise WriteError(_write_failure(exc, model_dir)) from None
+    try:
+        staging.chmod(0o755)
+        write_files(staging)
+        verification = verify_entry(staging, verify_options) if verify else None
+        install_dir(staging, version_dir)
+        if labels:
+            write_text(model_dir / LABELS_FILE, "\n".join(labels) + "\n")
+        write_config(model_dir, config)
+        return verification
+    except OSError as exc:
+        raise WriteError(_write_failure(exc, model_dir)) from None
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_failure(exc: OSError, where: Path) -> str:
+    reason = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or type(exc).__name__)
+    return f"cannot write the entry in {where.name!r}: {reason}; the repository is unchanged"
+
+
+def fold_onnx_file(src: str | Path, dst: str | Path) -> FoldReport:
     """``foldserve fold --onnx IN --out OUT``: fold any ONNX file, check it, write it atomically."""
     src = Path(src)
     if not src.is_file():
@@ -210,22 +245,9 @@ def fold_onnx_file(src: str | Path, dst: str | Path) -> Any:
         onnx.checker.check_model(folded, full_check=True)
     except onnx.checker.ValidationError as exc:
         raise FoldError(f"the folded model fails onnx.checker: {exc}") from None
-    from foldserve.atomic import write_bytes
-
-    write_bytes(dst, folded.SerializeToString())
-    write_json(Path(str(dst) + ".fold_report.json"), report.to_dict())
-    return report
-
-
-def load_source(version_dir: Path) -> dict[str, Any]:
     try:
-        return load_checkpoint(version_dir / "source.pt")
-    except CheckpointError as exc:
-        raise CheckpointError(f"{version_dir}: {exc}") from None
-
-
-def model_input_dtype(model: onnx.ModelProto) -> str:
-    t = model.graph.input[0].type.tensor_type.elem_type
-    return {onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16",
-            onnx.TensorProto.DOUBLE: "float64"}.get(t, "float32")
-
+        write_bytes(dst, folded.SerializeToString())
+        write_json(Path(str(dst) + ".fold_report.json"), report.to_dict())
+    except OSError as exc:
+        raise WriteError(_write_failure(exc, Path(dst).parent)) from None
+    return report

@@ -1,7 +1,10 @@
-"""``foldserve verify --server HOST:PORT --model NAME ENTRY``: verify what a running server serves.
+"""``foldserve verify --server ADDRESS ENTRY``: verify what a running server serves.
 
-Sends the verifier's inputs to the server over gRPC and compares the served outputs with the local
-unfolded reference (the trainer model in float64), end to end: transport, batching, provider and all.
+Sends the verifier's inputs to the server (gRPC or HTTP, through :mod:`foldserve.client`) and compares the
+served outputs with the local unfolded reference (the source model in float64), end to end: transport,
+batching, provider and all. The model name and version come from the entry path (REPO/NAME/VERSION)
+unless given; names and shapes come from the server's metadata, and a served model that does not match the
+entry is reported in one line.
 """
 from __future__ import annotations
 
@@ -13,62 +16,73 @@ from typing import Any
 import numpy as np
 import torch
 
+from foldserve.client import ModelMetadata, connect
+from foldserve.entry import SOURCE_FILE, split_entry_path
 from foldserve.errors import ConfigError
+from folding.source import input_sets, load_source
 from folding.tolerances import compare, tolerance_for
-from folding.verify import VerifyOptions, input_sets
 
 
-def _served(stub, pb, model: str, x: np.ndarray, max_batch: int) -> np.ndarray:
+def _check_interface(meta: ModelMetadata, x: np.ndarray, truth: np.ndarray, where: str) -> None:
+    inp, out = meta.inputs[0], meta.outputs[0]
+    for what, t, arr in (("input", inp, x), ("output", out, truth)):
+        shape = [-1] + list(arr.shape[1:])
+        if len(t.shape) != len(shape) or any(s not in (-1, w) for s, w in zip(t.shape[1:], shape[1:])):
+            raise ConfigError(f"{where} and the entry differ in their {what}s: served {what} {t.name!r} has shape "
+                              f"{t.shape}, the entry's model {shape}: is it the same model?")
+
+
+def _served(client, model: str, version: str, meta: ModelMetadata, x: np.ndarray, max_batch: int) -> np.ndarray:
+    inp, out = meta.inputs[0], meta.outputs[0]
     outs = []
     for start in range(0, len(x), max_batch):
         chunk = np.ascontiguousarray(x[start:start + max_batch], dtype=np.float32)
-        req = pb.ModelInferRequest(model_name=model)
-        req.inputs.add(name="input", datatype="FP32", shape=list(chunk.shape))
-        req.raw_input_contents.append(chunk.tobytes())
-        resp = stub.ModelInfer(req, timeout=60)
-        shape = list(resp.outputs[0].shape)
-        outs.append(np.frombuffer(resp.raw_output_contents[0], dtype=np.float32).reshape(shape))
-    return np.concatenate(outs)
+        outs.append(client.infer(model, {inp.name: chunk}, version=version, datatypes={inp.name: inp.datatype},
+                                 outputs=[out.name])[out.name])
+    return np.concatenate(outs).astype(np.float64)
 
 
-def verify_live(address: str, model: str, entry: Path, opts: VerifyOptions) -> dict[str, Any]:
-    import grpc
-
-    from folding.export import load_source
-    from server.protocol import grpc_service_pb2 as pb
-    from server.protocol import grpc_service_pb2_grpc as pb_grpc
+def verify_live(address: str, entry: Path, opts: Any, *, model: str | None = None, version: str | None = None,
+                token: str | None = None) -> dict[str, Any]:
     from trainer.checkpoint import model_from_checkpoint
 
     t0 = time.perf_counter()
-    if not (entry / "source.pt").is_file():
-        raise ConfigError(f"{entry}: not a repository version written by `foldserve fold` (source.pt missing)")
+    entry = Path(entry)
+    _, entry_name, entry_version = split_entry_path(entry)
+    if not (entry / SOURCE_FILE).is_file():
+        raise ConfigError(f"{entry}: not a repository version written by `foldserve fold` ({SOURCE_FILE} missing)")
+    model = model or entry_name
+    version = str(version or entry_version)
     ckpt = load_source(entry)
     model64 = copy.deepcopy(model_from_checkpoint(ckpt)).double()
-    stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(address))
-    try:
-        cfg = stub.ModelConfig(pb.ModelConfigRequest(name=model), timeout=30).config
-    except grpc.RpcError as exc:
-        raise ConfigError(f"server {address}: {exc.code().name}: {exc.details()}") from None
-    max_batch = max(1, cfg.max_batch_size)
+    client = connect(address, token=token)
+    meta = client.metadata(model, version)
+    max_batch = max(1, int(client.config(model, version).get("max_batch_size", 1) or 1))
+    where = f"the served model {model!r} version {version}"
     tol = tolerance_for("float32", opts.rtol, opts.atol)
     results, passed = {}, True
-    for name, (x, y) in input_sets(ckpt, opts).items():
+    for name, (x, y) in input_sets(ckpt, opts.batch_sizes, opts.seed, opts.max_validation).items():
         with torch.no_grad():
             truth = model64(torch.from_numpy(x).double()).numpy()
-        served = _served(stub, pb, model, x, max_batch)
+        _check_interface(meta, x, truth, where)
+        served = _served(client, model, version, meta, x, max_batch)
+        if served.shape != truth.shape:
+            raise ConfigError(f"{where} and the entry differ in their outputs: served {list(served.shape)}, "
+                              f"entry {list(truth.shape)}")
         c = compare(served, truth, tol)
-        entry_r = c.to_dict()
+        r = c.to_dict()
         if ckpt["task"] == "classification":
-            entry_r["top1_agreement"] = float((served.argmax(1) == truth.argmax(1)).mean())
+            r["top1_agreement"] = float((served.argmax(1) == truth.argmax(1)).mean())
             if y is not None:
-                entry_r["accuracy"] = float((served.argmax(1) == y).mean())
-        results[name] = entry_r
+                r["accuracy"] = float((served.argmax(1) == y).mean())
+        results[name] = r
         passed &= c.passed
+    client.close()
     lines = [f"{'inputs':<14} {'max_abs':>10} {'max_rel':>10} {'top1':>7}  result"]
     for name, r in results.items():
         top1 = f"{r['top1_agreement']:.4f}" if "top1_agreement" in r else "-"
         lines.append(f"{name:<14} {r['max_abs']:>10.3g} {r['max_rel']:>10.3g} {top1:>7}  {'ok' if r['passed'] else 'FAIL'}")
-    lines.append(f"{'PASSED' if passed else 'FAILED'}: server {address} model {model} vs local float64 reference "
-                 f"({time.perf_counter() - t0:.1f} s)")
-    return {"passed": bool(passed), "server": address, "model": model, "inputs": results,
+    lines.append(f"{'PASSED' if passed else 'FAILED'}: server {address} model {model} version {version} vs local "
+                 f"float64 reference ({time.perf_counter() - t0:.1f} s)")
+    return {"passed": bool(passed), "server": address, "model": model, "version": version, "inputs": results,
             "tolerance": {"rtol": tol.rtol, "atol": tol.atol}, "table": "\n".join(lines)}

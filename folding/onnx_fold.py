@@ -26,8 +26,9 @@ import onnx
 from onnx import helper, numpy_helper
 
 from foldserve.errors import FoldError
-from folding.fold_math import BNParams, fold_backward, fold_forward, overflow_warning
-from folding.report import FoldedPair, FoldReport, SkippedBN
+from folding.fold_math import BNParams, fold_backward, fold_forward
+from folding.report import FoldReport
+from folding.rules import BACKWARD, FORWARD, NONLINEARITIES, Plan, Rule, Skip, run_pass
 
 logger = logging.getLogger(__name__)
 
@@ -146,89 +147,243 @@ def _remove_dead_constants(model: onnx.ModelProto) -> None:
             model.graph.node.remove(n)
 
 
-# --- per-producer rules: return (reason or None), apply --------------------------------------------
+# --- the pass: BNs, their checks and neighbours --------------------------------------------------------
 
-def _conv_like(out_axis: int) -> Callable:
-    def rule(gr: _Graph, prod: onnx.NodeProto, bn: BNParams, apply: bool):
+class OnnxFoldPass(_Graph):
+    """The ONNX side of :mod:`folding.rules`: BatchNormalization nodes, their producers and consumers."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        super().__init__(model)
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        self.removed_inputs: list[str] = []
+
+    def batchnorms(self) -> list[onnx.NodeProto]:
+        return [n for n in self.g.node if n.op_type == "BatchNormalization"]
+
+    def bn_name(self, bn: onnx.NodeProto) -> str:
+        return bn.name or bn.output[0]
+
+    def check_bn(self, bn: onnx.NodeProto) -> BNParams | Skip:
+        reason = _bn_reason(self, bn, self.opset)
+        if reason is not None:
+            return Skip(reason)
+        scale, bias, mean, var = (self.array(n).astype(np.float64) for n in bn.input[1:5])
+        return BNParams.create(mean, var, scale, bias, float(_attr(bn, "epsilon", 1e-5)))
+
+    def neighbour(self, bn: onnx.NodeProto, direction: str):
+        return self._producer(bn) if direction == BACKWARD else self._consumer(bn)
+
+    def _producer(self, bn: onnx.NodeProto):
+        prod = self.producer.get(bn.input[0])
+        add = None
+        if prod is not None and prod.op_type == "Add":
+            mm = next((self.producer[i] for i in prod.input
+                       if i in self.producer and self.producer[i].op_type == "MatMul"), None)
+            if mm is not None and self.uses[mm.output[0]] == 1 and mm.output[0] not in self.graph_outputs:
+                add, prod = prod, mm
+        if prod is None:
+            return Skip(f"input {bn.input[0]!r} is a graph input, not a producer output")
+        if prod.op_type in self.RULES[BACKWARD] and (self.uses[bn.input[0]] != 1 or bn.input[0] in self.graph_outputs):
+            return Skip(f"producer output {bn.input[0]!r} is also used elsewhere")
+        return (prod, add), prod.op_type
+
+    def _consumer(self, bn: onnx.NodeProto):
+        out = bn.output[0]
+        if out in self.graph_outputs:
+            return Skip("no exact forward target: BN output is a graph output")
+        users = [n for n in self.g.node if out in n.input]
+        if len(users) != 1 or self.uses[out] != 1:
+            return Skip(f"no exact forward target: BN output is used by {self.uses[out]} inputs")
+        c = users[0]
+        if c.op_type in self.RULES[FORWARD] and (c.input[0] != out or out in c.input[1:]):
+            return Skip(f"no exact forward target: {c.op_type} {c.name!r} reads the BN output as a weight")
+        return c, c.op_type
+
+    def cannot_absorb(self, node, direction: str) -> str:
+        if direction == BACKWARD:
+            prod = node[0]
+            kind = " (a nonlinearity)" if prod.op_type in NONLINEARITIES else ""
+            return f"input comes from {prod.op_type} {prod.name!r}{kind}, which cannot absorb a BN"
+        return f"no exact forward target: next is {node.op_type} {node.name!r}"
+
+    def remove_bn(self, bn: onnx.NodeProto) -> None:
+        self.removed_inputs += list(bn.input[1:5])
+        self.g.node.remove(bn)
+        for i in bn.input:
+            self.uses[i] -= 1
+
+
+# --- rules: match (checks + float64 arithmetic) -> Plan | Skip ------------------------------------------
+
+Write = tuple  # (initializer name, values, dtype-like name, node, input slot)
+
+
+def _plan(p: OnnxFoldPass, bn, node, direction: str, w2, b2, writes: list, attrs: list = (), **site) -> Plan:
+    name = node.name or node.output[0]
+    return Plan(p.bn_name(bn), name, direction, node.op_type, "BatchNormalization", w2, b2,
+                site={"bn": bn, "node": node, "writes": writes, "attrs": list(attrs), **site},
+                tensor=bn.output[0] if direction == BACKWARD else node.output[0])
+
+
+def _match_conv(out_axis: int) -> Callable:
+    def match(p: OnnxFoldPass, bn, node, params: BNParams) -> Plan | Skip:
+        prod = node[0]
         w_name = prod.input[1] if len(prod.input) > 1 else ""
         b_name = prod.input[2] if len(prod.input) > 2 else ""
-        w = gr.array(w_name)
+        w = p.array(w_name)
         if w is None:
-            return f"{prod.op_type} weight {w_name!r} is not an initializer"
-        if b_name and gr.array(b_name) is None:
-            return f"{prod.op_type} bias {b_name!r} is not an initializer"
-        groups = int(_attr(prod, "group", 1))
+            return Skip(f"{prod.op_type} weight {w_name!r} is not an initializer")
+        if b_name and p.array(b_name) is None:
+            return Skip(f"{prod.op_type} bias {b_name!r} is not an initializer")
+        bias = p.array(b_name).astype(np.float64) if b_name else None
         try:
-            w2, b2 = fold_backward(w.astype(np.float64), None if not b_name else gr.array(b_name).astype(np.float64),
-                                   bn, out_axis, groups)
+            w2, b2 = fold_backward(w.astype(np.float64), bias, params, out_axis, int(_attr(prod, "group", 1)))
         except ValueError as exc:
-            return f"{prod.op_type} weight does not match BN: {exc}"
-        if apply:
-            gr.write(w_name, w2, w_name, prod, 1)
-            gr.write(b_name, b2, w_name, prod, 2)
-        return None, (w2, b2)
-    return rule
+            return Skip(f"{prod.op_type} weight does not match BN: {exc}")
+        return _plan(p, bn, prod, BACKWARD, w2, b2, [(w_name, w2, w_name, prod, 1), (b_name, b2, w_name, prod, 2)])
+    return match
 
 
-def _gemm(gr: _Graph, prod: onnx.NodeProto, bn: BNParams, apply: bool):
+def _per_output_bias(p: OnnxFoldPass, c_name: str, m: int, scale: float) -> np.ndarray | Skip:
+    if not c_name:
+        return np.zeros(m)
+    carr = p.array(c_name)
+    if carr is None:
+        return Skip(f"Gemm C {c_name!r} is not an initializer")
+    if carr.size not in (1, m) or (carr.ndim == 2 and carr.shape[0] != 1):
+        return Skip(f"Gemm C of shape {list(carr.shape)} is not a per-output bias")
+    return np.broadcast_to(carr.astype(np.float64).reshape(-1), (m,)) * scale
+
+
+def _match_gemm(p: OnnxFoldPass, bn, node, params: BNParams) -> Plan | Skip:
+    prod = node[0]
     b_name = prod.input[1]
     c_name = prod.input[2] if len(prod.input) > 2 else ""
-    w = gr.array(b_name)
+    w = p.array(b_name)
     if w is None or w.ndim != 2:
-        return f"Gemm weight {b_name!r} is not a 2-D initializer"
+        return Skip(f"Gemm weight {b_name!r} is not a 2-D initializer")
     trans_b = int(_attr(prod, "transB", 0))
     alpha, beta = float(_attr(prod, "alpha", 1.0)), float(_attr(prod, "beta", 1.0))
     m = w.shape[0] if trans_b else w.shape[1]
-    if m != bn.mean.size:
-        return f"Gemm has {m} outputs, BN normalises {bn.mean.size}"
-    c = np.zeros(m)
-    if c_name:
-        carr = gr.array(c_name)
-        if carr is None:
-            return f"Gemm C {c_name!r} is not an initializer"
-        if carr.size not in (1, m) or (carr.ndim == 2 and carr.shape[0] != 1):
-            return f"Gemm C of shape {list(carr.shape)} is not a per-output bias"
-        c = np.broadcast_to(carr.astype(np.float64).reshape(-1), (m,)) * beta
+    if m != params.mean.size:
+        return Skip(f"Gemm has {m} outputs, BN normalises {params.mean.size}")
+    c = _per_output_bias(p, c_name, m, beta)
+    if isinstance(c, Skip):
+        return c
     w64 = w.astype(np.float64)
-    w2, b2 = fold_backward(w64 if trans_b else w64.T, c, bn, 0)
+    w2, b2 = fold_backward(w64 if trans_b else w64.T, c, params, 0)
     w2 = w2 if trans_b else w2.T
-    if apply:
-        gr.write(b_name, w2, b_name, prod, 1)
-        gr.write(c_name, b2, b_name, prod, 2)
-        _set_attr(prod, "beta", 1.0)
-    return None, (w2 * alpha, b2)
+    return _plan(p, bn, prod, BACKWARD, w2 * alpha, b2, [(b_name, w2, b_name, prod, 1), (c_name, b2, b_name, prod, 2)],
+                 [(prod, "beta", 1.0)])
 
 
-def _matmul(gr: _Graph, prod: onnx.NodeProto, bn: BNParams, apply: bool, add: onnx.NodeProto | None = None):
+def _match_matmul(p: OnnxFoldPass, bn, node, params: BNParams) -> Plan | Skip:
+    prod, add = node
+    if p.ranks.get(bn.input[0]) != 2:
+        return Skip(f"MatMul output rank is {p.ranks.get(bn.input[0], 'unknown')}, need 2 for a per-feature BN")
     w_name = prod.input[1]
-    w = gr.array(w_name)
+    w = p.array(w_name)
     if w is None or w.ndim != 2:
-        return f"MatMul weight {w_name!r} is not a 2-D initializer"
-    if w.shape[1] != bn.mean.size:
-        return f"MatMul has {w.shape[1]} outputs, BN normalises {bn.mean.size}"
+        return Skip(f"MatMul weight {w_name!r} is not a 2-D initializer")
+    if w.shape[1] != params.mean.size:
+        return Skip(f"MatMul has {w.shape[1]} outputs, BN normalises {params.mean.size}")
     bias = np.zeros(w.shape[1])
+    writes: list = []
     if add is not None:
-        other = add.input[1] if add.input[0] == prod.output[0] else add.input[0]
-        barr = gr.array(other)
+        slot = 1 if add.input[0] == prod.output[0] else 0
+        barr = p.array(add.input[slot])
         if barr is None or barr.size != w.shape[1]:
-            return "Add after MatMul does not add a per-output constant bias"
+            return Skip("Add after MatMul does not add a per-output constant bias")
         bias = barr.astype(np.float64).reshape(-1)
-    w2, b2 = fold_backward(w.astype(np.float64).T, bias, bn, 0)
-    w2 = w2.T
-    if apply:
-        gr.write(w_name, w2, w_name, prod, 1)
-        if add is not None:
-            slot = 1 if add.input[0] == prod.output[0] else 0
-            other = add.input[slot]
-            gr.write(other, b2.reshape(gr.array(other).shape), w_name, add, slot)
-    return None, (w2, b2)
+    w2, b2 = fold_backward(w.astype(np.float64).T, bias, params, 0)
+    writes.append((w_name, w2.T, w_name, prod, 1))
+    if add is not None:
+        writes.append((add.input[slot], b2.reshape(barr.shape), w_name, add, slot))
+    return _plan(p, bn, prod, BACKWARD, w2, b2, writes, add=add)
 
 
-PRODUCERS: dict[str, Callable] = {
-    "Conv": _conv_like(0),
-    "ConvTranspose": _conv_like(1),
-    "Gemm": _gemm,
-    "MatMul": _matmul,
+def _match_forward_conv(p: OnnxFoldPass, bn, c, params: BNParams) -> Plan | Skip:
+    pads = _attr(c, "pads", None) or []
+    auto = _attr(c, "auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    if any(pads) or auto in ("SAME_UPPER", "SAME_LOWER"):
+        return Skip(f"no exact forward target: Conv {c.name!r} zero-pads its input (pads={list(pads)}, "
+                    f"auto_pad={auto}), so a forward fold is not exact at the borders")
+    w_name = c.input[1]
+    b_name = c.input[2] if len(c.input) > 2 else ""
+    w = p.array(w_name)
+    if w is None:
+        return Skip(f"no exact forward target: Conv weight {w_name!r} is not a constant")
+    if b_name and p.array(b_name) is None:
+        return Skip(f"no exact forward target: Conv bias {b_name!r} is not a constant")
+    bias = p.array(b_name).astype(np.float64) if b_name else None
+    try:
+        w2, b2 = fold_forward(w.astype(np.float64), bias, params, int(_attr(c, "group", 1)))
+    except ValueError as exc:
+        return Skip(f"no exact forward target: {exc}")
+    return _plan(p, bn, c, FORWARD, w2, b2, [(w_name, w2, w_name, c, 1), (b_name, b2, w_name, c, 2)])
+
+
+def _match_forward_linear(p: OnnxFoldPass, bn, c, params: BNParams) -> Plan | Skip:
+    """Gemm or MatMul reading the BN output as its (N, C) data input."""
+    if c.op_type == "Gemm" and int(_attr(c, "transA", 0)):
+        return Skip(f"no exact forward target: Gemm {c.name!r} has transA=1")
+    if p.ranks.get(bn.output[0]) != 2:
+        return Skip(f"no exact forward target: {c.op_type} input rank is {p.ranks.get(bn.output[0], 'unknown')}, "
+                    f"need 2")
+    w_name = c.input[1]
+    w = p.array(w_name)
+    if w is None or w.ndim != 2:
+        return Skip(f"no exact forward target: {c.op_type} weight {w_name!r} is not a 2-D constant")
+    gemm = c.op_type == "Gemm"
+    trans_b = gemm and int(_attr(c, "transB", 0))
+    alpha, beta = (float(_attr(c, "alpha", 1.0)), float(_attr(c, "beta", 1.0))) if gemm else (1.0, 1.0)
+    w_om = (w.astype(np.float64) if trans_b else w.astype(np.float64).T) * alpha  # (out, in)
+    b_name = c.input[2] if gemm and len(c.input) > 2 else ""
+    bias = _per_output_bias(p, b_name, w_om.shape[0], beta) if b_name else None
+    if isinstance(bias, Skip):
+        return Skip(f"no exact forward target: {bias.reason}")
+    try:
+        w2, b2 = fold_forward(w_om, bias, params)
+    except ValueError as exc:
+        return Skip(f"no exact forward target: {exc}")
+    writes = [(w_name, w2 if trans_b else w2.T, w_name, c, 1)]
+    attrs = []
+    if gemm:
+        writes.append((b_name, b2, w_name, c, 2))
+        attrs = [(c, "alpha", 1.0), (c, "beta", 1.0)]
+    elif np.any(b2):
+        return Skip(f"no exact forward target: MatMul {c.name!r} has no bias to absorb the BN's shift")
+    return _plan(p, bn, c, FORWARD, w2, b2, writes, attrs)
+
+
+# --- rules: apply (rewrite, never re-check) ---------------------------------------------------------------
+
+def _write_all(p: OnnxFoldPass, plan: Plan) -> None:
+    for name, values, like, node, slot in plan.site["writes"]:
+        p.write(name, values, like, node, slot)
+    for node, attr, value in plan.site["attrs"]:
+        _set_attr(node, attr, value)
+
+
+def _apply_backward(p: OnnxFoldPass, plan: Plan) -> None:
+    _write_all(p, plan)
+    _take_over_output(p.model, p, plan.site["bn"], plan.site["node"], plan.site.get("add"), plan.bias)
+    p.remove_bn(plan.site["bn"])
+
+
+def _apply_forward(p: OnnxFoldPass, plan: Plan) -> None:
+    _write_all(p, plan)
+    bn = plan.site["bn"]
+    plan.site["node"].input[0] = bn.input[0]
+    p.remove_bn(bn)
+
+
+OnnxFoldPass.RULES = {
+    BACKWARD: {"Conv": Rule(_match_conv(0), _apply_backward), "ConvTranspose": Rule(_match_conv(1), _apply_backward),
+               "Gemm": Rule(_match_gemm, _apply_backward), "MatMul": Rule(_match_matmul, _apply_backward)},
+    FORWARD: {"Conv": Rule(_match_forward_conv, _apply_forward), "Gemm": Rule(_match_forward_linear, _apply_forward),
+              "MatMul": Rule(_match_forward_linear, _apply_forward)},
 }
 
 
@@ -247,103 +402,9 @@ def _bn_reason(gr: _Graph, bn: onnx.NodeProto, opset: int) -> str | None:
         return "is_test=0 (opset < 7): BN runs in training mode"
     if opset < 9 and int(_attr(bn, "spatial", 1)) == 0:
         return "spatial=0: per-activation statistics, not per-channel"
-    if any(o for o in bn.output[1:]):
-        if any(gr.uses[o] or o in gr.graph_outputs for o in bn.output[1:] if o):
-            return "BN's training outputs (running mean/var) are used"
+    if any(gr.uses[o] or o in gr.graph_outputs for o in bn.output[1:] if o):
+        return "BN's training outputs (running mean/var) are used"
     return None
-
-
-def _backward_reason(gr: _Graph, bn: onnx.NodeProto) -> tuple[str | None, onnx.NodeProto | None, onnx.NodeProto | None]:
-    """(reason, producer, add): why ``bn`` cannot fold into its producer, or the producer (and MatMul's Add)."""
-    prod = gr.producer.get(bn.input[0])
-    add = None
-    if prod is not None and prod.op_type == "Add":
-        mm = next((gr.producer[i] for i in prod.input if i in gr.producer and gr.producer[i].op_type == "MatMul"),
-                  None)
-        if mm is not None and gr.uses[mm.output[0]] == 1 and mm.output[0] not in gr.graph_outputs:
-            add, prod = prod, mm
-    if prod is None:
-        return f"input {bn.input[0]!r} is a graph input, not a producer output", None, None
-    if prod.op_type not in PRODUCERS:
-        kind = " (a nonlinearity)" if prod.op_type in NONLINEAR else ""
-        return f"input comes from {prod.op_type} {prod.name!r}{kind}, which cannot absorb a BN", None, None
-    if gr.uses[bn.input[0]] != 1 or bn.input[0] in gr.graph_outputs:
-        return f"producer output {bn.input[0]!r} is also used elsewhere", None, None
-    if prod.op_type == "MatMul" and gr.ranks.get(bn.input[0]) != 2:
-        return f"MatMul output rank is {gr.ranks.get(bn.input[0], 'unknown')}, need 2 for a per-feature BN", None, None
-    return None, prod, add
-
-
-NONLINEAR = {"Relu", "Clip", "LeakyRelu", "PRelu", "Elu", "Selu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish",
-             "Softplus", "Gelu", "Mish"}
-
-
-def _consumer(gr: _Graph, bn: onnx.NodeProto) -> tuple[str | None, onnx.NodeProto | None]:
-    out = bn.output[0]
-    users = [n for n in gr.g.node if out in n.input]
-    if out in gr.graph_outputs:
-        return "no exact forward target: BN output is a graph output", None
-    if len(users) != 1 or gr.uses[out] != 1:
-        return f"no exact forward target: BN output is used by {gr.uses[out]} inputs", None
-    c = users[0]
-    if c.op_type not in ("Conv", "Gemm", "MatMul") or c.input[0] != out or out in c.input[1:]:
-        return f"no exact forward target: next is {c.op_type} {c.name!r}", None
-    if c.op_type == "Conv":
-        pads = _attr(c, "pads", None) or []
-        auto = _attr(c, "auto_pad", b"NOTSET")
-        auto = auto.decode() if isinstance(auto, bytes) else auto
-        if any(pads) or auto in ("SAME_UPPER", "SAME_LOWER"):
-            return (f"no exact forward target: Conv {c.name!r} zero-pads its input (pads={list(pads)}, "
-                    f"auto_pad={auto}), so a forward fold is not exact at the borders"), None
-    if c.op_type == "Gemm" and int(_attr(c, "transA", 0)):
-        return f"no exact forward target: Gemm {c.name!r} has transA=1", None
-    if c.op_type in ("Gemm", "MatMul") and gr.ranks.get(out) != 2:
-        return f"no exact forward target: {c.op_type} input rank is {gr.ranks.get(out, 'unknown')}, need 2", None
-    return None, c
-
-
-def _fold_forward(gr: _Graph, bn: onnx.NodeProto, c: onnx.NodeProto, params: BNParams, apply: bool):
-    """Fold ``bn`` into its consumer ``c``; returns a reason string or (None, (W', b'))."""
-    w_name = c.input[1]
-    w = gr.array(w_name)
-    if w is None:
-        return f"no exact forward target: {c.op_type} weight {w_name!r} is not a constant"
-    b_name = c.input[2] if len(c.input) > 2 else ""
-    if c.op_type == "Conv":
-        if b_name and gr.array(b_name) is None:
-            return f"no exact forward target: Conv bias {b_name!r} is not a constant"
-        bias = gr.array(b_name).astype(np.float64) if b_name else None
-        try:
-            w2, b2 = fold_forward(w.astype(np.float64), bias, params, int(_attr(c, "group", 1)))
-        except ValueError as exc:
-            return f"no exact forward target: {exc}"
-        if apply:
-            gr.write(w_name, w2, w_name, c, 1)
-            gr.write(b_name, b2, w_name, c, 2)
-    else:
-        if w.ndim != 2:
-            return f"no exact forward target: {c.op_type} weight is not 2-D"
-        trans_b = c.op_type == "Gemm" and int(_attr(c, "transB", 0))
-        alpha = float(_attr(c, "alpha", 1.0)) if c.op_type == "Gemm" else 1.0
-        beta = float(_attr(c, "beta", 1.0)) if c.op_type == "Gemm" else 1.0
-        w_om = (w.astype(np.float64) if trans_b else w.astype(np.float64).T) * alpha  # (out, in)
-        bias = None
-        if b_name:
-            carr = gr.array(b_name)
-            if carr is None or carr.size not in (1, w_om.shape[0]) or (carr.ndim == 2 and carr.shape[0] != 1):
-                return f"no exact forward target: Gemm C {b_name!r} is not a constant per-output bias"
-            bias = np.broadcast_to(carr.astype(np.float64).reshape(-1), (w_om.shape[0],)) * beta
-        try:
-            w2, b2 = fold_forward(w_om, bias, params)
-        except ValueError as exc:
-            return f"no exact forward target: {exc}"
-        if apply:
-            gr.write(w_name, w2 if trans_b else w2.T, w_name, c, 1)
-            if c.op_type == "Gemm":
-                gr.write(b_name, b2, w_name, c, 2)
-                _set_attr(c, "alpha", 1.0)
-                _set_attr(c, "beta", 1.0)
-    return None, (w2, b2)
 
 
 def fold_onnx(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FoldReport]:
@@ -355,58 +416,12 @@ def fold_onnx(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FoldReport]:
     if not isinstance(model, onnx.ModelProto):
         raise FoldError(f"fold_onnx takes an onnx.ModelProto, got {type(model).__name__}")
     out = copy.deepcopy(model)
-    opset = next((o.version for o in out.opset_import if o.domain in ("", "ai.onnx")), 0)
-    gr = _Graph(out)
-    report = FoldReport()
-    report.bn_before = sum(n.op_type == "BatchNormalization" for n in out.graph.node)
-    report.nodes_before = len(out.graph.node)
-    report.params_before = sum(int(np.prod(t.dims)) for t in out.graph.initializer)
-    removed_inputs: list[str] = []
-
-    for bn in list(out.graph.node):
-        if bn.op_type != "BatchNormalization":
-            continue
-        name = bn.name or bn.output[0]
-        reason = _bn_reason(gr, bn, opset)
-        if reason is not None:
-            report.skipped.append(SkippedBN(name, reason))
-            continue
-        scale, bias, mean, var = (gr.array(n).astype(np.float64) for n in bn.input[1:5])
-        params = BNParams.create(mean, var, scale, bias, float(_attr(bn, "epsilon", 1e-5)))
-        back, prod, add = _backward_reason(gr, bn)
-        if back is None:
-            rule = PRODUCERS[prod.op_type]
-            extra = (add,) if prod.op_type == "MatMul" else ()
-            check = rule(gr, prod, params, False, *extra)
-            if isinstance(check, str):
-                back = check
-        if back is None:
-            result = rule(gr, prod, params, True, *extra)
-            _take_over_output(out, gr, bn, prod, add, result[1][1])
-            report.folded.append(FoldedPair(name, prod.name or prod.output[0], "backward", prod.op_type,
-                                            "BatchNormalization", bn.output[0]))
-            target = prod.name or prod.op_type
-        else:
-            fwd, cons = _consumer(gr, bn)
-            if fwd is None:
-                check = _fold_forward(gr, bn, cons, params, False)
-                fwd = check if isinstance(check, str) else None
-            if fwd is not None:
-                report.skipped.append(SkippedBN(name, f"cannot fold backwards ({back}); {fwd}"))
-                continue
-            result = _fold_forward(gr, bn, cons, params, True)
-            cons.input[0] = bn.input[0]
-            report.folded.append(FoldedPair(name, cons.name or cons.output[0], "forward", cons.op_type,
-                                            "BatchNormalization", cons.output[0]))
-            target = cons.name or cons.op_type
-        report.warnings += params.lint(name) + overflow_warning(target, *result[1])
-        removed_inputs += list(bn.input[1:5])
-        out.graph.node.remove(bn)
-        for i in bn.input:
-            gr.uses[i] -= 1
-
+    p = OnnxFoldPass(out)
+    report = FoldReport(bn_before=len(p.batchnorms()), nodes_before=len(out.graph.node),
+                        params_before=sum(int(np.prod(t.dims)) for t in out.graph.initializer))
+    run_pass(p, report)
     _remove_dead_constants(out)
-    _drop_unused_initializers(out, removed_inputs)
+    _drop_unused_initializers(out, p.removed_inputs)
     report.bn_after = sum(n.op_type == "BatchNormalization" for n in out.graph.node)
     report.nodes_after = len(out.graph.node)
     report.params_after = sum(int(np.prod(t.dims)) for t in out.graph.initializer)

@@ -3,9 +3,9 @@
 Layering (as torch/nn/utils/fusion.py and onnx-optimizer's fuse_bn_into_conv):
 
 1. arithmetic in :mod:`folding.fold_math` (float64, cast once);
-2. preconditions: each returns ``None`` when a fold is allowed, else the reason it is not;
-3. patterns as data: ``BACKWARD`` and ``FORWARD`` map a module type to its weight layout, so a new
-   pattern is one row;
+2. predicate, plan, apply (:mod:`folding.rules`): a rule's ``match`` returns a Plan or a Skip with its
+   reason, ``apply`` rewrites; ``TorchFoldPass.RULES`` maps a module type to its rule, so a new pattern is
+   one row (its weight layout in ``CONV_LAYOUTS``);
 4. the rewrite works on a copy by default and returns it with a :class:`FoldReport`.
 
 A BN that cannot be folded is left in place and reported in ``FoldReport.skipped``: the result is always
@@ -26,8 +26,9 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from foldserve.errors import FoldError
-from folding.fold_math import BNParams, fold_backward, fold_forward, overflow_warning
-from folding.report import FoldedPair, FoldReport, SkippedBN
+from folding.fold_math import BNParams, fold_backward, fold_forward
+from folding.report import FoldReport
+from folding.rules import BACKWARD, FORWARD, NONLINEARITIES, Plan, Rule, Skip, run_pass
 
 logger = logging.getLogger(__name__)
 
@@ -40,23 +41,22 @@ class Layout:
     linear: bool = False     # nn.Linear: only rank-2 activations map channels to features
 
 
-BACKWARD: dict[type, Layout] = {
+CONV_LAYOUTS: dict[type, Layout] = {
     nn.Conv1d: Layout(0), nn.Conv2d: Layout(0), nn.Conv3d: Layout(0),
     nn.ConvTranspose1d: Layout(1), nn.ConvTranspose2d: Layout(1), nn.ConvTranspose3d: Layout(1),
     nn.Linear: Layout(0, linear=True),
 }
-FORWARD: dict[type, Layout] = {
-    nn.Conv1d: Layout(0), nn.Conv2d: Layout(0), nn.Conv3d: Layout(0),
-    nn.Linear: Layout(0, linear=True),
+#: module and function types that are elementwise nonlinearities, named as ONNX names them (rules.NONLINEARITIES)
+NONLINEAR_MODULES: dict[type, str] = {
+    nn.ReLU: "Relu", nn.ReLU6: "Clip", nn.LeakyReLU: "LeakyRelu", nn.PReLU: "PRelu", nn.ELU: "Elu", nn.SELU: "Selu",
+    nn.GELU: "Gelu", nn.SiLU: "Silu", nn.Sigmoid: "Sigmoid", nn.Tanh: "Tanh", nn.Hardswish: "HardSwish",
+    nn.Hardsigmoid: "HardSigmoid", nn.Mish: "Mish", nn.Softplus: "Softplus",
 }
-NONLINEAR = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.GELU, nn.SiLU, nn.Sigmoid,
-             nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Mish, nn.Softplus)
-NONLINEAR_FUNCS = {torch.relu, torch.nn.functional.relu, torch.nn.functional.relu6, torch.sigmoid,
-                   torch.tanh, torch.nn.functional.silu, torch.nn.functional.gelu, torch.nn.functional.hardswish}
-
-
-def _layout(table: dict[type, Layout], module: nn.Module) -> Layout | None:
-    return table.get(type(module))
+NONLINEAR_FUNCTIONS: dict[Any, str] = {
+    torch.relu: "Relu", torch.nn.functional.relu: "Relu", torch.nn.functional.relu6: "Clip",
+    torch.sigmoid: "Sigmoid", torch.tanh: "Tanh", torch.nn.functional.silu: "Silu",
+    torch.nn.functional.gelu: "Gelu", torch.nn.functional.hardswish: "HardSwish",
+}
 
 
 def _describe(gm: fx.GraphModule, node: Any) -> str:
@@ -66,11 +66,11 @@ def _describe(gm: fx.GraphModule, node: Any) -> str:
         return f"the model input {node.target!r}"
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
-        kind = " (a nonlinearity)" if isinstance(mod, NONLINEAR) else ""
+        kind = " (a nonlinearity)" if type(mod) in NONLINEAR_MODULES else ""
         return f"{type(mod).__name__} {node.target!r}{kind}"
     if node.op == "call_function":
         name = getattr(node.target, "__name__", str(node.target))
-        kind = " (a nonlinearity)" if node.target in NONLINEAR_FUNCS else ""
+        kind = " (a nonlinearity)" if node.target in NONLINEAR_FUNCTIONS else ""
         if node.target in (operator.add, torch.add):
             kind = " (a sum of branches)"
         return f"function {name}{kind}"
@@ -83,10 +83,8 @@ def _set_submodule(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
     setattr(parent, name, module)
 
 
-def _bn_params(bn: _BatchNorm) -> BNParams:
-    def np64(t):
-        return None if t is None else t.detach().cpu().to(torch.float64).numpy()
-    return BNParams.create(np64(bn.running_mean), np64(bn.running_var), np64(bn.weight), np64(bn.bias), bn.eps)
+def _np64(t: torch.Tensor | None) -> np.ndarray | None:
+    return None if t is None else t.detach().cpu().to(torch.float64).numpy()
 
 
 def _with_weights(module: nn.Module, w: np.ndarray, b: np.ndarray) -> nn.Module:
@@ -105,140 +103,144 @@ def _rank(node: fx.Node) -> int | None:
     return len(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
-class _Folder:
+class TorchFoldPass:
+    """The torch.fx side of :mod:`folding.rules`: BN modules, their producer and consumer modules."""
+
+    RULES: dict[str, dict[Any, Rule]]
+
     def __init__(self, gm: fx.GraphModule, shapes_known: bool) -> None:
         self.gm = gm
         self.shapes_known = shapes_known
         self.calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
-        self.report = FoldReport()
 
-    # --- preconditions ---------------------------------------------------------------------------
+    def module(self, node: fx.Node) -> nn.Module:
+        return self.gm.get_submodule(node.target)
 
-    def bn_reason(self, node: fx.Node, bn: _BatchNorm) -> str | None:
+    def batchnorms(self) -> list[fx.Node]:
+        return [n for n in self.gm.graph.nodes if n.op == "call_module" and isinstance(self.module(n), _BatchNorm)]
+
+    def bn_name(self, node: fx.Node) -> str:
+        return node.target
+
+    def check_bn(self, node: fx.Node) -> BNParams | Skip:
+        bn = self.module(node)
         if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:
-            return "track_running_stats=False: this BN normalises with batch statistics at inference"
+            return Skip("track_running_stats=False: this BN normalises with batch statistics at inference")
         if self.calls[node.target] > 1:
-            return f"BN module {node.target!r} is called {self.calls[node.target]} times (shared module)"
+            return Skip(f"BN module {node.target!r} is called {self.calls[node.target]} times (shared module)")
         if len(node.args) != 1 or node.kwargs:
-            return "BN called with extra arguments"
-        return None
+            return Skip("BN called with extra arguments")
+        return BNParams.create(_np64(bn.running_mean), _np64(bn.running_var), _np64(bn.weight), _np64(bn.bias),
+                               bn.eps)
 
-    def backward_reason(self, bn_node: fx.Node, bn: _BatchNorm) -> str | None:
-        src = bn_node.args[0]
-        if not isinstance(src, fx.Node) or src.op != "call_module":
-            return f"input comes from {_describe(self.gm, src)}, not a conv/linear"
-        prod = self.gm.get_submodule(src.target)
-        layout = _layout(BACKWARD, prod)
-        if layout is None:
-            return f"input comes from {_describe(self.gm, src)}, which cannot absorb a BN"
-        if len(src.users) != 1:
-            others = [u.name for u in src.users if u is not bn_node]
-            return f"producer {src.target!r} output is also used by {others}"
-        if self.calls[src.target] != 1:
-            return f"producer {src.target!r} is called {self.calls[src.target]} times (shared module)"
-        if len(src.args) != 1 or src.kwargs:
-            return f"producer {src.target!r} called with extra arguments"
-        if layout.linear:
-            if prod.out_features != bn.num_features:
-                return f"Linear {src.target!r} has {prod.out_features} outputs, BN normalises {bn.num_features}"
-            if not isinstance(bn, nn.BatchNorm1d) and type(bn).__name__ not in ("SyncBatchNorm", "CPUSyncBatchNorm"):
-                return f"Linear followed by {type(bn).__name__}: channel axis is not the feature axis"
-            if self.shapes_known and _rank(bn_node) != 2:
-                return f"Linear output has rank {_rank(bn_node)}: BN's channel axis is not the Linear's feature axis"
-        return None
-
-    def forward_reason(self, bn_node: fx.Node, bn: _BatchNorm) -> str | None:
-        users = list(bn_node.users)
-        if len(users) != 1:
-            return f"no exact forward target: BN output is used by {len(users)} nodes"
-        c = users[0]
-        if c.op != "call_module":
-            return f"no exact forward target: next is {_describe(self.gm, c)}"
-        cons = self.gm.get_submodule(c.target)
-        layout = _layout(FORWARD, cons)
-        if layout is None:
-            return f"no exact forward target: next is {_describe(self.gm, c)}"
-        if self.calls[c.target] != 1:
-            return f"no exact forward target: consumer {c.target!r} is called {self.calls[c.target]} times"
-        if len(c.args) != 1 or c.args[0] is not bn_node or c.kwargs:
-            return f"no exact forward target: consumer {c.target!r} takes other arguments"
-        if layout.linear:
-            if cons.in_features != bn.num_features or not isinstance(bn, nn.BatchNorm1d):
-                return f"no exact forward target: Linear {c.target!r} reads {cons.in_features} features, not BN's channels"
-            if self.shapes_known and _rank(bn_node) != 2:
-                return f"no exact forward target: BN output has rank {_rank(bn_node)}, Linear reads the last axis"
+    def neighbour(self, bn_node: fx.Node, direction: str):
+        if direction == BACKWARD:
+            src = bn_node.args[0]
+            if not isinstance(src, fx.Node) or src.op != "call_module":
+                return Skip(f"input comes from {_describe(self.gm, src)}, not a conv/linear")
+            node, prefix = src, "producer"
         else:
-            pad = cons.padding
-            if isinstance(pad, str):
-                zero = pad == "valid" or all(k == 1 for k in cons.kernel_size)
-            else:
-                zero = all(p == 0 for p in pad)
-            if not zero:
-                return (f"no exact forward target: {type(cons).__name__} {c.target!r} zero-pads its input "
-                        f"(padding={pad}), so a forward fold is not exact at the borders")
-        return None
-
-    # --- rewrites ------------------------------------------------------------------------------
-
-    def fold_backward(self, bn_node: fx.Node, bn: _BatchNorm) -> None:
-        src = bn_node.args[0]
-        prod = self.gm.get_submodule(src.target)
-        layout = _layout(BACKWARD, prod)
-        params = _bn_params(bn)
-        w = prod.weight.detach().cpu().to(torch.float64).numpy()
-        b = None if prod.bias is None else prod.bias.detach().cpu().to(torch.float64).numpy()
-        w2, b2 = fold_backward(w, b, params, layout.out_axis, getattr(prod, "groups", 1))
-        self.report.warnings += params.lint(bn_node.target) + overflow_warning(src.target, w2, b2)
-        _set_submodule(self.gm, src.target, _with_weights(prod, w2, b2))
-        bn_node.replace_all_uses_with(src)
-        self.gm.graph.erase_node(bn_node)
-        self.report.folded.append(FoldedPair(bn_node.target, src.target, "backward", type(prod).__name__,
-                                             type(bn).__name__))
-
-    def fold_forward(self, bn_node: fx.Node, bn: _BatchNorm) -> None:
-        c = next(iter(bn_node.users))
-        cons = self.gm.get_submodule(c.target)
-        params = _bn_params(bn)
-        w = cons.weight.detach().cpu().to(torch.float64).numpy()
-        b = None if cons.bias is None else cons.bias.detach().cpu().to(torch.float64).numpy()
-        w2, b2 = fold_forward(w, b, params, getattr(cons, "groups", 1))
-        self.report.warnings += params.lint(bn_node.target) + overflow_warning(c.target, w2, b2)
-        _set_submodule(self.gm, c.target, _with_weights(cons, w2, b2))
-        c.replace_input_with(bn_node, bn_node.args[0])
-        self.gm.graph.erase_node(bn_node)
-        self.report.folded.append(FoldedPair(bn_node.target, c.target, "forward", type(cons).__name__,
-                                             type(bn).__name__))
-
-    def drop_eval_identities(self) -> None:
-        """Dropout and Identity are no-ops in eval mode; removing them exposes BN -> Linear pairs."""
-        for node in list(self.gm.graph.nodes):
-            if node.op == "call_module" and isinstance(self.gm.get_submodule(node.target),
-                                                       (nn.Identity, nn.modules.dropout._DropoutNd)):
-                if len(node.args) == 1 and isinstance(node.args[0], fx.Node) and not node.kwargs:
-                    node.replace_all_uses_with(node.args[0])
-                    self.gm.graph.erase_node(node)
-                    self.calls[node.target] -= 1
-
-    def run(self) -> None:
-        self.drop_eval_identities()
-        for node in list(self.gm.graph.nodes):
+            users = list(bn_node.users)
+            if len(users) != 1:
+                return Skip(f"no exact forward target: BN output is used by {len(users)} nodes")
+            node, prefix = users[0], "consumer"
             if node.op != "call_module":
-                continue
-            bn = self.gm.get_submodule(node.target)
-            if not isinstance(bn, _BatchNorm):
-                continue
-            reason = self.bn_reason(node, bn)
-            if reason is None:
-                back = self.backward_reason(node, bn)
-                if back is None:
-                    self.fold_backward(node, bn)
-                    continue
-                fwd = self.forward_reason(node, bn)
-                if fwd is None:
-                    self.fold_forward(node, bn)
-                    continue
-                reason = f"cannot fold backwards ({back}); {fwd}"
-            self.report.skipped.append(SkippedBN(node.target, reason))
+                return Skip(f"no exact forward target: next is {_describe(self.gm, node)}")
+        key = type(self.module(node))
+        if key not in self.RULES[direction]:
+            return node, key
+        if direction == BACKWARD and len(node.users) != 1:
+            return Skip(f"producer {node.target!r} output is also used by {[u.name for u in node.users if u is not bn_node]}")
+        if self.calls[node.target] != 1:
+            what = "producer" if direction == BACKWARD else "no exact forward target: consumer"
+            return Skip(f"{what} {node.target!r} is called {self.calls[node.target]} times"
+                        + (" (shared module)" if direction == BACKWARD else ""))
+        if len(node.args) != 1 or node.kwargs or (direction == FORWARD and node.args[0] is not bn_node):
+            return Skip(f"producer {node.target!r} called with extra arguments" if direction == BACKWARD else
+                        f"no exact forward target: consumer {node.target!r} takes other arguments")
+        return node, key
+
+    def cannot_absorb(self, node: fx.Node, direction: str) -> str:
+        if direction == BACKWARD:
+            return f"input comes from {_describe(self.gm, node)}, which cannot absorb a BN"
+        return f"no exact forward target: next is {_describe(self.gm, node)}"
+
+
+# --- rules: match -> Plan | Skip --------------------------------------------------------------------------
+
+def _plan(p: TorchFoldPass, bn_node: fx.Node, node: fx.Node, direction: str, w2, b2) -> Plan:
+    return Plan(bn_node.target, node.target, direction, type(p.module(node)).__name__,
+                type(p.module(bn_node)).__name__, w2, b2, site={"bn": bn_node, "node": node})
+
+
+def _is_bn1d(bn: nn.Module) -> bool:
+    return isinstance(bn, nn.BatchNorm1d) or type(bn).__name__ in ("SyncBatchNorm", "CPUSyncBatchNorm")
+
+
+def _match_backward(p: TorchFoldPass, bn_node: fx.Node, src: fx.Node, params: BNParams) -> Plan | Skip:
+    prod, bn = p.module(src), p.module(bn_node)
+    layout = CONV_LAYOUTS[type(prod)]
+    if layout.linear:
+        if prod.out_features != bn.num_features:
+            return Skip(f"Linear {src.target!r} has {prod.out_features} outputs, BN normalises {bn.num_features}")
+        if not _is_bn1d(bn):
+            return Skip(f"Linear followed by {type(bn).__name__}: channel axis is not the feature axis")
+        if p.shapes_known and _rank(bn_node) != 2:
+            return Skip(f"Linear output has rank {_rank(bn_node)}: BN's channel axis is not the Linear's feature axis")
+    w2, b2 = fold_backward(_np64(prod.weight), _np64(prod.bias), params, layout.out_axis, getattr(prod, "groups", 1))
+    return _plan(p, bn_node, src, BACKWARD, w2, b2)
+
+
+def _match_forward(p: TorchFoldPass, bn_node: fx.Node, c: fx.Node, params: BNParams) -> Plan | Skip:
+    cons, bn = p.module(c), p.module(bn_node)
+    if CONV_LAYOUTS[type(cons)].linear:
+        if cons.in_features != bn.num_features or not isinstance(bn, nn.BatchNorm1d):
+            return Skip(f"no exact forward target: Linear {c.target!r} reads {cons.in_features} features, not BN's "
+                        f"channels")
+        if p.shapes_known and _rank(bn_node) != 2:
+            return Skip(f"no exact forward target: BN output has rank {_rank(bn_node)}, Linear reads the last axis")
+    else:
+        pad = cons.padding
+        zero = (pad == "valid" or all(k == 1 for k in cons.kernel_size)) if isinstance(pad, str) else \
+            all(q == 0 for q in pad)
+        if not zero:
+            return Skip(f"no exact forward target: {type(cons).__name__} {c.target!r} zero-pads its input "
+                        f"(padding={pad}), so a forward fold is not exact at the borders")
+    w2, b2 = fold_forward(_np64(cons.weight), _np64(cons.bias), params, getattr(cons, "groups", 1))
+    return _plan(p, bn_node, c, FORWARD, w2, b2)
+
+
+# --- rules: apply -----------------------------------------------------------------------------------------
+
+def _apply_backward(p: TorchFoldPass, plan: Plan) -> None:
+    bn_node, src = plan.site["bn"], plan.site["node"]
+    _set_submodule(p.gm, src.target, _with_weights(p.module(src), plan.weight, plan.bias))
+    bn_node.replace_all_uses_with(src)
+    p.gm.graph.erase_node(bn_node)
+
+
+def _apply_forward(p: TorchFoldPass, plan: Plan) -> None:
+    bn_node, c = plan.site["bn"], plan.site["node"]
+    _set_submodule(p.gm, c.target, _with_weights(p.module(c), plan.weight, plan.bias))
+    c.replace_input_with(bn_node, bn_node.args[0])
+    p.gm.graph.erase_node(bn_node)
+
+
+_BACKWARD_RULE, _FORWARD_RULE = Rule(_match_backward, _apply_backward), Rule(_match_forward, _apply_forward)
+TorchFoldPass.RULES = {
+    BACKWARD: {t: _BACKWARD_RULE for t in CONV_LAYOUTS},
+    FORWARD: {t: _FORWARD_RULE for t in CONV_LAYOUTS if CONV_LAYOUTS[t].out_axis == 0},
+}
+
+
+def _drop_eval_identities(p: TorchFoldPass) -> None:
+    """Dropout and Identity are no-ops in eval mode; removing them exposes BN -> Linear pairs."""
+    for node in list(p.gm.graph.nodes):
+        if node.op == "call_module" and isinstance(p.module(node), (nn.Identity, nn.modules.dropout._DropoutNd)):
+            if len(node.args) == 1 and isinstance(node.args[0], fx.Node) and not node.kwargs:
+                node.replace_all_uses_with(node.args[0])
+                p.gm.graph.erase_node(node)
+                p.calls[node.target] -= 1
 
 
 def _count(module: nn.Module) -> tuple[int, int]:
@@ -273,14 +275,15 @@ def fold_module(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None 
         shapes_known = True
     bn_before, params_before = _count(src)
     nodes_before = len(gm.graph.nodes)
-    folder = _Folder(gm, shapes_known)
+    folder = TorchFoldPass(gm, shapes_known)
+    report = FoldReport()
     with torch.no_grad():
-        folder.run()
+        _drop_eval_identities(folder)
+        run_pass(folder, report)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
     gm.delete_all_unused_submodules()
-    report = folder.report
     report.bn_before, report.params_before, report.nodes_before = bn_before, params_before, nodes_before
     report.bn_after, report.params_after = _count(gm)
     report.nodes_after = len(gm.graph.nodes)

@@ -5,7 +5,8 @@ Ground truth is the trainer's model in eval mode run in float64. Against it, on 
 * ``unfolded_torch``   the same model in float32 (the rounding budget a fold may not exceed by much);
 * ``folded_torch``     ``fold_module`` of it;
 * ``reference_onnx``   ``reference.onnx`` (BN kept) in onnxruntime with optimisations disabled;
-* ``served_onnx``      ``model.onnx`` as the server runs it: optimisation level, provider, precision.
+* ``served_onnx``      ``model.onnx`` run by the server's own :class:`server.core.runtime.OnnxModel`:
+                       the same provider choice, threads, optimisation level and IO binding.
 
 Inputs are random draws that match the saved normalisation at several batch sizes, plus the real
 validation samples when the training data can be reloaded. On failure the error is localised: each fold
@@ -29,9 +30,12 @@ import onnx
 import torch
 
 from foldserve.atomic import write_json
+from foldserve.entry import FOLD_REPORT_FILE, MODEL_FILE, REFERENCE_FILE, SOURCE_FILE, VERIFICATION_FILE
 from foldserve.errors import ConfigError
 from folding.fold_math import FP16_MAX, BNParams
+from folding.source import input_sets, load_source, model_input_dtype
 from folding.tolerances import Comparison, Tolerance, compare, tolerance_for
+from server.core.runtime import OnnxModel
 
 logger = logging.getLogger(__name__)
 
@@ -51,31 +55,18 @@ class VerifyOptions:
     write: bool = True
 
 
-# --- onnxruntime -----------------------------------------------------------------------------------
+# --- onnxruntime: always through the server's OnnxModel ---------------------------------------------------
 
 def ort_session(path_or_bytes: Any, optimization: str = "all", provider: str = "cpu"):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }[optimization]
-    opts.log_severity_level = 3
-    providers = ["CPUExecutionProvider"]
-    if provider == "cuda" or (provider == "auto" and cuda_available()):
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    src = str(path_or_bytes) if isinstance(path_or_bytes, Path) else path_or_bytes
-    return ort.InferenceSession(src, sess_options=opts, providers=providers)
+    """An onnxruntime session built the way the server builds them (for references and tools)."""
+    return OnnxModel(path_or_bytes, provider=provider, optimization=optimization, io_binding=False).session
 
 
-def cuda_available() -> bool:
-    try:
-        import onnxruntime as ort
-
-        return "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
-    except Exception:
-        return False
+def served_runner(path: Path, opts: "VerifyOptions") -> tuple[Callable[[np.ndarray], np.ndarray], str]:
+    """Run ``model.onnx`` exactly as the server will: its OnnxModel with the server's defaults."""
+    model = OnnxModel(path, provider=opts.provider, optimization=opts.optimization)
+    name = model.inputs[0].name
+    return (lambda x: model.run({name: x})[0]), model.provider
 
 
 def _run(sess, x: np.ndarray) -> np.ndarray:
@@ -141,68 +132,28 @@ def localize(reference: onnx.ModelProto, served: onnx.ModelProto, sites: list[di
     return results
 
 
-# --- inputs ----------------------------------------------------------------------------------------
-
-def input_sets(ckpt: dict[str, Any], opts: VerifyOptions) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
-    from folding.export import example_input
-
-    sets: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
-    for i, b in enumerate(opts.batch_sizes):
-        sets[f"random_b{b}"] = (example_input(ckpt, b, seed=opts.seed + i).numpy(), None)
-    ds_info = ckpt.get("dataset") or {}
-    if ds_info.get("name") in ("digits", "synthetic") or (ds_info.get("data") and Path(ds_info["data"]).exists()):
-        try:
-            from trainer.data import load_dataset
-            from trainer.models import arch_spec
-
-            ds = load_dataset(ds_info["name"], data=ds_info.get("data"), seed=ds_info.get("seed", 0),
-                              val_fraction=ds_info.get("val_fraction", 0.2), image_size=ds_info.get("image_size", 32),
-                              input_kind=arch_spec(ckpt["arch"]).input_kind)
-            n = min(len(ds.x_val), opts.max_validation)
-            sets["validation"] = (ds.x_val[:n], ds.y_val[:n])
-        except Exception as exc:  # the random sets still verify the fold
-            logger.warning("validation data not available for verification: %s", exc)
-    return sets
-
-
 # --- the verifier ----------------------------------------------------------------------------------
 
-def verify_entry(version_dir: str | Path, opts: VerifyOptions | None = None) -> dict[str, Any]:
-    """Verify REPO/NAME/VERSION; returns the report (``report["passed"]``) and writes verification.json."""
-    from folding.export import load_source, model_input_dtype
+def _candidates(vdir: Path, model: torch.nn.Module, opts: VerifyOptions, np_dtype: np.dtype):
     from folding.torch_fold import fold_module
-    from trainer.checkpoint import model_from_checkpoint
 
-    t0 = time.perf_counter()
-    opts = opts or VerifyOptions()
-    vdir = Path(version_dir)
-    for f in ("model.onnx", "reference.onnx", "source.pt", "fold_report.json"):
-        if not (vdir / f).is_file():
-            raise ConfigError(f"{vdir} is not a repository version written by `foldserve fold`: {f} is missing")
-    ckpt = load_source(vdir)
-    model = model_from_checkpoint(ckpt)
-    model64 = copy.deepcopy(model).double()
     folded_torch, _ = fold_module(model)
-    reference = onnx.load(str(vdir / "reference.onnx"))
-    served = onnx.load(str(vdir / "model.onnx"))
-    fold_report = json.loads((vdir / "fold_report.json").read_text())
-    dtype = model_input_dtype(served)
-    tol = tolerance_for(dtype, opts.rtol, opts.atol)
-    np_dtype = {"float16": np.float16, "float64": np.float64}.get(dtype, np.float32)
-
-    ref_sess = ort_session(vdir / "reference.onnx", "disable", "cpu")
-    served_sess = ort_session(vdir / "model.onnx", opts.optimization, opts.provider)
-    served_provider = served_sess.get_providers()[0]
+    ref_sess = ort_session(vdir / REFERENCE_FILE, "disable", "cpu")
+    served, provider = served_runner(vdir / MODEL_FILE, opts)
     candidates: dict[str, Callable[[np.ndarray], np.ndarray]] = {
         "unfolded_torch": lambda x: _torch_run(model, x),
         "folded_torch": lambda x: _torch_run(folded_torch, x),
         "reference_onnx": lambda x: _run(ref_sess, x.astype(np.float32)),
-        "served_onnx": lambda x: _run(served_sess, x.astype(np_dtype)),
+        "served_onnx": lambda x: served(np.ascontiguousarray(x, dtype=np_dtype)),
     }
-    classification = ckpt["task"] == "classification"
+    return candidates, provider
+
+
+def _evaluate(candidates: dict[str, Callable], sets: dict, model64: torch.nn.Module, tol: Tolerance,
+              classification: bool) -> tuple[dict[str, Any], dict[str, float]]:
+    """Every candidate on every input set against the float64 truth."""
     results: dict[str, Any] = {name: {"passed": True, "inputs": {}} for name in candidates}
-    accuracy: dict[str, Any] = {}
-    sets = input_sets(ckpt, opts)
+    accuracy: dict[str, float] = {}
     for set_name, (x, y) in sets.items():
         with torch.no_grad():
             truth = model64(torch.from_numpy(x).double()).numpy()
@@ -218,62 +169,80 @@ def verify_entry(version_dir: str | Path, opts: VerifyOptions | None = None) -> 
             results[name]["passed"] &= c.passed
         if classification and y is not None:
             accuracy["reference_float64"] = float((truth.argmax(1) == y).mean())
-    for name, r in results.items():
-        r["max_abs"] = max(v["max_abs"] for v in r["inputs"].values())
-        r["max_rel"] = max(v["max_rel"] for v in r["inputs"].values())
-        r["mean_abs"] = float(np.mean([v["mean_abs"] for v in r["inputs"].values()]))
-        worst_set = max(r["inputs"], key=lambda k: r["inputs"][k]["max_abs"] / max(r["inputs"][k]["bound"], 1e-30))
-        r["worst"] = {"input": worst_set, "index": r["inputs"][worst_set]["worst_index"]}
-        r["frac_over"] = max(v["frac_over"] for v in r["inputs"].values())
-        if classification:
-            r["top1_agreement"] = min(v["top1_agreement"] for v in r["inputs"].values())
+    for r in results.values():
+        _summarise(r, classification)
+    return results, accuracy
 
+
+def _summarise(r: dict[str, Any], classification: bool) -> None:
+    per = r["inputs"]
+    r["max_abs"] = max(v["max_abs"] for v in per.values())
+    r["max_rel"] = max(v["max_rel"] for v in per.values())
+    r["mean_abs"] = float(np.mean([v["mean_abs"] for v in per.values()]))
+    worst_set = max(per, key=lambda k: per[k]["max_abs"] / max(per[k]["bound"], 1e-30))
+    r["worst"] = {"input": worst_set, "index": per[worst_set]["worst_index"]}
+    r["frac_over"] = max(v["frac_over"] for v in per.values())
+    if classification:
+        r["top1_agreement"] = min(v["top1_agreement"] for v in per.values())
+
+
+def _failure(results: dict[str, Any], invariance: dict[str, Any], first_bad: dict[str, Any] | None) -> str | None:
+    bad_inv = [k for k, v in invariance.items() if not v["passed"]]
+    if bad_inv:
+        return (f"batch invariance failed for {bad_inv}: a sample gives a different answer alone than inside a "
+                f"batch (a BN using batch statistics: train-mode export or track_running_stats=False)")
+    bad = [k for k, r in results.items() if not r["passed"]]
+    if bad:
+        where = f"; first layer over tolerance: {first_bad['layer']} (folded {first_bad['bn']})" if first_bad else ""
+        return f"outputs differ from the float64 reference beyond tolerance for {bad}{where}"
+    return None
+
+
+def verify_entry(version_dir: str | Path, opts: VerifyOptions | None = None) -> dict[str, Any]:
+    """Verify REPO/NAME/VERSION; returns the report (``report["passed"]``) and writes verification.json."""
+    from trainer.checkpoint import model_from_checkpoint
+
+    t0 = time.perf_counter()
+    opts = opts or VerifyOptions()
+    vdir = Path(version_dir)
+    for f in (MODEL_FILE, REFERENCE_FILE, SOURCE_FILE, FOLD_REPORT_FILE):
+        if not (vdir / f).is_file():
+            raise ConfigError(f"{vdir} is not a repository version written by `foldserve fold`: {f} is missing")
+    ckpt = load_source(vdir)
+    model = model_from_checkpoint(ckpt)
+    reference, served = onnx.load(str(vdir / REFERENCE_FILE)), onnx.load(str(vdir / MODEL_FILE))
+    fold_report = json.loads((vdir / FOLD_REPORT_FILE).read_text())
+    np_dtype = model_input_dtype(served)
+    tol = tolerance_for(np_dtype.name, opts.rtol, opts.atol)
+    candidates, provider = _candidates(vdir, model, opts, np_dtype)
+    sets = input_sets(ckpt, opts.batch_sizes, opts.seed, opts.max_validation)
+    results, accuracy = _evaluate(candidates, sets, copy.deepcopy(model).double(), tol,
+                                  ckpt["task"] == "classification")
     bx = example_input_batch(sets)
-    invariance = {
-        "reference_onnx": batch_invariance(candidates["reference_onnx"], bx, tol).to_dict(),
-        "served_onnx": batch_invariance(candidates["served_onnx"], bx, tol).to_dict(),
-    }
-    invariance_ok = all(v["passed"] for v in invariance.values())
-    folds_ok = all(r["passed"] for r in results.values())
-
-    first_bad = None
-    sites_result: list[dict[str, Any]] = []
+    invariance = {name: batch_invariance(candidates[name], bx, tol).to_dict()
+                  for name in ("reference_onnx", "served_onnx")}
+    sites: list[dict[str, Any]] = []
     if opts.localize and not results["served_onnx"]["passed"]:
-        sites_result = localize(reference, served, fold_report["onnx"]["folded"], bx.astype(np_dtype), tol)
-        first_bad = next((s for s in sites_result if not s["passed"]), None)
-
+        sites = localize(reference, served, fold_report["onnx"]["folded"], bx.astype(np_dtype), tol)
+    first_bad = next((s for s in sites if not s["passed"]), None)
+    failure = _failure(results, invariance, first_bad)
     report = {
-        "report_version": REPORT_VERSION,
-        "passed": bool(folds_ok and invariance_ok),
-        "model_dir": str(vdir),
-        "dtype": dtype,
-        "tolerance": {"rtol": tol.rtol, "atol": tol.atol, "rel_floor": tol.rel_floor},
-        "provider": served_provider,
-        "optimization": opts.optimization,
-        "batch_sizes": list(opts.batch_sizes),
-        "inputs": {k: list(v[0].shape) for k, v in sets.items()},
-        "candidates": results,
-        "accuracy": accuracy,
+        "report_version": REPORT_VERSION, "passed": failure is None, "model_dir": vdir.name, "dtype": np_dtype.name,
+        "tolerance": {"rtol": tol.rtol, "atol": tol.atol, "rel_floor": tol.rel_floor}, "provider": provider,
+        "optimization": opts.optimization, "batch_sizes": list(opts.batch_sizes),
+        "inputs": {k: list(v[0].shape) for k, v in sets.items()}, "candidates": results, "accuracy": accuracy,
         "batch_invariance": invariance,
         "localization": {"first_failing_layer": first_bad["layer"] if first_bad else None,
-                         "first_failing_bn": first_bad["bn"] if first_bad else None, "sites": sites_result},
-        "warnings": lint_statistics(model, served) + list(fold_report["onnx"].get("warnings", [])),
+                         "first_failing_bn": first_bad["bn"] if first_bad else None, "sites": sites},
+        "warnings": sorted(set(lint_statistics(model, served) + list(fold_report["onnx"].get("warnings", [])))),
         "fold": {"bn_before": fold_report["onnx"]["bn_before"], "folded": len(fold_report["onnx"]["folded"]),
                  "skipped": len(fold_report["onnx"]["skipped"])},
         "wall_s": round(time.perf_counter() - t0, 3),
     }
-    report["warnings"] = sorted(set(report["warnings"]))
-    if not invariance_ok:
-        bad = [k for k, v in invariance.items() if not v["passed"]]
-        report["failure"] = (f"batch invariance failed for {bad}: a sample gives a different answer alone than "
-                             f"inside a batch (a BN using batch statistics: train-mode export or "
-                             f"track_running_stats=False)")
-    elif not folds_ok:
-        bad = [k for k, r in results.items() if not r["passed"]]
-        where = f"; first layer over tolerance: {first_bad['layer']} (folded {first_bad['bn']})" if first_bad else ""
-        report["failure"] = f"outputs differ from the float64 reference beyond tolerance for {bad}{where}"
+    if failure:
+        report["failure"] = failure
     if opts.write:
-        write_json(vdir / "verification.json", report)
+        write_json(vdir / VERIFICATION_FILE, report)
     logger.info("verification of %s: %s in %.1f s", vdir, "PASSED" if report["passed"] else "FAILED", report["wall_s"])
     return report
 

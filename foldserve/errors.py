@@ -39,6 +39,20 @@ class FoldError(UserError):
     """A model that the folding pass refuses (train mode, untraceable, malformed graph)."""
 
 
+class UnsupportedDataType(UserError):
+    """A tensor datatype that the datatype table does not know (never silently taken as FP32)."""
+
+
+class EntryError(UserError):
+    """A repository entry (config.pbtxt, version folder, its files) that is missing or malformed."""
+
+
+class WriteError(FoldserveError):
+    """A file could not be written (disk full, permissions); what was there before is left as it was."""
+
+    exit_code = 1
+
+
 class VerificationFailed(FoldserveError):
     """The folded model does not compute what the unfolded one did."""
 
@@ -98,8 +112,28 @@ class Unauthenticated(FoldserveError):
     grpc_status = "UNAUTHENTICATED"
 
 
+class ServerUnreachable(FoldserveError):
+    """No server answers at the address the user gave (client side)."""
+
+    exit_code = 2
+    http_status = 503
+    grpc_status = "UNAVAILABLE"
+
+
 class PermissionDenied(FoldserveError):
     """The operation is disabled or needs other credentials."""
 
     http_status = 403
     grpc_status = "PERMISSION_DENIED"
+
+
+#: the error class each transport status maps back to on the client side (see :mod:`foldserve.client`)
+BY_GRPC_STATUS: dict[str, type[FoldserveError]] = {
+    "INVALID_ARGUMENT": InvalidInput, "NOT_FOUND": ModelNotFound, "UNAVAILABLE": ModelNotReady,
+    "RESOURCE_EXHAUSTED": QueueFull, "DEADLINE_EXCEEDED": RequestTimeout, "UNAUTHENTICATED": Unauthenticated,
+    "PERMISSION_DENIED": PermissionDenied,
+}
+BY_HTTP_STATUS: dict[int, type[FoldserveError]] = {
+    400: InvalidInput, 401: Unauthenticated, 403: PermissionDenied, 404: ModelNotFound, 413: PayloadTooLarge,
+    429: QueueFull, 503: ModelNotReady, 504: RequestTimeout,
+}

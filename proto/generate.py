@@ -1,4 +1,4 @@
-"""Generate the Python gRPC stubs from proto/ into server/protocol/ (committed; a test checks for drift).
+"""Generate the Python gRPC stubs from proto/ into foldserve/protocol/ (committed; a test checks for drift).
 
 Run: python proto/generate.py [OUT_ROOT]   (default: the repository root)
 """
@@ -11,7 +11,7 @@ from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "proto"
-FILES = ["server/protocol/model_config.proto", "server/protocol/grpc_service.proto"]
+FILES = ["foldserve/protocol/model_config.proto", "foldserve/protocol/grpc_service.proto"]
 
 
 def generate(out_root: Path) -> list[Path]:

@@ -53,13 +53,13 @@ async def serve(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    ready = [m for m in dp.repository_index() if m["state"] == "READY"]
+    ready = [f"{m.name}:{m.version}" for m in dp.repository_index(ready_only=True)]
     scheme = "https" if settings.tls_cert else "http"
     print(json.dumps({"event": "serving", "grpc": f"{settings.host}:{grpc_port}",
                       "http": f"{scheme}://{settings.host}:{http_port}",
-                      "models": [f"{m['name']}:{m['version']}" for m in ready]}), flush=True)
+                      "models": ready}), flush=True)
     logger.info("serving gRPC on %s:%d and HTTP on %s:%d; ready models: %s", settings.host, grpc_port,
-                settings.host, http_port, [f"{m['name']}:{m['version']}" for m in ready] or "none")
+                settings.host, http_port, ready or "none")
 
     await stop.wait()
     logger.info("shutting down: not ready, finishing in-flight requests (grace %.1f s)", settings.grace_period_s)

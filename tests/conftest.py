@@ -18,6 +18,21 @@ def run_cli(*args: str, timeout: float = 300, env: dict | None = None, **kw) -> 
                           env=full_env, cwd=kw.pop("cwd", ROOT), **kw)
 
 
+def metric_samples(text: str) -> list[tuple[str, dict[str, str], float]]:
+    """Every sample of a Prometheus text exposition, parsed by prometheus_client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return [(s.name, dict(s.labels), s.value) for family in text_string_to_metric_families(text)
+            for s in family.samples]
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """The value of the one sample called ``name`` with these labels; fails if there is none."""
+    found = [v for n, lab, v in metric_samples(text) if n == name and all(lab.get(k) == w for k, w in labels.items())]
+    assert len(found) == 1, f"{len(found)} samples of {name}{labels} in the metrics"
+    return found[0]
+
+
 @pytest.fixture(scope="session")
 def digits_run(tmp_path_factory) -> Path:
     """A short digits ResNet training run shared by tests that need a real checkpoint."""

@@ -273,6 +273,7 @@ def checkpoint_payload(model: nn.Module, optimizer, scheduler, scaler, epoch: in
         "epoch": epoch,
         "config": dataclasses.asdict(cfg),
         "normalization": {"mean": ds.mean, "std": ds.std},
+        "input_range": [float(ds.x_train.min()), float(ds.x_train.max())] if ds.x_train.size else None,
         "class_names": ds.class_names,
         "input_shape": ds.sample_shape,
         "metrics": history[-1] if history else {},
@@ -287,8 +288,8 @@ def checkpoint_payload(model: nn.Module, optimizer, scheduler, scaler, epoch: in
 def write_metrics(out: Path, history: list[dict[str, Any]]) -> None:
     write_json(out / "metrics.json", history)
     buf = io.StringIO()
-    keys = list(history[0].keys()) if history else []
-    writer = csv.DictWriter(buf, fieldnames=keys)
+    keys = list(dict.fromkeys(k for row in history for k in row))  # later rows may add columns (precise BN)
+    writer = csv.DictWriter(buf, fieldnames=keys, restval="")
     writer.writeheader()
     writer.writerows(history)
     write_text(out / "metrics.csv", buf.getvalue())

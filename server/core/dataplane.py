@@ -1,17 +1,24 @@
-"""The data plane: every v2 operation, in the core's own types. gRPC and REST only translate to it."""
+"""The data plane: every v2 operation, in the core's own types. gRPC and REST only translate to it.
+
+Semantics are decided here once for both transports: what is unknown (ModelNotFound) and what is known
+but not ready (ModelNotReady), what readiness means, what the statistics of "all models" are.
+"""
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from typing import Any
 
 import numpy as np
 
 from foldserve import __version__
 from foldserve.errors import FoldserveError, InvalidInput, PermissionDenied, ServerNotReady
-from server.core.repository import LoadedVersion, ModelManager, check_model_name
-from server.core.stats import Metrics
-from server.core.types import InferOutput, InferRequest, InferResponse
+from server.core.loader import LoadedVersion
+from server.core.registry import ModelRegistry
+from server.core.repository import ModelRepository, check_model_name
+from server.core.stats import Metrics, ModelStats
+from server.core.types import (IndexEntry, InferOutput, InferRequest, InferResponse, ModelMetadata, Readiness,
+                               ServerMetadata, TensorMetadata)
 from server.core.validation import validate_request
 from server.settings import Settings
 
@@ -25,15 +32,15 @@ class DataPlane:
     def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
-        self.models = ModelManager(settings, self.metrics)
+        self.repository = ModelRepository(settings.repository)
+        self.registry = ModelRegistry(self.repository, settings, self.metrics)
         self._ready = False
-        self._live = True
         self._inflight = 0
 
     # --- server ---------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        await self.models.load_all()
+        await self.registry.load_all()
         self._ready = True
 
     def begin_shutdown(self) -> None:
@@ -42,8 +49,6 @@ class DataPlane:
 
     async def drain(self, timeout_s: float) -> bool:
         """Wait until no inference request is in flight (or the timeout passes); True when drained."""
-        import asyncio
-
         deadline = time.monotonic() + timeout_s
         while self._inflight and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
@@ -51,83 +56,78 @@ class DataPlane:
 
     async def stop(self) -> None:
         self._ready = False
-        await self.models.close()
+        await self.registry.close()
 
     def live(self) -> bool:
-        return self._live
+        return True  # answering at all is liveness
 
     def ready(self) -> bool:
         return self._ready
 
-    def metadata(self) -> dict[str, Any]:
-        return {"name": "foldserve", "version": __version__, "extensions": EXTENSIONS}
+    def metadata(self) -> ServerMetadata:
+        return ServerMetadata("foldserve", __version__, list(EXTENSIONS))
 
-    def render_metrics(self) -> str:
-        """Prometheus text: the counters and histograms, plus queue and in-flight gauges."""
-        lines = [self.metrics.render().rstrip("\n"),
-                 "# HELP foldserve_queue_length Requests waiting for an execution.",
-                 "# TYPE foldserve_queue_length gauge"]
-        for lv in self.models.ready_models():
-            lines.append(f'foldserve_queue_length{{model="{lv.name}",version="{lv.version}"}} '
-                         f"{lv.scheduler.queue_length}")
-        lines += ["# HELP foldserve_inflight_requests Inference requests being handled.",
-                  "# TYPE foldserve_inflight_requests gauge", f"foldserve_inflight_requests {self._inflight}"]
-        return "\n".join(lines) + "\n"
+    def render_metrics(self) -> bytes:
+        queues = {(lv.name, str(lv.version)): lv.scheduler.queue_length for lv in self.registry.ready_versions()}
+        return self.metrics.render(queues, self._inflight)
 
     # --- models ---------------------------------------------------------------------------------
 
-    def model_ready(self, name: str, version: str = "") -> bool:
+    def model_readiness(self, name: str, version: str = "") -> Readiness:
+        """Ready, or why not: ModelNotFound (unknown model or version), ModelNotReady (known, cannot serve,
+        or the server is shutting down). A malformed name or version raises InvalidInput."""
         try:
-            self.models.get(name, version)
-            return self._ready
+            self.registry.get(name, version)
         except InvalidInput:
             raise
-        except FoldserveError:
-            return False
+        except FoldserveError as exc:
+            return Readiness(False, exc)
+        if not self._ready:
+            return Readiness(False, ServerNotReady("the server is not ready (starting or shutting down)"))
+        return Readiness(True)
 
     def model(self, name: str, version: str = "") -> LoadedVersion:
-        return self.models.get(name, version)
+        return self.registry.get(name, version)
 
-    def model_metadata(self, name: str, version: str = "") -> dict[str, Any]:
-        lv = self.models.get(name, version)
+    def model_metadata(self, name: str, version: str = "") -> ModelMetadata:
+        lv = self.registry.get(name, version)
         spec = lv.spec
-        state = self.models.models[name]
-        return {
-            "name": name,
-            "versions": [str(v) for v in sorted(state.versions)],
-            "platform": spec.platform,
-            "inputs": [{"name": t.name, "datatype": t.datatype, "shape": t.full_shape(spec.max_batch_size)}
-                       for t in spec.inputs],
-            "outputs": [{"name": t.name, "datatype": t.datatype, "shape": t.full_shape(spec.max_batch_size)}
-                        for t in spec.outputs],
-            "parameters": {"verification": lv.verification, "provider": lv.runtime.provider,
-                           "version": str(lv.version)},
-        }
+        params = {"verification": lv.verification.to_dict(), "provider": lv.runtime.provider,
+                  "version": str(lv.version)}
+        if lv.preprocess is not None:
+            params["preprocess"] = lv.preprocess
+        return ModelMetadata(
+            name=name, versions=[str(v.version) for v in self.registry.loaded_versions(name)], platform=spec.platform,
+            inputs=[TensorMetadata(t.name, t.datatype, t.full_shape(spec.max_batch_size)) for t in spec.inputs],
+            outputs=[TensorMetadata(t.name, t.datatype, t.full_shape(spec.max_batch_size)) for t in spec.outputs],
+            parameters=params)
 
-    def model_config(self, name: str, version: str = "") -> dict[str, Any]:
-        return self.models.get(name, version).spec.config
+    def model_config(self, name: str, version: str = "") -> dict:
+        """The config in Triton's JSON form (the ModelConfig message's JSON mapping)."""
+        return self.registry.get(name, version).spec.config
 
-    def statistics(self, name: str = "", version: str = "") -> list[dict[str, Any]]:
-        if name:
-            check_model_name(name)
+    def statistics(self, name: str = "", version: str = "") -> list[ModelStats]:
+        """Statistics of one version, of every loaded version of a model, or of every loaded version."""
+        if not name:
             if version:
-                return [self.models.get(name, version).stats.to_dict()]
-            self.models.get(name)
-            return [lv.stats.to_dict() for lv in sorted(self.models.models[name].versions.values(),
-                                                         key=lambda lv: lv.version)]
-        return [lv.stats.to_dict() for lv in self.models.ready_models()]
+                raise InvalidInput("statistics: a version needs a model name")
+            return [lv.stats for lv in self.registry.ready_versions()]
+        check_model_name(name)
+        if version:
+            return [self.registry.get(name, version).stats]
+        return [lv.stats for lv in self.registry.loaded_versions(name)]
 
-    def repository_index(self, ready_only: bool = False) -> list[dict[str, str]]:
-        idx = self.models.index()
-        return [m for m in idx if m["state"] == "READY"] if ready_only else idx
+    def repository_index(self, ready_only: bool = False) -> list[IndexEntry]:
+        idx = self.registry.index()
+        return [m for m in idx if m.state == "READY"] if ready_only else idx
 
     async def load(self, name: str) -> None:
         self._check_repository_api()
-        await self.models.load(name)
+        await self.registry.load(name)
 
     async def unload(self, name: str) -> None:
         self._check_repository_api()
-        await self.models.unload(name)
+        await self.registry.unload(name)
 
     def _check_repository_api(self) -> None:
         if not self.settings.repository_api:
@@ -145,38 +145,38 @@ class DataPlane:
         try:
             if not self._ready:
                 raise ServerNotReady("the server is not ready (starting or shutting down)")
-            lv = self.models.get(req.model_name, req.model_version)
+            lv = self.registry.get(req.model_name, req.model_version)
             feeds, batch = validate_request(req, lv.spec, self.settings.max_elements)
             if lv.spec.max_batch_size == 0:
                 batch = 1
             wanted = [o.name for o in req.outputs] or [t.name for t in lv.spec.outputs]
             results, queued = await lv.scheduler.infer(feeds, wanted, batch, self.settings.request_timeout_s)
-            outputs = []
-            requested = {o.name: o for o in req.outputs}
-            for name, arr in zip(wanted, results):
-                spec = lv.spec.output(name)
-                ro = requested.get(name)
-                if ro is not None and ro.class_count:
-                    outputs.append(_classification(name, arr, ro.class_count, lv.spec.labels, lv.spec.max_batch_size > 0))
-                    continue
-                outputs.append(InferOutput(name, spec.datatype, list(arr.shape), arr,
-                                           ro.binary if ro is not None else None))
+            outputs = self._outputs(lv, req, wanted, results)
             lv.stats.record_request(True, int((time.perf_counter() - t0) * 1e9), int(queued * 1e9), batch)
             return InferResponse(req.model_name, str(lv.version), req.id, outputs)
-        except FoldserveError as exc:
-            code = exc.grpc_status
-            if lv is not None:
-                lv.stats.record_request(False, int((time.perf_counter() - t0) * 1e9), 0, batch)
-            raise
-        except Exception:
-            code = "INTERNAL"
+        except BaseException as exc:
+            code = (exc.grpc_status if isinstance(exc, FoldserveError)
+                    else "CANCELLED" if isinstance(exc, asyncio.CancelledError) else "INTERNAL")
             if lv is not None:
                 lv.stats.record_request(False, int((time.perf_counter() - t0) * 1e9), 0, batch)
             raise
         finally:
             self._inflight -= 1
-            model = req.model_name if lv is not None else "_unknown"
-            self.metrics.request(model, protocol, code, time.perf_counter() - t0)
+            self.metrics.request(req.model_name if lv is not None else "_unknown", protocol, code,
+                                 time.perf_counter() - t0)
+
+    @staticmethod
+    def _outputs(lv: LoadedVersion, req: InferRequest, wanted: list[str], results: list[np.ndarray]) -> list[InferOutput]:
+        outputs = []
+        requested = {o.name: o for o in req.outputs}
+        for name, arr in zip(wanted, results):
+            ro = requested.get(name)
+            if ro is not None and ro.class_count:
+                outputs.append(_classification(name, arr, ro.class_count, lv.spec.labels, lv.spec.max_batch_size > 0))
+                continue
+            outputs.append(InferOutput(name, lv.spec.output(name).datatype, list(arr.shape), arr,
+                                       ro.binary if ro is not None else None))
+        return outputs
 
 
 def _classification(name: str, arr: np.ndarray, k: int, labels: list[str], batched: bool) -> InferOutput:

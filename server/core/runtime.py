@@ -1,4 +1,8 @@
-"""onnxruntime sessions: provider choice (CUDA when a GPU is really present), threads, IO binding."""
+"""onnxruntime sessions: provider choice (CUDA when a GPU is really present), threads, IO binding.
+
+:class:`OnnxModel` is how the server runs a model, and the verifier runs the served file through the same
+class, so "verified" means verified as served.
+"""
 from __future__ import annotations
 
 import ctypes
@@ -9,8 +13,9 @@ from typing import Sequence
 
 import numpy as np
 
-from foldserve.errors import ModelNotReady
-from server.core.datatypes import ORT_TO_V2
+from foldserve.datatypes import lookup
+from foldserve.errors import FoldserveError, ModelNotReady
+from foldserve.model_config import TensorSpec
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +50,31 @@ def choose_providers(provider: str, device_id: int) -> list:
     return ["CPUExecutionProvider"]
 
 
-class OnnxModel:
-    """One loaded ONNX model: ``run(feeds)`` returns the outputs as numpy arrays on the host."""
+OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 
-    def __init__(self, path: Path, *, provider: str = "auto", device_id: int = 0, intra_op_threads: int = 0,
-                 inter_op_threads: int = 0, io_binding: bool = True, spin: bool = True) -> None:
+
+def _tensor_specs(args, what: str) -> list[TensorSpec]:
+    specs = []
+    for a in args:
+        try:
+            datatype = lookup(a.type, "ort", f"{what} {a.name!r}").v2
+        except FoldserveError as exc:
+            raise ModelNotReady(str(exc)) from None
+        dims = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in a.shape)
+        specs.append(TensorSpec(a.name, datatype, dims))
+    return specs
+
+
+class OnnxModel:
+    """One loaded ONNX model: ``run(feeds)`` returns the outputs as numpy arrays on the host.
+
+    ``optimization`` is the graph optimisation level (the server uses "all"; the verifier runs unfolded
+    references with "disable" so that onnxruntime's own Conv+BN fusion cannot hide anything).
+    """
+
+    def __init__(self, path: Path | bytes, *, provider: str = "auto", device_id: int = 0, intra_op_threads: int = 0,
+                 inter_op_threads: int = 0, io_binding: bool = True, spin: bool = True,
+                 optimization: str = "all") -> None:
         import onnxruntime as ort
 
         if provider in ("auto", "cuda") and gpu_count() > 0:
@@ -58,7 +83,11 @@ class OnnxModel:
             except Exception:
                 pass
         opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        levels = dict(zip(OPTIMIZATION_LEVELS, (ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+                                                ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                                                ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                                                ort.GraphOptimizationLevel.ORT_ENABLE_ALL)))
+        opts.graph_optimization_level = levels[optimization]
         opts.log_severity_level = 3
         if intra_op_threads:
             opts.intra_op_num_threads = intra_op_threads
@@ -68,18 +97,20 @@ class OnnxModel:
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         providers = choose_providers(provider, device_id)
+        label = "model" if isinstance(path, bytes) else Path(path).name
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+            self.session = ort.InferenceSession(path if isinstance(path, bytes) else str(path), sess_options=opts,
+                                                providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types for bad files
-            raise ModelNotReady(f"{path.name}: onnxruntime cannot load it ({type(exc).__name__}: "
+            raise ModelNotReady(f"{label}: onnxruntime cannot load it ({type(exc).__name__}: "
                                 f"{str(exc).splitlines()[0][:300]})") from None
         self.provider = self.session.get_providers()[0]
         self.device_id = device_id
         self.use_binding = io_binding and self.provider == "CUDAExecutionProvider"
-        self.inputs = [(i.name, ORT_TO_V2.get(i.type, "FP32"), list(i.shape)) for i in self.session.get_inputs()]
-        self.outputs = [(o.name, ORT_TO_V2.get(o.type, "FP32"), list(o.shape)) for o in self.session.get_outputs()]
-        self.output_names = [o[0] for o in self.outputs]
-        logger.info("loaded %s on %s", path, self.provider)
+        self.inputs = _tensor_specs(self.session.get_inputs(), "input")
+        self.outputs = _tensor_specs(self.session.get_outputs(), "output")
+        self.output_names = [o.name for o in self.outputs]
+        logger.info("loaded %s on %s", label, self.provider)
 
     def run(self, feeds: dict[str, np.ndarray], output_names: Sequence[str] | None = None) -> list[np.ndarray]:
         names = list(output_names or self.output_names)

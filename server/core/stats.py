@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 
 @dataclass
@@ -80,79 +79,47 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
-class _Histogram:
-    def __init__(self, buckets: Iterable[float]) -> None:
-        self.buckets = tuple(buckets)
-        self.counts = [0] * (len(self.buckets) + 1)
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, value: float) -> None:
-        for i, b in enumerate(self.buckets):
-            if value <= b:
-                self.counts[i] += 1
-                break
-        else:
-            self.counts[-1] += 1
-        self.sum += value
-        self.count += 1
-
-
 class Metrics:
-    """A small Prometheus registry: request counters and latency, queue-time and batch-size histograms."""
+    """Prometheus metrics of one server, in their own ``prometheus_client`` registry (so that several data
+    planes in one process, as in tests, never share counters)."""
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.requests: dict[tuple[str, str, str], int] = defaultdict(int)   # (model, protocol, code)
-        self.latency: dict[tuple[str, str], _Histogram] = {}
-        self.queue: dict[str, _Histogram] = {}
-        self.batch: dict[str, _Histogram] = {}
-        self.queue_depth: dict[str, int] = defaultdict(int)
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("foldserve_requests", "Inference requests by model, protocol and result code.",
+                                ["model", "protocol", "code"], registry=r)
+        self.failures = Counter("foldserve_request_failures", "Inference requests that failed.",
+                                ["model", "protocol"], registry=r)
+        self.latency = Histogram("foldserve_request_duration_seconds", "End-to-end request latency.",
+                                 ["model", "protocol"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram("foldserve_queue_duration_seconds", "Time requests wait for an execution.",
+                                    ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("foldserve_batch_size", "Batch size of each model execution.", ["model"],
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.queue_length = Gauge("foldserve_queue_length", "Requests waiting for an execution.",
+                                  ["model", "version"], registry=r)
+        self.inflight = Gauge("foldserve_inflight_requests", "Inference requests being handled.", registry=r)
 
     def request(self, model: str, protocol: str, code: str, seconds: float) -> None:
-        with self.lock:
-            self.requests[(model, protocol, code)] += 1
-            self.latency.setdefault((model, protocol), _Histogram(LATENCY_BUCKETS)).observe(seconds)
+        self.requests.labels(model, protocol, code).inc()
+        if code not in ("OK", "200"):
+            self.failures.labels(model, protocol).inc()
+        self.latency.labels(model, protocol).observe(seconds)
 
     def queued(self, model: str, seconds: float) -> None:
-        with self.lock:
-            self.queue.setdefault(model, _Histogram(LATENCY_BUCKETS)).observe(seconds)
+        self.queue_time.labels(model).observe(seconds)
 
     def executed(self, model: str, batch_size: int) -> None:
-        with self.lock:
-            self.batch.setdefault(model, _Histogram(BATCH_BUCKETS)).observe(batch_size)
+        self.batch_size.labels(model).observe(batch_size)
 
-    def render(self) -> str:
-        lines: list[str] = []
-        with self.lock:
-            lines += ["# HELP foldserve_requests_total Inference requests by model, protocol and result code.",
-                      "# TYPE foldserve_requests_total counter"]
-            for (model, proto, code), n in sorted(self.requests.items()):
-                lines.append(f'foldserve_requests_total{{model="{model}",protocol="{proto}",code="{code}"}} {n}')
-            lines += ["# HELP foldserve_request_failures_total Inference requests that failed.",
-                      "# TYPE foldserve_request_failures_total counter"]
-            failures: dict[tuple[str, str], int] = defaultdict(int)
-            for (model, proto, code), n in self.requests.items():
-                if code not in ("OK", "200"):
-                    failures[(model, proto)] += n
-            for (model, proto), n in sorted(failures.items()):
-                lines.append(f'foldserve_request_failures_total{{model="{model}",protocol="{proto}"}} {n}')
-            self._hist(lines, "foldserve_request_duration_seconds", "End-to-end request latency.",
-                       {f'model="{m}",protocol="{p}"': h for (m, p), h in self.latency.items()})
-            self._hist(lines, "foldserve_queue_duration_seconds", "Time requests wait for an execution.",
-                       {f'model="{m}"': h for m, h in self.queue.items()})
-            self._hist(lines, "foldserve_batch_size", "Batch size of each model execution.",
-                       {f'model="{m}"': h for m, h in self.batch.items()})
-        return "\n".join(lines) + "\n"
+    def render(self, queue_lengths: dict[tuple[str, str], int], inflight: int) -> bytes:
+        """Prometheus text; the gauges are set from the given current values first."""
+        from prometheus_client import generate_latest
 
-    @staticmethod
-    def _hist(lines: list[str], name: str, help_: str, series: dict[str, _Histogram]) -> None:
-        lines += [f"# HELP {name} {help_}", f"# TYPE {name} histogram"]
-        for labels, h in sorted(series.items()):
-            cum = 0
-            for b, c in zip(h.buckets, h.counts):
-                cum += c
-                lines.append(f'{name}_bucket{{{labels},le="{b}"}} {cum}')
-            lines.append(f'{name}_bucket{{{labels},le="+Inf"}} {h.count}')
-            lines.append(f"{name}_sum{{{labels}}} {h.sum}")
-            lines.append(f"{name}_count{{{labels}}} {h.count}")
+        self.queue_length.clear()  # versions unloaded since the last scrape disappear
+        for (model, version), n in queue_lengths.items():
+            self.queue_length.labels(model, version).set(n)
+        self.inflight.set(inflight)
+        return generate_latest(self.registry)

@@ -1,30 +1,29 @@
-"""The core's own request, response and model-description types (no protobuf, no HTTP)."""
+"""The core's own request, response and model-description types (no protobuf, no HTTP).
+
+Each transport renders these; none of them travels as an untyped dict inside the core.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
+from foldserve.model_config import TensorSpec
 
-@dataclass
-class TensorSpec:
-    name: str
-    datatype: str                  # v2 datatype
-    dims: list[int]                # per-sample dims (without the batch axis when max_batch_size > 0); -1: any
-
-    def full_shape(self, max_batch_size: int) -> list[int]:
-        return ([-1] if max_batch_size > 0 else []) + list(self.dims)
+__all__ = ["TensorSpec", "BatchingSpec", "ModelSpec", "InferInput", "RequestedOutput", "InferRequest",
+           "InferOutput", "InferResponse", "ServerMetadata", "ModelMetadata", "Readiness", "IndexEntry"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class BatchingSpec:
-    preferred_batch_sizes: list[int]
     max_queue_delay_us: int
 
 
 @dataclass
 class ModelSpec:
+    """A loaded version's interface and serving parameters, from its (completed) config.pbtxt."""
+
     name: str
     platform: str
     max_batch_size: int
@@ -53,7 +52,6 @@ class InferInput:
     shape: list[int]
     raw: bytes | memoryview | None = None
     values: Any = None            # nested lists / flat list (JSON, typed protobuf contents)
-    data: np.ndarray | None = None  # set by validation
 
 
 @dataclass
@@ -89,3 +87,53 @@ class InferResponse:
     id: str
     outputs: list[InferOutput]
     parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ServerMetadata:
+    name: str
+    version: str
+    extensions: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TensorMetadata:
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+    parameters: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """A model's readiness as the data plane decides it; ``error`` says why not (its class says whether the
+    model is unknown, ModelNotFound, or known but not ready, ModelNotReady)."""
+
+    ready: bool
+    error: Exception | None = None
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    name: str
+    version: str
+    state: str      # READY | UNAVAILABLE | LOADING | UNLOADING
+    reason: str
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)

@@ -11,7 +11,8 @@ import math
 import numpy as np
 
 from foldserve.errors import InvalidInput, PayloadTooLarge
-from server.core.datatypes import ALL_V2, numpy_dtype
+from foldserve.datatypes import V2_NAMES, numpy_dtype
+from foldserve.errors import UnsupportedDataType
 from server.core.types import InferInput, InferRequest, ModelSpec, TensorSpec
 
 
@@ -91,7 +92,7 @@ def validate_request(req: InferRequest, model: ModelSpec, max_elements: int) -> 
         if t.name in seen:
             raise InvalidInput(f"input {t.name!r} is given twice")
         seen.add(t.name)
-        if t.datatype not in ALL_V2:
+        if t.datatype not in V2_NAMES:
             raise InvalidInput(f"input {t.name!r}: unknown datatype {t.datatype!r}; expected {spec.datatype}")
         if t.datatype != spec.datatype:
             raise InvalidInput(f"input {t.name!r}: datatype {t.datatype}, expected {spec.datatype}")
@@ -109,7 +110,9 @@ def validate_request(req: InferRequest, model: ModelSpec, max_elements: int) -> 
             raise InvalidInput(f"output {o.name!r}: classification count must be >= 0")
     feeds = {}
     for t in req.inputs:
-        dtype = numpy_dtype(t.datatype, f"input {t.name!r}")
-        t.data = _decode(t, dtype)
-        feeds[t.name] = t.data
+        try:
+            dtype = numpy_dtype(t.datatype, f"input {t.name!r}")
+        except UnsupportedDataType as exc:
+            raise InvalidInput(str(exc)) from None
+        feeds[t.name] = _decode(t, dtype)
     return feeds, batches.pop()

@@ -5,11 +5,13 @@ from typing import Any
 
 from google.protobuf import json_format
 
+from foldserve.datatypes import raw_bytes
 from foldserve.errors import InvalidInput
-from server.core.datatypes import raw_bytes
-from server.core.types import InferInput, InferRequest, InferResponse, RequestedOutput
-from server.protocol import grpc_service_pb2 as pb
-from server.protocol import model_config_pb2 as mc
+from foldserve.protocol import grpc_service_pb2 as pb
+from foldserve.protocol import model_config_pb2 as mc
+from server.core.stats import ModelStats
+from server.core.types import (IndexEntry, InferInput, InferRequest, InferResponse, ModelMetadata, RequestedOutput,
+                               ServerMetadata)
 
 # typed contents field for each v2 datatype (FP16/BF16 travel only as raw bytes)
 CONTENTS_FIELD = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
@@ -62,12 +64,16 @@ def response_to_proto(resp: InferResponse) -> pb.ModelInferResponse:
     return out
 
 
-def metadata_to_proto(meta: dict[str, Any]) -> pb.ModelMetadataResponse:
-    out = pb.ModelMetadataResponse(name=meta["name"], versions=meta["versions"], platform=meta["platform"])
-    for t in meta["inputs"]:
-        out.inputs.add(name=t["name"], datatype=t["datatype"], shape=t["shape"])
-    for t in meta["outputs"]:
-        out.outputs.add(name=t["name"], datatype=t["datatype"], shape=t["shape"])
+def server_metadata_to_proto(meta: ServerMetadata) -> pb.ServerMetadataResponse:
+    return pb.ServerMetadataResponse(name=meta.name, version=meta.version, extensions=meta.extensions)
+
+
+def metadata_to_proto(meta: ModelMetadata) -> pb.ModelMetadataResponse:
+    out = pb.ModelMetadataResponse(name=meta.name, versions=meta.versions, platform=meta.platform)
+    for t in meta.inputs:
+        out.inputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
+    for t in meta.outputs:
+        out.outputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
     return out
 
 
@@ -75,9 +81,9 @@ def config_to_proto(config: dict[str, Any]) -> mc.ModelConfig:
     return json_format.ParseDict(config, mc.ModelConfig(), ignore_unknown_fields=True)
 
 
-def stats_to_proto(stats: list[dict[str, Any]]) -> pb.ModelStatisticsResponse:
-    return json_format.ParseDict({"model_stats": stats}, pb.ModelStatisticsResponse())
+def stats_to_proto(stats: list[ModelStats]) -> pb.ModelStatisticsResponse:
+    return json_format.ParseDict({"model_stats": [s.to_dict() for s in stats]}, pb.ModelStatisticsResponse())
 
 
-def index_to_proto(index: list[dict[str, str]]) -> pb.RepositoryIndexResponse:
-    return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**m) for m in index])
+def index_to_proto(index: list[IndexEntry]) -> pb.RepositoryIndexResponse:
+    return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**m.to_dict()) for m in index])

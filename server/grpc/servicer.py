@@ -15,11 +15,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from foldserve.errors import FoldserveError, InvalidInput, PermissionDenied
+from foldserve.protocol import grpc_service_pb2 as pb
+from foldserve.protocol import grpc_service_pb2_grpc as pb_grpc
 from server.core.auth import check_bearer
 from server.core.dataplane import DataPlane
 from server.grpc import converters as conv
-from server.protocol import grpc_service_pb2 as pb
-from server.protocol import grpc_service_pb2_grpc as pb_grpc
 from server.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -88,11 +88,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_rpc()
     async def ModelReady(self, request, context):
-        return pb.ModelReadyResponse(ready=self.dp.model_ready(request.name, request.version))
+        return pb.ModelReadyResponse(ready=self.dp.model_readiness(request.name, request.version).ready)
 
     @_rpc()
     async def ServerMetadata(self, request, context):
-        return pb.ServerMetadataResponse(**self.dp.metadata())
+        return conv.server_metadata_to_proto(self.dp.metadata())
 
     @_rpc()
     async def ModelMetadata(self, request, context):

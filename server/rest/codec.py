@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import orjson
 
+from foldserve.datatypes import raw_bytes
 from foldserve.errors import InvalidInput, PayloadTooLarge
-from server.core.datatypes import raw_bytes
 from server.core.types import InferInput, InferRequest, InferResponse, RequestedOutput
 
 HEADER = "inference-header-content-length"

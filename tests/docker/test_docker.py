@@ -85,16 +85,15 @@ def test_kubernetes_manifests_match_the_server_defaults():
     assert runtime["containers"][0]["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": http_port}
     assert kserve["InferenceService"]["spec"]["predictor"]["model"]["runtime"] == kserve["ServingRuntime"]["metadata"]["name"]
     # every CLI flag the manifests pass exists
-    from foldserve.cli import build_parser, _register_optional, COMMANDS
+    from cli.main import build_parser
 
-    if len(COMMANDS) == 1:
-        _register_optional()
-    build_parser().parse_args(["serve", *args])
+    parser, _ = build_parser()
+    parser.parse_args(["serve", *args])
 
     job = {d["kind"]: d for d in _docs(DOCKER_DIR / "k8s" / "torchrun-job.yaml")}["Job"]
     targs = job["spec"]["template"]["spec"]["containers"][0]["args"]
     assert any(a.startswith("--rdzv-endpoint=") for a in targs) and "--rdzv-backend=c10d" in targs
-    build_parser().parse_args(targs[targs.index("foldserve.cli") + 1:])
+    parser.parse_args(targs[targs.index("cli.main") + 1:])
 
 
 def test_compose_file():

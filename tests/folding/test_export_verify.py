@@ -10,7 +10,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from foldserve.cli import main as cli_main
+from cli.main import main as cli_main
 from folding import fold_onnx
 from folding.export import build_entry, example_input
 from folding.verify import VerifyOptions, ort_session, verify_entry
@@ -34,9 +34,15 @@ def test_repository_entry_in_triton_layout(entry, digits_run):
         assert (vdir / f).is_file(), f
     cfg = (entry.model_dir / "config.pbtxt").read_text()
     for needle in ('name: "digits"', 'platform: "onnxruntime_onnx"', "max_batch_size: 64", 'name: "input"',
-                   "data_type: TYPE_FP32", "dims: [ 1, 8, 8 ]", "dims: [ 10 ]", "dynamic_batching",
-                   "max_queue_delay_microseconds"):
+                   "data_type: TYPE_FP32", "dims: [1, 8, 8]", "dims: [10]", "dynamic_batching",
+                   "max_queue_delay_microseconds", 'label_filename: "labels.txt"'):
         assert needle in cfg, needle
+    # and it is what the ModelConfig message reads back (text format, not a template)
+    from foldserve.model_config import interface, read_config
+
+    mbs, inputs, outputs = interface(read_config(entry.model_dir))
+    assert (mbs, [(t.name, t.datatype, t.dims) for t in inputs + outputs]) == (
+        64, [("input", "FP32", (1, 8, 8)), ("output", "FP32", (10,))])
     served = onnx.load(str(vdir / "model.onnx"))
     reference = onnx.load(str(vdir / "reference.onnx"))
     onnx.checker.check_model(served, full_check=True)

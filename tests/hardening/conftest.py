@@ -82,12 +82,14 @@ def rss_mb(pid: int) -> float:
     return int(re.search(r"VmRSS:\s+(\d+) kB", text).group(1)) / 1024
 
 
-def gauges(srv) -> dict[str, float]:
+def gauges(srv) -> dict[tuple[str, str], float]:
+    """The queue-length gauges (per model:version) and the in-flight gauge; fails if either is absent."""
+    from tests.conftest import metric_samples
+
     with urllib.request.urlopen(f"http://{srv.http}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line.startswith(("foldserve_queue_length", "foldserve_inflight_requests")):
-            key, value = line.rsplit(" ", 1)
-            out[key] = float(value)
+        samples = metric_samples(r.read().decode())
+    out = {(n, f"{lab.get('model', '')}:{lab.get('version', '')}"): v for n, lab, v in samples
+           if n in ("foldserve_queue_length", "foldserve_inflight_requests")}
+    assert any(n == "foldserve_queue_length" for n, _ in out), "no foldserve_queue_length gauge in /metrics"
+    assert any(n == "foldserve_inflight_requests" for n, _ in out), "no foldserve_inflight_requests gauge"
     return out

@@ -80,14 +80,13 @@ def _latency_histogram(srv) -> dict[float, int]:
     """Server-side latency histogram of gRPC requests to digits: upper bound (s) -> cumulative count."""
     import urllib.request
 
+    from tests.conftest import metric_samples
+
     with urllib.request.urlopen(f"http://{srv.http}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line.startswith('foldserve_request_duration_seconds_bucket{model="digits",protocol="grpc"'):
-            le = line.split('le="')[1].split('"')[0]
-            out[float("inf") if le == "+Inf" else float(le)] = int(float(line.rsplit(" ", 1)[1]))
-    return out
+        samples = metric_samples(r.read().decode())
+    return {float(lab["le"]): int(v) for n, lab, v in samples
+            if n == "foldserve_request_duration_seconds_bucket" and lab.get("model") == "digits"
+            and lab.get("protocol") == "grpc"}
 
 
 def _p99(before: dict[float, int], after: dict[float, int]) -> float:
@@ -120,7 +119,8 @@ def test_overload_sheds_load_and_recovers(hardening_repo):
         # recovers at once: the queue drains and a lone request is served promptly
         time.sleep(0.5)
         g = gauges(srv)
-        assert all(v == 0 for k, v in g.items() if k.startswith("foldserve_queue_length")), g
+        queues = {k: v for k, v in g.items() if k == ("foldserve_queue_length", "digits:1")}
+        assert queues == {("foldserve_queue_length", "digits:1"): 0}, g
         t = time.perf_counter()
         with grpc.insecure_channel(srv.grpc) as ch:
             ch.unary_unary(METHOD, request_serializer=None, response_deserializer=None)(payload, timeout=10)

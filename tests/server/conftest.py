@@ -1,7 +1,7 @@
 """Server fixtures: a real repository entry and the server as a real process on free ports.
 
 The test process talks to the server with tritonclient. It never imports our generated stubs
-(server.protocol): both define proto package ``inference`` and cannot live in one process.
+(foldserve.protocol): both define proto package ``inference`` and cannot live in one process.
 """
 from __future__ import annotations
 

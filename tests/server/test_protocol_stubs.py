@@ -27,7 +27,7 @@ def test_stubs_and_tritonclient_agree_on_the_wire_format():
 import json, sys
 mod = sys.argv[1]
 if mod == "ours":
-    from server.protocol import grpc_service_pb2 as sp, model_config_pb2 as mc
+    from foldserve.protocol import grpc_service_pb2 as sp, model_config_pb2 as mc
 else:
     from tritonclient.grpc import service_pb2 as sp, model_config_pb2 as mc
 out = {}

@@ -130,9 +130,12 @@ def test_statistics_and_metrics(gclient, hclient, server):
     status, text, _ = _http(server, "GET", "/metrics")
     text = text.decode()
     assert status == 200
-    assert f'foldserve_requests_total{{model="{MODEL}",protocol="grpc",code="OK"}}' in text
-    assert "foldserve_request_duration_seconds_bucket" in text and "foldserve_batch_size_bucket" in text
-    assert "foldserve_queue_duration_seconds_count" in text
+    from tests.conftest import metric_value
+
+    assert metric_value(text, "foldserve_requests_total", model=MODEL, protocol="grpc", code="OK") >= 1
+    assert metric_value(text, "foldserve_request_duration_seconds_count", model=MODEL, protocol="grpc") >= 1
+    assert metric_value(text, "foldserve_batch_size_count", model=f"{MODEL}:1") >= 1
+    assert metric_value(text, "foldserve_queue_duration_seconds_count", model=f"{MODEL}:1") >= 1
     status, doc, _ = _http(server, "GET", "/openapi.json")
     paths = json.loads(doc)["paths"]
     assert "/v2/models/{model}/infer" in paths and "/v2/repository/index" in paths
@@ -396,7 +399,7 @@ def test_infer_cli_grpc_and_http(server):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("class") == 3 and "sample 0:" in proc.stdout
     proc = run_cli("infer", "--url", server.grpc, "--model", "nope", str(server.repo / "x.npy"))
-    assert proc.returncode != 0 and "NOT_FOUND" in proc.stderr
+    assert proc.returncode == 2 and "unknown model 'nope'" in proc.stderr and len(proc.stderr.splitlines()) == 1
 
 
 def test_live_verification_against_the_running_server(server):

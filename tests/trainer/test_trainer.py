@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from foldserve.cli import main as cli_main
+from cli.main import main as cli_main
 from tests.conftest import BIN, ROOT, run_cli
 from trainer import bn_stats
 from trainer.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
@@ -97,7 +97,7 @@ def test_cumulative_bn_momentum_is_saved(tmp_path):
 
 def _torchrun(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-port", str(_free_port()),
-           "-m", "foldserve.cli", "train", "--arch", "resnet", "--dataset", "synthetic", "--epochs", "2",
+           "-m", "cli.main", "train", "--arch", "resnet", "--dataset", "synthetic", "--epochs", "2",
            "--batch-size", "32", "--no-progress", "--out", str(tmp_path / "ddp"), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)

@@ -1,25 +1,14 @@
-"""The ``foldserve`` command: train, fold, verify, serve, infer, pipeline.
-
-Each subcommand imports its stage lazily, so ``foldserve serve`` never imports torch. User errors
-(:class:`foldserve.errors.UserError`) print one line and exit 2; verification failures exit 1.
-"""
+"""``foldserve train``: train a BatchNorm network and write a checkpoint (see trainer/)."""
 from __future__ import annotations
 
 import argparse
 import json
-import logging
-import sys
-from typing import Any, Callable, Sequence
+import os
+from typing import Any, Sequence
 
-from foldserve import __version__
-from foldserve.errors import ConfigError, FoldserveError
+from foldserve.errors import ConfigError
 
-logger = logging.getLogger("foldserve")
-
-
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+REQUIRES = ("torch", "sklearn", "matplotlib")
 
 
 def _parse_kv(items: Sequence[str]) -> dict[str, Any]:
@@ -44,11 +33,10 @@ def _bn_momentum(value: str) -> float | None:
         raise argparse.ArgumentTypeError(f"expected a number in (0, 1] or 'cumulative', got {value!r}") from None
 
 
-# --- train ----------------------------------------------------------------------------------------
-
-def _add_train(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a BatchNorm network and write DIR/checkpoint.pt")
     p.add_argument("--arch", default="resnet", help="architecture name (see --list-archs)")
+    p.add_argument("--list-archs", action="store_true", help="list the architectures and exit")
     p.add_argument("--dataset", default="digits", help="digits | synthetic | npz | folder")
     p.add_argument("--data", help="path for --dataset npz (arrays x, y) or folder (one sub-folder per class)")
     p.add_argument("--out", default="runs/default", help="output directory (default: runs/default)")
@@ -74,10 +62,20 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--arch-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="architecture size knob, e.g. --arch-arg width=32 --arch-arg blocks=2")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_cmd_train)
+    p.set_defaults(func=run)
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
+def list_archs() -> list[str]:
+    from trainer.models import ARCHITECTURES
+
+    return [f"{name:<18} {spec.task:<15} {spec.input_kind:<9} {spec.doc}; defaults {spec.defaults}"
+            for name, spec in ARCHITECTURES.items()]
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.list_archs:
+        print("\n".join(list_archs()))
+        return 0
     from trainer.train import TrainConfig, train
 
     lr = args.lr if args.lr is not None else (0.1 if args.optimizer == "sgd" else 3e-3)
@@ -90,53 +88,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                       arch_args=_parse_kv(args.arch_arg), progress=not args.no_progress)
     result = train(cfg)
     metrics = {k: v for k, v in result.metrics.items() if v is not None}
-    import os
-
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"checkpoint: {result.checkpoint}")
         print(f"metrics: {json.dumps(metrics, sort_keys=True)}")
         print(f"wall time: {result.wall_s:.1f} s")
     return 0
-
-
-# --- main ------------------------------------------------------------------------------------------
-
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train]
-
-
-def _register_optional() -> None:
-    """Subcommands of the later stages, each in its own module."""
-    from foldserve import commands
-
-    COMMANDS.extend(commands.REGISTER)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="foldserve", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=f"foldserve {__version__}")
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-    for add in COMMANDS:
-        add(sub)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    if len(COMMANDS) == 1:
-        _register_optional()
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _configure_logging(getattr(args, "log_level", "INFO"))
-    try:
-        return int(args.func(args) or 0)
-    except FoldserveError as exc:
-        print(f"foldserve {args.command}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print(f"foldserve {args.command}: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -1,0 +1,37 @@
+"""What several commands share: the verifier's flags and the printing of a fold report."""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from foldserve.errors import ConfigError
+
+
+def add_verify_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rtol", type=float, default=None, help="override the dtype's relative tolerance")
+    p.add_argument("--atol", type=float, default=None, help="override the dtype's absolute tolerance")
+    p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="execution provider the server will use (default: CUDA when present)")
+    p.add_argument("--batch-sizes", default="1,7,32", help="comma-separated batch sizes of random inputs")
+
+
+def verify_options(args: argparse.Namespace) -> Any:
+    from folding.verify import VerifyOptions
+
+    try:
+        sizes = tuple(int(b) for b in args.batch_sizes.split(",") if b.strip())
+    except ValueError:
+        raise ConfigError(f"--batch-sizes {args.batch_sizes!r}: expected integers like 1,7,32") from None
+    if not sizes or min(sizes) < 1:
+        raise ConfigError(f"--batch-sizes {args.batch_sizes!r}: need positive integers")
+    return VerifyOptions(batch_sizes=sizes, rtol=args.rtol, atol=args.atol, provider=args.provider)
+
+
+def print_fold_report(report: Any) -> None:
+    print(report.summary())
+    for f in report.folded:
+        print(f"  folded   {f.bn} -> {f.into} ({f.direction}, {f.producer_type})")
+    for s in report.skipped:
+        print(f"  skipped  {s.bn}: {s.reason}")
+    for w in report.warnings:
+        print(f"  warning  {w}")

@@ -1,0 +1,38 @@
+"""``foldserve pipeline``: train -> fold -> verify the default model into a repository."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from cli.common import print_fold_report
+
+REQUIRES = ("torch", "onnx", "onnxruntime", "sklearn", "matplotlib")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pipeline", help="train -> fold -> verify the default model into a repository")
+    p.add_argument("--repository", default="model_repository")
+    p.add_argument("--name", default="digits_resnet")
+    p.add_argument("--arch", default="resnet")
+    p.add_argument("--dataset", default="digits")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--runs", default="runs", help="where training runs are written")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from folding.export import build_entry
+    from folding.verify import summary_table
+    from trainer.train import TrainConfig, train
+
+    out = Path(args.runs) / args.name
+    result = train(TrainConfig(arch=args.arch, dataset=args.dataset, epochs=args.epochs, out=str(out),
+                               progress=sys.stderr.isatty()))
+    val = {k: round(v, 4) for k, v in result.metrics.items() if k.startswith("val") and v is not None}
+    print(f"checkpoint: {result.checkpoint}  val metrics: {val}")
+    entry = build_entry(result.checkpoint, args.repository, args.name, force=False)
+    print_fold_report(entry.onnx_report)
+    print(summary_table(entry.verification))
+    print(f"model: {entry.version_dir}")
+    return 0 if entry.verification["passed"] else 1

@@ -1,0 +1,42 @@
+"""``foldserve verify``: check an entry against its unfolded model, locally or as a running server serves it."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from cli.common import add_verify_flags, verify_options
+from foldserve.errors import ConfigError
+
+REQUIRES = ("torch", "onnx", "onnxruntime")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("verify", help="check a folded repository entry against the unfolded model")
+    p.add_argument("entry", nargs="?", help="REPO/NAME/VERSION written by `foldserve fold`")
+    p.add_argument("--server", help="HOST:PORT (gRPC) or http://HOST:PORT of a running server: verify what it "
+                                    "serves")
+    p.add_argument("--model", help="with --server: model name (default: the entry's NAME)")
+    p.add_argument("--version", help="with --server: version to check (default: the entry's VERSION)")
+    p.add_argument("--token", help="with --server: bearer token, if the server requires one")
+    p.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
+    add_verify_flags(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.entry:
+        raise ConfigError("verify needs REPO/NAME/VERSION (with --server HOST:PORT: the local entry to compare "
+                          "the served model against)")
+    if args.server:
+        from folding.live import verify_live
+
+        report = verify_live(args.server, Path(args.entry), verify_options(args), model=args.model,
+                             version=args.version, token=args.token)
+        print(json.dumps(report, indent=2) if args.json else report["table"])
+        return 0 if report["passed"] else 1
+    from folding.verify import summary_table, verify_entry
+
+    report = verify_entry(args.entry, verify_options(args))
+    print(json.dumps(report, indent=2) if args.json else summary_table(report))
+    return 0 if report["passed"] else 1

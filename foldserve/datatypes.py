@@ -1,0 +1,103 @@
+"""Tensor datatypes: the one table that relates the v2 protocol, numpy, ONNX, Triton's config and onnxruntime.
+
+Every stage that names a datatype goes through :func:`lookup`; a type that is not in the table is an
+error that says which types are known, never a silent FP32.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from foldserve.errors import UnsupportedDataType
+
+
+@dataclass(frozen=True)
+class DataType:
+    """One tensor element type under each of its names."""
+
+    v2: str                       # KServe v2 / Triton wire name ("FP32")
+    onnx: int                     # onnx.TensorProto.DataType value
+    config: str                   # Triton config.pbtxt enum name ("TYPE_FP32")
+    ort: str                      # onnxruntime's type string ("tensor(float)")
+    numpy: np.dtype | None        # little-endian numpy dtype; None where numpy has none (BF16, BYTES)
+
+    @property
+    def servable(self) -> bool:
+        """Whether the server can carry tensors of this type as numpy arrays."""
+        return self.numpy is not None
+
+
+def _np(code: str) -> np.dtype:
+    return np.dtype(code)
+
+
+TABLE: tuple[DataType, ...] = (
+    DataType("BOOL", 9, "TYPE_BOOL", "tensor(bool)", _np("?")),
+    DataType("UINT8", 2, "TYPE_UINT8", "tensor(uint8)", _np("<u1")),
+    DataType("UINT16", 4, "TYPE_UINT16", "tensor(uint16)", _np("<u2")),
+    DataType("UINT32", 12, "TYPE_UINT32", "tensor(uint32)", _np("<u4")),
+    DataType("UINT64", 13, "TYPE_UINT64", "tensor(uint64)", _np("<u8")),
+    DataType("INT8", 3, "TYPE_INT8", "tensor(int8)", _np("<i1")),
+    DataType("INT16", 5, "TYPE_INT16", "tensor(int16)", _np("<i2")),
+    DataType("INT32", 6, "TYPE_INT32", "tensor(int32)", _np("<i4")),
+    DataType("INT64", 7, "TYPE_INT64", "tensor(int64)", _np("<i8")),
+    DataType("FP16", 10, "TYPE_FP16", "tensor(float16)", _np("<f2")),
+    DataType("FP32", 1, "TYPE_FP32", "tensor(float)", _np("<f4")),
+    DataType("FP64", 11, "TYPE_FP64", "tensor(double)", _np("<f8")),
+    DataType("BF16", 16, "TYPE_BF16", "tensor(bfloat16)", None),
+    DataType("BYTES", 8, "TYPE_STRING", "tensor(string)", None),
+)
+
+_BY: dict[str, dict[object, DataType]] = {
+    "v2": {t.v2: t for t in TABLE},
+    "onnx": {t.onnx: t for t in TABLE},
+    "config": {t.config: t for t in TABLE},
+    "ort": {t.ort: t for t in TABLE},
+    "numpy": {t.numpy: t for t in TABLE if t.numpy is not None},
+}
+V2_NAMES: tuple[str, ...] = tuple(t.v2 for t in TABLE)
+
+
+def lookup(value: object, kind: str = "v2", where: str = "datatype") -> DataType:
+    """The table row for ``value`` named the ``kind`` way (v2, onnx, config, ort, numpy); raises
+    :class:`UnsupportedDataType` naming ``where`` and the known names otherwise."""
+    key = np.dtype(value).newbyteorder("<") if kind == "numpy" and value is not None else value
+    row = _BY[kind].get(key)  # type: ignore[arg-type]
+    if row is None:
+        known = sorted(str(k) for k in _BY[kind])
+        raise UnsupportedDataType(f"{where}: unknown {kind} datatype {value!r}; known: {', '.join(known)}")
+    return row
+
+
+def numpy_dtype(v2: str, where: str = "datatype") -> np.dtype:
+    """The numpy dtype of a v2 datatype that the server can carry as an array."""
+    row = lookup(v2, "v2", where)
+    if row.numpy is None:
+        raise UnsupportedDataType(f"{where}: datatype {v2} cannot be carried as a numpy array by foldserve")
+    return row.numpy
+
+
+def serialize_bytes(arr: np.ndarray) -> bytes:
+    """Triton's raw layout for BYTES tensors (gRPC raw contents and REST binary data alike): each element as
+    a 4-byte little-endian length followed by its bytes."""
+    out = []
+    for item in arr.reshape(-1):
+        b = item if isinstance(item, bytes) else str(item).encode()
+        out.append(len(b).to_bytes(4, "little") + b)
+    return b"".join(out)
+
+
+def deserialize_bytes(raw: bytes) -> list[bytes]:
+    """The inverse of :func:`serialize_bytes`."""
+    items, off = [], 0
+    while off + 4 <= len(raw):
+        n = int.from_bytes(raw[off:off + 4], "little")
+        items.append(bytes(raw[off + 4:off + 4 + n]))
+        off += 4 + n
+    return items
+
+
+def raw_bytes(datatype: str, arr: np.ndarray) -> bytes:
+    """A tensor as raw bytes, in row-major order."""
+    return serialize_bytes(arr) if datatype == "BYTES" else np.ascontiguousarray(arr).tobytes()

@@ -1,0 +1,138 @@
+"""The repository entry: the files one model version consists of, as ``folding/`` writes them and
+``server/`` reads them (Triton's layout plus foldserve's records)::
+
+    REPO/NAME/config.pbtxt            ModelConfig in text format (see foldserve.model_config)
+    REPO/NAME/labels.txt              class names, one a line (Triton's label_filename)
+    REPO/NAME/VERSION/model.onnx      the folded model that is served
+    REPO/NAME/VERSION/reference.onnx  the unfolded model, BatchNormalization nodes kept
+    REPO/NAME/VERSION/source.pt       the source model (trainer checkpoint format, weights_only loadable)
+    REPO/NAME/VERSION/fold_report.json, preprocess.json, labels.txt, verification.json
+
+This module knows names and layouts only; it imports nothing heavier than the standard library.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from foldserve.errors import EntryError
+from foldserve.names import is_version_folder, parse_version
+
+MODEL_FILE = "model.onnx"
+REFERENCE_FILE = "reference.onnx"
+SOURCE_FILE = "source.pt"
+FOLD_REPORT_FILE = "fold_report.json"
+PREPROCESS_FILE = "preprocess.json"
+VERIFICATION_FILE = "verification.json"
+LABELS_FILE = "labels.txt"
+# tensor names of the models foldserve exports itself (other models keep their own)
+INPUT_NAME, OUTPUT_NAME = "input", "output"
+STAGING_PREFIX = ".staging-"
+
+
+@dataclass(frozen=True)
+class VersionDir:
+    """The files of one version folder."""
+
+    path: Path
+
+    @property
+    def model(self) -> Path:
+        return self.path / MODEL_FILE
+
+    @property
+    def reference(self) -> Path:
+        return self.path / REFERENCE_FILE
+
+    @property
+    def source(self) -> Path:
+        return self.path / SOURCE_FILE
+
+    @property
+    def fold_report(self) -> Path:
+        return self.path / FOLD_REPORT_FILE
+
+    @property
+    def preprocess(self) -> Path:
+        return self.path / PREPROCESS_FILE
+
+    @property
+    def verification(self) -> Path:
+        return self.path / VERIFICATION_FILE
+
+    @property
+    def labels(self) -> Path:
+        return self.path / LABELS_FILE
+
+    @property
+    def name(self) -> str:
+        return self.path.parent.name
+
+    @property
+    def version(self) -> int:
+        v = parse_version(self.path.name) if is_version_folder(self.path.name) else None
+        if v is None:
+            raise EntryError(f"{self.path.name!r} is not a version folder (expected REPO/NAME/VERSION)")
+        return v
+
+
+def version_numbers(model_dir: Path) -> list[int]:
+    """The version folders of a model folder, ascending."""
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and is_version_folder(p.name))
+
+
+def next_version(model_dir: Path) -> int:
+    return max(version_numbers(model_dir), default=0) + 1
+
+
+def read_labels(model_dir: Path, version_dir: Path | None = None) -> list[str]:
+    """Per-version labels win over the model's labels.txt."""
+    for p in ((version_dir / LABELS_FILE) if version_dir else None, model_dir / LABELS_FILE):
+        if p is not None and p.is_file():
+            return [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    return []
+
+
+@dataclass
+class Preprocess:
+    """How raw data becomes the model's input, recorded next to the model (and served in its metadata)."""
+
+    input_name: str = INPUT_NAME
+    output_name: str = OUTPUT_NAME
+    input_shape: list[int] = field(default_factory=list)       # per sample, without the batch axis
+    normalization: dict[str, list[float]] | None = None       # {"mean": [...], "std": [...]} per channel
+    normalization_in_model: bool = True                        # the served model normalises itself
+    input_range: list[float] | None = None                     # [min, max] of the raw data it was trained on
+    task: str = "classification"                               # classification | denoising | other
+    class_names: list[str] = field(default_factory=list)
+    dataset: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Preprocess":
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+def read_preprocess(version_dir: Path) -> Preprocess | None:
+    path = version_dir / PREPROCESS_FILE
+    if not path.is_file():
+        return None
+    try:
+        return Preprocess.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError) as exc:
+        raise EntryError(f"{version_dir.name}/{PREPROCESS_FILE}: unreadable ({exc})") from None
+
+
+def split_entry_path(path: Path) -> tuple[Path, str, int]:
+    """REPO/NAME/VERSION -> (REPO, NAME, VERSION); EntryError when the last part is not a version."""
+    path = Path(path)
+    if not is_version_folder(path.name):
+        raise EntryError(f"{path}: expected a version folder REPO/NAME/VERSION (e.g. model_repository/digits/1)")
+    return path.parent.parent, path.parent.name, int(path.name)

@@ -1,0 +1,142 @@
+"""Build one servable model version from its folder: the verification gate, the ONNX checks, the
+onnxruntime session, the completed spec, the scheduler, and the warm-up."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from foldserve.datatypes import numpy_dtype
+from foldserve.entry import MODEL_FILE
+from foldserve.errors import ModelNotReady
+from foldserve.model_config import ModelConfig
+from server.core.model_config import complete_config, to_spec
+from server.core.repository import ModelRepository, VerificationSummary, read_verification
+from server.core.runtime import OnnxModel
+from server.core.scheduler import Scheduler
+from server.core.stats import Metrics, ModelStats
+from server.core.types import ModelSpec
+from server.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedVersion:
+    name: str
+    version: int
+    spec: ModelSpec
+    runtime: OnnxModel
+    scheduler: Scheduler
+    stats: ModelStats
+    verification: VerificationSummary
+    preprocess: dict[str, Any] | None
+
+
+def build_version(repo: ModelRepository, name: str, version: int, config: ModelConfig, settings: Settings,
+                  metrics: Metrics) -> LoadedVersion:
+    vdir = repo.version_dir(name, version)
+    onnx_path = vdir / (config.default_model_filename or MODEL_FILE)
+    if not onnx_path.is_file():
+        raise ModelNotReady(f"{onnx_path.name} is missing in version {version}")
+    verification = read_verification(vdir)
+    if not verification.passed and not settings.allow_unverified:
+        raise ModelNotReady(f"verification did not pass ({verification.reason or 'failed'}); "
+                            f"re-run `foldserve verify` or start with --allow-unverified")
+    check_onnx(onnx_path, vdir)
+    s = settings
+    runtime = OnnxModel(onnx_path, provider=s.provider, device_id=s.device_id, intra_op_threads=s.intra_op_threads,
+                        inter_op_threads=s.inter_op_threads, io_binding=s.io_binding, spin=s.spin)
+    cfg = ModelConfig()
+    cfg.CopyFrom(config)
+    complete_config(cfg, runtime.inputs, runtime.outputs)
+    preprocess = repo.preprocess(name, version)
+    cfg.parameters["foldserve_verified"].string_value = "true" if verification.passed else "false"
+    cfg.parameters["foldserve_verification"].string_value = json.dumps(verification.to_dict(), sort_keys=True)
+    cfg.parameters["foldserve_provider"].string_value = runtime.provider
+    if preprocess is not None:
+        cfg.parameters["foldserve_preprocess"].string_value = json.dumps(preprocess, sort_keys=True)
+    spec = to_spec(cfg, repo.labels(name, version), s.instances)
+    check_spec_matches_model(spec, runtime)
+    delay = None
+    if s.batching and spec.batching is not None:
+        us = s.max_queue_delay_us if s.max_queue_delay_us is not None else spec.batching.max_queue_delay_us
+        delay = us / 1e6
+    stats = ModelStats(name, str(version))
+    scheduler = Scheduler(f"{name}:{version}", runtime.run, max_batch_size=spec.max_batch_size, max_delay_s=delay,
+                          max_queue=s.max_queue_size, instances=spec.instances, stats=stats, metrics=metrics,
+                          eager=s.batch_policy == "eager")
+    if s.warmup:
+        try:
+            scheduler.run_estimate_s = warmup(spec, runtime)
+        except Exception as exc:  # some models reject zero-filled inputs; they can still serve
+            logger.warning("warm-up of %s version %d failed (%s): serving without warm-up", name, version,
+                           str(exc).splitlines()[0][:200])
+    return LoadedVersion(name, version, spec, runtime, scheduler, stats, verification, preprocess)
+
+
+def check_onnx(path: Path, vdir: Path) -> None:
+    """onnx.checker before onnxruntime sees the file; external data must stay inside the version folder."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+        for t in model.graph.initializer:
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                loc = next((e.value for e in t.external_data if e.key == "location"), "")
+                target = (vdir / loc).resolve()
+                if Path(loc).is_absolute() or vdir.resolve() not in target.parents:
+                    raise ModelNotReady(f"{path.name}: external data {loc!r} points outside the model folder")
+        onnx.checker.check_model(str(path))
+    except ModelNotReady:
+        raise
+    except Exception as exc:  # checker/decoder errors of many types
+        first = str(exc).splitlines()[0][:300] if str(exc) else ""
+        raise ModelNotReady(f"{path.name} is not a valid ONNX model ({type(exc).__name__}: "
+                            f"{first.replace(str(vdir.resolve()), '.').replace(str(vdir), '.')})") from None
+
+
+def check_spec_matches_model(spec: ModelSpec, runtime: OnnxModel) -> None:
+    names = {t.name for t in runtime.inputs}
+    for t in spec.inputs:
+        if t.name not in names:
+            raise ModelNotReady(f"config.pbtxt input {t.name!r} is not an input of the ONNX model ({sorted(names)})")
+        try:
+            numpy_dtype(t.datatype, f"config.pbtxt input {t.name!r}")
+        except Exception as exc:
+            raise ModelNotReady(str(exc)) from None
+    outs = {t.name for t in runtime.outputs}
+    for t in spec.outputs:
+        if t.name not in outs:
+            raise ModelNotReady(f"config.pbtxt output {t.name!r} is not an output of the ONNX model ({sorted(outs)})")
+
+
+def warmup(spec: ModelSpec, runtime: OnnxModel) -> float:
+    """One run per power-of-two batch size up to max_batch_size, so the first requests are not slow.
+    Returns the best of three timed batch-1 runs (seconds)."""
+    sizes = [1]
+    while spec.max_batch_size > 0 and sizes[-1] * 2 <= spec.max_batch_size:
+        sizes.append(sizes[-1] * 2)
+    t0 = time.perf_counter()
+    one: dict[str, np.ndarray] = {}
+    for b in sizes if spec.max_batch_size > 0 else [0]:
+        feeds = {}
+        for t in spec.inputs:
+            dims = [d if d > 0 else 1 for d in t.dims]
+            shape = ([b] if spec.max_batch_size > 0 else []) + dims
+            feeds[t.name] = np.zeros(shape, dtype=numpy_dtype(t.datatype))
+        runtime.run(feeds)
+        if b in (0, 1):
+            one = feeds
+    timings = []
+    for _ in range(3):
+        t = time.perf_counter()
+        runtime.run(one)
+        timings.append(time.perf_counter() - t)
+    logger.info("warmed up %s over batch sizes %s in %.2f s", spec.name, sizes, time.perf_counter() - t0)
+    return min(timings)

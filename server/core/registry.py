@@ -1,0 +1,159 @@
+"""The registry of loaded model versions: load, swap, unload, look-up and the repository index.
+
+Loading builds a complete new set of versions (sessions created, warmed up) before it replaces the old
+set in one assignment, so requests never see a half-loaded model, and a failed load leaves the previous
+versions serving (the index says why the reload failed). Replaced or unloaded versions finish their
+queued and running requests before their threads are released. A version is served only when its
+verification passed (``allow_unverified`` overrides).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from foldserve.errors import FoldserveError, ModelNotFound, ModelNotReady
+from server.core.loader import LoadedVersion, build_version
+from server.core.model_config import select_versions, to_spec
+from server.core.repository import ModelRepository, check_model_name, check_version
+from server.core.stats import Metrics
+from server.core.types import IndexEntry
+from server.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelState:
+    name: str
+    versions: dict[int, LoadedVersion] = field(default_factory=dict)
+    state: str = "UNAVAILABLE"      # READY | UNAVAILABLE | LOADING | UNLOADING
+    reason: str = ""                # why the model (or its last reload) is not what was asked
+    version_reasons: dict[int, str] = field(default_factory=dict)
+
+
+class ModelRegistry:
+    def __init__(self, repository: ModelRepository, settings: Settings, metrics: Metrics) -> None:
+        self.repository = repository
+        self.settings = settings
+        self.metrics = metrics
+        self._models: dict[str, ModelState] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    # --- load / unload ---------------------------------------------------------------------------
+
+    async def load_all(self) -> None:
+        for name in self.settings.models or self.repository.names():
+            try:
+                await self.load(name)
+            except FoldserveError as exc:
+                logger.error("model %s not loaded: %s", name, exc)
+
+    async def load(self, name: str) -> ModelState:
+        """Load (or reload) every version the policy selects; on failure the old versions keep serving."""
+        check_model_name(name)
+        if not self.repository.has(name):
+            raise ModelNotFound(f"model {name!r} is not in the repository (no {name}/config.pbtxt)")
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            state = self._models.setdefault(name, ModelState(name))
+            previous = dict(state.versions)
+            if not previous:
+                state.state = "LOADING"
+            try:
+                new, reasons = await asyncio.get_running_loop().run_in_executor(None, self._build, name)
+                if not new:
+                    detail = "; ".join(f"version {v}: {r}" for v, r in sorted(reasons.items())) or "no versions"
+                    state.version_reasons = reasons
+                    raise ModelNotReady(f"no servable version: {detail}")
+            except FoldserveError as exc:
+                state.reason = f"reload failed, previous versions keep serving: {exc}" if previous else str(exc)
+                state.state = "READY" if previous else "UNAVAILABLE"
+                logger.error("loading %s failed: %s", name, state.reason)
+                raise ModelNotReady(f"model {name!r} failed to load: {exc}") from None
+            for lv in new.values():
+                lv.scheduler.start()
+            state.versions = new  # the swap: requests from now on use the new versions
+            state.version_reasons = reasons
+            state.state, state.reason = "READY", ""
+            logger.info("model %s ready: versions %s", name, sorted(new))
+        for old in previous.values():
+            asyncio.create_task(old.scheduler.close(self.settings.grace_period_s))
+        return state
+
+    def _build(self, name: str) -> tuple[dict[int, LoadedVersion], dict[int, str]]:
+        config = self.repository.config(name)
+        chosen = select_versions(self.repository.versions(name), to_spec(config, []).version_policy)
+        versions: dict[int, LoadedVersion] = {}
+        reasons: dict[int, str] = {}
+        for v in chosen:
+            try:
+                versions[v] = build_version(self.repository, name, v, config, self.settings, self.metrics)
+            except FoldserveError as exc:
+                reasons[v] = str(exc)
+                logger.error("model %s version %d: %s", name, v, exc)
+            except Exception as exc:  # a broken model must never take the server down
+                logger.exception("model %s version %d failed to load", name, v)
+                reasons[v] = f"failed to load ({type(exc).__name__}; see the server log)"
+        return versions, reasons
+
+    async def unload(self, name: str) -> None:
+        check_model_name(name)
+        state = self._models.get(name)
+        if state is None or not state.versions:
+            raise ModelNotFound(f"model {name!r} is not loaded")
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            old = dict(state.versions)
+            state.versions = {}
+            state.state, state.reason = "UNAVAILABLE", "unloaded"
+        await asyncio.gather(*(lv.scheduler.close(self.settings.grace_period_s) for lv in old.values()))
+        logger.info("model %s unloaded", name)
+
+    async def close(self) -> None:
+        for state in self._models.values():
+            await asyncio.gather(*(lv.scheduler.close(self.settings.grace_period_s) for lv in state.versions.values()))
+
+    # --- look-up ----------------------------------------------------------------------------------
+
+    def get(self, name: str, version: str = "") -> LoadedVersion:
+        """The version to serve; ModelNotFound for an unknown model or version, ModelNotReady for a known one
+        that cannot serve now."""
+        check_model_name(name)
+        v = check_version(version)
+        state = self._models.get(name)
+        if state is None:
+            if self.repository.has(name):
+                raise ModelNotReady(f"model {name!r} is not loaded")
+            raise ModelNotFound(f"unknown model {name!r}")
+        if v is None:
+            if not state.versions:
+                raise ModelNotReady(f"model {name!r} is not ready: {state.reason or state.state}")
+            return state.versions[max(state.versions)]
+        if v in state.versions:
+            return state.versions[v]
+        if v in state.version_reasons:
+            raise ModelNotReady(f"model {name!r} version {v} is not ready: {state.version_reasons[v]}")
+        raise ModelNotFound(f"model {name!r} has no version {v} loaded (loaded: {sorted(state.versions) or 'none'})")
+
+    def loaded_versions(self, name: str) -> list[LoadedVersion]:
+        """The loaded versions of ``name``, ascending (ModelNotFound / ModelNotReady as :meth:`get`)."""
+        self.get(name)
+        return [lv for _, lv in sorted(self._models[name].versions.items())]
+
+    def index(self) -> list[IndexEntry]:
+        out: list[IndexEntry] = []
+        for name in sorted(set(self.repository.names()) | set(self._models)):
+            state = self._models.get(name)
+            if state is None:
+                out.append(IndexEntry(name, "", "UNAVAILABLE", "not loaded"))
+                continue
+            for v in sorted(state.versions):
+                out.append(IndexEntry(name, str(v), "READY", state.reason))
+            for v, r in sorted(state.version_reasons.items()):
+                if v not in state.versions:
+                    out.append(IndexEntry(name, str(v), "UNAVAILABLE", r))
+            if not state.versions and (state.reason or not state.version_reasons):
+                out.append(IndexEntry(name, "", state.state, state.reason))
+        return out
+
+    def ready_versions(self) -> list[LoadedVersion]:
+        return [lv for s in self._models.values() for lv in s.versions.values()]

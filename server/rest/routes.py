@@ -1,0 +1,211 @@
+"""The v2 REST endpoints as module-level routers. Each handler translates HTTP to a data-plane call and
+back; semantics (not found vs not ready, what statistics cover) are the data plane's.
+
+Literal paths are registered before parameterised ones (``/v2/models/stats`` before
+``/v2/models/{model}``), or the literal one is unreachable.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, Field
+
+from foldserve.errors import InvalidInput, PayloadTooLarge, QueueFull
+from server.core.auth import check_bearer
+from server.core.dataplane import DataPlane
+from server.rest.codec import HEADER, decompress, encode_infer_response, parse_infer_request
+from server.settings import Settings
+
+
+# --- documentation models (the infer body is parsed by hand for speed; these describe it) -------------
+
+class TensorIn(BaseModel):
+    name: str
+    datatype: str = Field(description="BOOL, UINT8..UINT64, INT8..INT64, FP16, FP32, FP64")
+    shape: list[int]
+    data: list[Any] | None = Field(None, description="row-major values (nested or flat)")
+    parameters: dict[str, Any] | None = Field(None, description="binary_data_size for binary data")
+
+
+class OutputIn(BaseModel):
+    name: str
+    parameters: dict[str, Any] | None = Field(None, description="binary_data (bool), classification (int)")
+
+
+class InferRequestBody(BaseModel):
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    inputs: list[TensorIn]
+    outputs: list[OutputIn] | None = None
+
+
+class ErrorBody(BaseModel):
+    error: str
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {400: {"model": ErrorBody}, 404: {"model": ErrorBody},
+                                           503: {"model": ErrorBody}}
+INFER_DOC = {"requestBody": {"content": {
+    "application/json": {"schema": InferRequestBody.model_json_schema()},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary",
+                                            "description": "JSON header + binary tensors "
+                                                           "(Inference-Header-Content-Length)"}}},
+    "required": True}}
+
+
+def _dp(request: Request) -> DataPlane:
+    return request.app.state.dataplane
+
+
+def _settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def _auth(request: Request, token: str | None, what: str) -> None:
+    check_bearer(request.headers.get("authorization"), token, what)
+
+
+def _error(status: int, message: str) -> Response:
+    return Response(orjson.dumps({"error": message}), status_code=status, media_type="application/json")
+
+
+# --- server ---------------------------------------------------------------------------------------------
+
+health = APIRouter(tags=["server"])
+
+
+@health.get("/v2", summary="Server metadata")
+async def server_metadata(request: Request) -> Any:
+    return _dp(request).metadata().to_dict()
+
+
+@health.get("/v2/health/live", summary="Liveness")
+async def live(request: Request) -> Response:
+    return Response(status_code=200 if _dp(request).live() else 503)
+
+
+@health.get("/v2/health/ready", summary="Readiness")
+async def ready(request: Request) -> Response:
+    return Response(status_code=200 if _dp(request).ready() else 503)
+
+
+@health.get("/metrics", summary="Prometheus metrics")
+async def metrics(request: Request) -> Response:
+    return Response(_dp(request).render_metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+# --- models: literal paths first -------------------------------------------------------------------------
+
+models = APIRouter(tags=["models"])
+
+
+@models.get("/v2/models/stats", summary="Statistics of all loaded models")
+async def all_stats(request: Request) -> Any:
+    return {"model_stats": [s.to_dict() for s in _dp(request).statistics()]}
+
+
+@models.get("/v2/models/{model}", summary="Model metadata", responses=ERRORS)
+@models.get("/v2/models/{model}/versions/{version}", summary="Model metadata (one version)", responses=ERRORS)
+async def model_metadata(model: str, request: Request, version: str = "") -> Any:
+    return _dp(request).model_metadata(model, version).to_dict()
+
+
+@models.get("/v2/models/{model}/ready", summary="Model readiness", responses=ERRORS)
+@models.get("/v2/models/{model}/versions/{version}/ready", summary="Model readiness (one version)", responses=ERRORS)
+async def model_ready(model: str, request: Request, version: str = "") -> Response:
+    r = _dp(request).model_readiness(model, version)
+    if r.ready:
+        return Response(status_code=200)
+    return _error(getattr(r.error, "http_status", 503), str(r.error))
+
+
+@models.get("/v2/models/{model}/config", summary="Model configuration (Triton's JSON form)", responses=ERRORS)
+@models.get("/v2/models/{model}/versions/{version}/config", summary="Model configuration", responses=ERRORS)
+async def model_config(model: str, request: Request, version: str = "") -> Any:
+    return _dp(request).model_config(model, version)
+
+
+@models.get("/v2/models/{model}/stats", summary="Model statistics", responses=ERRORS)
+@models.get("/v2/models/{model}/versions/{version}/stats", summary="Model statistics", responses=ERRORS)
+async def model_stats(model: str, request: Request, version: str = "") -> Any:
+    return {"model_stats": [s.to_dict() for s in _dp(request).statistics(model, version)]}
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused before it is read in full when it is larger than ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            too_big = int(declared) > limit
+        except ValueError:
+            raise InvalidInput("Content-Length is not an integer") from None
+        if too_big:
+            raise PayloadTooLarge(f"request body of {declared} bytes exceeds the {limit}-byte limit "
+                                  f"(--max-request-bytes)")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds the {limit}-byte limit (--max-request-bytes)")
+        chunks.append(chunk)
+    return decompress(b"".join(chunks), request.headers.get("content-encoding"), limit)
+
+
+@models.post("/v2/models/{model}/infer", summary="Inference", responses=ERRORS, openapi_extra=INFER_DOC)
+@models.post("/v2/models/{model}/versions/{version}/infer", summary="Inference (one version)", responses=ERRORS,
+             openapi_extra=INFER_DOC)
+async def infer(model: str, request: Request, version: str = "") -> Response:
+    settings, admission = _settings(request), request.app.state.admission
+    _auth(request, settings.auth_token, "inference")
+    if admission.active >= admission.limit:  # past the limit answer at once instead of queueing without bound
+        raise QueueFull(f"server busy: {admission.active} requests in flight (limit {admission.limit}); retry later")
+    admission.active += 1
+    try:
+        body = await read_body(request, settings.max_request_bytes)
+        req = parse_infer_request(model, version, body, request.headers.get(HEADER))
+        resp = await _dp(request).infer(req, "http")
+    finally:
+        admission.active -= 1
+    payload, header_len = encode_infer_response(resp, bool(req.parameters.get("binary_data_output")))
+    if header_len is None:
+        return Response(payload, media_type="application/json")
+    return Response(payload, media_type="application/octet-stream",
+                    headers={"Inference-Header-Content-Length": str(header_len)})
+
+
+# --- repository -------------------------------------------------------------------------------------------
+
+repository = APIRouter(tags=["repository"])
+
+
+@repository.post("/v2/repository/index", summary="Repository index")
+async def repository_index(request: Request) -> Any:
+    ready_only = False
+    body = await request.body()
+    if body.strip():
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise InvalidInput("repository index body must be JSON, e.g. {\"ready\": true}") from None
+        ready_only = bool(doc.get("ready", False)) if isinstance(doc, dict) else False
+    return [m.to_dict() for m in _dp(request).repository_index(ready_only)]
+
+
+@repository.post("/v2/repository/models/{model}/load", summary="Load or reload a model", responses=ERRORS)
+async def load(model: str, request: Request) -> Response:
+    _auth(request, _settings(request).admin_token, "the repository API")
+    await _dp(request).load(model)
+    return Response(status_code=200)
+
+
+@repository.post("/v2/repository/models/{model}/unload", summary="Unload a model", responses=ERRORS)
+async def unload(model: str, request: Request) -> Response:
+    _auth(request, _settings(request).admin_token, "the repository API")
+    await _dp(request).unload(model)
+    return Response(status_code=200)
+
+
+ROUTERS = (health, models, repository)
