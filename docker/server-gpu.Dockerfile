@@ -11,13 +11,14 @@ ENV PIP_NO_INDEX=${PIP_NO_INDEX} PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DI
 # hadolint ignore=DL3008
 RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv \
  && rm -rf /var/lib/apt/lists/*
-COPY docker/requirements-server.txt /tmp/requirements-server.txt
 COPY docker/wheels/ /tmp/wheels/
+COPY pyproject.toml constraints.txt README.md /src/
+COPY foldserve/ /src/foldserve/
+COPY server/ /src/server/
+COPY cli/ /src/cli/
+# the `serve` extra: onnxruntime-gpu, pinned by constraints.txt
 RUN python3 -m venv /opt/venv \
- && sed 's/^onnxruntime==/onnxruntime-gpu==/' /tmp/requirements-server.txt > /tmp/requirements-gpu.txt \
- && /opt/venv/bin/pip install --find-links /tmp/wheels -r /tmp/requirements-gpu.txt
-COPY foldserve/ /opt/app/foldserve/
-COPY server/ /opt/app/server/
+ && /opt/venv/bin/pip install --find-links /tmp/wheels -c /src/constraints.txt "/src[serve]"
 
 FROM ${BASE_IMAGE}
 ENV DEBIAN_FRONTEND=noninteractive
@@ -28,8 +29,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends python3 \
  && useradd --system --uid 10001 --gid foldserve --no-create-home --shell /usr/sbin/nologin foldserve \
  && mkdir -p /models && chown foldserve:foldserve /models
 COPY --from=build /opt/venv /opt/venv
-COPY --from=build /opt/app /opt/app
-ENV PATH=/opt/venv/bin:$PATH PYTHONPATH=/opt/app PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
+ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
     FOLDSERVE_HOST=0.0.0.0 FOLDSERVE_REPOSITORY=/models FOLDSERVE_PROVIDER=auto \
     NVIDIA_VISIBLE_DEVICES=all NVIDIA_DRIVER_CAPABILITIES=compute,utility
 USER 10001:10001

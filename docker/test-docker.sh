@@ -56,8 +56,11 @@ if ! docker_cli image inspect "$base" >/dev/null 2>&1; then
   DOCKER=$(command -v /usr/bin/docker || command -v docker) docker/make-base.sh "$base"
 fi
 
-# a wheelhouse, so the image builds without network access from inside the build
-"$PY" -m pip download -q --only-binary=:all: -d docker/wheels -r docker/requirements-server.txt
+# a wheelhouse of the `serve-cpu` extra (and the build backend), so the image builds without network access
+"$PY" -m pip download -q --only-binary=:all: -d docker/wheels -c constraints.txt \
+  setuptools wheel >/dev/null
+"$PY" -m pip wheel -q -w docker/wheels -c constraints.txt ".[serve-cpu]" >/dev/null
+rm -f docker/wheels/foldserve-*.whl  # the image builds the project from its source
 t0=$(date +%s)
 DOCKER_BUILDKIT=1 docker_cli build -q --network host -f docker/server.Dockerfile \
   --build-arg BASE_IMAGE="$base" --build-arg PIP_NO_INDEX=1 -t "$image" . >/dev/null

@@ -16,9 +16,10 @@ COPY trainer/ trainer/
 COPY folding/ folding/
 COPY server/ server/
 COPY bench/ bench/
+COPY cli/ cli/
 COPY docker/wheels/ /tmp/wheels/
 RUN python3 -m venv /opt/venv \
- && /opt/venv/bin/pip install --find-links /tmp/wheels --extra-index-url "${TORCH_INDEX}" -c constraints.txt . \
+ && /opt/venv/bin/pip install --find-links /tmp/wheels --extra-index-url "${TORCH_INDEX}" -c constraints.txt ".[train]" \
  && rm -rf /tmp/wheels \
  && groupadd --system --gid 10001 foldserve \
  && useradd --system --uid 10001 --gid foldserve --create-home foldserve \

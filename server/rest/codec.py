@@ -47,17 +47,64 @@ def _typed(value: Any, kind: type, what: str) -> Any:
     return value
 
 
+def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
+    """(JSON part, binary part) of a body, by Inference-Header-Content-Length."""
+    if header_length is None:
+        return body, memoryview(b"")
+    try:
+        n = int(header_length)
+    except ValueError:
+        raise InvalidInput(f"Inference-Header-Content-Length {header_length!r} is not an integer") from None
+    if n < 0 or n > len(body):
+        raise InvalidInput(f"Inference-Header-Content-Length {n} is outside the body of {len(body)} bytes")
+    return body[:n], memoryview(body)[n:]
+
+
+def _parse_input(i: int, t: Any, binary: memoryview, offset: int) -> tuple[InferInput, int]:
+    """One input tensor; returns it and the offset past the binary data it claims."""
+    if not isinstance(t, dict):
+        raise InvalidInput(f"inputs[{i}] must be an object with name, datatype, shape and data")
+    name = _typed(t.get("name"), str, f"inputs[{i}].name")
+    inp = InferInput(name, _typed(t.get("datatype"), str, f"input {name!r}: datatype"),
+                     _typed(t.get("shape"), list, f"input {name!r}: shape"))
+    tparams = t.get("parameters") or {}
+    if not isinstance(tparams, dict):
+        raise InvalidInput(f"input {name!r}: parameters must be an object")
+    size = tparams.get("binary_data_size")
+    if size is not None:
+        size = _typed(size, int, f"input {name!r}: binary_data_size")
+        if size < 0 or offset + size > len(binary):
+            raise InvalidInput(f"input {name!r}: binary_data_size {size} runs past the {len(binary) - offset} "
+                               f"bytes of binary data left in the body")
+        if "data" in t:
+            raise InvalidInput(f"input {name!r}: give 'data' or binary_data_size, not both")
+        inp.raw = binary[offset:offset + size]
+        offset += size
+    elif "data" in t:
+        inp.values = t["data"]
+    return inp, offset
+
+
+def _parse_outputs(outs_doc: Any) -> list[RequestedOutput]:
+    if not isinstance(outs_doc, list):
+        raise InvalidInput("'outputs' must be a list")
+    outputs = []
+    for i, o in enumerate(outs_doc):
+        if not isinstance(o, dict):
+            raise InvalidInput(f"outputs[{i}] must be an object with a name")
+        oname = _typed(o.get("name"), str, f"outputs[{i}].name")
+        op = o.get("parameters") or {}
+        if not isinstance(op, dict):
+            raise InvalidInput(f"output {oname!r}: parameters must be an object")
+        binary = op.get("binary_data")
+        cc = op.get("classification", 0)
+        outputs.append(RequestedOutput(oname, bool(binary) if binary is not None else None,
+                                       _typed(cc, int, f"output {oname!r}: classification")))
+    return outputs
+
+
 def parse_infer_request(model: str, version: str, body: bytes, header_length: str | None) -> InferRequest:
-    if header_length is not None:
-        try:
-            n = int(header_length)
-        except ValueError:
-            raise InvalidInput(f"Inference-Header-Content-Length {header_length!r} is not an integer") from None
-        if n < 0 or n > len(body):
-            raise InvalidInput(f"Inference-Header-Content-Length {n} is outside the body of {len(body)} bytes")
-        json_part, binary = body[:n], memoryview(body)[n:]
-    else:
-        json_part, binary = body, memoryview(b"")
+    json_part, binary = _split_body(body, header_length)
     try:
         doc = orjson.loads(json_part)
     except orjson.JSONDecodeError as exc:
@@ -70,55 +117,19 @@ def parse_infer_request(model: str, version: str, body: bytes, header_length: st
     params = doc.get("parameters") or {}
     if not isinstance(params, dict):
         raise InvalidInput("'parameters' must be an object")
-    binary_all = bool(params.get("binary_data_output", False))
     offset = 0
     inputs = []
     for i, t in enumerate(inputs_doc):
-        if not isinstance(t, dict):
-            raise InvalidInput(f"inputs[{i}] must be an object with name, datatype, shape and data")
-        name = _typed(t.get("name"), str, f"inputs[{i}].name")
-        datatype = _typed(t.get("datatype"), str, f"input {name!r}: datatype")
-        shape = _typed(t.get("shape"), list, f"input {name!r}: shape")
-        inp = InferInput(name, datatype, shape)
-        tparams = t.get("parameters") or {}
-        if not isinstance(tparams, dict):
-            raise InvalidInput(f"input {name!r}: parameters must be an object")
-        size = tparams.get("binary_data_size")
-        if size is not None:
-            size = _typed(size, int, f"input {name!r}: binary_data_size")
-            if size < 0 or offset + size > len(binary):
-                raise InvalidInput(f"input {name!r}: binary_data_size {size} runs past the {len(binary) - offset} "
-                                   f"bytes of binary data left in the body")
-            if "data" in t:
-                raise InvalidInput(f"input {name!r}: give 'data' or binary_data_size, not both")
-            inp.raw = binary[offset:offset + size]
-            offset += size
-        elif "data" in t:
-            inp.values = t["data"]
+        inp, offset = _parse_input(i, t, binary, offset)
         inputs.append(inp)
     if offset != len(binary):
         raise InvalidInput(f"{len(binary) - offset} bytes of binary data are not claimed by any input's "
                            f"binary_data_size")
-    outputs = []
-    outs_doc = doc.get("outputs") or []
-    if not isinstance(outs_doc, list):
-        raise InvalidInput("'outputs' must be a list")
-    for i, o in enumerate(outs_doc):
-        if not isinstance(o, dict):
-            raise InvalidInput(f"outputs[{i}] must be an object with a name")
-        oname = _typed(o.get("name"), str, f"outputs[{i}].name")
-        op = o.get("parameters") or {}
-        if not isinstance(op, dict):
-            raise InvalidInput(f"output {oname!r}: parameters must be an object")
-        binary = op.get("binary_data")
-        cc = op.get("classification", 0)
-        outputs.append(RequestedOutput(oname, bool(binary) if binary is not None else None,
-                                       _typed(cc, int, f"output {oname!r}: classification")))
     rid = doc.get("id", "")
     if not isinstance(rid, str):
         raise InvalidInput("'id' must be a string")
-    params["binary_data_output"] = binary_all
-    return InferRequest(model, version, rid, inputs, outputs, params)
+    params["binary_data_output"] = bool(params.get("binary_data_output", False))
+    return InferRequest(model, version, rid, inputs, _parse_outputs(doc.get("outputs") or []), params)
 
 
 def encode_infer_response(resp: InferResponse, binary_default: bool) -> tuple[bytes, int | None]:

@@ -34,13 +34,13 @@ def test_server_dockerfile_contract():
     text = (DOCKER_DIR / "server.Dockerfile").read_text()
     assert "ARG BASE_IMAGE=python:3.11-slim" in text
     assert text.count("FROM ") >= 2, "multi-stage"
-    reqs = [l.split("==")[0] for l in (DOCKER_DIR / "requirements-server.txt").read_text().splitlines() if "==" in l]
-    assert "torch" not in reqs and "onnxruntime" in reqs
+    assert '"/src[serve-cpu]"' in text and "-c /src/constraints.txt" in text, "built from the serve-cpu extra"
+    assert "COPY trainer" not in text and "COPY folding" not in text
     for needle in ("USER 10001", "EXPOSE 8000 8001", "HEALTHCHECK", "/v2/health/ready", "FOLDSERVE_HOST=0.0.0.0",
                    'VOLUME ["/models"]', "STOPSIGNAL SIGTERM"):
         assert needle in text, needle
     gpu = (DOCKER_DIR / "server-gpu.Dockerfile").read_text()
-    assert "cuda" in gpu.lower() and "onnxruntime-gpu" in gpu
+    assert "cuda" in gpu.lower() and '"/src[serve]"' in gpu
 
 
 def _docs(path: Path) -> list[dict]:
