@@ -53,10 +53,55 @@ def settings_from(args: argparse.Namespace):
                           f"or `make model`)")
     if bool(settings.tls_cert) != bool(settings.tls_key):
         raise ConfigError("--tls-cert and --tls-key go together")
+    check_ports(settings.host, settings.http_port, settings.grpc_port)
+    check_repository(settings.repository, settings.strict)
     return settings
+
+
+def check_ports(host: str, http_port: int, grpc_port: int) -> None:
+    """Fail in one line, before any model is loaded, when a port is taken (or both are the same)."""
+    import socket
+
+    if http_port and http_port == grpc_port:
+        raise ConfigError(f"--http-port and --grpc-port are both {http_port}: give them different ports")
+    for flag, port in (("--http-port", http_port), ("--grpc-port", grpc_port)):
+        if not port:
+            continue
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+            except OSError as exc:
+                raise ConfigError(f"{flag} {port}: cannot listen on {host}:{port} ({exc.strerror or exc}); "
+                                  f"is another server running? choose another port") from None
+
+
+def check_repository(repository, strict: bool) -> None:
+    """An empty repository, or a model folder given instead of a repository, is almost always a mistake."""
+    import logging
+    from pathlib import Path
+
+    from server.core.repository import ModelRepository
+
+    repo = ModelRepository(Path(repository))
+    if repo.names():
+        return
+    if (Path(repository) / "config.pbtxt").is_file():
+        problem = f"--repository {repository} is a model folder, not a repository: pass its parent"
+    else:
+        problem = f"--repository {repository} holds no model"
+    message = f"{problem} ({repo.describe()})"
+    if strict:
+        raise ConfigError(message)
+    logging.getLogger("foldserve").warning("%s; serving nothing until models are loaded (--strict refuses)", message)
 
 
 def run(args: argparse.Namespace) -> int:
     from server.main import run as run_server
 
-    return run_server(settings_from(args))
+    settings = settings_from(args)
+    try:
+        return run_server(settings)
+    except OSError as exc:  # a port taken between the check and the bind
+        raise ConfigError(f"cannot start the server: {exc}") from None

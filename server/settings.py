@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     warmup: bool = Field(True, description="run each model over its batch sizes at load")
 
     allow_unverified: bool = Field(False, description="serve versions whose verification failed or is missing")
+    strict: bool = Field(False, description="refuse to start when the repository holds no model (default: warn)")
     repository_api: bool = Field(False, description="enable the repository load/unload API")
     admin_token: str | None = Field(None, description="bearer token the repository API requires")
     auth_token: str | None = Field(None, description="bearer token inference requires (off when unset)")

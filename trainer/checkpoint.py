@@ -58,8 +58,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError,
             AttributeError, TypeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"checkpoint {path}: cannot be read as a torch checkpoint ({first[:200]})") from None
+        raise CheckpointError(f"checkpoint {path}: cannot be read as a torch checkpoint "
+                              f"({_first_sentence(exc)})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path}: not a foldserve checkpoint (no format marker "
                               f"{FORMAT!r}); write it with `foldserve train`")
@@ -70,6 +70,24 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if missing:
         raise CheckpointError(f"checkpoint {path}: missing fields {missing}")
     return ckpt
+
+
+def _first_sentence(exc: Exception, limit: int = 240) -> str:
+    """The first sentence of an exception's message, without terminal colour codes, never cut mid-word."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(exc)).strip()
+    if not text:
+        return type(exc).__name__
+    line = text.splitlines()[0].strip()
+    m = re.search(r"(?<=[.!?])\s", line)
+    sentence = line[:m.start()] if m else line
+    detail = next((ln.strip() for ln in text.splitlines() if ln.strip().startswith("WeightsUnpickler error")), "")
+    if detail:  # torch names what the pickle tried to load: the useful part
+        sentence = f"{sentence} {detail.split('. ')[0].rstrip('.')}."
+    if len(sentence) > limit:
+        sentence = sentence[:limit].rsplit(" ", 1)[0] + " ..."
+    return sentence
 
 
 def model_from_checkpoint(ckpt: dict[str, Any]) -> torch.nn.Module:

@@ -82,6 +82,18 @@ class TrainConfig:
             raise ConfigError(f"--bn-momentum must be in (0, 1] or 'cumulative', got {self.bn_momentum}")
         if self.precise_bn < 0:
             raise ConfigError(f"--precise-bn must be >= 0, got {self.precise_bn}")
+        _check_writable_dir(Path(self.out))
+
+
+def _check_writable_dir(out: Path) -> None:
+    """--out must be a directory this process can write (checked before any training time is spent)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a directory; choose a directory for the run")
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: {probe} is not writable; choose a directory you can write")
 
 
 @dataclass

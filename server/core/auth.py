@@ -11,5 +11,9 @@ def check_bearer(authorization: str | None, token: str | None, what: str) -> Non
     if not token:
         return
     got = authorization or ""
-    if not got.startswith("Bearer ") or not hmac.compare_digest(got[7:].encode(), token.encode()):
+    if not got:
         raise Unauthenticated(f"{what} needs an 'authorization: Bearer <token>' header")
+    if not got.startswith("Bearer "):
+        raise Unauthenticated(f"{what}: the authorization header must be 'Bearer <token>'")
+    if not hmac.compare_digest(got[7:].encode(), token.encode()):
+        raise Unauthenticated(f"{what}: the bearer token is not valid")

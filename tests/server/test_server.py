@@ -360,29 +360,46 @@ def test_repository_api_is_off_by_default_and_token_protected(repository, tmp_pa
 # --- shutdown, CLI, live verification -----------------------------------------------------------------
 
 def test_sigterm_finishes_in_flight_requests_and_exits_cleanly(repository, tmp_path):
+    """Requests that are really in flight when SIGTERM lands (held in the batch queue for 1.5 s) complete OK,
+    the server waits for them, refuses new ones, and exits 0."""
+    from tests.conftest import metric_value
+
     repo = tmp_path / "repo"
     shutil.copytree(repository / "digits", repo / "digits")
-    srv = ServerProcess(repo, "--grace-period-s", "5")
+    srv = ServerProcess(repo, "--grace-period-s", "10", "--max-queue-delay-us", "1500000")
     c = tgrpc.InferenceServerClient(srv.grpc)
     results, errors = [], []
 
     def call():
         try:
-            results.append(c.infer(MODEL, [_ginput(digits_batch(8))]).as_numpy("output"))
+            results.append(c.infer(MODEL, [_ginput(digits_batch(1))]).as_numpy("output"))
         except InferenceServerException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=call) for _ in range(16)]
+    threads = [threading.Thread(target=call) for _ in range(4)]
     for t in threads:
         t.start()
+    deadline = time.time() + 5
+    while time.time() < deadline:
+        _, text, _ = _http(srv, "GET", "/metrics")
+        if metric_value(text.decode(), "foldserve_inflight_requests") == 4:
+            break
+        time.sleep(0.05)
+    assert metric_value(text.decode(), "foldserve_inflight_requests") == 4, "the requests were not in flight"
+    t0 = time.perf_counter()
     srv.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    with pytest.raises(InferenceServerException) as late:
+        c.infer(MODEL, [_ginput(digits_batch(1))])
+    assert "UNAVAILABLE" in late.value.status()
     for t in threads:
         t.join(30)
     code = srv.proc.wait(30)
+    waited = time.perf_counter() - t0
     assert code == 0, srv.log()[-2000:]
-    # every request either completed or was refused cleanly (UNAVAILABLE), none hung or crashed
-    assert len(results) + len(errors) == 16
-    assert all("UNAVAILABLE" in e.status() for e in errors), [e.message() for e in errors]
+    assert not errors, [e.message() for e in errors]
+    assert len(results) == 4 and all(r.shape == (1, 10) for r in results)
+    assert waited > 0.8, f"exited {waited:.2f} s after SIGTERM: it did not wait for the queued requests"
     assert "shutting down" in srv.log()
 
 

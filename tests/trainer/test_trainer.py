@@ -242,13 +242,19 @@ def test_corrupt_and_foreign_checkpoints(tmp_path, capsys):
     # a pickle that would run code is refused by weights_only loading
     import pickle
 
+    marker = tmp_path / "pwned"
+
     class Evil:
-        def __reduce__(self):
-            return (os.system, ("echo pwned",))
+        def __reduce__(self):  # unpickling it would create ``marker``
+            return (open, (str(marker), "w"))
 
     (out / "checkpoint.pt").write_bytes(pickle.dumps(Evil()))
+    pickle.loads(pickle.dumps(Evil())).close()  # the payload works when unpickled without protection ...
+    assert marker.exists()
+    marker.unlink()
     err = _cli_error(capsys, "train", "--dataset", "synthetic", "--out", str(out), "--resume")
     assert "cannot be read" in err
+    assert not marker.exists(), "the checkpoint loader ran the pickle's code"  # ... and weights_only refused it
 
 
 def test_resume_refuses_a_different_architecture(tmp_path, capsys):
