@@ -92,7 +92,9 @@ def _check_writable_dir(out: Path) -> None:
     probe = out
     while not probe.exists():
         probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+    if not probe.is_dir():
+        raise ConfigError(f"--out {out}: {probe} is a file, not a directory; choose a directory for the run")
+    if not os.access(probe, os.W_OK | os.X_OK):
         raise ConfigError(f"--out {out}: {probe} is not writable; choose a directory you can write")
 
 
