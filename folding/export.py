@@ -246,8 +246,32 @@ def fold_onnx_file(src: str | Path, dst: str | Path) -> FoldReport:
     except onnx.checker.ValidationError as exc:
         raise FoldError(f"the folded model fails onnx.checker: {exc}") from None
     try:
-        write_bytes(dst, folded.SerializeToString())
+        if _has_external_data(src):
+            _save_with_external_data(folded, Path(dst))
+        else:
+            write_bytes(dst, folded.SerializeToString())
         write_json(Path(str(dst) + ".fold_report.json"), report.to_dict())
     except OSError as exc:
         raise WriteError(_write_failure(exc, Path(dst).parent)) from None
     return report
+
+
+def _has_external_data(path: Path) -> bool:
+    header = onnx.load(str(path), load_external_data=False)
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in header.graph.initializer)
+
+
+def _save_with_external_data(model: onnx.ModelProto, dst: Path) -> None:
+    """Keep the input's layout: DST plus its weights in DST.data beside it, both moved into place atomically
+    (the data file first, so the model file never points at data that is not there)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{dst.name}-", suffix=f"-{os.getpid()}", dir=dst.parent))
+    try:
+        data_name = f"{dst.name}.data"
+        onnx.save(model, str(staging / dst.name), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=data_name, size_threshold=1024)
+        if (staging / data_name).exists():
+            os.replace(staging / data_name, dst.parent / data_name)
+        os.replace(staging / dst.name, dst)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

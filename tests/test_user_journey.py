@@ -215,3 +215,39 @@ def test_wrong_admin_token_is_told_it_is_wrong_not_missing():
         check_bearer("Bearer nope", "secret", "the repository API")
     with pytest.raises(Unauthenticated, match="needs an 'authorization"):
         check_bearer(None, "secret", "the repository API")
+
+
+def test_fold_onnx_keeps_the_external_data_layout(repository, tmp_path, capsys):
+    import onnx
+
+    src_dir = tmp_path / "src"
+    src_dir.mkdir()
+    m = onnx.load(str(repository / "digits" / "1" / "reference.onnx"))
+    onnx.save(m, str(src_dir / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="model.onnx.data", size_threshold=256)
+    out = tmp_path / "out" / "folded.onnx"
+    assert cli_main(["fold", "--onnx", str(src_dir / "model.onnx"), "--out", str(out)]) == 0
+    assert (out.parent / "folded.onnx.data").stat().st_size > 10_000
+    assert out.stat().st_size < (out.parent / "folded.onnx.data").stat().st_size
+    folded = onnx.load(str(out))  # loads with its data file
+    assert sum(n.op_type == "BatchNormalization" for n in folded.graph.node) == 0
+    onnx.checker.check_model(str(out))
+
+
+def test_a_full_disk_during_fold_is_one_line_and_leaves_the_repository_untouched(digits_run, repository, tmp_path,
+                                                                                  monkeypatch, capsys):
+    import errno
+
+    import onnx
+
+    repo = tmp_path / "repo"
+    shutil.copytree(repository / "digits", repo / "digits")
+    before = sorted(str(p.relative_to(repo)) for p in repo.rglob("*"))
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(onnx, "save", full)
+    err = _one_line_error(capsys, "fold", str(digits_run / "checkpoint.pt"), "--repository", str(repo), "--name",
+                          "digits", code=1)
+    assert "disk is full" in err and "unchanged" in err
+    assert sorted(str(p.relative_to(repo)) for p in repo.rglob("*")) == before

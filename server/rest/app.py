@@ -69,10 +69,31 @@ EXCEPTION_HANDLERS = {FoldserveError: _foldserve_error, StarletteHTTPException: 
                       RequestValidationError: _validation_error, Exception: _internal_error}
 
 
+DOCS_ASSETS = "/docs-assets"
+
+
+def _add_offline_docs(app: FastAPI) -> None:
+    """Swagger UI at /docs from the assets the swagger-ui-bundle package ships (FastAPI's default loads
+    them from a CDN, which leaves the page blank on a machine without internet)."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+    from swagger_ui_bundle import swagger_ui_path
+
+    app.mount(DOCS_ASSETS, StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> Response:
+        return get_swagger_ui_html(openapi_url=app.openapi_url or "/openapi.json", title="foldserve - API",
+                                   swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+                                   swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png")
+
+
 def create_app(settings: Settings, dataplane: DataPlane) -> FastAPI:
     app = FastAPI(title="foldserve", version=__version__, default_response_class=ORJSONResponse,
                   description="KServe v2 / Open Inference Protocol REST API for BN-folded ONNX models",
-                  exception_handlers=EXCEPTION_HANDLERS)
+                  exception_handlers=EXCEPTION_HANDLERS, docs_url=None, redoc_url=None)
+    _add_offline_docs(app)
     app.state.dataplane = dataplane
     app.state.settings = settings
     app.state.admission = Admission(settings.concurrency_limit())

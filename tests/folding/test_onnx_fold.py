@@ -292,3 +292,18 @@ def test_torch_exported_resnet_with_identity_wrapped_constants():
     assert not any(n.op_type == "Identity" for n in folded.graph.node)
     c = compare(run(folded, x.numpy(), "input"), run(exported, x.numpy(), "input"), LAYER_FP32)
     assert c.passed, c
+
+
+def test_bn_before_a_bias_free_matmul_is_never_folded_wrongly():
+    """BN (after Relu) -> MatMul with no bias: the BN's shift t would need a bias (t @ W); folding only the
+    scale into W silently drops it. The pass must leave such a BN in place (or fold it exactly)."""
+    bn, inits = bn_node("r", "b", 4, 17, seed=3)
+    w = numpy_helper.from_array(np.random.default_rng(1).standard_normal((4, 3)).astype(np.float32), "W")
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), bn, helper.make_node("MatMul", ["b", "W"], ["y"])]
+    model = make_model(nodes, inits + [w], [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    x = np.random.default_rng(2).standard_normal((16, 4)).astype(np.float32)
+    folded, report = fold_onnx(model)
+    c = compare(run(folded, x), run(model, x), LAYER_FP32)
+    assert c.passed, c
+    assert not report.folded and "no bias" in report.skipped[0].reason

@@ -470,3 +470,15 @@ def test_model_stream_infer(server, reference_session):
     for i, x in enumerate(xs):
         np.testing.assert_allclose(got[str(i)], reference_session.run(None, {"input": x})[0], rtol=1e-5, atol=1e-5)
     assert "unknown model 'nope'" in str(got["bad"])
+
+
+def test_docs_page_works_offline(server):
+    """Swagger UI's page and assets come from the server itself, not a CDN (blank page offline)."""
+    status, html, _ = _http(server, "GET", "/docs")
+    assert status == 200
+    html = html.decode()
+    assert "/docs-assets/swagger-ui-bundle.js" in html and "cdn.jsdelivr" not in html and "unpkg" not in html
+    status, js, _ = _http(server, "GET", "/docs-assets/swagger-ui-bundle.js")
+    assert status == 200 and len(js) > 100_000
+    status, css, _ = _http(server, "GET", "/docs-assets/swagger-ui.css")
+    assert status == 200 and len(css) > 10_000
