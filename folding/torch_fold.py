@@ -28,7 +28,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from foldserve.errors import FoldError
 from folding.fold_math import BNParams, fold_backward, fold_forward
 from folding.report import FoldReport
-from folding.rules import BACKWARD, FORWARD, NONLINEARITIES, Plan, Rule, Skip, run_pass
+from folding.rules import BACKWARD, FORWARD, Plan, Rule, Skip, run_pass
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,8 @@ CONV_LAYOUTS: dict[type, Layout] = {
     nn.ConvTranspose1d: Layout(1), nn.ConvTranspose2d: Layout(1), nn.ConvTranspose3d: Layout(1),
     nn.Linear: Layout(0, linear=True),
 }
-#: module and function types that are elementwise nonlinearities, named as ONNX names them (rules.NONLINEARITIES)
+#: module and function types that are elementwise nonlinearities, named as ONNX names them
+#: (folding.rules.NONLINEARITIES; tests/folding checks that every name is in that set)
 NONLINEAR_MODULES: dict[type, str] = {
     nn.ReLU: "Relu", nn.ReLU6: "Clip", nn.LeakyReLU: "LeakyRelu", nn.PReLU: "PRelu", nn.ELU: "Elu", nn.SELU: "Selu",
     nn.GELU: "Gelu", nn.SiLU: "Silu", nn.Sigmoid: "Sigmoid", nn.Tanh: "Tanh", nn.Hardswish: "HardSwish",
@@ -138,12 +139,12 @@ class TorchFoldPass:
             src = bn_node.args[0]
             if not isinstance(src, fx.Node) or src.op != "call_module":
                 return Skip(f"input comes from {_describe(self.gm, src)}, not a conv/linear")
-            node, prefix = src, "producer"
+            node = src
         else:
             users = list(bn_node.users)
             if len(users) != 1:
                 return Skip(f"no exact forward target: BN output is used by {len(users)} nodes")
-            node, prefix = users[0], "consumer"
+            node = users[0]
             if node.op != "call_module":
                 return Skip(f"no exact forward target: next is {_describe(self.gm, node)}")
         key = type(self.module(node))

@@ -2,17 +2,14 @@
 from __future__ import annotations
 
 import csv
-import json
 import shutil
 import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from cli.main import main as cli_main
-from tests.conftest import ROOT, run_cli
+from tests.conftest import run_cli
 
 
 def _one_line_error(capsys, *args: str, code: int = 2) -> str:

@@ -13,6 +13,7 @@ import numpy as np
 
 from foldserve import __version__
 from foldserve.errors import FoldserveError, InvalidInput, PermissionDenied, ServerNotReady
+from foldserve.model_config import ModelConfig
 from server.core.loader import LoadedVersion
 from server.core.registry import ModelRegistry
 from server.core.repository import ModelRepository, check_model_name
@@ -102,8 +103,8 @@ class DataPlane:
             outputs=[TensorMetadata(t.name, t.datatype, t.full_shape(spec.max_batch_size)) for t in spec.outputs],
             parameters=params)
 
-    def model_config(self, name: str, version: str = "") -> dict:
-        """The config in Triton's JSON form (the ModelConfig message's JSON mapping)."""
+    def model_config(self, name: str, version: str = "") -> ModelConfig:
+        """The completed ModelConfig message of the version that would serve."""
         return self.registry.get(name, version).spec.config
 
     def statistics(self, name: str = "", version: str = "") -> list[ModelStats]:

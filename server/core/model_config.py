@@ -7,8 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from google.protobuf import json_format
-
 from foldserve.datatypes import lookup
 from foldserve.errors import FoldserveError, ModelNotReady
 from foldserve.model_config import BACKEND, PLATFORM, ModelConfig, TensorSpec, read_config, tensors
@@ -69,7 +67,7 @@ def to_spec(config: ModelConfig, labels: list[str], instances_override: int = 0)
         inputs=inputs, outputs=outputs, batching=batching, version_policy=_version_policy(config),
         instances=instances, labels=labels,
         parameters={k: v.string_value for k, v in config.parameters.items()},
-        config=json_format.MessageToDict(config, preserving_proto_field_name=True),
+        config=config,
     )
 
 

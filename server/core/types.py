@@ -34,7 +34,7 @@ class ModelSpec:
     instances: int = 1
     labels: list[str] = field(default_factory=list)
     parameters: dict[str, str] = field(default_factory=dict)
-    config: dict[str, Any] = field(default_factory=dict)   # the config in Triton's JSON form
+    config: Any = None            # the completed ModelConfig message (foldserve.model_config.ModelConfig)
 
     def input(self, name: str) -> TensorSpec | None:
         return next((t for t in self.inputs if t.name == name), None)

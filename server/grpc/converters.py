@@ -8,7 +8,6 @@ from google.protobuf import json_format
 from foldserve.datatypes import raw_bytes
 from foldserve.errors import InvalidInput
 from foldserve.protocol import grpc_service_pb2 as pb
-from foldserve.protocol import model_config_pb2 as mc
 from server.core.stats import ModelStats
 from server.core.types import (IndexEntry, InferInput, InferRequest, InferResponse, ModelMetadata, RequestedOutput,
                                ServerMetadata)
@@ -75,10 +74,6 @@ def metadata_to_proto(meta: ModelMetadata) -> pb.ModelMetadataResponse:
     for t in meta.outputs:
         out.outputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
     return out
-
-
-def config_to_proto(config: dict[str, Any]) -> mc.ModelConfig:
-    return json_format.ParseDict(config, mc.ModelConfig(), ignore_unknown_fields=True)
 
 
 def stats_to_proto(stats: list[ModelStats]) -> pb.ModelStatisticsResponse:

@@ -126,7 +126,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_rpc()
     async def ModelConfig(self, request, context):
-        return pb.ModelConfigResponse(config=conv.config_to_proto(self.dp.model_config(request.name, request.version)))
+        return pb.ModelConfigResponse(config=self.dp.model_config(request.name, request.version))
 
     @_rpc()
     async def ModelStatistics(self, request, context):

@@ -125,7 +125,10 @@ async def model_ready(model: str, request: Request, version: str = "") -> Respon
 @models.get("/v2/models/{model}/config", summary="Model configuration (Triton's JSON form)", responses=ERRORS)
 @models.get("/v2/models/{model}/versions/{version}/config", summary="Model configuration", responses=ERRORS)
 async def model_config(model: str, request: Request, version: str = "") -> Any:
-    return _dp(request).model_config(model, version)
+    """Triton's JSON form of the ModelConfig message (protobuf's JSON mapping, proto field names)."""
+    from google.protobuf import json_format
+
+    return json_format.MessageToDict(_dp(request).model_config(model, version), preserving_proto_field_name=True)
 
 
 @models.get("/v2/models/{model}/stats", summary="Model statistics", responses=ERRORS)

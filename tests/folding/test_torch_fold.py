@@ -210,3 +210,11 @@ def test_trainer_architectures_fold_exactly(arch, placement):
     tol = TOLERANCES["float32"]
     assert err <= max(2 * unfolded_err, tol.rtol * truth.abs().max().item() + tol.atol)
     assert_unchanged(model, snap)
+
+
+def test_both_passes_name_nonlinearities_alike():
+    """One meaning of 'nonlinearity' in both passes: the torch pass's types map onto the ONNX op names."""
+    from folding.rules import NONLINEARITIES
+    from folding.torch_fold import NONLINEAR_FUNCTIONS, NONLINEAR_MODULES
+
+    assert set(NONLINEAR_MODULES.values()) | set(NONLINEAR_FUNCTIONS.values()) <= NONLINEARITIES
