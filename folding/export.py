@@ -15,7 +15,6 @@ import io
 import logging
 import os
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ from foldserve.entry import (FOLD_REPORT_FILE, INPUT_NAME, LABELS_FILE, MODEL_FI
 from foldserve.errors import ConfigError, FoldError, WriteError
 from foldserve.model_config import CONFIG_FILE, TensorSpec, interface, make_config, read_config, write_config
 from foldserve.names import RULE, is_valid_model_name
-from foldserve.swap import STAGING_PREFIX, clean_leftovers, install_dir
+from foldserve.swap import clean_leftovers, install_dir, staging_dir
 from folding.onnx_fold import fold_onnx
 from folding.report import FoldReport
 from folding.source import example_input
@@ -101,13 +100,12 @@ def check_compatible(model_dir: Path, config: Any, labels: list[str], replacing:
     others = [v for v in version_numbers(model_dir) if v != replacing]
     if not others or not (model_dir / CONFIG_FILE).is_file():
         return
-    old = interface(read_config(model_dir))
-    new = interface(config)
+    old, new, old_labels = interface(read_config(model_dir)), interface(config), read_labels(model_dir)
     what = None
     if old != new:
         what = f"its interface (max_batch_size, inputs, outputs) {_fmt(old)}; this model's is {_fmt(new)}"
-    elif read_labels(model_dir) != labels:
-        what = f"{len(read_labels(model_dir))} labels; this model has {len(labels)} other ones"
+    elif old_labels != labels:
+        what = f"{len(old_labels)} labels; this model has {len(labels)} other ones"
     if what:
         raise ConfigError(f"model {model_dir.name!r} (versions {others}) has {what}: its versions would stop "
                           f"working; fold it under a new --name")
@@ -206,12 +204,10 @@ def _install(model_dir: Path, version_dir: Path, config: Any, labels: list[str],
     try:
         model_dir.mkdir(parents=True, exist_ok=True)
         clean_leftovers(model_dir)
-        staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{version_dir.name}-", suffix=f"-{os.getpid()}",
-                                        dir=model_dir))
+        staging = staging_dir(model_dir, version_dir.name)
     except OSError as exc:
         raise WriteError(_write_failure(exc, model_dir)) from None
     try:
-        staging.chmod(0o755)
         write_files(staging)
         verification = verify_entry(staging, verify_options) if verify else None
         install_dir(staging, version_dir)
@@ -264,8 +260,7 @@ def _has_external_data(path: Path) -> bool:
 def _save_with_external_data(model: onnx.ModelProto, dst: Path) -> None:
     """Keep the input's layout: DST plus its weights in DST.data beside it, both moved into place atomically
     (the data file first, so the model file never points at data that is not there)."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{dst.name}-", suffix=f"-{os.getpid()}", dir=dst.parent))
+    staging = staging_dir(dst.parent, dst.name)
     try:
         data_name = f"{dst.name}.data"
         onnx.save(model, str(staging / dst.name), save_as_external_data=True, all_tensors_to_one_file=True,

@@ -215,9 +215,6 @@ class OnnxFoldPass(_Graph):
 
 # --- rules: match (checks + float64 arithmetic) -> Plan | Skip ------------------------------------------
 
-Write = tuple  # (initializer name, values, dtype-like name, node, input slot)
-
-
 def _plan(p: OnnxFoldPass, bn, node, direction: str, w2, b2, writes: list, attrs: list = (), **site) -> Plan:
     name = node.name or node.output[0]
     return Plan(p.bn_name(bn), name, direction, node.op_type, "BatchNormalization", w2, b2,
@@ -225,19 +222,28 @@ def _plan(p: OnnxFoldPass, bn, node, direction: str, w2, b2, writes: list, attrs
                 tensor=bn.output[0] if direction == BACKWARD else node.output[0])
 
 
+def _conv_constants(p: OnnxFoldPass, conv, prefix: str):
+    """(weight name, bias name, W, b) of a Conv/ConvTranspose in float64 (b None without a bias), or a Skip
+    whose reason starts with ``prefix``."""
+    w_name = conv.input[1] if len(conv.input) > 1 else ""
+    b_name = conv.input[2] if len(conv.input) > 2 else ""
+    w = p.array(w_name)
+    if w is None:
+        return Skip(f"{prefix}{conv.op_type} weight {w_name!r} is not a constant")
+    if b_name and p.array(b_name) is None:
+        return Skip(f"{prefix}{conv.op_type} bias {b_name!r} is not a constant")
+    return w_name, b_name, w.astype(np.float64), p.array(b_name).astype(np.float64) if b_name else None
+
+
 def _match_conv(out_axis: int) -> Callable:
     def match(p: OnnxFoldPass, bn, node, params: BNParams) -> Plan | Skip:
         prod = node[0]
-        w_name = prod.input[1] if len(prod.input) > 1 else ""
-        b_name = prod.input[2] if len(prod.input) > 2 else ""
-        w = p.array(w_name)
-        if w is None:
-            return Skip(f"{prod.op_type} weight {w_name!r} is not an initializer")
-        if b_name and p.array(b_name) is None:
-            return Skip(f"{prod.op_type} bias {b_name!r} is not an initializer")
-        bias = p.array(b_name).astype(np.float64) if b_name else None
+        found = _conv_constants(p, prod, "")
+        if isinstance(found, Skip):
+            return found
+        w_name, b_name, w, bias = found
         try:
-            w2, b2 = fold_backward(w.astype(np.float64), bias, params, out_axis, int(_attr(prod, "group", 1)))
+            w2, b2 = fold_backward(w, bias, params, out_axis, int(_attr(prod, "group", 1)))
         except ValueError as exc:
             return Skip(f"{prod.op_type} weight does not match BN: {exc}")
         return _plan(p, bn, prod, BACKWARD, w2, b2, [(w_name, w2, w_name, prod, 1), (b_name, b2, w_name, prod, 2)])
@@ -309,16 +315,12 @@ def _match_forward_conv(p: OnnxFoldPass, bn, c, params: BNParams) -> Plan | Skip
     if any(pads) or auto in ("SAME_UPPER", "SAME_LOWER"):
         return Skip(f"no exact forward target: Conv {c.name!r} zero-pads its input (pads={list(pads)}, "
                     f"auto_pad={auto}), so a forward fold is not exact at the borders")
-    w_name = c.input[1]
-    b_name = c.input[2] if len(c.input) > 2 else ""
-    w = p.array(w_name)
-    if w is None:
-        return Skip(f"no exact forward target: Conv weight {w_name!r} is not a constant")
-    if b_name and p.array(b_name) is None:
-        return Skip(f"no exact forward target: Conv bias {b_name!r} is not a constant")
-    bias = p.array(b_name).astype(np.float64) if b_name else None
+    found = _conv_constants(p, c, "no exact forward target: ")
+    if isinstance(found, Skip):
+        return found
+    w_name, b_name, w, bias = found
     try:
-        w2, b2 = fold_forward(w.astype(np.float64), bias, params, int(_attr(c, "group", 1)))
+        w2, b2 = fold_forward(w, bias, params, int(_attr(c, "group", 1)))
     except ValueError as exc:
         return Skip(f"no exact forward target: {exc}")
     return _plan(p, bn, c, FORWARD, w2, b2, [(w_name, w2, w_name, c, 1), (b_name, b2, w_name, c, 2)])

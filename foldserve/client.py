@@ -10,42 +10,15 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from foldserve.datatypes import deserialize_bytes, lookup, raw_bytes
 from foldserve.errors import BY_GRPC_STATUS, BY_HTTP_STATUS, FoldserveError, ServerUnreachable
+from foldserve.metadata import ModelMetadata, TensorMetadata
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
-
-
-@dataclass
-class TensorMeta:
-    name: str
-    datatype: str
-    shape: list[int]
-
-
-@dataclass
-class ModelMetadata:
-    """What a server says about a model (v2 model metadata plus foldserve's config parameters)."""
-
-    name: str
-    versions: list[str]
-    platform: str
-    inputs: list[TensorMeta]
-    outputs: list[TensorMeta]
-    parameters: dict[str, Any] = field(default_factory=dict)
-
-    def input(self, name: str | None = None) -> TensorMeta:
-        if name is None:
-            return self.inputs[0]
-        for t in self.inputs:
-            if t.name == name:
-                return t
-        raise FoldserveError(f"model {self.name!r} has no input {name!r} (inputs: {[t.name for t in self.inputs]})")
 
 
 def _error(status: str | int, message: str, address: str) -> FoldserveError:
@@ -136,15 +109,12 @@ class GrpcClient:
         except grpc.RpcError as exc:
             raise _error(exc.code().name, exc.details() or "", self.address) from None
 
-    def server_ready(self) -> bool:
-        return bool(self._call("ServerReady", self._pb.ServerReadyRequest()).ready)
-
     def metadata(self, model: str, version: str = "") -> ModelMetadata:
         r = self._call("ModelMetadata", self._pb.ModelMetadataRequest(name=model, version=version))
         params = {k: v.get("string_value", "") for k, v in (self.config(model, version).get("parameters") or {}).items()}
         return ModelMetadata(r.name, list(r.versions), r.platform,
-                             [TensorMeta(t.name, t.datatype, [int(s) for s in t.shape]) for t in r.inputs],
-                             [TensorMeta(t.name, t.datatype, [int(s) for s in t.shape]) for t in r.outputs],
+                             [TensorMetadata(t.name, t.datatype, [int(s) for s in t.shape]) for t in r.inputs],
+                             [TensorMetadata(t.name, t.datatype, [int(s) for s in t.shape]) for t in r.outputs],
                              _decode_parameters(params))
 
     def config(self, model: str, version: str = "") -> dict[str, Any]:
@@ -201,22 +171,13 @@ class HttpClient:
 
         return f"/v2/models/{quote(model, safe='')}" + (f"/versions/{quote(version, safe='')}" if version else "")
 
-    def server_ready(self) -> bool:
-        try:
-            self._request("GET", "/v2/health/ready")
-            return True
-        except ServerUnreachable:
-            raise
-        except FoldserveError:
-            return False
-
     def metadata(self, model: str, version: str = "") -> ModelMetadata:
         d = self._json("GET", self._path(model, version))
         cfg = self.config(model, version)
         params = {k: v.get("string_value", "") for k, v in (cfg.get("parameters") or {}).items()}
         return ModelMetadata(d["name"], list(d.get("versions", [])), d.get("platform", ""),
-                             [TensorMeta(t["name"], t["datatype"], [int(s) for s in t["shape"]]) for t in d["inputs"]],
-                             [TensorMeta(t["name"], t["datatype"], [int(s) for s in t["shape"]]) for t in d["outputs"]],
+                             [TensorMetadata(t["name"], t["datatype"], [int(s) for s in t["shape"]]) for t in d["inputs"]],
+                             [TensorMetadata(t["name"], t["datatype"], [int(s) for s in t["shape"]]) for t in d["outputs"]],
                              _decode_parameters(params))
 
     def config(self, model: str, version: str = "") -> dict[str, Any]:

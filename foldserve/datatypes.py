@@ -22,29 +22,20 @@ class DataType:
     ort: str                      # onnxruntime's type string ("tensor(float)")
     numpy: np.dtype | None        # little-endian numpy dtype; None where numpy has none (BF16, BYTES)
 
-    @property
-    def servable(self) -> bool:
-        """Whether the server can carry tensors of this type as numpy arrays."""
-        return self.numpy is not None
-
-
-def _np(code: str) -> np.dtype:
-    return np.dtype(code)
-
 
 TABLE: tuple[DataType, ...] = (
-    DataType("BOOL", 9, "TYPE_BOOL", "tensor(bool)", _np("?")),
-    DataType("UINT8", 2, "TYPE_UINT8", "tensor(uint8)", _np("<u1")),
-    DataType("UINT16", 4, "TYPE_UINT16", "tensor(uint16)", _np("<u2")),
-    DataType("UINT32", 12, "TYPE_UINT32", "tensor(uint32)", _np("<u4")),
-    DataType("UINT64", 13, "TYPE_UINT64", "tensor(uint64)", _np("<u8")),
-    DataType("INT8", 3, "TYPE_INT8", "tensor(int8)", _np("<i1")),
-    DataType("INT16", 5, "TYPE_INT16", "tensor(int16)", _np("<i2")),
-    DataType("INT32", 6, "TYPE_INT32", "tensor(int32)", _np("<i4")),
-    DataType("INT64", 7, "TYPE_INT64", "tensor(int64)", _np("<i8")),
-    DataType("FP16", 10, "TYPE_FP16", "tensor(float16)", _np("<f2")),
-    DataType("FP32", 1, "TYPE_FP32", "tensor(float)", _np("<f4")),
-    DataType("FP64", 11, "TYPE_FP64", "tensor(double)", _np("<f8")),
+    DataType("BOOL", 9, "TYPE_BOOL", "tensor(bool)", np.dtype("?")),
+    DataType("UINT8", 2, "TYPE_UINT8", "tensor(uint8)", np.dtype("<u1")),
+    DataType("UINT16", 4, "TYPE_UINT16", "tensor(uint16)", np.dtype("<u2")),
+    DataType("UINT32", 12, "TYPE_UINT32", "tensor(uint32)", np.dtype("<u4")),
+    DataType("UINT64", 13, "TYPE_UINT64", "tensor(uint64)", np.dtype("<u8")),
+    DataType("INT8", 3, "TYPE_INT8", "tensor(int8)", np.dtype("<i1")),
+    DataType("INT16", 5, "TYPE_INT16", "tensor(int16)", np.dtype("<i2")),
+    DataType("INT32", 6, "TYPE_INT32", "tensor(int32)", np.dtype("<i4")),
+    DataType("INT64", 7, "TYPE_INT64", "tensor(int64)", np.dtype("<i8")),
+    DataType("FP16", 10, "TYPE_FP16", "tensor(float16)", np.dtype("<f2")),
+    DataType("FP32", 1, "TYPE_FP32", "tensor(float)", np.dtype("<f4")),
+    DataType("FP64", 11, "TYPE_FP64", "tensor(double)", np.dtype("<f8")),
     DataType("BF16", 16, "TYPE_BF16", "tensor(bfloat16)", None),
     DataType("BYTES", 8, "TYPE_STRING", "tensor(string)", None),
 )

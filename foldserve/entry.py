@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from foldserve.errors import EntryError
-from foldserve.names import is_version_folder, parse_version
+from foldserve.names import is_version_folder
 
 MODEL_FILE = "model.onnx"
 REFERENCE_FILE = "reference.onnx"
@@ -29,53 +29,6 @@ VERIFICATION_FILE = "verification.json"
 LABELS_FILE = "labels.txt"
 # tensor names of the models foldserve exports itself (other models keep their own)
 INPUT_NAME, OUTPUT_NAME = "input", "output"
-STAGING_PREFIX = ".staging-"
-
-
-@dataclass(frozen=True)
-class VersionDir:
-    """The files of one version folder."""
-
-    path: Path
-
-    @property
-    def model(self) -> Path:
-        return self.path / MODEL_FILE
-
-    @property
-    def reference(self) -> Path:
-        return self.path / REFERENCE_FILE
-
-    @property
-    def source(self) -> Path:
-        return self.path / SOURCE_FILE
-
-    @property
-    def fold_report(self) -> Path:
-        return self.path / FOLD_REPORT_FILE
-
-    @property
-    def preprocess(self) -> Path:
-        return self.path / PREPROCESS_FILE
-
-    @property
-    def verification(self) -> Path:
-        return self.path / VERIFICATION_FILE
-
-    @property
-    def labels(self) -> Path:
-        return self.path / LABELS_FILE
-
-    @property
-    def name(self) -> str:
-        return self.path.parent.name
-
-    @property
-    def version(self) -> int:
-        v = parse_version(self.path.name) if is_version_folder(self.path.name) else None
-        if v is None:
-            raise EntryError(f"{self.path.name!r} is not a version folder (expected REPO/NAME/VERSION)")
-        return v
 
 
 def version_numbers(model_dir: Path) -> list[int]:

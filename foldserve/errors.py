@@ -127,13 +127,12 @@ class PermissionDenied(FoldserveError):
     grpc_status = "PERMISSION_DENIED"
 
 
-#: the error class each transport status maps back to on the client side (see :mod:`foldserve.client`)
-BY_GRPC_STATUS: dict[str, type[FoldserveError]] = {
-    "INVALID_ARGUMENT": InvalidInput, "NOT_FOUND": ModelNotFound, "UNAVAILABLE": ModelNotReady,
-    "RESOURCE_EXHAUSTED": QueueFull, "DEADLINE_EXCEEDED": RequestTimeout, "UNAUTHENTICATED": Unauthenticated,
-    "PERMISSION_DENIED": PermissionDenied,
-}
-BY_HTTP_STATUS: dict[int, type[FoldserveError]] = {
-    400: InvalidInput, 401: Unauthenticated, 403: PermissionDenied, 404: ModelNotFound, 413: PayloadTooLarge,
-    429: QueueFull, 503: ModelNotReady, 504: RequestTimeout,
-}
+# The class a transport status maps back to on the client side (see :mod:`foldserve.client`): where several
+# classes share a status, the one listed first in _CLIENT_SIDE (the more general) wins.
+_CLIENT_SIDE = (InvalidInput, ModelNotFound, ModelNotReady, QueueFull, PayloadTooLarge, RequestTimeout,
+                Unauthenticated, PermissionDenied)
+BY_GRPC_STATUS: dict[str, type[FoldserveError]] = {}
+BY_HTTP_STATUS: dict[int, type[FoldserveError]] = {}
+for _cls in _CLIENT_SIDE:
+    BY_GRPC_STATUS.setdefault(_cls.grpc_status, _cls)
+    BY_HTTP_STATUS.setdefault(_cls.http_status, _cls)

@@ -20,10 +20,8 @@ def parse_version(text: str | int | None) -> int | None:
     ValueError for anything else ('01', '²', '١' and '-1' are not versions)."""
     if text is None or text == "":
         return None
-    if isinstance(text, int) and not isinstance(text, bool):
-        text = str(text)
     s = str(text)
-    if not (s.isascii() and s.isdigit()) or len(s) > MAX_VERSION_DIGITS or (s[0] == "0"):
+    if not (s.isascii() and s.isdigit()) or len(s) > MAX_VERSION_DIGITS or s[0] == "0":
         raise ValueError(f"version {s!r}: {VERSION_RULE}")
     return int(s)
 

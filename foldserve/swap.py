@@ -33,6 +33,17 @@ def _exchange(a: Path, b: Path) -> bool:
     return False
 
 
+def staging_dir(parent: Path, name: str) -> Path:
+    """A new, empty staging folder in ``parent`` whose name ends with this process's pid (so that
+    :func:`clean_leftovers` can tell ours from a dead process's)."""
+    import tempfile
+
+    parent.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{name}-", suffix=f"-{os.getpid()}", dir=parent))
+    path.chmod(0o755)
+    return path
+
+
 def install_dir(new: Path, target: Path) -> None:
     """Move the complete folder ``new`` to ``target``, replacing what is there."""
     if not target.exists():

@@ -13,7 +13,7 @@ import numpy as np
 
 from foldserve.datatypes import numpy_dtype
 from foldserve.entry import MODEL_FILE
-from foldserve.errors import ModelNotReady
+from foldserve.errors import ModelNotReady, UnsupportedDataType
 from foldserve.model_config import ModelConfig
 from server.core.model_config import complete_config, to_spec
 from server.core.repository import ModelRepository, VerificationSummary, read_verification
@@ -108,7 +108,7 @@ def check_spec_matches_model(spec: ModelSpec, runtime: OnnxModel) -> None:
             raise ModelNotReady(f"config.pbtxt input {t.name!r} is not an input of the ONNX model ({sorted(names)})")
         try:
             numpy_dtype(t.datatype, f"config.pbtxt input {t.name!r}")
-        except Exception as exc:
+        except UnsupportedDataType as exc:
             raise ModelNotReady(str(exc)) from None
     outs = {t.name for t in runtime.outputs}
     for t in spec.outputs:

@@ -43,7 +43,7 @@ def complete_config(config: ModelConfig, session_inputs: list[TensorSpec], sessi
         config.platform = PLATFORM
 
 
-def _version_policy(config: ModelConfig) -> dict[str, Any]:
+def version_policy(config: ModelConfig) -> dict[str, Any]:
     which = config.version_policy.WhichOneof("policy_choice") if config.HasField("version_policy") else None
     if which == "all":
         return {"all": {}}
@@ -64,7 +64,7 @@ def to_spec(config: ModelConfig, labels: list[str], instances_override: int = 0)
     instances = instances_override or sum(max(g.count, 1) for g in config.instance_group) or 1
     return ModelSpec(
         name=config.name, platform=config.platform or PLATFORM, max_batch_size=int(config.max_batch_size),
-        inputs=inputs, outputs=outputs, batching=batching, version_policy=_version_policy(config),
+        inputs=inputs, outputs=outputs, batching=batching, version_policy=version_policy(config),
         instances=instances, labels=labels,
         parameters={k: v.string_value for k, v in config.parameters.items()},
         config=config,

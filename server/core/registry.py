@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from foldserve.errors import FoldserveError, ModelNotFound, ModelNotReady
 from server.core.loader import LoadedVersion, build_version
-from server.core.model_config import select_versions, to_spec
+from server.core.model_config import select_versions, version_policy
 from server.core.repository import ModelRepository, check_model_name, check_version
 from server.core.stats import Metrics
 from server.core.types import IndexEntry
@@ -82,7 +82,7 @@ class ModelRegistry:
 
     def _build(self, name: str) -> tuple[dict[int, LoadedVersion], dict[int, str]]:
         config = self.repository.config(name)
-        chosen = select_versions(self.repository.versions(name), to_spec(config, []).version_policy)
+        chosen = select_versions(self.repository.versions(name), version_policy(config))
         versions: dict[int, LoadedVersion] = {}
         reasons: dict[int, str] = {}
         for v in chosen:

@@ -9,10 +9,11 @@ from typing import Any
 
 import numpy as np
 
+from foldserve.metadata import ModelMetadata, TensorMetadata
 from foldserve.model_config import TensorSpec
 
 __all__ = ["TensorSpec", "BatchingSpec", "ModelSpec", "InferInput", "RequestedOutput", "InferRequest",
-           "InferOutput", "InferResponse", "ServerMetadata", "ModelMetadata", "Readiness", "IndexEntry"]
+           "InferOutput", "InferResponse", "ServerMetadata", "ModelMetadata", "TensorMetadata", "Readiness", "IndexEntry"]
 
 
 @dataclass(frozen=True)
@@ -94,26 +95,6 @@ class ServerMetadata:
     name: str
     version: str
     extensions: list[str]
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class TensorMetadata:
-    name: str
-    datatype: str
-    shape: list[int]
-
-
-@dataclass(frozen=True)
-class ModelMetadata:
-    name: str
-    versions: list[str]
-    platform: str
-    inputs: list[TensorMetadata]
-    outputs: list[TensorMetadata]
-    parameters: dict[str, Any]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -10,9 +10,8 @@ import math
 
 import numpy as np
 
-from foldserve.errors import InvalidInput, PayloadTooLarge
 from foldserve.datatypes import V2_NAMES, numpy_dtype
-from foldserve.errors import UnsupportedDataType
+from foldserve.errors import InvalidInput, PayloadTooLarge, UnsupportedDataType
 from server.core.types import InferInput, InferRequest, ModelSpec, TensorSpec
 
 

@@ -9,26 +9,20 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
 
-import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from foldserve import __version__
 from foldserve.errors import FoldserveError
 from server.core.dataplane import DataPlane
+from server.rest.codec import ORJSONResponse, error_response
 from server.rest.routes import ROUTERS
 from server.settings import Settings
 
 logger = logging.getLogger(__name__)
-
-
-class ORJSONResponse(JSONResponse):
-    def render(self, content: Any) -> bytes:
-        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 @dataclass
@@ -39,30 +33,26 @@ class Admission:
     active: int = 0
 
 
-def _error(status: int, message: str) -> Response:
-    return ORJSONResponse({"error": message}, status_code=status)
-
-
 async def _foldserve_error(request: Request, exc: FoldserveError) -> Response:
-    return _error(exc.http_status, str(exc))
+    return error_response(exc.http_status, str(exc))
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
     detail = exc.detail if isinstance(exc.detail, str) else "request failed"
     if exc.status_code == 404:
         detail = f"no such endpoint: {request.method} {request.url.path}"
-    return _error(exc.status_code, detail)
+    return error_response(exc.status_code, detail)
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
     first = exc.errors()[0] if exc.errors() else {}
     where = ".".join(str(p) for p in first.get("loc", ()))
-    return _error(400, f"invalid request: {where}: {first.get('msg', 'invalid')}")
+    return error_response(400, f"invalid request: {where}: {first.get('msg', 'invalid')}")
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
     logger.exception("internal error on %s %s", request.method, request.url.path)
-    return _error(500, "internal error (see the server log)")
+    return error_response(500, "internal error (see the server log)")
 
 
 EXCEPTION_HANDLERS = {FoldserveError: _foldserve_error, StarletteHTTPException: _http_error,

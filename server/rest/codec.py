@@ -14,12 +14,25 @@ from typing import Any
 
 import numpy as np
 import orjson
+from fastapi.responses import JSONResponse
 
 from foldserve.datatypes import raw_bytes
 from foldserve.errors import InvalidInput, PayloadTooLarge
 from server.core.types import InferInput, InferRequest, InferResponse, RequestedOutput
 
 HEADER = "inference-header-content-length"
+
+
+class ORJSONResponse(JSONResponse):
+    """JSON responses encoded by orjson (numpy arrays included)."""
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def error_response(status: int, message: str) -> ORJSONResponse:
+    """Triton's error body: ``{"error": message}``."""
+    return ORJSONResponse({"error": message}, status_code=status)
 
 
 def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:

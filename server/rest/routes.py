@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 from foldserve.errors import InvalidInput, PayloadTooLarge, QueueFull
 from server.core.auth import check_bearer
 from server.core.dataplane import DataPlane
-from server.rest.codec import HEADER, decompress, encode_infer_response, parse_infer_request
+from server.rest.codec import HEADER, decompress, encode_infer_response, error_response, parse_infer_request
 from server.settings import Settings
 
 
@@ -68,10 +68,6 @@ def _auth(request: Request, token: str | None, what: str) -> None:
     check_bearer(request.headers.get("authorization"), token, what)
 
 
-def _error(status: int, message: str) -> Response:
-    return Response(orjson.dumps({"error": message}), status_code=status, media_type="application/json")
-
-
 # --- server ---------------------------------------------------------------------------------------------
 
 health = APIRouter(tags=["server"])
@@ -119,7 +115,7 @@ async def model_ready(model: str, request: Request, version: str = "") -> Respon
     r = _dp(request).model_readiness(model, version)
     if r.ready:
         return Response(status_code=200)
-    return _error(getattr(r.error, "http_status", 503), str(r.error))
+    return error_response(getattr(r.error, "http_status", 503), str(r.error))
 
 
 @models.get("/v2/models/{model}/config", summary="Model configuration (Triton's JSON form)", responses=ERRORS)
