@@ -59,7 +59,6 @@ def _add_unavailable(sub: argparse._SubParsersAction, name: str, missing: list[s
     extra = EXTRA_FOR.get(missing[0], "train")
     message = f"not installed here: it needs {', '.join(missing)} (pip install 'foldserve[{extra}]')"
     p = sub.add_parser(name, help=f"({message})", add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
 
     def run(args: argparse.Namespace) -> int:
         raise ConfigError(message)
@@ -72,8 +71,11 @@ def _configure_logging(level: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser, _ = build_parser()
-    args = parser.parse_args(argv)
+    parser, unavailable = build_parser()
+    # a command that is not installed answers with one line whatever flags follow it
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command not in unavailable:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _configure_logging(getattr(args, "log_level", "INFO"))
     try:
         return int(args.func(args) or 0)

@@ -190,3 +190,18 @@ def test_the_serve_extras_install_no_torch():
         assert not deps & {"torch", "scikit-learn", "matplotlib", "onnxscript"}, (name, deps)
     assert "onnxruntime-gpu" not in _extra(extras, "serve-cpu")
     assert "torch" in _extra(extras, "train")
+
+
+@pytest.mark.subprocess
+def test_commands_that_need_torch_say_so_in_one_line_where_torch_is_missing():
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from cli.main import main\n"
+            "sys.exit(main(['train', '--epochs', '1', '--arch', 'resnet']))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == ("foldserve train: error: not installed here: it needs torch "
+                                   "(pip install 'foldserve[train]')")
+    help_text = subprocess.run([sys.executable, "-c", code.replace("['train', '--epochs', '1', '--arch', 'resnet']",
+                                                                   "['--help']")],
+                               cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
+    assert "not installed here: train, fold, verify, pipeline, bench" in " ".join(help_text.split())

@@ -126,6 +126,12 @@ def test_server_image_serves_grpc_and_rest_and_stops_cleanly(repository, tmp_pat
 
     from tests.server.conftest import digits_batch, free_port
 
+    # the image holds the serve extra only: no torch, and the train command says so in one line
+    proc = _docker("run", "--rm", "--entrypoint", "foldserve", IMAGE, "train", "--epochs", "1", check=False)
+    assert proc.returncode == 2 and "not installed here: it needs torch" in proc.stderr, proc.stderr
+    proc = _docker("run", "--rm", "--entrypoint", "python3", IMAGE, "-c", "import torch", check=False)
+    assert proc.returncode != 0 and "No module named 'torch'" in proc.stderr
+
     repo = tmp_path / "models"
     shutil.copytree(repository, repo)
     os.chmod(tmp_path, 0o755)
