@@ -1,4 +1,5 @@
-"""``foldserve fold``: a checkpoint into a verified repository entry, or one ONNX file into a folded file."""
+"""``foldserve fold``: a model (trainer checkpoint, ONNX file, torch.export program, TorchScript file) into a
+verified repository entry, or one ONNX file into a folded file."""
 from __future__ import annotations
 
 import argparse
@@ -11,8 +12,11 @@ REQUIRES = ("torch", "onnx", "onnxruntime")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("fold", help="fold a checkpoint into a model-repository entry, or fold an ONNX file")
-    p.add_argument("checkpoint", nargs="?", help="trainer checkpoint (file or run directory)")
+    p = sub.add_parser("fold", help="fold a model into a verified model-repository entry, or fold an ONNX file",
+                       description="MODEL is a foldserve checkpoint (file or run directory), an ONNX file (external "
+                                   "data beside it), a torch.export program (torch.export.save, .pt2) or a "
+                                   "TorchScript file (torch.jit.save); the kind is read from the content.")
+    p.add_argument("model", nargs="?", metavar="MODEL", help="the model to fold (see above)")
     p.add_argument("--repository", help="model repository directory (Triton layout)")
     p.add_argument("--name", help="model name (default: DATASET_ARCH)")
     p.add_argument("--version", type=int, help="version number (default: next free)")
@@ -21,7 +25,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-verify", action="store_true", help="skip verification (the server will not serve it "
                                                             "as ready unless told to)")
     p.add_argument("--force", action="store_true", help="replace an existing version")
-    p.add_argument("--onnx", help="fold this ONNX file instead of a checkpoint (with --out)")
+    g = p.add_argument_group("models brought from elsewhere (what a model may not say about itself)")
+    g.add_argument("--input-shape", help="per-sample input shape C,H,W where the model's is symbolic (TorchScript "
+                                         "records none)")
+    g.add_argument("--normalize", metavar="MEAN,..:STD,..", help="per-channel (x - mean) / std, baked into the "
+                                                                  "served model (clients send raw data)")
+    g.add_argument("--input-name", help="name the served input (default: the model's own)")
+    g.add_argument("--output-name", help="name the served output (default: the ONNX file's own, 'output' for a "
+                                         "torch program)")
+    g.add_argument("--labels", help="class names, one a line (classification outputs [batch, classes])")
+    p.add_argument("--data", help="real samples for verification: .npz with x [N, ...] and optional y [N] "
+                                  "(class indices: accuracy is reported)")
+    p.add_argument("--onnx", help="fold this one ONNX file into --out OUT (no entry, no verification)")
     p.add_argument("--out", help="with --onnx: where to write the folded model (not the input itself)")
     add_verify_flags(p)
     p.set_defaults(func=run)
@@ -31,15 +46,19 @@ def run(args: argparse.Namespace) -> int:
     if args.onnx:
         return _fold_file(args)
     if args.out:
-        raise ConfigError("--out goes with --onnx; a checkpoint is folded into --repository DIR")
-    if not args.checkpoint or not args.repository:
-        raise ConfigError("fold needs CHECKPOINT and --repository DIR (or --onnx IN --out OUT)")
+        raise ConfigError("--out goes with --onnx; a MODEL is folded into --repository DIR")
+    if not args.model or not args.repository:
+        raise ConfigError("fold needs MODEL and --repository DIR (or --onnx IN --out OUT)")
     from folding.export import build_entry
+    from folding.programs import Options, parse_normalize, parse_shape
     from folding.verify import summary_table
 
-    result = build_entry(args.checkpoint, args.repository, args.name, args.version,
+    options = Options(input_shape=parse_shape(args.input_shape), normalize=parse_normalize(args.normalize),
+                      input_name=args.input_name, output_name=args.output_name, data=args.data)
+    result = build_entry(args.model, args.repository, args.name, args.version,
                          max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
-                         verify=not args.no_verify, verify_options=verify_options(args), force=args.force)
+                         verify=not args.no_verify, verify_options=verify_options(args), force=args.force,
+                         options=options, labels_file=args.labels)
     print_fold_report(result.onnx_report)
     print(f"model: {result.version_dir}")
     if result.verification is not None:
@@ -49,11 +68,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _fold_file(args: argparse.Namespace) -> int:
-    if not args.out or args.checkpoint:
-        raise ConfigError("fold --onnx IN.onnx needs --out OUT.onnx and no checkpoint")
+    if not args.out or args.model:
+        raise ConfigError("fold --onnx IN.onnx needs --out OUT.onnx and no MODEL (to fold a model into a verified "
+                          "entry: foldserve fold MODEL.onnx --repository DIR)")
     if args.repository or args.name or args.version is not None:
         raise ConfigError("--repository/--name/--version do not go with --onnx IN --out OUT (which writes one "
-                          "file); fold a checkpoint into a repository instead")
+                          "file); fold MODEL --repository DIR instead")
+    extra = [f for f, v in (("--data", args.data), ("--normalize", args.normalize), ("--labels", args.labels),
+                            ("--input-shape", args.input_shape)) if v]
+    if extra:
+        raise ConfigError(f"{', '.join(extra)} go with MODEL --repository DIR (a verified entry), not with --onnx/--out")
     if Path(args.out).resolve() == Path(args.onnx).resolve():
         raise ConfigError(f"--out {args.out} is the input file: the unfolded original would be overwritten; "
                           f"choose another --out")

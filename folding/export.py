@@ -1,8 +1,10 @@
-"""Build a model-repository entry (the layout in :mod:`foldserve.entry`) from a trainer checkpoint.
+"""Build a model-repository entry (the layout in :mod:`foldserve.entry`) from a trainer checkpoint, an ONNX
+file, a ``torch.export`` program or a TorchScript file (:mod:`folding.programs` tells them apart).
 
 The served ``model.onnx`` is ``fold_onnx(reference.onnx)``: every fold site keeps its tensor name, which
-is what lets the verifier compare the two graphs layer by layer. ``fold_module`` folds the same model in
-PyTorch as a second opinion, and the two passes must agree on what they fold (the fold fails otherwise).
+is what lets the verifier compare the two graphs layer by layer. For a checkpoint, ``fold_module`` folds
+the same model in PyTorch as a second opinion, and the two passes must agree on what they fold (the fold
+fails otherwise); for a user's model the verifier's comparison with the unfolded program is the proof.
 A version folder is assembled in a staging folder and swapped into place (:mod:`foldserve.swap`), so a
 reader never sees half an entry and a kill never leaves a model without its version. A model whose
 existing versions have another interface (input shape, datatypes, outputs) or other labels is refused:
@@ -27,12 +29,14 @@ from foldserve import __version__
 from foldserve.atomic import write_bytes, write_json, write_text
 from foldserve.datatypes import lookup
 from foldserve.entry import (FOLD_REPORT_FILE, INPUT_NAME, LABELS_FILE, MODEL_FILE, OUTPUT_NAME, PREPROCESS_FILE,
-                             REFERENCE_FILE, SOURCE_FILE, Preprocess, next_version, read_labels, version_numbers)
+                             REFERENCE_FILE, SOURCE_FILE, SOURCE_RECORD_FILE, Preprocess, SourceRecord, next_version,
+                             read_labels, version_numbers)
 from foldserve.errors import ConfigError, FoldError, WriteError
 from foldserve.model_config import CONFIG_FILE, TensorSpec, interface, make_config, read_config, write_config
 from foldserve.names import RULE, is_valid_model_name
 from foldserve.swap import clean_leftovers, install_dir, staging_dir
 from folding.onnx_fold import fold_onnx
+from folding.programs import Options, detect_kind, load_user_model
 from folding.report import FoldReport
 from folding.source import example_input
 from folding.torch_fold import fold_module
@@ -51,7 +55,7 @@ class EntryResult:
     version_dir: Path
     version: int
     onnx_report: FoldReport
-    torch_report: FoldReport
+    torch_report: FoldReport | None
     verification: dict[str, Any] | None
 
 
@@ -140,60 +144,157 @@ def _stamp(models: dict[str, onnx.ModelProto], meta: dict[str, str]) -> None:
             raise FoldError(f"the {role} ONNX model fails onnx.checker: {exc}") from None
 
 
-def _write_version(staging: Path, ckpt: dict[str, Any], reference: onnx.ModelProto, folded: onnx.ModelProto,
-                   reports: dict[str, Any], labels: list[str]) -> None:
-    onnx.save(reference, staging / REFERENCE_FILE)
-    onnx.save(folded, staging / MODEL_FILE)
-    save_checkpoint(staging / SOURCE_FILE, {k: ckpt[k] for k in SOURCE_KEYS if k in ckpt})
-    if labels:
-        write_text(staging / LABELS_FILE, "\n".join(labels) + "\n")
-    write_json(staging / PREPROCESS_FILE, Preprocess(
-        input_shape=list(ckpt["arch_args"]["input_shape"]), normalization=ckpt["normalization"],
-        input_range=ckpt.get("input_range"), task=ckpt["task"], class_names=labels,
-        dataset=ckpt.get("dataset", {})).to_dict())
+@dataclass
+class Prepared:
+    """A source made ready to install: reference and folded ONNX, reports, and how to write its files."""
+
+    reference: onnx.ModelProto
+    folded: onnx.ModelProto
+    onnx_report: FoldReport
+    torch_report: FoldReport | None
+    record: SourceRecord
+    preprocess: Preprocess
+    labels: list[str]
+    default_name: str
+    stamp: dict[str, str]
+    write_source: Any                    # staging dir -> None: the source's own files
+    external_data: bool = False
+
+
+def _prepare_checkpoint(path: Path, opts: Options) -> Prepared:
+    for flag, value in (("--normalize", opts.normalize), ("--input-shape", opts.input_shape),
+                        ("--input-name", opts.input_name), ("--output-name", opts.output_name)):
+        if value:
+            raise ConfigError(f"{flag} is for models brought from elsewhere: a foldserve checkpoint records its own "
+                              f"input, names and normalisation")
+    ckpt_path = path / "checkpoint.pt" if path.is_dir() else path
+    ckpt = load_checkpoint(ckpt_path)
+    model = model_from_checkpoint(ckpt)
+    reference, folded, onnx_report, torch_report = _fold(ckpt, model)
+    labels = list(ckpt["class_names"]) if ckpt["task"] == "classification" else []
+    shape = list(ckpt["arch_args"]["input_shape"])
+    record = SourceRecord(kind="checkpoint", original=ckpt_path.name, sha256=file_sha256(ckpt_path),
+                          input_shape=shape, normalization=ckpt["normalization"], task=ckpt["task"],
+                          data=str(Path(opts.data).resolve()) if opts.data else None)
+    preprocess = Preprocess(input_shape=shape, normalization=ckpt["normalization"], input_range=ckpt.get("input_range"),
+                            task=ckpt["task"], class_names=labels, dataset=ckpt.get("dataset", {}))
+    source = {k: ckpt[k] for k in SOURCE_KEYS if k in ckpt}
+    return Prepared(reference, folded, onnx_report, torch_report, record, preprocess, labels,
+                    f"{ckpt.get('dataset', {}).get('name', 'model')}_{ckpt['arch']}",
+                    {"task": ckpt["task"], "arch": ckpt["arch"]},
+                    lambda staging: save_checkpoint(staging / SOURCE_FILE, source))
+
+
+def _prepare_user_model(path: Path, kind: str, opts: Options, labels_file: str | None) -> Prepared:
+    um = load_user_model(path, kind, opts, file_sha256(path))
+    folded, onnx_report = fold_onnx(um.reference)
+    record = um.record
+    labels = _read_labels_file(labels_file, folded, record) if labels_file else []
+    preprocess = Preprocess(input_name=record.input_name, output_name=record.output_name,
+                            input_shape=record.input_shape, normalization=record.normalization,
+                            normalization_in_model=True, task=record.task, class_names=labels,
+                            dataset={"data": Path(record.data).name} if record.data else {})
+
+    def write_source(staging: Path) -> None:
+        if kind != "onnx":
+            shutil.copyfile(path, staging / record.file)
+    return Prepared(um.reference, folded, onnx_report, None, record, preprocess, labels, _default_name(path),
+                    {"task": record.task, "source_kind": kind, "source_file": path.name}, write_source,
+                    um.external_data)
+
+
+def _default_name(path: Path) -> str:
+    stem = path.name.split(".")[0]
+    if not is_valid_model_name(stem):
+        raise ConfigError(f"{path.name}: its name does not make a model name ({RULE}); pass --name")
+    return stem
+
+
+def _read_labels_file(labels_file: str, folded: onnx.ModelProto, record: SourceRecord) -> list[str]:
+    try:
+        labels = [line.strip() for line in Path(labels_file).read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--labels {Path(labels_file).name}: unreadable ({exc.strerror or exc})") from None
+    dims = [d.dim_value for d in folded.graph.output[0].type.tensor_type.shape.dim]
+    classes = dims[-1] if dims and dims[-1] > 0 else None
+    if record.task != "classification" or (classes is not None and classes != len(labels)):
+        raise ConfigError(f"--labels has {len(labels)} names; the model's output {record.output_name!r} has shape "
+                          f"{dims}: labels need an output [batch, {len(labels)}]")
+    return labels
+
+
+def _write_version(staging: Path, prepared: Prepared, reports: dict[str, Any]) -> None:
+    for role, model in ((REFERENCE_FILE, prepared.reference), (MODEL_FILE, prepared.folded)):
+        if prepared.external_data:
+            onnx.save(model, str(staging / role), save_as_external_data=True, all_tensors_to_one_file=True,
+                      location=f"{role}.data", size_threshold=1024)
+        else:
+            onnx.save(model, str(staging / role))
+    prepared.write_source(staging)
+    write_json(staging / SOURCE_RECORD_FILE, prepared.record.to_dict())
+    if prepared.labels:
+        write_text(staging / LABELS_FILE, "\n".join(prepared.labels) + "\n")
+    write_json(staging / PREPROCESS_FILE, prepared.preprocess.to_dict())
     write_json(staging / FOLD_REPORT_FILE, reports)
 
 
-def build_entry(checkpoint: str | Path, repository: str | Path, name: str | None = None,
+def build_entry(source: str | Path, repository: str | Path, name: str | None = None,
                 version: int | None = None, *, max_batch_size: int = 64, max_queue_delay_us: int = 2000,
-                verify: bool = True, verify_options: Any = None, force: bool = False) -> EntryResult:
-    """checkpoint -> fold -> export -> (verify) -> REPO/NAME/VERSION, atomically."""
-    ckpt_path = Path(checkpoint) / "checkpoint.pt" if Path(checkpoint).is_dir() else Path(checkpoint)
-    ckpt = load_checkpoint(ckpt_path)
-    model = model_from_checkpoint(ckpt)
-    name = check_model_name(name or f"{ckpt.get('dataset', {}).get('name', 'model')}_{ckpt['arch']}")
+                verify: bool = True, verify_options: Any = None, force: bool = False,
+                options: Options | None = None, labels_file: str | None = None) -> EntryResult:
+    """model (checkpoint, ONNX, .pt2, TorchScript) -> fold -> export -> (verify) -> REPO/NAME/VERSION, atomically."""
+    path, opts = Path(source), options or Options()
+    kind = detect_kind(path)
     if max_batch_size < 1:
         raise ConfigError(f"--max-batch-size must be >= 1, got {max_batch_size}")
-    model_dir = Path(repository) / name
-    version = version if version is not None else next_version(model_dir)
-    if version < 1:
-        raise ConfigError(f"--version must be >= 1, got {version}")
+    if opts.data and not Path(opts.data).is_file():
+        raise ConfigError(f"--data {opts.data}: no such file (expected an .npz with x and optional y)")
+    if labels_file and kind == "checkpoint":
+        raise ConfigError("--labels is for models brought from elsewhere: a checkpoint records its class names")
+    if name is not None:
+        check_model_name(name)
+    model_dir = Path(repository) / name if name else None
+    if model_dir is not None:
+        version = _check_version(model_dir, name, version, force)
+    prepared = (_prepare_checkpoint(path, opts) if kind == "checkpoint"
+                else _prepare_user_model(path, kind, opts, labels_file))
+    if model_dir is None:
+        name = check_model_name(prepared.default_name)
+        model_dir = Path(repository) / name
+        version = _check_version(model_dir, name, version, force)
     version_dir = model_dir / str(version)
-    if version_dir.exists() and not force:
-        raise ConfigError(f"{name}/{version} already exists; choose another --version or pass --force")
-    reference, folded, onnx_report, torch_report = _fold(ckpt, model)
-    labels = list(ckpt["class_names"]) if ckpt["task"] == "classification" else []
-    inputs, outputs = tensor_specs(folded, batched=True)
-    config = make_config(name, inputs, outputs, max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
-                         label_output=outputs[0].name if labels else None)
-    check_compatible(model_dir, config, labels, version)
-    sha = file_sha256(ckpt_path)
-    _stamp({"reference": reference, "served": folded}, {
-        "foldserve_version": __version__, "source_checkpoint_sha256": sha, "bn_before": str(onnx_report.bn_before),
-        "bn_folded": str(len(onnx_report.folded)), "bn_skipped": str(len(onnx_report.skipped)),
-        "task": ckpt["task"], "arch": ckpt["arch"]})
-    reports = {"onnx": onnx_report.to_dict(), "torch": torch_report.to_dict(), "source_checkpoint_sha256": sha,
-               "foldserve_version": __version__}
+    batched = prepared.record.batch is None
+    inputs, outputs = tensor_specs(prepared.folded, batched=batched)
+    config = make_config(name, inputs, outputs, max_batch_size=max_batch_size if batched else 0,
+                         max_queue_delay_us=max_queue_delay_us,
+                         label_output=outputs[0].name if prepared.labels else None)
+    check_compatible(model_dir, config, prepared.labels, version)
+    onnx_report, torch_report = prepared.onnx_report, prepared.torch_report
+    sha = prepared.record.sha256
+    _stamp({"reference": prepared.reference, "served": prepared.folded}, {
+        "foldserve_version": __version__, "source_sha256": sha, "bn_before": str(onnx_report.bn_before),
+        "bn_folded": str(len(onnx_report.folded)), "bn_skipped": str(len(onnx_report.skipped)), **prepared.stamp})
+    reports = {"onnx": onnx_report.to_dict(), "torch": torch_report.to_dict() if torch_report else None,
+               "source_kind": kind, "source_sha256": sha, "foldserve_version": __version__}
     created = not model_dir.exists()
     try:
-        verification = _install(model_dir, version_dir, config, labels, verify, verify_options,
-                                lambda staging: _write_version(staging, ckpt, reference, folded, reports, labels))
+        verification = _install(model_dir, version_dir, config, prepared.labels, verify, verify_options,
+                                lambda staging: _write_version(staging, prepared, reports))
     except BaseException:
         if created and not version_numbers(model_dir):
             shutil.rmtree(model_dir, ignore_errors=True)  # an interrupted first fold leaves no empty model
         raise
     logger.info("repository entry %s version %d: %s", name, version, onnx_report.summary())
     return EntryResult(model_dir, version_dir, version, onnx_report, torch_report, verification)
+
+
+def _check_version(model_dir: Path, name: str, version: int | None, force: bool) -> int:
+    version = version if version is not None else next_version(model_dir)
+    if version < 1:
+        raise ConfigError(f"--version must be >= 1, got {version}")
+    if (model_dir / str(version)).exists() and not force:
+        raise ConfigError(f"{name}/{version} already exists; choose another --version or pass --force")
+    return version
 
 
 def _install(model_dir: Path, version_dir: Path, config: Any, labels: list[str], verify: bool, verify_options: Any,

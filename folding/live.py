@@ -8,25 +8,23 @@ entry is reported in one line.
 """
 from __future__ import annotations
 
-import copy
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from foldserve.client import ModelMetadata, connect
-from foldserve.entry import SOURCE_FILE, split_entry_path
+from foldserve.entry import split_entry_path
 from foldserve.errors import ConfigError
-from folding.source import input_sets, load_source
+from folding.source import open_source
 from folding.tolerances import compare, tolerance_for
 
 
-def _check_interface(meta: ModelMetadata, x: np.ndarray, truth: np.ndarray, where: str) -> None:
+def _check_interface(meta: ModelMetadata, x: np.ndarray, truth: np.ndarray, where: str, batched: bool) -> None:
     inp, out = meta.inputs[0], meta.outputs[0]
     for what, t, arr in (("input", inp, x), ("output", out, truth)):
-        shape = [-1] + list(arr.shape[1:])
+        shape = ([-1] if batched else [arr.shape[0]]) + list(arr.shape[1:])
         if len(t.shape) != len(shape) or any(s not in (-1, w) for s, w in zip(t.shape[1:], shape[1:])):
             raise ConfigError(f"{where} and the entry differ in their {what}s: served {what} {t.name!r} has shape "
                               f"{t.shape}, the entry's model {shape}: is it the same model?")
@@ -44,34 +42,30 @@ def _served(client, model: str, version: str, meta: ModelMetadata, x: np.ndarray
 
 def verify_live(address: str, entry: Path, opts: Any, *, model: str | None = None, version: str | None = None,
                 token: str | None = None) -> dict[str, Any]:
-    from trainer.checkpoint import model_from_checkpoint
-
     t0 = time.perf_counter()
     entry = Path(entry)
     _, entry_name, entry_version = split_entry_path(entry)
-    if not (entry / SOURCE_FILE).is_file():
-        raise ConfigError(f"{entry}: not a repository version written by `foldserve fold` ({SOURCE_FILE} missing)")
+    source = open_source(entry)
     model = model or entry_name
     version = str(version or entry_version)
-    ckpt = load_source(entry)
-    model64 = copy.deepcopy(model_from_checkpoint(ckpt)).double()
     client = connect(address, token=token)
     meta = client.metadata(model, version)
     max_batch = max(1, int(client.config(model, version).get("max_batch_size", 1) or 1))
+    if not source.batched:
+        max_batch = source.record.batch
     where = f"the served model {model!r} version {version}"
     tol = tolerance_for("float32", opts.rtol, opts.atol)
     results, passed = {}, True
-    for name, (x, y) in input_sets(ckpt, opts.batch_sizes, opts.seed, opts.max_validation).items():
-        with torch.no_grad():
-            truth = model64(torch.from_numpy(x).double()).numpy()
-        _check_interface(meta, x, truth, where)
+    for name, (x, y) in source.input_sets(opts.batch_sizes, opts.seed, opts.max_validation).items():
+        truth = source.truth(x)
+        _check_interface(meta, x, truth, where, source.batched)
         served = _served(client, model, version, meta, x, max_batch)
         if served.shape != truth.shape:
             raise ConfigError(f"{where} and the entry differ in their outputs: served {list(served.shape)}, "
                               f"entry {list(truth.shape)}")
         c = compare(served, truth, tol)
         r = c.to_dict()
-        if ckpt["task"] == "classification":
+        if source.task == "classification":
             r["top1_agreement"] = float((served.argmax(1) == truth.argmax(1)).mean())
             if y is not None:
                 r["accuracy"] = float((served.argmax(1) == y).mean())
@@ -83,6 +77,6 @@ def verify_live(address: str, entry: Path, opts: Any, *, model: str | None = Non
         top1 = f"{r['top1_agreement']:.4f}" if "top1_agreement" in r else "-"
         lines.append(f"{name:<14} {r['max_abs']:>10.3g} {r['max_rel']:>10.3g} {top1:>7}  {'ok' if r['passed'] else 'FAIL'}")
     lines.append(f"{'PASSED' if passed else 'FAILED'}: server {address} model {model} version {version} vs local "
-                 f"float64 reference ({time.perf_counter() - t0:.1f} s)")
+                 f"{source.truth_dtype} reference ({time.perf_counter() - t0:.1f} s)")
     return {"passed": bool(passed), "server": address, "model": model, "version": version, "inputs": results,
             "tolerance": {"rtol": tol.rtol, "atol": tol.atol}, "table": "\n".join(lines)}

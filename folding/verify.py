@@ -1,19 +1,21 @@
 """Verifier: prove that the folded model computes what the unfolded one did, or refuse it.
 
-Ground truth is the trainer's model in eval mode run in float64. Against it, on the same inputs:
+Ground truth is the unfolded source (:mod:`folding.source`): the trainer's model or the user's torch
+program run in float64 (float32 where a program does not run in float64), or, for an ONNX source, the
+user's file run by onnxruntime with optimisations off. Against it, on the same inputs:
 
-* ``unfolded_torch``   the same model in float32 (the rounding budget a fold may not exceed by much);
-* ``folded_torch``     ``fold_module`` of it;
+* ``unfolded_torch``   the source model/program in float32 (the rounding budget a fold may not exceed by much);
+* ``folded_torch``     ``fold_module`` of the trainer's model (checkpoints only);
 * ``reference_onnx``   ``reference.onnx`` (BN kept) in onnxruntime with optimisations disabled;
 * ``served_onnx``      ``model.onnx`` run by the server's own :class:`server.core.runtime.OnnxModel`:
                        the same provider choice, threads, optimisation level and IO binding.
 
-Inputs are random draws that match the saved normalisation at several batch sizes, plus the real
-validation samples when the training data can be reloaded. On failure the error is localised: each fold
-site's tensor (same name in both graphs) is compared in topological order and the first layer over
-tolerance is named. A batch-invariance check catches BNs that use batch statistics (train-mode exports,
-``track_running_stats=False``), which dynamic batching would expose. ``verification.json`` is written
-next to the model.
+Inputs are random draws in the raw input space (matching the normalisation) at several batch sizes, plus
+real samples: the trainer's validation data, or ``--data FILE.npz``. On failure the error is localised:
+each fold site's tensor (same name in both graphs) is compared in topological order and the first layer
+over tolerance is named. A batch-invariance check catches BNs that use batch statistics (train-mode
+exports, ``track_running_stats=False``), which dynamic batching would expose. ``verification.json`` is
+written next to the model.
 """
 from __future__ import annotations
 
@@ -27,13 +29,12 @@ from typing import Any, Callable
 
 import numpy as np
 import onnx
-import torch
 
 from foldserve.atomic import write_json
-from foldserve.entry import FOLD_REPORT_FILE, MODEL_FILE, REFERENCE_FILE, SOURCE_FILE, VERIFICATION_FILE
+from foldserve.entry import FOLD_REPORT_FILE, MODEL_FILE, REFERENCE_FILE, VERIFICATION_FILE
 from foldserve.errors import ConfigError
 from folding.fold_math import FP16_MAX, BNParams
-from folding.source import input_sets, load_source, model_input_dtype
+from folding.source import SourceModel, model_input_dtype, open_source
 from folding.tolerances import Comparison, Tolerance, compare, tolerance_for
 from server.core.runtime import OnnxModel
 
@@ -82,16 +83,19 @@ def batch_invariance(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, tol
     return compare(alone, together, tol)
 
 
-def lint_statistics(model: torch.nn.Module, served: onnx.ModelProto) -> list[str]:
-    warnings: list[str] = []
-    for name, bn in model.named_modules():
-        if isinstance(bn, torch.nn.modules.batchnorm._BatchNorm) and bn.running_var is not None:
-            p = BNParams.create(bn.running_mean.double().numpy(), bn.running_var.double().numpy(),
-                                None if bn.weight is None else bn.weight.detach().double().numpy(),
-                                None if bn.bias is None else bn.bias.detach().double().numpy(), bn.eps)
-            warnings += p.lint(name)
+def lint_statistics(reference: onnx.ModelProto, served: onnx.ModelProto) -> list[str]:
+    """Fragile BN statistics (read from the reference's BatchNormalization nodes) and served weights that are
+    not finite or beyond the float16 range."""
     from onnx import numpy_helper
 
+    from folding.onnx_fold import OnnxFoldPass
+
+    warnings: list[str] = []
+    p = OnnxFoldPass(reference)
+    for bn in p.batchnorms():
+        params = p.check_bn(bn)
+        if isinstance(params, BNParams):
+            warnings += params.lint(p.bn_name(bn))
     for t in served.graph.initializer:
         if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE):
             a = numpy_helper.to_array(t)
@@ -134,41 +138,32 @@ def localize(reference: onnx.ModelProto, served: onnx.ModelProto, sites: list[di
 
 # --- the verifier ----------------------------------------------------------------------------------
 
-def _candidates(vdir: Path, model: torch.nn.Module, opts: VerifyOptions, np_dtype: np.dtype):
-    from folding.torch_fold import fold_module
-
-    folded_torch, _ = fold_module(model)
-    ref_sess = ort_session(vdir / REFERENCE_FILE, "disable", "cpu")
+def _candidates(vdir: Path, source: SourceModel, opts: VerifyOptions, np_dtype: np.dtype):
     served, provider = served_runner(vdir / MODEL_FILE, opts)
-    candidates: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-        "unfolded_torch": lambda x: _torch_run(model, x),
-        "folded_torch": lambda x: _torch_run(folded_torch, x),
-        "reference_onnx": lambda x: _run(ref_sess, x.astype(np.float32)),
-        "served_onnx": lambda x: served(np.ascontiguousarray(x, dtype=np_dtype)),
-    }
-    return candidates, provider
+    candidates: dict[str, Callable[[np.ndarray], np.ndarray]] = dict(source.candidates())
+    candidates["served_onnx"] = lambda x: served(np.ascontiguousarray(x, dtype=np_dtype))
+    return {k: source.fit(run) for k, run in candidates.items()}, provider
 
 
-def _evaluate(candidates: dict[str, Callable], sets: dict, model64: torch.nn.Module, tol: Tolerance,
-              classification: bool) -> tuple[dict[str, Any], dict[str, float]]:
-    """Every candidate on every input set against the float64 truth."""
+def _evaluate(candidates: dict[str, Callable], sets: dict, truth: Callable[[np.ndarray], np.ndarray], tol: Tolerance,
+              classification: bool, truth_name: str = "reference_float64") -> tuple[dict[str, Any], dict[str, float]]:
+    """Every candidate on every input set against the truth."""
     results: dict[str, Any] = {name: {"passed": True, "inputs": {}} for name in candidates}
     accuracy: dict[str, float] = {}
     for set_name, (x, y) in sets.items():
-        with torch.no_grad():
-            truth = model64(torch.from_numpy(x).double()).numpy()
+        expected = truth(x)
         for name, run in candidates.items():
             out = run(x)
-            c = compare(out, truth, tol if name != "unfolded_torch" else tolerance_for("float32"))
+            c = compare(out, expected, tol if name != "unfolded_torch" else tolerance_for("float32"))
             entry = c.to_dict()
             if classification:
-                entry["top1_agreement"] = float((out.argmax(1) == truth.argmax(1)).mean())
+                entry["top1_agreement"] = float((out.argmax(1) == expected.argmax(1)).mean())
                 if y is not None:
                     accuracy[name] = float((out.argmax(1) == y).mean())
             results[name]["inputs"][set_name] = entry
             results[name]["passed"] &= c.passed
         if classification and y is not None:
-            accuracy["reference_float64"] = float((truth.argmax(1) == y).mean())
+            accuracy[truth_name] = float((expected.argmax(1) == y).mean())
     for r in results.values():
         _summarise(r, classification)
     return results, accuracy
@@ -200,43 +195,42 @@ def _failure(results: dict[str, Any], invariance: dict[str, Any], first_bad: dic
 
 def verify_entry(version_dir: str | Path, opts: VerifyOptions | None = None) -> dict[str, Any]:
     """Verify REPO/NAME/VERSION; returns the report (``report["passed"]``) and writes verification.json."""
-    from trainer.checkpoint import model_from_checkpoint
-
     t0 = time.perf_counter()
     opts = opts or VerifyOptions()
     vdir = Path(version_dir)
-    for f in (MODEL_FILE, REFERENCE_FILE, SOURCE_FILE, FOLD_REPORT_FILE):
+    for f in (MODEL_FILE, REFERENCE_FILE, FOLD_REPORT_FILE):
         if not (vdir / f).is_file():
             raise ConfigError(f"{vdir} is not a repository version written by `foldserve fold`: {f} is missing")
-    ckpt = load_source(vdir)
-    model = model_from_checkpoint(ckpt)
+    source = open_source(vdir)
     reference, served = onnx.load(str(vdir / REFERENCE_FILE)), onnx.load(str(vdir / MODEL_FILE))
     fold_report = json.loads((vdir / FOLD_REPORT_FILE).read_text())
     np_dtype = model_input_dtype(served)
     tol = tolerance_for(np_dtype.name, opts.rtol, opts.atol)
-    candidates, provider = _candidates(vdir, model, opts, np_dtype)
-    sets = input_sets(ckpt, opts.batch_sizes, opts.seed, opts.max_validation)
-    results, accuracy = _evaluate(candidates, sets, copy.deepcopy(model).double(), tol,
-                                  ckpt["task"] == "classification")
+    candidates, provider = _candidates(vdir, source, opts, np_dtype)
+    sets = source.input_sets(opts.batch_sizes, opts.seed, opts.max_validation, np_dtype)
+    classification = source.task == "classification"
+    results, accuracy = _evaluate(candidates, sets, source.truth, tol, classification, f"reference_{source.truth_dtype}")
     bx = example_input_batch(sets)
     invariance = {name: batch_invariance(candidates[name], bx, tol).to_dict()
-                  for name in ("reference_onnx", "served_onnx")}
+                  for name in ("reference_onnx", "served_onnx") if name in candidates and source.batched}
     sites: list[dict[str, Any]] = []
     if opts.localize and not results["served_onnx"]["passed"]:
-        sites = localize(reference, served, fold_report["onnx"]["folded"], bx.astype(np_dtype), tol)
+        sites = localize(reference, served, fold_report["onnx"]["folded"], bx[:source.record.batch or len(bx)], tol)
     first_bad = next((s for s in sites if not s["passed"]), None)
     failure = _failure(results, invariance, first_bad)
     report = {
         "report_version": REPORT_VERSION, "passed": failure is None, "model_dir": vdir.name, "dtype": np_dtype.name,
+        "source": {"kind": source.record.kind, "file": source.record.original, "truth": source.truth_dtype,
+                   "batch": "dynamic" if source.batched else source.record.batch},
         "tolerance": {"rtol": tol.rtol, "atol": tol.atol, "rel_floor": tol.rel_floor}, "provider": provider,
         "optimization": opts.optimization, "batch_sizes": list(opts.batch_sizes),
         "inputs": {k: list(v[0].shape) for k, v in sets.items()}, "candidates": results, "accuracy": accuracy,
         "batch_invariance": invariance,
         "localization": {"first_failing_layer": first_bad["layer"] if first_bad else None,
                          "first_failing_bn": first_bad["bn"] if first_bad else None, "sites": sites},
-        "warnings": sorted(set(lint_statistics(model, served) + list(fold_report["onnx"].get("warnings", [])))),
+        "warnings": sorted(set(lint_statistics(reference, served) + list(fold_report["onnx"].get("warnings", [])))),
         "fold": {"bn_before": fold_report["onnx"]["bn_before"], "folded": len(fold_report["onnx"]["folded"]),
-                 "skipped": len(fold_report["onnx"]["skipped"])},
+                 "skipped": len(fold_report["onnx"]["skipped"]), "bn_after": fold_report["onnx"].get("bn_after")},
         "wall_s": round(time.perf_counter() - t0, 3),
     }
     if failure:
@@ -252,11 +246,6 @@ def example_input_batch(sets: dict[str, tuple[np.ndarray, Any]]) -> np.ndarray:
     return x[:16]
 
 
-def _torch_run(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
-
-
 def summary_table(report: dict[str, Any]) -> str:
     """The readable table ``foldserve verify`` prints."""
     lines = [f"{'candidate':<16} {'max_abs':>10} {'max_rel':>10} {'mean_abs':>10} {'over':>7} {'top1':>7}  result",
@@ -269,6 +258,9 @@ def summary_table(report: dict[str, Any]) -> str:
         lines.append(f"batch invariance {name:<15} max_abs={c['max_abs']:.3g}  {'ok' if c['passed'] else 'FAIL'}")
     if report.get("accuracy"):
         lines.append("accuracy (validation): " + ", ".join(f"{k}={v:.4f}" for k, v in report["accuracy"].items()))
+    src = report.get("source", {})
+    if src:
+        lines.append(f"source: {src['kind']} {src['file']}, truth in {src['truth']}, batch {src['batch']}")
     lines.append(f"tolerance ({report['dtype']}): |err| <= {report['tolerance']['rtol']:g} * max|y| + "
                  f"{report['tolerance']['atol']:g}; provider {report['provider']}, optimisation {report['optimization']}")
     for w in report["warnings"]:

@@ -5,7 +5,10 @@
     REPO/NAME/labels.txt              class names, one a line (Triton's label_filename)
     REPO/NAME/VERSION/model.onnx      the folded model that is served
     REPO/NAME/VERSION/reference.onnx  the unfolded model, BatchNormalization nodes kept
-    REPO/NAME/VERSION/source.pt       the source model (trainer checkpoint format, weights_only loadable)
+    REPO/NAME/VERSION/source.json     what the entry was made from (SourceRecord): its kind and how to rerun it
+    REPO/NAME/VERSION/source.pt       a trainer checkpoint (weights_only loadable), or source.pt2 (a
+                                      torch.export program) or source.torchscript.pt; none for an ONNX source
+                                      (reference.onnx is the user's file, with the declared normalisation)
     REPO/NAME/VERSION/fold_report.json, preprocess.json, labels.txt, verification.json
 
 This module knows names and layouts only; it imports nothing heavier than the standard library.
@@ -23,6 +26,11 @@ from foldserve.names import is_version_folder
 MODEL_FILE = "model.onnx"
 REFERENCE_FILE = "reference.onnx"
 SOURCE_FILE = "source.pt"
+SOURCE_RECORD_FILE = "source.json"
+# the kinds of model `foldserve fold` accepts, and the file each keeps in the version folder
+SOURCE_KINDS = ("checkpoint", "onnx", "pt2", "torchscript")
+SOURCE_FILES = {"checkpoint": SOURCE_FILE, "onnx": REFERENCE_FILE, "pt2": "source.pt2",
+                "torchscript": "source.torchscript.pt"}
 FOLD_REPORT_FILE = "fold_report.json"
 PREPROCESS_FILE = "preprocess.json"
 VERIFICATION_FILE = "verification.json"
@@ -81,6 +89,52 @@ def read_preprocess(version_dir: Path) -> Preprocess | None:
         return Preprocess.from_dict(json.loads(path.read_text()))
     except (OSError, ValueError, TypeError) as exc:
         raise EntryError(f"{version_dir.name}/{PREPROCESS_FILE}: unreadable ({exc})") from None
+
+
+@dataclass
+class SourceRecord:
+    """What a version was folded from, so that the verifier can rebuild the unfolded truth later."""
+
+    kind: str = "checkpoint"                                   # one of SOURCE_KINDS
+    original: str = ""                                         # the file's name as the user gave it (no path)
+    sha256: str = ""                                           # of that file
+    input_name: str = INPUT_NAME
+    output_name: str = OUTPUT_NAME
+    input_shape: list[int] = field(default_factory=list)       # per sample, concrete (random inputs are drawn so)
+    batch: int | None = None                                   # None: dynamic batch axis; N: the model's fixed one
+    normalization: dict[str, list[float]] | None = None       # declared with --normalize, baked into both models
+    data: str | None = None                                    # --data FILE.npz (x, optional y): real samples
+    task: str = "classification"
+    truth_dtype: str = "float64"                               # what the unfolded program runs in as the truth
+
+    @property
+    def file(self) -> str:
+        return SOURCE_FILES[self.kind]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SourceRecord":
+        record = cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+        if record.kind not in SOURCE_KINDS:
+            raise EntryError(f"{SOURCE_RECORD_FILE}: unknown source kind {record.kind!r}; expected one of "
+                             f"{', '.join(SOURCE_KINDS)}")
+        return record
+
+
+def read_source_record(version_dir: Path) -> SourceRecord:
+    """The version's source record; versions folded before records existed are trainer checkpoints."""
+    path = version_dir / SOURCE_RECORD_FILE
+    if not path.is_file():
+        if (version_dir / SOURCE_FILE).is_file():
+            return SourceRecord(kind="checkpoint")
+        raise EntryError(f"{version_dir.name}: not a version written by `foldserve fold` (no {SOURCE_RECORD_FILE} "
+                         f"or {SOURCE_FILE})")
+    try:
+        return SourceRecord.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError) as exc:
+        raise EntryError(f"{version_dir.name}/{SOURCE_RECORD_FILE}: unreadable ({exc})") from None
 
 
 def split_entry_path(path: Path) -> tuple[Path, str, int]:

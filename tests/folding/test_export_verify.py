@@ -49,7 +49,7 @@ def test_repository_entry_in_triton_layout(entry, digits_run):
     assert next(o.version for o in served.opset_import if o.domain in ("", "ai.onnx")) >= 17
     assert served.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch
     props = {p.key: p.value for p in served.metadata_props}
-    assert props["bn_folded"] == "9" and len(props["source_checkpoint_sha256"]) == 64 and props["foldserve_version"]
+    assert props["bn_folded"] == "9" and len(props["source_sha256"]) == 64 and props["foldserve_version"]
     # our pass did the folding: the reference keeps every BN, the served model has none
     assert sum(n.op_type == "BatchNormalization" for n in reference.graph.node) == 9
     assert sum(n.op_type == "BatchNormalization" for n in served.graph.node) == 0
