@@ -31,12 +31,12 @@ from foldserve.datatypes import lookup
 from foldserve.entry import (FOLD_REPORT_FILE, INPUT_NAME, LABELS_FILE, MODEL_FILE, OUTPUT_NAME, PREPROCESS_FILE,
                              REFERENCE_FILE, SOURCE_FILE, SOURCE_RECORD_FILE, Preprocess, SourceRecord, next_version,
                              read_labels, version_numbers)
-from foldserve.errors import ConfigError, FoldError, WriteError
+from foldserve.errors import CheckpointError, ConfigError, FoldError, WriteError
 from foldserve.model_config import CONFIG_FILE, TensorSpec, interface, make_config, read_config, write_config
 from foldserve.names import RULE, is_valid_model_name
 from foldserve.swap import clean_leftovers, install_dir, staging_dir
 from folding.onnx_fold import fold_onnx
-from folding.programs import Options, detect_kind, load_user_model
+from folding.programs import EXPECTED, Options, detect_kind, load_user_model
 from folding.report import FoldReport
 from folding.source import example_input
 from folding.torch_fold import fold_module
@@ -168,7 +168,18 @@ def _prepare_checkpoint(path: Path, opts: Options) -> Prepared:
             raise ConfigError(f"{flag} is for models brought from elsewhere: a foldserve checkpoint records its own "
                               f"input, names and normalisation")
     ckpt_path = path / "checkpoint.pt" if path.is_dir() else path
-    ckpt = load_checkpoint(ckpt_path)
+    try:
+        ckpt = load_checkpoint(ckpt_path)
+    except CheckpointError as exc:
+        if "not a foldserve checkpoint" in str(exc):
+            raise CheckpointError(f"{ckpt_path.name}: a torch.save file that is not a foldserve checkpoint; fold "
+                                  f"takes {EXPECTED}") from None
+        if "cannot be read" not in str(exc):
+            raise
+        raise CheckpointError(f"{ckpt_path.name}: a torch.save pickle that is not a foldserve checkpoint "
+                              f"({str(exc).split('(', 1)[-1].rstrip(')')}); foldserve does not unpickle code: save a "
+                              f"module with torch.export.save(torch.export.export(model, (x,)), 'model.pt2'), "
+                              f"torch.jit.save, or as ONNX") from None
     model = model_from_checkpoint(ckpt)
     reference, folded, onnx_report, torch_report = _fold(ckpt, model)
     labels = list(ckpt["class_names"]) if ckpt["task"] == "classification" else []

@@ -268,9 +268,34 @@ def _from_onnx(path: Path, record: SourceRecord, opts: Options) -> UserModel:
     return UserModel(model, record, None, external)
 
 
+def _check_pt2_schema(path: Path) -> None:
+    """A program saved by a torch with another export schema (major version) cannot load: say which."""
+    import json
+
+    from torch._export.serde.schema import SCHEMA_VERSION
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            docs = [json.loads(z.read(n)) for n in z.namelist() if n.endswith(".json") and "/models/" in f"/{n}"]
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return                                   # torch.export.load says what is wrong
+    for doc in docs:
+        v = doc.get("schema_version") if isinstance(doc, dict) else None
+        if isinstance(v, dict) and v.get("major") != SCHEMA_VERSION[0]:
+            saved = doc.get("torch_version") or "another torch"
+            raise CheckpointError(f"{path.name}: a torch.export program saved with export schema {v.get('major')}."
+                                  f"{v.get('minor')} ({saved}); torch {torch.__version__.split('+')[0]} reads schema "
+                                  f"{SCHEMA_VERSION[0]}.x: export it again with this torch, or as ONNX")
+
+
 def load_program(path: Path, kind: str) -> Any:
     """A torch.export ExportedProgram or a TorchScript module, in eval mode; one line when it cannot load."""
+    if kind == "pt2":
+        _check_pt2_schema(path)
+    export_log = logging.getLogger("torch.export")
+    level = export_log.level
     try:
+        export_log.setLevel(logging.CRITICAL)   # torch.export.load logs a traceback before it raises
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if kind == "pt2":
@@ -283,6 +308,8 @@ def load_program(path: Path, kind: str) -> Any:
         label = "torch.export program" if kind == "pt2" else "TorchScript file"
         raise CheckpointError(f"{path.name}: a {label} that torch {torch.__version__.split('+')[0]} cannot load "
                               f"({what})") from None
+    finally:
+        export_log.setLevel(level)
 
 
 def program_module(program: Any, kind: str) -> torch.nn.Module:

@@ -101,7 +101,10 @@ def test_verifier_fails_and_localises_a_one_percent_channel_error(entry, tmp_pat
     out = capsys.readouterr().out
     assert code == 1
     assert f"first layer over tolerance: {target['into']}" in out
-    saved = json.loads((vdir / "verification.json").read_text())
+    # the passing report of the bytes that were verified stays; the failing one is written beside it
+    assert json.loads((vdir / "verification.json").read_text())["passed"] is True
+    assert "verification.failed.json" in out
+    saved = json.loads((vdir / "verification.failed.json").read_text())
     assert saved["passed"] is False and saved["localization"]["first_failing_layer"] == target["into"]
     # the layers before it were fine
     sites = saved["localization"]["sites"]
