@@ -51,8 +51,9 @@ def settings_from(args: argparse.Namespace):
     if not settings.repository.is_dir():
         raise ConfigError(f"--repository {settings.repository}: no such directory (build one with `foldserve fold` "
                           f"or `make model`)")
-    if bool(settings.tls_cert) != bool(settings.tls_key):
-        raise ConfigError("--tls-cert and --tls-key go together")
+    problem = settings.fail_open()
+    if problem:
+        raise ConfigError(problem)
     check_ports(settings.host, settings.http_port, settings.grpc_port)
     check_repository(settings.repository, settings.strict)
     return settings

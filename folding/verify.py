@@ -31,7 +31,8 @@ import numpy as np
 import onnx
 
 from foldserve.atomic import write_json
-from foldserve.entry import FOLD_REPORT_FILE, MODEL_FILE, REFERENCE_FILE, VERIFICATION_FILE
+from foldserve.entry import (FOLD_REPORT_FILE, MODEL_FILE, REFERENCE_FILE, VERIFICATION_FAILED_FILE, VERIFICATION_FILE,
+                             entry_digests)
 from foldserve.errors import ConfigError
 from folding.fold_math import FP16_MAX, BNParams
 from folding.source import SourceModel, model_input_dtype, open_source
@@ -236,9 +237,33 @@ def verify_entry(version_dir: str | Path, opts: VerifyOptions | None = None) -> 
     if failure:
         report["failure"] = failure
     if opts.write:
-        write_json(vdir / VERIFICATION_FILE, report)
+        write_report(vdir, report)
     logger.info("verification of %s: %s in %.1f s", vdir, "PASSED" if report["passed"] else "FAILED", report["wall_s"])
     return report
+
+
+def write_report(vdir: Path, report: dict[str, Any]) -> Path:
+    """verification.json with the SHA-256 of every file it covered (the server serves those bytes only). A
+    failing report never replaces a passing one in place: it goes beside it (verification.failed.json) and
+    ``report["written"]`` says so."""
+    report["files"] = entry_digests(vdir)
+    dest = vdir / VERIFICATION_FILE
+    if not report["passed"] and _passed(dest):
+        dest = vdir / VERIFICATION_FAILED_FILE
+        report["kept"] = (f"{VERIFICATION_FILE} (passed) is kept; this failing report is {VERIFICATION_FAILED_FILE}. "
+                          f"A server still refuses files whose bytes changed since that pass")
+    report["written"] = dest.name
+    write_json(dest, report)
+    if dest.name == VERIFICATION_FILE and (vdir / VERIFICATION_FAILED_FILE).exists():
+        (vdir / VERIFICATION_FAILED_FILE).unlink()       # a new pass supersedes an older failure
+    return dest
+
+
+def _passed(path: Path) -> bool:
+    try:
+        return bool(json.loads(path.read_text()).get("passed"))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def example_input_batch(sets: dict[str, tuple[np.ndarray, Any]]) -> np.ndarray:
@@ -270,4 +295,6 @@ def summary_table(report: dict[str, Any]) -> str:
                      f"(folded {report['localization']['first_failing_bn']})")
     lines.append(("PASSED" if report["passed"] else f"FAILED: {report.get('failure', '')}") +
                  f"  ({report['wall_s']:.1f} s)")
+    if report.get("kept"):
+        lines.append(f"note: {report['kept']}")
     return "\n".join(lines)

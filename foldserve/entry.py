@@ -15,6 +15,7 @@ This module knows names and layouts only; it imports nothing heavier than the st
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ SOURCE_FILES = {"checkpoint": SOURCE_FILE, "onnx": REFERENCE_FILE, "pt2": "sourc
 FOLD_REPORT_FILE = "fold_report.json"
 PREPROCESS_FILE = "preprocess.json"
 VERIFICATION_FILE = "verification.json"
+VERIFICATION_FAILED_FILE = "verification.failed.json"   # a failing re-verification never overwrites a pass
 LABELS_FILE = "labels.txt"
 # tensor names of the models foldserve exports itself (other models keep their own)
 INPUT_NAME, OUTPUT_NAME = "input", "output"
@@ -135,6 +137,33 @@ def read_source_record(version_dir: Path) -> SourceRecord:
         return SourceRecord.from_dict(json.loads(path.read_text()))
     except (OSError, ValueError, TypeError) as exc:
         raise EntryError(f"{version_dir.name}/{SOURCE_RECORD_FILE}: unreadable ({exc})") from None
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def entry_digests(version_dir: Path) -> dict[str, str]:
+    """SHA-256 of every file of a version (relative names), except the verification reports themselves:
+    what a verification covers, so that a version whose bytes changed since is never served as verified."""
+    root = Path(version_dir)
+    return {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*"))
+            if p.is_file() and not p.name.startswith("verification")}
+
+
+def digest_mismatches(version_dir: Path, recorded: dict[str, str]) -> list[str]:
+    """The recorded files that are gone or whose bytes differ now."""
+    root = Path(version_dir)
+    bad = []
+    for name, digest in sorted(recorded.items()):
+        path = root / name
+        if not path.is_file() or sha256_file(path) != digest:
+            bad.append(name)
+    return bad
 
 
 def split_entry_path(path: Path) -> tuple[Path, str, int]:

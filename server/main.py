@@ -22,6 +22,9 @@ logger = logging.getLogger(__name__)
 
 
 async def serve(settings: Settings) -> int:
+    problem = settings.fail_open()
+    if problem:  # the CLI refuses these in one line; a programmatic start must not fail open either
+        raise ValueError(problem)
     dp = DataPlane(settings)
     await dp.start()
     grpc_server, grpc_port, health = build_grpc_server(settings, dp)

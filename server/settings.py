@@ -49,11 +49,35 @@ class Settings(BaseSettings):
     max_elements: int = Field(64 * 1024 * 1024, gt=0, description="largest element count of one input tensor")
     grace_period_s: float = Field(10.0, ge=0, description="time to finish in-flight requests on SIGTERM")
 
+    public_metadata: bool = Field(False, description="with --auth-token: leave metadata, config, statistics, the "
+                                                     "repository index, /metrics and /docs open (health always is)")
+
     tls_cert: Path | None = Field(None, description="TLS certificate (PEM) for gRPC and HTTPS")
     tls_key: Path | None = Field(None, description="TLS private key (PEM)")
     tls_ca: Path | None = Field(None, description="CA bundle: require client certificates (mutual TLS)")
 
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR")
+
+    def fail_open(self) -> str | None:
+        """A combination of settings that would leave open what the user meant to close, or None."""
+        for flag, value in (("--auth-token", self.auth_token), ("--admin-token", self.admin_token)):
+            if value is not None and not value.strip():
+                return f"{flag} is empty: an empty token would switch authentication off; give a token or omit the flag"
+        if self.repository_api and self.auth_token and not self.admin_token:
+            return ("--repository-api with --auth-token but no --admin-token would leave load/unload open while "
+                    "inference needs a token: give --admin-token (it may equal the auth token)")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            return "--tls-cert and --tls-key go together"
+        if self.tls_ca and not self.tls_cert:
+            return ("--tls-ca (require client certificates) needs --tls-cert and --tls-key: without them the server "
+                    "would serve plaintext and check no client")
+        if self.public_metadata and not self.auth_token:
+            return "--public-metadata only means something with --auth-token (without a token everything is public)"
+        return None
+
+    def metadata_token(self) -> str | None:
+        """The token metadata, config, statistics, index, /metrics and /docs need (None: public)."""
+        return None if self.public_metadata else self.auth_token
 
     def concurrency_limit(self) -> int:
         return self.max_concurrent_requests or self.max_queue_size + 64

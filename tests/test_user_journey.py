@@ -121,7 +121,7 @@ def test_verify_server_checks_the_version_in_the_entry_path(repository, tmp_path
     onnx.save(m, str(repo / "digits" / "2" / "model.onnx"))
     (repo / "digits" / "config.pbtxt").write_text((repo / "digits" / "config.pbtxt").read_text().replace(
         "num_versions: 1", "num_versions: 2"))
-    srv = ServerProcess(repo)
+    srv = ServerProcess(repo, "--allow-unverified")  # version 2's bytes are not the verified ones: serve them anyway
     try:
         ok = run_cli("verify", "--server", srv.grpc, str(repo / "digits" / "1"), "--batch-sizes", "1,4")
         assert ok.returncode == 0 and "version 1" in ok.stdout, ok.stdout + ok.stderr
@@ -209,9 +209,11 @@ def test_wrong_admin_token_is_told_it_is_wrong_not_missing():
     from server.core.auth import check_bearer
 
     with pytest.raises(Unauthenticated, match="not valid"):
-        check_bearer("Bearer nope", "secret", "the repository API")
+        check_bearer(["Bearer nope"], "secret", "the repository API")
     with pytest.raises(Unauthenticated, match="needs an 'authorization"):
-        check_bearer(None, "secret", "the repository API")
+        check_bearer([], "secret", "the repository API")
+    with pytest.raises(Unauthenticated, match="2 authorization headers"):
+        check_bearer(["Bearer secret", "Bearer nope"], "secret", "the repository API")
 
 
 def test_fold_onnx_keeps_the_external_data_layout(repository, tmp_path, capsys):

@@ -2,15 +2,19 @@
 from __future__ import annotations
 
 import hmac
+from typing import Sequence
 
 from foldserve.errors import Unauthenticated
 
 
-def check_bearer(authorization: str | None, token: str | None, what: str) -> None:
-    """No-op when ``token`` is unset; else the value must be ``Bearer <token>`` (constant-time compare)."""
+def check_bearer(authorization: Sequence[str], token: str | None, what: str) -> None:
+    """No-op when ``token`` is unset; else exactly one ``authorization`` header (the transports disagree on
+    which of several counts) whose value is ``Bearer <token>`` (constant-time compare)."""
     if not token:
         return
-    got = authorization or ""
+    if len(authorization) > 1:
+        raise Unauthenticated(f"{what}: {len(authorization)} authorization headers; send exactly one")
+    got = authorization[0] if authorization else ""
     if not got:
         raise Unauthenticated(f"{what} needs an 'authorization: Bearer <token>' header")
     if not got.startswith("Bearer "):

@@ -44,11 +44,11 @@ def build_version(repo: ModelRepository, name: str, version: int, config: ModelC
     onnx_path = vdir / (config.default_model_filename or MODEL_FILE)
     if not onnx_path.is_file():
         raise ModelNotReady(f"{onnx_path.name} is missing in version {version}")
-    verification = read_verification(vdir)
+    check_onnx(onnx_path, vdir)
+    verification = read_verification(vdir, onnx_path.name)
     if not verification.passed and not settings.allow_unverified:
         raise ModelNotReady(f"verification did not pass ({verification.reason or 'failed'}); "
                             f"re-run `foldserve verify` or start with --allow-unverified")
-    check_onnx(onnx_path, vdir)
     s = settings
     runtime = OnnxModel(onnx_path, provider=s.provider, device_id=s.device_id, intra_op_threads=s.intra_op_threads,
                         inter_op_threads=s.inter_op_threads, io_binding=s.io_binding, spin=s.spin)

@@ -9,7 +9,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from foldserve.entry import VERIFICATION_FILE, read_labels, read_preprocess, version_numbers
+from foldserve.entry import (MODEL_FILE, VERIFICATION_FILE, digest_mismatches, read_labels, read_preprocess,
+                             version_numbers)
 from foldserve.errors import EntryError, InvalidInput, ModelNotFound, ModelNotReady
 from foldserve.model_config import CONFIG_FILE, ModelConfig
 from foldserve.names import RULE, VERSION_RULE, is_valid_model_name, parse_version
@@ -50,18 +51,32 @@ class VerificationSummary:
         return asdict(self)
 
 
-def read_verification(version_dir: Path) -> VerificationSummary:
+def read_verification(version_dir: Path, model_file: str = MODEL_FILE) -> VerificationSummary:
+    """The version's verification, which counts only for the bytes it verified: every file it recorded a
+    SHA-256 for must still have it (perturbed weights are never served as verified)."""
     path = version_dir / VERIFICATION_FILE
     if not path.is_file():
         return VerificationSummary(False, "no verification.json (run `foldserve verify`)")
     try:
         report = json.loads(path.read_text())
         served = report.get("candidates", {}).get("served_onnx", {})
-        return VerificationSummary(bool(report.get("passed")), report.get("failure", ""), served.get("max_abs"),
-                                   served.get("max_rel"), served.get("top1_agreement"), report.get("provider"),
-                                   report.get("tolerance"), len(report.get("warnings", [])))
+        summary = VerificationSummary(bool(report.get("passed")), report.get("failure", ""), served.get("max_abs"),
+                                      served.get("max_rel"), served.get("top1_agreement"), report.get("provider"),
+                                      report.get("tolerance"), len(report.get("warnings", [])))
+        files = report.get("files")
     except (OSError, ValueError, AttributeError) as exc:
         return VerificationSummary(False, f"unreadable verification.json ({type(exc).__name__})")
+    if not summary.passed:
+        return summary
+    if not isinstance(files, dict) or model_file not in files:
+        return VerificationSummary(False, f"verification.json records no SHA-256 of {model_file} (written by an "
+                                          f"older foldserve?): re-run `foldserve verify`")
+    changed = digest_mismatches(version_dir, files)
+    if changed:
+        shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+        return VerificationSummary(False, f"{shown} changed since verification (SHA-256 differs from "
+                                          f"verification.json): re-run `foldserve verify`")
+    return summary
 
 
 class ModelRepository:

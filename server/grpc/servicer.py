@@ -45,7 +45,7 @@ def _tolerant(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
 
 
 def _check_token(context: grpc.aio.ServicerContext, token: str | None, what: str) -> None:
-    check_bearer(dict(context.invocation_metadata() or ()).get("authorization"), token, what)
+    check_bearer([v for k, v in (context.invocation_metadata() or ()) if k == "authorization"], token, what)
 
 
 def _rpc(auth: str | None = None) -> Callable:
@@ -61,6 +61,8 @@ def _rpc(auth: str | None = None) -> Callable:
                     _check_token(context, self.settings.auth_token, "inference")
                 elif auth == "admin":
                     _check_token(context, self.settings.admin_token, "the repository API")
+                elif auth == "metadata":
+                    _check_token(context, self.settings.metadata_token(), "metadata")
                 return await fn(self, request, context)
             except FoldserveError as exc:
                 await context.abort(getattr(grpc.StatusCode, exc.grpc_status), str(exc))
@@ -90,11 +92,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(self, request, context):
         return pb.ModelReadyResponse(ready=self.dp.model_readiness(request.name, request.version).ready)
 
-    @_rpc()
+    @_rpc("metadata")
     async def ServerMetadata(self, request, context):
         return conv.server_metadata_to_proto(self.dp.metadata())
 
-    @_rpc()
+    @_rpc("metadata")
     async def ModelMetadata(self, request, context):
         return conv.metadata_to_proto(self.dp.model_metadata(request.name, request.version))
 
@@ -124,15 +126,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 yield pb.ModelStreamInferResponse(error_message="internal error (see the server log)",
                                                   infer_response=pb.ModelInferResponse(id=request.id))
 
-    @_rpc()
+    @_rpc("metadata")
     async def ModelConfig(self, request, context):
         return pb.ModelConfigResponse(config=self.dp.model_config(request.name, request.version))
 
-    @_rpc()
+    @_rpc("metadata")
     async def ModelStatistics(self, request, context):
         return conv.stats_to_proto(self.dp.statistics(request.name, request.version))
 
-    @_rpc()
+    @_rpc("metadata")
     async def RepositoryIndex(self, request, context):
         return conv.index_to_proto(self.dp.repository_index(request.ready))
 

@@ -19,7 +19,7 @@ from foldserve import __version__
 from foldserve.errors import FoldserveError
 from server.core.dataplane import DataPlane
 from server.rest.codec import ORJSONResponse, error_response
-from server.rest.routes import ROUTERS
+from server.rest.routes import ROUTERS, metadata_auth
 from server.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -71,9 +71,15 @@ def _add_offline_docs(app: FastAPI) -> None:
 
     app.mount(DOCS_ASSETS, StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
 
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(request: Request) -> Response:
+        metadata_auth(request)
+        return ORJSONResponse(app.openapi())
+
     @app.get("/docs", include_in_schema=False)
-    async def docs() -> Response:
-        return get_swagger_ui_html(openapi_url=app.openapi_url or "/openapi.json", title="foldserve - API",
+    async def docs(request: Request) -> Response:
+        metadata_auth(request)
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="foldserve - API",
                                    swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
                                    swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
                                    swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png")
@@ -82,7 +88,8 @@ def _add_offline_docs(app: FastAPI) -> None:
 def create_app(settings: Settings, dataplane: DataPlane) -> FastAPI:
     app = FastAPI(title="foldserve", version=__version__, default_response_class=ORJSONResponse,
                   description="KServe v2 / Open Inference Protocol REST API for BN-folded ONNX models",
-                  exception_handlers=EXCEPTION_HANDLERS, docs_url=None, redoc_url=None)
+                  exception_handlers=EXCEPTION_HANDLERS, docs_url=None, redoc_url=None,
+                  openapi_url=None)
     _add_offline_docs(app)
     app.state.dataplane = dataplane
     app.state.settings = settings

@@ -65,7 +65,12 @@ def _settings(request: Request) -> Settings:
 
 
 def _auth(request: Request, token: str | None, what: str) -> None:
-    check_bearer(request.headers.get("authorization"), token, what)
+    check_bearer(request.headers.getlist("authorization"), token, what)
+
+
+def metadata_auth(request: Request) -> None:
+    """Metadata, config, statistics, the index, /metrics and /docs: behind --auth-token unless --public-metadata."""
+    _auth(request, _settings(request).metadata_token(), "metadata")
 
 
 # --- server ---------------------------------------------------------------------------------------------
@@ -75,6 +80,7 @@ health = APIRouter(tags=["server"])
 
 @health.get("/v2", summary="Server metadata")
 async def server_metadata(request: Request) -> Any:
+    metadata_auth(request)
     return _dp(request).metadata().to_dict()
 
 
@@ -90,6 +96,7 @@ async def ready(request: Request) -> Response:
 
 @health.get("/metrics", summary="Prometheus metrics")
 async def metrics(request: Request) -> Response:
+    metadata_auth(request)
     return Response(_dp(request).render_metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
@@ -100,12 +107,14 @@ models = APIRouter(tags=["models"])
 
 @models.get("/v2/models/stats", summary="Statistics of all loaded models")
 async def all_stats(request: Request) -> Any:
+    metadata_auth(request)
     return {"model_stats": [s.to_dict() for s in _dp(request).statistics()]}
 
 
 @models.get("/v2/models/{model}", summary="Model metadata", responses=ERRORS)
 @models.get("/v2/models/{model}/versions/{version}", summary="Model metadata (one version)", responses=ERRORS)
 async def model_metadata(model: str, request: Request, version: str = "") -> Any:
+    metadata_auth(request)
     return _dp(request).model_metadata(model, version).to_dict()
 
 
@@ -122,6 +131,7 @@ async def model_ready(model: str, request: Request, version: str = "") -> Respon
 @models.get("/v2/models/{model}/versions/{version}/config", summary="Model configuration", responses=ERRORS)
 async def model_config(model: str, request: Request, version: str = "") -> Any:
     """Triton's JSON form of the ModelConfig message (protobuf's JSON mapping, proto field names)."""
+    metadata_auth(request)
     from google.protobuf import json_format
 
     return json_format.MessageToDict(_dp(request).model_config(model, version), preserving_proto_field_name=True)
@@ -130,6 +140,7 @@ async def model_config(model: str, request: Request, version: str = "") -> Any:
 @models.get("/v2/models/{model}/stats", summary="Model statistics", responses=ERRORS)
 @models.get("/v2/models/{model}/versions/{version}/stats", summary="Model statistics", responses=ERRORS)
 async def model_stats(model: str, request: Request, version: str = "") -> Any:
+    metadata_auth(request)
     return {"model_stats": [s.to_dict() for s in _dp(request).statistics(model, version)]}
 
 
@@ -182,6 +193,7 @@ repository = APIRouter(tags=["repository"])
 
 @repository.post("/v2/repository/index", summary="Repository index")
 async def repository_index(request: Request) -> Any:
+    metadata_auth(request)
     ready_only = False
     body = await request.body()
     if body.strip():

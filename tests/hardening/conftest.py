@@ -17,6 +17,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from foldserve.entry import entry_digests
 from tests.server.conftest import ServerProcess
 
 import os
@@ -29,7 +30,7 @@ def _write_model(repo: Path, name: str, model: onnx.ModelProto, config: str) -> 
     d.mkdir(parents=True)
     onnx.save(model, str(d / "model.onnx"))
     (repo / name / "config.pbtxt").write_text(config)
-    (d / "verification.json").write_text(json.dumps({"passed": True, "candidates": {}}))
+    (d / "verification.json").write_text(json.dumps({"passed": True, "candidates": {}, "files": entry_digests(d)}))
 
 
 def dynamic_model() -> onnx.ModelProto:

@@ -353,8 +353,58 @@ def test_repository_api_is_off_by_default_and_token_protected(repository, tmp_pa
         c.infer(MODEL, [_ginput(digits_batch(1))], headers={"authorization": "Bearer t0k"})
         status, _, _ = _http(srv, "POST", f"/v2/models/{MODEL}/infer", b"{}")
         assert status == 401
+        # with a token, only health is public: metadata, config, statistics, index, /metrics and /docs need it
+        assert c.is_server_live() and c.is_server_ready() and c.is_model_ready(MODEL)
+        for call in (c.get_server_metadata, lambda: c.get_model_metadata(MODEL), lambda: c.get_model_config(MODEL),
+                     c.get_inference_statistics, c.get_model_repository_index):
+            assert _grpc_error(call).status() == "StatusCode.UNAUTHENTICATED"
+        assert c.get_model_metadata(MODEL, headers={"authorization": "Bearer t0k"}).name == MODEL
+        for path in ("/v2/health/live", "/v2/health/ready", f"/v2/models/{MODEL}/ready"):
+            assert _http(srv, "GET", path)[0] == 200, path
+        for method, path in (("GET", "/v2"), ("GET", f"/v2/models/{MODEL}"), ("GET", f"/v2/models/{MODEL}/config"),
+                             ("GET", "/v2/models/stats"), ("POST", "/v2/repository/index"), ("GET", "/metrics"),
+                             ("GET", "/docs"), ("GET", "/openapi.json")):
+            assert _http(srv, method, path, b"" if method == "POST" else None)[0] == 401, path
+            assert _http(srv, method, path, b"" if method == "POST" else None,
+                         {"authorization": "Bearer t0k"})[0] == 200, path
+        # two authorization headers (REST used the first, gRPC the last): refused on both transports
+        import http.client
+
+        conn = http.client.HTTPConnection(srv.http, timeout=10)
+        conn.putrequest("GET", f"/v2/models/{MODEL}")
+        conn.putheader("authorization", "Bearer t0k")
+        conn.putheader("authorization", "Bearer wrong")
+        conn.endheaders()
+        r = conn.getresponse()
+        assert r.status == 401 and b"2 authorization headers" in r.read()
+        conn.close()
+        with grpc.insecure_channel(srv.grpc) as ch:
+            stub = tpb_grpc.GRPCInferenceServiceStub(ch)
+            with pytest.raises(grpc.RpcError) as e:
+                stub.ServerMetadata(tpb.ServerMetadataRequest(), metadata=[("authorization", "Bearer wrong"),
+                                                                           ("authorization", "Bearer t0k")])
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED and "2 authorization" in e.value.details()
     finally:
         srv.stop()
+    srv = ServerProcess(repo, "--auth-token", "t0k", "--public-metadata")
+    try:
+        c = tgrpc.InferenceServerClient(srv.grpc)
+        assert c.get_model_metadata(MODEL).name == MODEL and _http(srv, "GET", "/metrics")[0] == 200
+        assert _grpc_error(lambda: c.infer(MODEL, [_ginput(digits_batch(1))])).status() == "StatusCode.UNAUTHENTICATED"
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (["--auth-token", ""], "--auth-token is empty"),
+    (["--repository-api", "--auth-token", "t0k"], "no --admin-token"),
+    (["--tls-ca", "ca.pem"], "--tls-ca (require client certificates) needs --tls-cert"),
+], ids=["empty-token", "open-repository-api", "ca-without-cert"])
+def test_settings_that_would_fail_open_are_refused_at_start(repository, flags, expected):
+    proc = run_cli("serve", "--repository", str(repository), "--http-port", "0", "--grpc-port", "0", *flags,
+                   timeout=60)
+    assert proc.returncode == 2 and expected in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
 
 
 # --- shutdown, CLI, live verification -----------------------------------------------------------------
