@@ -22,20 +22,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import torch
 
 from foldserve import __version__
 from foldserve.atomic import write_bytes, write_json, write_text
 from foldserve.datatypes import lookup
-from foldserve.entry import (FOLD_REPORT_FILE, INPUT_NAME, LABELS_FILE, MODEL_FILE, OUTPUT_NAME, PREPROCESS_FILE,
-                             REFERENCE_FILE, SOURCE_FILE, SOURCE_RECORD_FILE, Preprocess, SourceRecord, next_version,
+from foldserve.entry import (FOLD_REPORT_FILE, INPUT_NAME, LABELS_FILE, MODEL_FILE, OUTPUT_NAME, PRECISION_FILE,
+                             PREPROCESS_FILE, REFERENCE_FILE, SOURCE_FILE, SOURCE_RECORD_FILE, Preprocess, SourceRecord, next_version,
                              read_labels, version_numbers)
 from foldserve.errors import CheckpointError, ConfigError, FoldError, WriteError
 from foldserve.model_config import CONFIG_FILE, TensorSpec, interface, make_config, read_config, write_config
 from foldserve.names import RULE, is_valid_model_name
 from foldserve.swap import clean_leftovers, install_dir, staging_dir
 from folding.onnx_fold import fold_onnx
+from folding.precision import (DEFAULT_CALIBRATION_SAMPLES, PrecisionInfo, check_precision_options,
+                               to_precision)
 from folding.programs import EXPECTED, Options, detect_kind, load_user_model
 from folding.report import FoldReport
 from folding.source import example_input
@@ -159,6 +162,7 @@ class Prepared:
     stamp: dict[str, str]
     write_source: Any                    # staging dir -> None: the source's own files
     external_data: bool = False
+    calibration: Any = None              # n -> (samples [n, ...], where they come from) for int8, or None
 
 
 def _prepare_checkpoint(path: Path, opts: Options) -> Prepared:
@@ -190,10 +194,19 @@ def _prepare_checkpoint(path: Path, opts: Options) -> Prepared:
     preprocess = Preprocess(input_shape=shape, normalization=ckpt["normalization"], input_range=ckpt.get("input_range"),
                             task=ckpt["task"], class_names=labels, dataset=ckpt.get("dataset", {}))
     source = {k: ckpt[k] for k in SOURCE_KEYS if k in ckpt}
+
+    def calibration(n: int) -> tuple[np.ndarray | None, str]:
+        if opts.calibration_data or opts.data:
+            return _data_calibration(opts.calibration_data or opts.data, shape, n,
+                                     record if not opts.calibration_data else None)
+        from folding.source import training_samples
+
+        x = training_samples(ckpt, n)
+        return x, f"{len(x) if x is not None else 0} samples of the training split of {ckpt.get('dataset', {}).get('name')}"
     return Prepared(reference, folded, onnx_report, torch_report, record, preprocess, labels,
                     f"{ckpt.get('dataset', {}).get('name', 'model')}_{ckpt['arch']}",
                     {"task": ckpt["task"], "arch": ckpt["arch"]},
-                    lambda staging: save_checkpoint(staging / SOURCE_FILE, source))
+                    lambda staging: save_checkpoint(staging / SOURCE_FILE, source), calibration=calibration)
 
 
 def _prepare_user_model(path: Path, kind: str, opts: Options, labels_file: str | None) -> Prepared:
@@ -211,7 +224,25 @@ def _prepare_user_model(path: Path, kind: str, opts: Options, labels_file: str |
             shutil.copyfile(path, staging / record.file)
     return Prepared(um.reference, folded, onnx_report, None, record, preprocess, labels, _default_name(path),
                     {"task": record.task, "source_kind": kind, "source_file": path.name}, write_source,
-                    um.external_data)
+                    um.external_data, calibration=lambda n: _data_calibration(
+                        opts.calibration_data or opts.data, record.input_shape, n,
+                        None if opts.calibration_data else record) if (opts.calibration_data or opts.data) else (None, ""))
+
+
+def _data_calibration(data: str, shape: list[int], n: int, record: SourceRecord | None) -> tuple[np.ndarray, str]:
+    """The first ``n`` samples of --data calibrate; verification then uses the others (when there are any).
+    With --calibration-data (``record`` None) the file is for calibration only."""
+    from folding.source import load_samples
+
+    x, _ = load_samples(data, shape, 1 << 30, np.float32)
+    if record is None:
+        return x[:n], f"{min(n, len(x))} samples of {Path(data).name}"
+    if len(x) > n:
+        record.data_skip = n
+        return x[:n], f"the first {n} of {len(x)} samples of {Path(data).name} (verification uses the other {len(x) - n})"
+    logger.warning("--data has %d samples, not more than --calibration-samples %d: calibration and verification "
+                   "use the same samples", len(x), n)
+    return x, f"all {len(x)} samples of {Path(data).name} (also the verification samples)"
 
 
 def _default_name(path: Path) -> str:
@@ -234,8 +265,9 @@ def _read_labels_file(labels_file: str, folded: onnx.ModelProto, record: SourceR
     return labels
 
 
-def _write_version(staging: Path, prepared: Prepared, reports: dict[str, Any]) -> None:
-    for role, model in ((REFERENCE_FILE, prepared.reference), (MODEL_FILE, prepared.folded)):
+def _write_version(staging: Path, prepared: Prepared, reports: dict[str, Any], served: onnx.ModelProto,
+                   precision: PrecisionInfo) -> None:
+    for role, model in ((REFERENCE_FILE, prepared.reference), (MODEL_FILE, served)):
         if prepared.external_data:
             onnx.save(model, str(staging / role), save_as_external_data=True, all_tensors_to_one_file=True,
                       location=f"{role}.data", size_threshold=1024)
@@ -247,19 +279,28 @@ def _write_version(staging: Path, prepared: Prepared, reports: dict[str, Any]) -
         write_text(staging / LABELS_FILE, "\n".join(prepared.labels) + "\n")
     write_json(staging / PREPROCESS_FILE, prepared.preprocess.to_dict())
     write_json(staging / FOLD_REPORT_FILE, reports)
+    if precision.precision != "fp32":
+        write_json(staging / PRECISION_FILE, precision.to_dict())
 
 
 def build_entry(source: str | Path, repository: str | Path, name: str | None = None,
                 version: int | None = None, *, max_batch_size: int = 64, max_queue_delay_us: int = 2000,
                 verify: bool = True, verify_options: Any = None, force: bool = False,
-                options: Options | None = None, labels_file: str | None = None) -> EntryResult:
-    """model (checkpoint, ONNX, .pt2, TorchScript) -> fold -> export -> (verify) -> REPO/NAME/VERSION, atomically."""
+                options: Options | None = None, labels_file: str | None = None, precision: str = "fp32",
+                calibration_method: str = "minmax",
+                calibration_samples: int = DEFAULT_CALIBRATION_SAMPLES) -> EntryResult:
+    """model (checkpoint, ONNX, .pt2, TorchScript) -> fold -> (fp16 / int8) -> (verify) -> REPO/NAME/VERSION,
+    atomically."""
     path, opts = Path(source), options or Options()
+    check_precision_options(precision, calibration_method, calibration_samples)
     kind = detect_kind(path)
     if max_batch_size < 1:
         raise ConfigError(f"--max-batch-size must be >= 1, got {max_batch_size}")
-    if opts.data and not Path(opts.data).is_file():
-        raise ConfigError(f"--data {opts.data}: no such file (expected an .npz with x and optional y)")
+    for flag, value in (("--data", opts.data), ("--calibration-data", opts.calibration_data)):
+        if value and not Path(value).is_file():
+            raise ConfigError(f"{flag} {value}: no such file (expected an .npz with x and optional y)")
+    if opts.calibration_data and precision != "int8":
+        raise ConfigError("--calibration-data goes with --precision int8")
     if labels_file and kind == "checkpoint":
         raise ConfigError("--labels is for models brought from elsewhere: a checkpoint records its class names")
     if name is not None:
@@ -279,24 +320,43 @@ def build_entry(source: str | Path, repository: str | Path, name: str | None = N
     config = make_config(name, inputs, outputs, max_batch_size=max_batch_size if batched else 0,
                          max_queue_delay_us=max_queue_delay_us,
                          label_output=outputs[0].name if prepared.labels else None)
+    config.parameters["foldserve_precision"].string_value = _model_precision(model_dir, version, precision)
+    calibration, calibration_source = (prepared.calibration(calibration_samples) if precision == "int8"
+                                       else (None, ""))
+    served, precision_info = to_precision(prepared.folded, precision, calibration=calibration,
+                                          method=calibration_method, source=calibration_source)
     check_compatible(model_dir, config, prepared.labels, version)
     onnx_report, torch_report = prepared.onnx_report, prepared.torch_report
     sha = prepared.record.sha256
     _stamp({"reference": prepared.reference, "served": prepared.folded}, {
         "foldserve_version": __version__, "source_sha256": sha, "bn_before": str(onnx_report.bn_before),
-        "bn_folded": str(len(onnx_report.folded)), "bn_skipped": str(len(onnx_report.skipped)), **prepared.stamp})
+        "bn_folded": str(len(onnx_report.folded)), "bn_skipped": str(len(onnx_report.skipped)),
+        "precision": precision, **prepared.stamp})
+    if served is not prepared.folded:
+        _stamp({"served": served}, {"foldserve_version": __version__, "source_sha256": sha, "precision": precision,
+                                    **prepared.stamp})
     reports = {"onnx": onnx_report.to_dict(), "torch": torch_report.to_dict() if torch_report else None,
                "source_kind": kind, "source_sha256": sha, "foldserve_version": __version__}
     created = not model_dir.exists()
     try:
         verification = _install(model_dir, version_dir, config, prepared.labels, verify, verify_options,
-                                lambda staging: _write_version(staging, prepared, reports))
+                                lambda staging: _write_version(staging, prepared, reports, served, precision_info))
     except BaseException:
         if created and not version_numbers(model_dir):
             shutil.rmtree(model_dir, ignore_errors=True)  # an interrupted first fold leaves no empty model
         raise
     logger.info("repository entry %s version %d: %s", name, version, onnx_report.summary())
     return EntryResult(model_dir, version_dir, version, onnx_report, torch_report, verification)
+
+
+def _model_precision(model_dir: Path, version: int, precision: str) -> str:
+    """config.pbtxt's foldserve_precision: the precision of every version, or "mixed" (each version's
+    precision.json, and the config the server serves per version, say which)."""
+    from foldserve.entry import read_precision
+
+    others = {read_precision(model_dir / str(v)).get("precision", "fp32") for v in version_numbers(model_dir)
+              if v != version}
+    return precision if others <= {precision} else "mixed"
 
 
 def _check_version(model_dir: Path, name: str, version: int | None, force: bool) -> int:

@@ -52,6 +52,7 @@ class Options:
     input_name: str | None = None
     output_name: str | None = None
     data: str | None = None
+    calibration_data: str | None = None   # int8: calibrate on these samples instead of --data / training data
 
 
 # --- what kind of file ---------------------------------------------------------------------------------

@@ -103,6 +103,22 @@ def validation_set(ckpt: dict[str, Any], limit: int) -> tuple[np.ndarray, np.nda
     return ds.x_val[:n], ds.y_val[:n]
 
 
+def training_samples(ckpt: dict[str, Any], limit: int, seed: int = 0) -> np.ndarray | None:
+    """Up to ``limit`` samples of the checkpoint's training split (int8 calibration), None when the data is
+    not available here."""
+    ds_info = ckpt.get("dataset") or {}
+    if not (ds_info.get("name") in ("digits", "synthetic") or (ds_info.get("data") and Path(ds_info["data"]).exists())):
+        return None
+    from trainer.data import load_dataset
+    from trainer.models import arch_spec
+
+    ds = load_dataset(ds_info["name"], data=ds_info.get("data"), seed=ds_info.get("seed", 0),
+                      val_fraction=ds_info.get("val_fraction", 0.2), image_size=ds_info.get("image_size", 32),
+                      input_kind=arch_spec(ckpt["arch"]).input_kind)
+    idx = np.random.default_rng(seed).permutation(len(ds.x_train))[:limit]
+    return ds.x_train[np.sort(idx)]
+
+
 def input_sets(ckpt: dict[str, Any], batch_sizes: tuple[int, ...], seed: int = 0,
                max_validation: int = 512) -> InputSets:
     sets: InputSets = {}
@@ -169,7 +185,8 @@ class SourceModel:
             if not Path(r.data).is_file():
                 logger.warning("--data %s of this entry is gone: verifying on random inputs only", Path(r.data).name)
             else:
-                x, y = load_samples(r.data, r.input_shape, max_validation, dtype)
+                x, y = load_samples(r.data, r.input_shape, max_validation + r.data_skip, dtype)
+                x, y = x[r.data_skip:], (None if y is None else y[r.data_skip:])
                 if not self.batched:
                     n = len(x) - len(x) % r.batch
                     if n == 0:

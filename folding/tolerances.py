@@ -33,6 +33,27 @@ TOLERANCES: dict[str, Tolerance] = {
 LAYER_FP32 = Tolerance(1e-5, 1e-6)
 
 
+@dataclass(frozen=True)
+class PrecisionGate:
+    """What a reduced-precision served model must keep, measured against the float64 truth.
+
+    Classification: top-1 agreement on the real samples (on the random inputs when there are none) of at
+    least ``min_top1``, and an accuracy drop of at most ``max_accuracy_drop`` points where labels exist.
+    Other tasks: every output within ``tolerance``. ``layer_jump`` (relative to the layer's output scale) is
+    where localisation calls a layer's error a jump."""
+
+    tolerance: Tolerance
+    min_top1: float
+    max_accuracy_drop: float
+    layer_jump: float
+
+
+PRECISION_GATES: dict[str, PrecisionGate] = {
+    "fp16": PrecisionGate(TOLERANCES["float16"], min_top1=0.99, max_accuracy_drop=1.0, layer_jump=2e-2),
+    "int8": PrecisionGate(Tolerance(0.1, 1e-2), min_top1=0.90, max_accuracy_drop=1.0, layer_jump=0.25),
+}
+
+
 def tolerance_for(dtype: str, rtol: float | None = None, atol: float | None = None) -> Tolerance:
     tol = TOLERANCES.get(str(dtype).replace("torch.", ""), TOLERANCES["float32"])
     if rtol is not None:

@@ -32,11 +32,11 @@ import onnx
 
 from foldserve.atomic import write_json
 from foldserve.entry import (FOLD_REPORT_FILE, MODEL_FILE, REFERENCE_FILE, VERIFICATION_FAILED_FILE, VERIFICATION_FILE,
-                             entry_digests)
+                             entry_digests, read_precision)
 from foldserve.errors import ConfigError
 from folding.fold_math import FP16_MAX, BNParams
 from folding.source import SourceModel, model_input_dtype, open_source
-from folding.tolerances import Comparison, Tolerance, compare, tolerance_for
+from folding.tolerances import PRECISION_GATES, Comparison, Tolerance, compare, tolerance_for
 from server.core.runtime import OnnxModel
 
 logger = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ class VerifyOptions:
     provider: str = "auto"            # auto | cpu | cuda: what the server will use
     optimization: str = "all"         # the server's graph optimisation level
     max_validation: int = 512
+    max_accuracy_drop: float | None = None   # points; fp16/int8 gate (default: PRECISION_GATES)
     localize: bool = True
     write: bool = True
 
@@ -137,6 +138,73 @@ def localize(reference: onnx.ModelProto, served: onnx.ModelProto, sites: list[di
     return results
 
 
+def localize_layers(reference: onnx.ModelProto, served: onnx.ModelProto, x: np.ndarray,
+                    jump: float) -> list[dict[str, Any]]:
+    """For fp16/int8: every float tensor both graphs compute (the converters keep tensor names), in the
+    reference's order, with its error relative to the tensor's scale; ``passed`` is False from the first
+    layer whose error jumps past ``jump``."""
+    inferred = onnx.shape_inference.infer_shapes(served)
+    served_types = {v.name: v.type.tensor_type.elem_type for v in (*inferred.graph.value_info, *inferred.graph.output)}
+    producers = {o: n for n in served.graph.node for o in n.output}
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+    names = [o for n in reference.graph.node if n.op_type not in ("Constant", "Identity") for o in n.output
+             if o in producers and served_types.get(o) in floats][:256]
+    if not names:
+        return []
+
+    def with_outputs(m: onnx.ModelProto, types: dict[str, int]) -> bytes:
+        m = copy.deepcopy(m)
+        known = {o.name for o in m.graph.output}
+        m.graph.output.extend(onnx.helper.make_tensor_value_info(n, types.get(n, onnx.TensorProto.FLOAT), None)
+                              for n in names if n not in known)
+        return m.SerializeToString()
+
+    ref_sess = ort_session(with_outputs(reference, {}), "disable", "cpu")
+    srv_sess = ort_session(with_outputs(served, served_types), "disable", "cpu")
+    ref_out = ref_sess.run(names, {ref_sess.get_inputs()[0].name: x})
+    srv_out = srv_sess.run(names, {srv_sess.get_inputs()[0].name: x})
+    results, jumped = [], False
+    for name, r, a in zip(names, ref_out, srv_out):
+        r64, a64 = np.asarray(r, np.float64), np.asarray(a, np.float64)
+        if r64.shape != a64.shape:
+            continue
+        scale = float(np.abs(r64).max()) if r64.size else 0.0
+        err = float(np.abs(a64 - r64).max()) if r64.size else 0.0
+        rel = err / scale if scale > 0 else (0.0 if err == 0 else float("inf"))
+        jumped = jumped or not rel <= jump
+        node = producers[name]
+        results.append({"layer": node.name or name, "op": node.op_type, "tensor": name, "max_abs": err,
+                        "rel_error": rel, "passed": not jumped})
+    return results
+
+
+def precision_gate(results: dict[str, Any], accuracy: dict[str, float], precision: str, truth_name: str,
+                   opts: "VerifyOptions", classification: bool) -> tuple[dict[str, Any], str | None]:
+    """fp16/int8: judge the served model on top-1 agreement and accuracy drop (classification) instead of
+    elementwise tolerances; returns the gate's summary and a failure message or None."""
+    gate = PRECISION_GATES[precision]
+    served = results["served_onnx"]
+    summary: dict[str, Any] = {"tolerance": {"rtol": gate.tolerance.rtol, "atol": gate.tolerance.atol}}
+    if not classification:
+        summary["basis"] = "elementwise"
+        return summary, None if served["passed"] else f"{precision} outputs differ beyond {gate.tolerance}"
+    per = served["inputs"]
+    basis = "validation" if "validation" in per else "random inputs"
+    top1 = per["validation"]["top1_agreement"] if "validation" in per else min(v["top1_agreement"] for v in per.values())
+    max_drop = gate.max_accuracy_drop if opts.max_accuracy_drop is None else opts.max_accuracy_drop
+    drop = ((accuracy[truth_name] - accuracy["served_onnx"]) * 100
+            if truth_name in accuracy and "served_onnx" in accuracy else None)
+    summary.update(basis=basis, top1_agreement=top1, min_top1=gate.min_top1, accuracy_drop_points=drop,
+                   max_accuracy_drop_points=max_drop)
+    failure = None
+    if top1 < gate.min_top1:
+        failure = f"{precision}: top-1 agreement with the float64 truth {top1:.4f} < {gate.min_top1} ({basis})"
+    elif drop is not None and drop > max_drop:
+        failure = f"{precision}: accuracy drops {drop:.2f} points (at most {max_drop:g} allowed)"
+    served["passed"] = failure is None
+    return summary, failure
+
+
 # --- the verifier ----------------------------------------------------------------------------------
 
 def _candidates(vdir: Path, source: SourceModel, opts: VerifyOptions, np_dtype: np.dtype):
@@ -147,7 +215,8 @@ def _candidates(vdir: Path, source: SourceModel, opts: VerifyOptions, np_dtype: 
 
 
 def _evaluate(candidates: dict[str, Callable], sets: dict, truth: Callable[[np.ndarray], np.ndarray], tol: Tolerance,
-              classification: bool, truth_name: str = "reference_float64") -> tuple[dict[str, Any], dict[str, float]]:
+              classification: bool, truth_name: str = "reference_float64",
+              served_tol: Tolerance | None = None) -> tuple[dict[str, Any], dict[str, float]]:
     """Every candidate on every input set against the truth."""
     results: dict[str, Any] = {name: {"passed": True, "inputs": {}} for name in candidates}
     accuracy: dict[str, float] = {}
@@ -155,7 +224,8 @@ def _evaluate(candidates: dict[str, Callable], sets: dict, truth: Callable[[np.n
         expected = truth(x)
         for name, run in candidates.items():
             out = run(x)
-            c = compare(out, expected, tol if name != "unfolded_torch" else tolerance_for("float32"))
+            c = compare(out, expected, served_tol if name == "served_onnx" and served_tol else
+                        tol if name != "unfolded_torch" else tolerance_for("float32"))
             entry = c.to_dict()
             if classification:
                 entry["top1_agreement"] = float((out.argmax(1) == expected.argmax(1)).mean())
@@ -182,19 +252,27 @@ def _summarise(r: dict[str, Any], classification: bool) -> None:
         r["top1_agreement"] = min(v["top1_agreement"] for v in per.values())
 
 
-def _failure(results: dict[str, Any], invariance: dict[str, Any], first_bad: dict[str, Any] | None) -> str | None:
+def _failure(results: dict[str, Any], invariance: dict[str, Any], first_bad: dict[str, Any] | None,
+             gate_failure: str | None = None) -> str | None:
     bad_inv = [k for k, v in invariance.items() if not v["passed"]]
     if bad_inv:
         return (f"batch invariance failed for {bad_inv}: a sample gives a different answer alone than inside a "
                 f"batch (a BN using batch statistics: train-mode export or track_running_stats=False)")
     bad = [k for k, r in results.items() if not r["passed"]]
-    if bad:
-        where = f"; first layer over tolerance: {first_bad['layer']} (folded {first_bad['bn']})" if first_bad else ""
-        return f"outputs differ from the float64 reference beyond tolerance for {bad}{where}"
-    return None
+    if not bad:
+        return None
+    where = ""
+    if first_bad and first_bad.get("bn"):
+        where = f"; first layer over tolerance: {first_bad['layer']} (folded {first_bad['bn']})"
+    elif first_bad:
+        where = (f"; first layer whose error jumps: {first_bad['layer']} ({first_bad['op']}, error "
+                 f"{first_bad['rel_error']:.3g} of its scale)")
+    if gate_failure and bad == ["served_onnx"]:
+        return gate_failure + where
+    return f"outputs differ from the float64 reference beyond tolerance for {bad}{where}"
 
 
-def verify_entry(version_dir: str | Path, opts: VerifyOptions | None = None) -> dict[str, Any]:
+def verify_entry(version_dir: str | Path, opts: VerifyOptions | None = None) -> dict[str, Any]:  # long function: one report
     """Verify REPO/NAME/VERSION; returns the report (``report["passed"]``) and writes verification.json."""
     t0 = time.perf_counter()
     opts = opts or VerifyOptions()
@@ -205,20 +283,28 @@ def verify_entry(version_dir: str | Path, opts: VerifyOptions | None = None) -> 
     source = open_source(vdir)
     reference, served = onnx.load(str(vdir / REFERENCE_FILE)), onnx.load(str(vdir / MODEL_FILE))
     fold_report = json.loads((vdir / FOLD_REPORT_FILE).read_text())
+    precision = read_precision(vdir)
+    reduced = precision["precision"] != "fp32"
     np_dtype = model_input_dtype(served)
     tol = tolerance_for(np_dtype.name, opts.rtol, opts.atol)
+    served_tol = PRECISION_GATES[precision["precision"]].tolerance if reduced else tol
     candidates, provider = _candidates(vdir, source, opts, np_dtype)
     sets = source.input_sets(opts.batch_sizes, opts.seed, opts.max_validation, np_dtype)
     classification = source.task == "classification"
-    results, accuracy = _evaluate(candidates, sets, source.truth, tol, classification, f"reference_{source.truth_dtype}")
+    truth_name = f"reference_{source.truth_dtype}"
+    results, accuracy = _evaluate(candidates, sets, source.truth, tol, classification, truth_name, served_tol)
+    gate, gate_failure = (precision_gate(results, accuracy, precision["precision"], truth_name, opts, classification)
+                          if reduced else (None, None))
     bx = example_input_batch(sets)
-    invariance = {name: batch_invariance(candidates[name], bx, tol).to_dict()
+    invariance = {name: batch_invariance(candidates[name], bx, served_tol if name == "served_onnx" else tol).to_dict()
                   for name in ("reference_onnx", "served_onnx") if name in candidates and source.batched}
     sites: list[dict[str, Any]] = []
+    x_loc = bx[:source.record.batch or len(bx)]
     if opts.localize and not results["served_onnx"]["passed"]:
-        sites = localize(reference, served, fold_report["onnx"]["folded"], bx[:source.record.batch or len(bx)], tol)
+        sites = (localize_layers(reference, served, x_loc, PRECISION_GATES[precision["precision"]].layer_jump)
+                 if reduced else localize(reference, served, fold_report["onnx"]["folded"], x_loc, tol))
     first_bad = next((s for s in sites if not s["passed"]), None)
-    failure = _failure(results, invariance, first_bad)
+    failure = _failure(results, invariance, first_bad, gate_failure)
     report = {
         "report_version": REPORT_VERSION, "passed": failure is None, "model_dir": vdir.name, "dtype": np_dtype.name,
         "source": {"kind": source.record.kind, "file": source.record.original, "truth": source.truth_dtype,
@@ -227,8 +313,9 @@ def verify_entry(version_dir: str | Path, opts: VerifyOptions | None = None) -> 
         "optimization": opts.optimization, "batch_sizes": list(opts.batch_sizes),
         "inputs": {k: list(v[0].shape) for k, v in sets.items()}, "candidates": results, "accuracy": accuracy,
         "batch_invariance": invariance,
+        "precision": {**precision, "gate": gate},
         "localization": {"first_failing_layer": first_bad["layer"] if first_bad else None,
-                         "first_failing_bn": first_bad["bn"] if first_bad else None, "sites": sites},
+                         "first_failing_bn": first_bad.get("bn") if first_bad else None, "sites": sites},
         "warnings": sorted(set(lint_statistics(reference, served) + list(fold_report["onnx"].get("warnings", [])))),
         "fold": {"bn_before": fold_report["onnx"]["bn_before"], "folded": len(fold_report["onnx"]["folded"]),
                  "skipped": len(fold_report["onnx"]["skipped"]), "bn_after": fold_report["onnx"].get("bn_after")},
@@ -283,6 +370,21 @@ def summary_table(report: dict[str, Any]) -> str:
         lines.append(f"batch invariance {name:<15} max_abs={c['max_abs']:.3g}  {'ok' if c['passed'] else 'FAIL'}")
     if report.get("accuracy"):
         lines.append("accuracy (validation): " + ", ".join(f"{k}={v:.4f}" for k, v in report["accuracy"].items()))
+    prec = report.get("precision") or {}
+    if prec.get("precision", "fp32") != "fp32":
+        g = prec.get("gate") or {}
+        line = f"precision {prec['precision']}"
+        if prec.get("calibration_method"):
+            line += (f", calibrated ({prec['calibration_method']}) on {prec.get('calibration_samples')} samples, "
+                     f"{prec.get('activation_type')} activations")
+        if g.get("basis") and g["basis"] != "elementwise":
+            drop = g.get("accuracy_drop_points")
+            line += (f"; gate: top-1 agreement {g['top1_agreement']:.4f} (at least {g['min_top1']}, {g['basis']})" +
+                     (f", accuracy drop {drop:.2f} points (at most {g['max_accuracy_drop_points']:g})"
+                      if drop is not None else ""))
+        lines.append(line)
+        for k in prec.get("kept_float32", [])[:5]:
+            lines.append(f"kept in float32: {k}")
     src = report.get("source", {})
     if src:
         lines.append(f"source: {src['kind']} {src['file']}, truth in {src['truth']}, batch {src['batch']}")
@@ -290,9 +392,11 @@ def summary_table(report: dict[str, Any]) -> str:
                  f"{report['tolerance']['atol']:g}; provider {report['provider']}, optimisation {report['optimization']}")
     for w in report["warnings"]:
         lines.append(f"warning: {w}")
-    if report.get("localization", {}).get("first_failing_layer"):
-        lines.append(f"first layer over tolerance: {report['localization']['first_failing_layer']} "
-                     f"(folded {report['localization']['first_failing_bn']})")
+    loc = report.get("localization", {})
+    if loc.get("first_failing_layer") and loc.get("first_failing_bn"):
+        lines.append(f"first layer over tolerance: {loc['first_failing_layer']} (folded {loc['first_failing_bn']})")
+    elif loc.get("first_failing_layer"):
+        lines.append(f"first layer whose error jumps: {loc['first_failing_layer']}")
     lines.append(("PASSED" if report["passed"] else f"FAILED: {report.get('failure', '')}") +
                  f"  ({report['wall_s']:.1f} s)")
     if report.get("kept"):

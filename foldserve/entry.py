@@ -9,6 +9,7 @@
     REPO/NAME/VERSION/source.pt       a trainer checkpoint (weights_only loadable), or source.pt2 (a
                                       torch.export program) or source.torchscript.pt; none for an ONNX source
                                       (reference.onnx is the user's file, with the declared normalisation)
+    REPO/NAME/VERSION/precision.json  fp16/int8 variants: precision, calibration (absent for fp32)
     REPO/NAME/VERSION/fold_report.json, preprocess.json, labels.txt, verification.json
 
 This module knows names and layouts only; it imports nothing heavier than the standard library.
@@ -36,6 +37,7 @@ FOLD_REPORT_FILE = "fold_report.json"
 PREPROCESS_FILE = "preprocess.json"
 VERIFICATION_FILE = "verification.json"
 VERIFICATION_FAILED_FILE = "verification.failed.json"   # a failing re-verification never overwrites a pass
+PRECISION_FILE = "precision.json"         # fp32 | fp16 | int8 and how the served model was made (absent: fp32)
 LABELS_FILE = "labels.txt"
 # tensor names of the models foldserve exports itself (other models keep their own)
 INPUT_NAME, OUTPUT_NAME = "input", "output"
@@ -106,6 +108,7 @@ class SourceRecord:
     batch: int | None = None                                   # None: dynamic batch axis; N: the model's fixed one
     normalization: dict[str, list[float]] | None = None       # declared with --normalize, baked into both models
     data: str | None = None                                    # --data FILE.npz (x, optional y): real samples
+    data_skip: int = 0                                         # the first N of them calibrated int8: not verified on
     task: str = "classification"
     truth_dtype: str = "float64"                               # what the unfolded program runs in as the truth
 
@@ -137,6 +140,20 @@ def read_source_record(version_dir: Path) -> SourceRecord:
         return SourceRecord.from_dict(json.loads(path.read_text()))
     except (OSError, ValueError, TypeError) as exc:
         raise EntryError(f"{version_dir.name}/{SOURCE_RECORD_FILE}: unreadable ({exc})") from None
+
+
+def read_precision(version_dir: Path) -> dict[str, Any]:
+    """The served model's precision record ({"precision": "fp32"} for versions without one)."""
+    path = Path(version_dir) / PRECISION_FILE
+    if not path.is_file():
+        return {"precision": "fp32"}
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise EntryError(f"{Path(version_dir).name}/{PRECISION_FILE}: unreadable ({exc})") from None
+    if not isinstance(record, dict) or record.get("precision") not in ("fp32", "fp16", "int8"):
+        raise EntryError(f"{Path(version_dir).name}/{PRECISION_FILE}: precision must be fp32, fp16 or int8")
+    return record
 
 
 def sha256_file(path: Path) -> str:

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 
 from foldserve.datatypes import numpy_dtype
-from foldserve.entry import MODEL_FILE
-from foldserve.errors import ModelNotReady, UnsupportedDataType
+from foldserve.entry import MODEL_FILE, read_precision
+from foldserve.errors import EntryError, ModelNotReady, UnsupportedDataType
 from foldserve.model_config import ModelConfig
 from server.core.model_config import complete_config, to_spec
 from server.core.repository import ModelRepository, VerificationSummary, read_verification
@@ -36,6 +36,7 @@ class LoadedVersion:
     stats: ModelStats
     verification: VerificationSummary
     preprocess: dict[str, Any] | None
+    precision: dict[str, Any]
 
 
 def build_version(repo: ModelRepository, name: str, version: int, config: ModelConfig, settings: Settings,
@@ -59,6 +60,12 @@ def build_version(repo: ModelRepository, name: str, version: int, config: ModelC
     cfg.parameters["foldserve_verified"].string_value = "true" if verification.passed else "false"
     cfg.parameters["foldserve_verification"].string_value = json.dumps(verification.to_dict(), sort_keys=True)
     cfg.parameters["foldserve_provider"].string_value = runtime.provider
+    try:
+        precision = read_precision(vdir)
+    except EntryError as exc:
+        raise ModelNotReady(str(exc)) from None
+    cfg.parameters["foldserve_precision"].string_value = precision["precision"]   # this version's, exactly
+    cfg.parameters["foldserve_precision_record"].string_value = json.dumps(precision, sort_keys=True)
     if preprocess is not None:
         cfg.parameters["foldserve_preprocess"].string_value = json.dumps(preprocess, sort_keys=True)
     spec = to_spec(cfg, repo.labels(name, version), s.instances)
@@ -77,7 +84,7 @@ def build_version(repo: ModelRepository, name: str, version: int, config: ModelC
         except Exception as exc:  # some models reject zero-filled inputs; they can still serve
             logger.warning("warm-up of %s version %d failed (%s): serving without warm-up", name, version,
                            str(exc).splitlines()[0][:200])
-    return LoadedVersion(name, version, spec, runtime, scheduler, stats, verification, preprocess)
+    return LoadedVersion(name, version, spec, runtime, scheduler, stats, verification, preprocess, precision)
 
 
 def check_onnx(path: Path, vdir: Path) -> None:
