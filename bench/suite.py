@@ -386,6 +386,80 @@ def bench_gpu(model_path: Path) -> dict[str, Any]:
     return out
 
 
+def _precision_entries(work: Path, quick: bool) -> tuple[Path, dict[str, Any]]:
+    """ResNet-20 trained on digits32 (3x32x32) as fp32 and int8 (fp16 too when a GPU is visible), and the
+    ResNet-18-sized model (untrained, calibrated on random inputs: agreement only) unless --quick."""
+    from folding.export import build_entry
+    from folding.programs import Options
+    from folding.verify import VerifyOptions
+    from server.core.runtime import gpu_count
+    from trainer.train import TrainConfig, train
+
+    repo = work / "precision"
+    run_dir = work / "r20_digits32"
+    t = time.perf_counter()
+    train(TrainConfig(arch="resnet20", dataset="digits32", out=str(run_dir), epochs=2 if quick else 8, progress=False))
+    info: dict[str, Any] = {"train_s": round(time.perf_counter() - t, 1), "entries": {}}
+    precisions = ["fp32", "int8"] + (["fp16"] if gpu_count() else [])
+    opts = VerifyOptions(batch_sizes=(1, 8))
+    jobs = [(f"resnet20_{p}", run_dir / "checkpoint.pt", p, Options()) for p in precisions]
+    if not quick:
+        r18 = make_entry(repo, "resnet18_fp32", "resnet18", [3, 224, 224], max_batch_size=32)
+        calib = work / "r18_calibration.npz"
+        np.savez(calib, x=np.random.default_rng(0).normal(size=(32, 3, 224, 224)).astype(np.float32))
+        info["entries"]["resnet18_fp32"] = {"precision": "fp32", "verified": True, "model": str(r18)}
+        jobs.append(("resnet18_int8", work / "resnet18_fp32.pt", "int8", Options(calibration_data=str(calib))))
+    for name, src, precision, options in jobs:
+        t = time.perf_counter()
+        v = build_entry(src, repo, name, 1, precision=precision, verify_options=opts, options=options,
+                        max_batch_size=32).verification
+        gate = (v.get("precision") or {}).get("gate") or {}
+        info["entries"][name] = {
+            "precision": precision, "fold_s": round(time.perf_counter() - t, 1), "verified": v["passed"],
+            "failure": v.get("failure"), "accuracy": v["accuracy"].get("served_onnx"),
+            "accuracy_float64": v["accuracy"].get("reference_float64"),
+            "top1_agreement": gate.get("top1_agreement", v["candidates"]["served_onnx"].get("top1_agreement"))}
+    return repo, info
+
+
+def bench_precision(work: Path, quick: bool) -> dict[str, Any]:
+    """fp32 vs int8 (CPU) and fp32 vs fp16 (GPU): in-process samples/s and p50 at batch 32, served gRPC at
+    concurrency 1 and 32 (batch-1 requests, dynamic batching), accuracy next to speed."""
+    from folding.verify import ort_session
+    from server.core.runtime import gpu_count
+
+    repo, info = _precision_entries(work, quick)
+    shapes = {name: [3, 224, 224] if name.startswith("resnet18") else [3, 32, 32] for name in info["entries"]}
+    for name, e in info["entries"].items():        # in-process first: no server competing for the cores
+        devices = ["cpu"] + (["cuda"] if gpu_count() and e["precision"] in ("fp32", "fp16") else [])
+        for device in devices:
+            if device == "cpu" and e["precision"] == "fp16":
+                continue
+            sess = ort_session(repo / name / "1" / "model.onnx", "all", device)
+            x32 = (np.random.rand(32, *shapes[name]) * 255).astype(np.float32)
+            sess.run(None, {INPUT_NAME: x32})
+            times = []
+            for _ in range(5 if quick else 30):
+                t = time.perf_counter()
+                sess.run(None, {INPUT_NAME: x32})
+                times.append(time.perf_counter() - t)
+            p50 = percentile(times, 50)
+            e[f"inprocess_{device}_b32"] = {"p50_ms": p50 * 1000, "samples_per_s": 32 / p50}
+            del sess
+    n = 100 if quick else 400
+    unverified = any(not e.get("verified", True) for e in info["entries"].values())
+    proc, hport, gport = start_server(repo, True, ["--allow-unverified"] if unverified else [])
+    try:
+        for name, e in info["entries"].items():
+            gp = _infer_grpc_payload(name, (np.random.rand(1, *shapes[name]) * 255).astype(np.float32))
+            make = lambda: grpc_sender_factory(f"127.0.0.1:{gport}", "/inference.GRPCInferenceService/ModelInfer", gp)
+            e["grpc_c1"] = _run(closed_loop(make(), 1, max(n // 4, 20))).to_dict()
+            e["grpc_c32"] = _run(closed_loop(make(), 32, n)).to_dict()
+    finally:
+        proc.stop()
+    return info
+
+
 def goals(r: dict[str, Any]) -> list[dict[str, Any]]:
     g = []
     inp, fl, srv = r["inprocess"], r["floors"], r["server"]
@@ -418,6 +492,16 @@ def goals(r: dict[str, Any]) -> list[dict[str, Any]]:
     else:
         g.append({"goal": ">= 2 x MLServer's throughput at concurrency 32", "measured": "not run",
                   "limit": "2x", "passed": None, "skipped": ml.get("skipped", "no MLServer")})
+    pe = r.get("precision", {}).get("entries", {})
+    if "resnet20_int8" in pe and "resnet20_fp32" in pe:
+        fp, q8 = pe["resnet20_fp32"], pe["resnet20_int8"]
+        speed = q8["inprocess_cpu_b32"]["samples_per_s"] / fp["inprocess_cpu_b32"]["samples_per_s"]
+        drop = (fp["accuracy_float64"] - q8["accuracy"]) * 100
+        g.append({"goal": "int8 >= 1.5 x fp32 in-process throughput at batch 32 on the CPU, <= 1 point of accuracy "
+                          "lost (ResNet-20, 3x32x32)", "measured": f"{speed:.2f}x ({q8['inprocess_cpu_b32']['samples_per_s']:.0f} "
+                          f"vs {fp['inprocess_cpu_b32']['samples_per_s']:.0f} samples/s), accuracy {q8['accuracy']:.4f} vs "
+                          f"{fp['accuracy_float64']:.4f} (float64)", "limit": "1.5x, 1 point",
+                  "passed": speed >= 1.5 and drop <= 1.0 and q8["verified"]})
     f = r["folding"]
     g.append({"goal": "fold a ResNet-50-sized model in < 2 s", "measured": f"{f['fold_module_s']:.2f} s (torch.fx), "
               f"{f['fold_onnx_s']:.2f} s (ONNX)", "limit": "2 s", "passed": max(f["fold_module_s"], f["fold_onnx_s"]) < 2})
@@ -491,6 +575,23 @@ def markdown(report: dict[str, Any]) -> str:
               f"onnxruntime no-opt {f['onnxruntime_ms']['unfolded_disable']:.1f} -> "
               f"{f['onnxruntime_ms']['folded_disable']:.1f} ms, all-opt {f['onnxruntime_ms']['unfolded_all']:.1f} -> "
               f"{f['onnxruntime_ms']['folded_all']:.1f} ms (unfolded -> folded)."]
+    pr = r.get("precision", {})
+    if pr.get("entries"):
+        lines += ["", f"Precision (in-process at batch 32; served gRPC with batch-1 requests and dynamic batching; "
+                      f"ResNet-20 trained {pr.get('train_s')} s on digits32)", "",
+                  "| entry | verified | accuracy (float64) | top-1 agreement | in-process samples/s | in-process p50 ms | "
+                  "gRPC p50 c=1 | gRPC req/s c=32 |", "|---|---|---|---|---|---|---|---|"]
+        for name, e in pr["entries"].items():
+            ip = e.get("inprocess_cpu_b32") or e.get("inprocess_cuda_b32") or {}
+            acc = (f"{e['accuracy']:.4f} ({e['accuracy_float64']:.4f})" if e.get("accuracy") is not None
+                   else "- (untrained, random inputs)")
+            agree = f"{e['top1_agreement']:.4f}" if e.get("top1_agreement") is not None else "-"
+            lines.append(f"| {name} | {'yes' if e.get('verified') else 'NO: ' + str(e.get('failure'))[:60]} | {acc} | "
+                         f"{agree} | {ip.get('samples_per_s', 0):.0f} | {ip.get('p50_ms', 0):.2f} | "
+                         f"{e['grpc_c1']['p50_ms']:.3f} | {e['grpc_c32']['throughput']:.0f} |")
+            if "inprocess_cuda_b32" in e:
+                lines.append(f"| {name} (CUDA) | | | | {e['inprocess_cuda_b32']['samples_per_s']:.0f} | "
+                             f"{e['inprocess_cuda_b32']['p50_ms']:.2f} | | |")
     lines.append(f"GPU: {json.dumps(r['gpu'])}")
     return "\n".join(lines) + "\n"
 
@@ -520,6 +621,7 @@ def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
         report["models"] = bench_models(repo, {"digits": (digits, [1, 8, 8]), "resnet20": (r20, [3, 32, 32]),
                                                "resnet18": (r18, [3, 224, 224])}, quick)
         report["peers"] = bench_peers(repo, r20, x, conc, n, quick, work)
+        report["precision"] = bench_precision(work, quick)
         report["gpu"] = bench_gpu(r20)
         report["goals"] = goals(report)
         report["meta"]["wall_s"] = round(time.perf_counter() - t0, 1)

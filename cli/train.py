@@ -37,7 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a BatchNorm network and write DIR/checkpoint.pt")
     p.add_argument("--arch", default="resnet", help="architecture name (see --list-archs)")
     p.add_argument("--list-archs", action="store_true", help="list the architectures and exit")
-    p.add_argument("--dataset", default="digits", help="digits | synthetic | npz | folder")
+    p.add_argument("--dataset", default="digits", help="digits | digits32 (3x32x32 colour) | synthetic | npz | folder")
     p.add_argument("--data", help="path for --dataset npz (arrays x, y) or folder (one sub-folder per class)")
     p.add_argument("--out", default="runs/default", help="output directory (default: runs/default)")
     p.add_argument("--epochs", type=int, default=30)

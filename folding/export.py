@@ -294,15 +294,7 @@ def build_entry(source: str | Path, repository: str | Path, name: str | None = N
     path, opts = Path(source), options or Options()
     check_precision_options(precision, calibration_method, calibration_samples)
     kind = detect_kind(path)
-    if max_batch_size < 1:
-        raise ConfigError(f"--max-batch-size must be >= 1, got {max_batch_size}")
-    for flag, value in (("--data", opts.data), ("--calibration-data", opts.calibration_data)):
-        if value and not Path(value).is_file():
-            raise ConfigError(f"{flag} {value}: no such file (expected an .npz with x and optional y)")
-    if opts.calibration_data and precision != "int8":
-        raise ConfigError("--calibration-data goes with --precision int8")
-    if labels_file and kind == "checkpoint":
-        raise ConfigError("--labels is for models brought from elsewhere: a checkpoint records its class names")
+    _check_options(kind, opts, max_batch_size, precision, labels_file)
     if name is not None:
         check_model_name(name)
     model_dir = Path(repository) / name if name else None
@@ -347,6 +339,18 @@ def build_entry(source: str | Path, repository: str | Path, name: str | None = N
         raise
     logger.info("repository entry %s version %d: %s", name, version, onnx_report.summary())
     return EntryResult(model_dir, version_dir, version, onnx_report, torch_report, verification)
+
+
+def _check_options(kind: str, opts: Options, max_batch_size: int, precision: str, labels_file: str | None) -> None:
+    if max_batch_size < 1:
+        raise ConfigError(f"--max-batch-size must be >= 1, got {max_batch_size}")
+    for flag, value in (("--data", opts.data), ("--calibration-data", opts.calibration_data)):
+        if value and not Path(value).is_file():
+            raise ConfigError(f"{flag} {value}: no such file (expected an .npz with x and optional y)")
+    if opts.calibration_data and precision != "int8":
+        raise ConfigError("--calibration-data goes with --precision int8")
+    if labels_file and kind == "checkpoint":
+        raise ConfigError("--labels is for models brought from elsewhere: a checkpoint records its class names")
 
 
 def _model_precision(model_dir: Path, version: int, precision: str) -> str:

@@ -25,6 +25,7 @@ from foldserve.datatypes import lookup
 from foldserve.entry import REFERENCE_FILE, SOURCE_FILE, SourceRecord, read_source_record
 from foldserve.errors import CheckpointError, DataError
 from trainer.checkpoint import load_checkpoint
+from trainer.data import BUILTIN
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ def load_samples(path: str | Path, input_shape: list[int], limit: int, dtype: An
 def validation_set(ckpt: dict[str, Any], limit: int) -> tuple[np.ndarray, np.ndarray] | None:
     """Up to ``limit`` validation samples of the data the checkpoint was trained on, when they can be reloaded."""
     ds_info = ckpt.get("dataset") or {}
-    if not (ds_info.get("name") in ("digits", "synthetic") or (ds_info.get("data") and Path(ds_info["data"]).exists())):
+    if not (ds_info.get("name") in BUILTIN or (ds_info.get("data") and Path(ds_info["data"]).exists())):
         return None
     try:
         from trainer.data import load_dataset
@@ -107,7 +108,7 @@ def training_samples(ckpt: dict[str, Any], limit: int, seed: int = 0) -> np.ndar
     """Up to ``limit`` samples of the checkpoint's training split (int8 calibration), None when the data is
     not available here."""
     ds_info = ckpt.get("dataset") or {}
-    if not (ds_info.get("name") in ("digits", "synthetic") or (ds_info.get("data") and Path(ds_info["data"]).exists())):
+    if not (ds_info.get("name") in BUILTIN or (ds_info.get("data") and Path(ds_info["data"]).exists())):
         return None
     from trainer.data import load_dataset
     from trainer.models import arch_spec

@@ -17,7 +17,8 @@ from foldserve.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
-DATASETS = ("digits", "synthetic", "npz", "folder")
+DATASETS = ("digits", "digits32", "synthetic", "npz", "folder")
+BUILTIN = ("digits", "digits32", "synthetic")   # need no --data: reloadable anywhere (verification, calibration)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
@@ -55,6 +56,21 @@ def _digits() -> tuple[np.ndarray, np.ndarray, list[str]]:
     d = load_digits()
     x = d.images.astype(np.float32)[:, None, :, :]  # (N, 1, 8, 8), pixel values 0..16
     return x, d.target.astype(np.int64), [str(int(t)) for t in d.target_names]
+
+
+def _digits32(seed: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The digits as CIFAR-shaped 3x32x32 colour images: each 8x8 digit upsampled (bilinear, x4), drawn in a
+    random colour on a random dark background with a little noise; pixel values 0..255."""
+    import torch
+    import torch.nn.functional as F
+
+    x, y, names = _digits()
+    rng = np.random.default_rng(seed + 32)
+    up = F.interpolate(torch.from_numpy(x / 16.0), size=(32, 32), mode="bilinear", align_corners=False).numpy()
+    ink = rng.uniform(0.5, 1.0, size=(len(x), 3, 1, 1))
+    background = rng.uniform(0.0, 0.3, size=(len(x), 3, 1, 1))
+    img = background + (ink - background) * up + rng.normal(0.0, 0.03, size=(len(x), 3, 32, 32))
+    return (np.clip(img, 0.0, 1.0) * 255.0).astype(np.float32), y, names
 
 
 def _synthetic(seed: int, n: int = 1200, classes: int = 10, shape: tuple[int, ...] = (1, 8, 8)):
@@ -127,6 +143,8 @@ def load_dataset(name: str, *, data: str | None = None, seed: int = 0, val_fract
     """Load a dataset by name and shape its samples for an architecture's ``input_kind``."""
     if name == "digits":
         x, y, names = _digits()
+    elif name == "digits32":
+        x, y, names = _digits32(seed)
     elif name == "synthetic":
         x, y, names = _synthetic(seed)
     elif name in ("npz", "folder"):

@@ -129,6 +129,9 @@ def test_served_int8_answer_equals_onnxruntime_on_the_same_file(digits_run, tmp_
             meta = json.loads(r.read())
         assert meta["parameters"]["precision"]["precision"] == "int8"
         assert meta["parameters"]["precision"]["calibration_method"] == "minmax"
+        # live verification judges the int8 version by the same gate as the local verifier
+        live = run_cli("verify", "--server", srv.grpc, str(repo / "d8" / "1"), "--batch-sizes", "4")
+        assert live.returncode == 0 and "precision int8: gate passed" in live.stdout, live.stdout + live.stderr
     finally:
         srv.stop()
     assert 'string_value: "mixed"' in (repo / "d8" / "config.pbtxt").read_text()
