@@ -72,6 +72,13 @@ class PayloadTooLarge(InvalidInput):
     grpc_status = "RESOURCE_EXHAUSTED"
 
 
+class BodyTimeout(InvalidInput):
+    """A request body (or message) that did not arrive in full within the server's time limit."""
+
+    http_status = 408
+    grpc_status = "DEADLINE_EXCEEDED"
+
+
 class ModelNotFound(FoldserveError):
     """No such model, or no such version of it."""
 
@@ -129,7 +136,7 @@ class PermissionDenied(FoldserveError):
 
 # The class a transport status maps back to on the client side (see :mod:`foldserve.client`): where several
 # classes share a status, the one listed first in _CLIENT_SIDE (the more general) wins.
-_CLIENT_SIDE = (InvalidInput, ModelNotFound, ModelNotReady, QueueFull, PayloadTooLarge, RequestTimeout,
+_CLIENT_SIDE = (InvalidInput, ModelNotFound, ModelNotReady, QueueFull, PayloadTooLarge, RequestTimeout, BodyTimeout,
                 Unauthenticated, PermissionDenied)
 BY_GRPC_STATUS: dict[str, type[FoldserveError]] = {}
 BY_HTTP_STATUS: dict[int, type[FoldserveError]] = {}

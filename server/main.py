@@ -16,15 +16,63 @@ import uvicorn
 from server.core.dataplane import DataPlane
 from server.grpc.servicer import build_grpc_server, set_health
 from server.rest.app import create_app
+from server.rest.protocol import protocol_class
 from server.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+
+def raise_fd_limit() -> None:
+    """The soft file-descriptor limit up to the hard one (the connection caps are derived from it)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 1 << 20), hard))
+        except (ValueError, OSError):
+            pass
+
+
+class RepeatFilter(logging.Filter):
+    """One record per message template per ``every_s`` seconds; later ones are counted and the count is
+    logged with the next record that passes (asyncio logs "socket.accept() out of system resource" once per
+    accept attempt when fds run out: hundreds of thousands a minute)."""
+
+    def __init__(self, every_s: float = 10.0) -> None:
+        super().__init__()
+        self.every_s = every_s
+        self.last: dict[tuple[str, str], float] = {}
+        self.suppressed: dict[tuple[str, str], int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        import time
+
+        key = (record.name, str(record.msg))
+        now = time.monotonic()
+        if now - self.last.get(key, -1e9) < self.every_s:
+            self.suppressed[key] = self.suppressed.get(key, 0) + 1
+            return False
+        self.last[key] = now
+        n = self.suppressed.pop(key, 0)
+        if n:
+            record.msg = f"{record.msg} (and {n} more like it in the last {self.every_s:g} s)"
+        return True
+
+
+def rate_limit_repeated_logs() -> None:
+    for name in ("asyncio", "uvicorn.error", "grpc._cython.cygrpc", "grpc"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, RepeatFilter) for f in log.filters):
+            log.addFilter(RepeatFilter())
 
 
 async def serve(settings: Settings) -> int:
     problem = settings.fail_open()
     if problem:  # the CLI refuses these in one line; a programmatic start must not fail open either
         raise ValueError(problem)
+    raise_fd_limit()
+    rate_limit_repeated_logs()
     dp = DataPlane(settings)
     await dp.start()
     grpc_server, grpc_port, health = build_grpc_server(settings, dp)
@@ -41,7 +89,8 @@ async def serve(settings: Settings) -> int:
             ssl.update(ssl_ca_certs=str(settings.tls_ca), ssl_cert_reqs=_ssl.CERT_REQUIRED)
     config = uvicorn.Config(app, host=settings.host, port=settings.http_port, log_level="warning", access_log=False,
                             lifespan="off", timeout_graceful_shutdown=max(int(settings.grace_period_s), 1),
-                            limit_concurrency=None, **ssl)
+                            limit_concurrency=None, timeout_keep_alive=max(1, int(settings.idle_timeout_s)),
+                            http=protocol_class(settings, settings.connection_limit()), **ssl)
     http = uvicorn.Server(config)
     http.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # we handle signals below
     http_task = asyncio.create_task(http.serve())

@@ -46,6 +46,16 @@ class Settings(BaseSettings):
     auth_token: str | None = Field(None, description="bearer token inference requires (off when unset)")
 
     max_request_bytes: int = Field(64 * 1024 * 1024, gt=0, description="largest request body / message")
+    body_timeout_s: float = Field(10.0, gt=0, description="a REST request body (and a gRPC stream's first "
+                                                           "message) must arrive within this time (408)")
+    idle_timeout_s: float = Field(60.0, gt=0, description="close a connection with no request in flight after "
+                                                           "this long (REST keep-alive, gRPC max_connection_idle)")
+    max_connections: int = Field(0, ge=0, description="open connections per transport; past it new ones are "
+                                                       "refused (0: the file-descriptor limit / 3, at most 4096)")
+    max_header_bytes: int = Field(16 * 1024, ge=1024, le=1024 * 1024,
+                                  description="largest REST request header block (431 past it)")
+    header_timeout_s: float = Field(10.0, gt=0, description="a REST request's headers must arrive within this "
+                                                             "time (408), like nginx's client_header_timeout")
     max_elements: int = Field(64 * 1024 * 1024, gt=0, description="largest element count of one input tensor")
     grace_period_s: float = Field(10.0, ge=0, description="time to finish in-flight requests on SIGTERM")
 
@@ -78,6 +88,16 @@ class Settings(BaseSettings):
     def metadata_token(self) -> str | None:
         """The token metadata, config, statistics, index, /metrics and /docs need (None: public)."""
         return None if self.public_metadata else self.auth_token
+
+    def connection_limit(self) -> int:
+        """Connections per transport: below the process's file-descriptor limit (raised to its hard limit at
+        start), leaving room for the other transport, model files and logs."""
+        if self.max_connections:
+            return self.max_connections
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        return max(16, min(4096, (soft - 64) // 3))
 
     def concurrency_limit(self) -> int:
         return self.max_concurrent_requests or self.max_queue_size + 64

@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from foldserve.errors import FoldserveError, InvalidInput, PermissionDenied
 from foldserve.protocol import grpc_service_pb2 as pb
 from foldserve.protocol import grpc_service_pb2_grpc as pb_grpc
+from server.core.admission import Admission
 from server.core.auth import check_bearer
 from server.core.dataplane import DataPlane
 from server.grpc import converters as conv
@@ -25,6 +26,9 @@ from server.settings import Settings
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
+GRPC_CONNECTION_AGE_MS = 10 * 60 * 1000
 
 
 class BadRequest:
@@ -79,6 +83,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, settings: Settings, dataplane: DataPlane) -> None:
         self.settings = settings
         self.dp = dataplane
+        # taken once a call's message has arrived and its token checked: idle calls never hold a slot
+        self.admission = Admission(settings.concurrency_limit())
 
     @_rpc()
     async def ServerLive(self, request, context):
@@ -102,7 +108,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_rpc("infer")
     async def ModelInfer(self, request, context):
-        resp = await self.dp.infer(conv.request_from_proto(request), "grpc")
+        with self.admission.slot():
+            resp = await self.dp.infer(conv.request_from_proto(request), "grpc")
         return conv.response_to_proto(resp)
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest], context):
@@ -116,7 +123,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                                                                 f"({request.error})")
                 continue
             try:
-                resp = await self.dp.infer(conv.request_from_proto(request), "grpc")
+                with self.admission.slot():
+                    resp = await self.dp.infer(conv.request_from_proto(request), "grpc")
                 yield pb.ModelStreamInferResponse(infer_response=conv.response_to_proto(resp))
             except FoldserveError as exc:
                 yield pb.ModelStreamInferResponse(error_message=str(exc),
@@ -180,11 +188,19 @@ def _service_handler(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
 def build_grpc_server(settings: Settings, dataplane: DataPlane) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """A grpc.aio server with the v2 service, health and reflection; returns (server, bound port, health)."""
     limit = settings.max_request_bytes
-    # Admission control in grpc core: past this many concurrent RPCs a call is refused at once with
-    # RESOURCE_EXHAUSTED, before it costs any Python work, so a backlog cannot build in front of our queue.
-    server = grpc.aio.server(maximum_concurrent_rpcs=settings.concurrency_limit(), options=[
+    # No maximum_concurrent_rpcs: grpc core would count calls that opened and never sent a message, and
+    # shed health and liveness with inference. Inference is admitted in the servicer once its message is
+    # in. Connections are capped (below the fd limit) and recycled (GOAWAY, clients reconnect) after a
+    # maximum age, which ends calls left idle. No grpc.max_concurrent_streams: under an open-loop flood at
+    # twice capacity a per-connection cap (tried: 128, 1024, 4096) turns the backlog into REFUSED_STREAM,
+    # which clients see as UNAVAILABLE (12k-198k of them in 60 s), instead of RESOURCE_EXHAUSTED.
+    server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
         ("grpc.so_reuseport", 0),
+        ("grpc.max_allowed_incoming_connections", settings.connection_limit()),
+        ("grpc.max_connection_idle_ms", int(settings.idle_timeout_s * 1000)),
+        ("grpc.max_connection_age_ms", GRPC_CONNECTION_AGE_MS),
+        ("grpc.max_connection_age_grace_ms", int(settings.body_timeout_s * 1000)),
     ])
     server.add_generic_rpc_handlers((_service_handler(InferenceServicer(settings, dataplane)),))
     health_servicer = health.aio.HealthServicer()

@@ -8,7 +8,6 @@ exception-handler table: a :class:`FoldserveError` becomes its HTTP status with 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -17,20 +16,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from foldserve import __version__
 from foldserve.errors import FoldserveError
+from server.core.admission import Admission
 from server.core.dataplane import DataPlane
 from server.rest.codec import ORJSONResponse, error_response
 from server.rest.routes import ROUTERS, metadata_auth
 from server.settings import Settings
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Admission:
-    """Inference requests in flight on this transport, against the limit (admission control)."""
-
-    limit: int
-    active: int = 0
 
 
 async def _foldserve_error(request: Request, exc: FoldserveError) -> Response:

@@ -6,6 +6,7 @@ Literal paths are registered before parameterised ones (``/v2/models/stats`` bef
 """
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
@@ -13,7 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
-from foldserve.errors import InvalidInput, PayloadTooLarge, QueueFull
+from foldserve.errors import BodyTimeout, InvalidInput, PayloadTooLarge
 from server.core.auth import check_bearer
 from server.core.dataplane import DataPlane
 from server.rest.codec import HEADER, decompress, encode_infer_response, error_response, parse_infer_request
@@ -144,8 +145,30 @@ async def model_stats(model: str, request: Request, version: str = "") -> Any:
     return {"model_stats": [s.to_dict() for s in _dp(request).statistics(model, version)]}
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused before it is read in full when it is larger than ``limit`` bytes."""
+JSON_BYTES_PER_ELEMENT = 32        # the longest JSON number ("-1.2345678901234567e-308") with its separator
+BODY_OVERHEAD = 64 * 1024          # names, shapes, parameters, whitespace
+
+
+def body_limit(dp: DataPlane, model: str, version: str, settings: Settings) -> int:
+    """The most bytes a request to this model can need, decoded (JSON numbers or binary tensors): the
+    body, compressed or not, is refused past it before it is parsed (no parse or decompression
+    amplification). Unknown or unready models are answered before the body is read."""
+    spec = dp.model(model, version).spec
+    total = BODY_OVERHEAD
+    for t in spec.inputs:
+        dims = ([spec.max_batch_size] if spec.max_batch_size > 0 else []) + list(t.dims)
+        if t.datatype == "BYTES" or any(d < 0 for d in dims):
+            return settings.max_request_bytes       # variable size: only the server-wide limits apply
+        elements = 1
+        for d in dims:
+            elements *= d
+        total += min(elements, settings.max_elements) * JSON_BYTES_PER_ELEMENT
+    return min(total, settings.max_request_bytes)
+
+
+async def read_body(request: Request, limit: int, timeout_s: float | None = None) -> bytes:
+    """The body, refused before it is read in full when it is larger than ``limit`` bytes (decoded), and
+    when it has not arrived within ``timeout_s`` (408)."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -153,15 +176,23 @@ async def read_body(request: Request, limit: int) -> bytes:
         except ValueError:
             raise InvalidInput("Content-Length is not an integer") from None
         if too_big:
-            raise PayloadTooLarge(f"request body of {declared} bytes exceeds the {limit}-byte limit "
-                                  f"(--max-request-bytes)")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body exceeds the {limit}-byte limit (--max-request-bytes)")
-        chunks.append(chunk)
-    return decompress(b"".join(chunks), request.headers.get("content-encoding"), limit)
+            raise PayloadTooLarge(f"request body of {declared} bytes exceeds the {limit}-byte limit for this model "
+                                  f"(its largest request; --max-request-bytes caps it)")
+
+    async def read() -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"request body exceeds the {limit}-byte limit for this model")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:
+        raw = await asyncio.wait_for(read(), timeout_s) if timeout_s else await read()
+    except asyncio.TimeoutError:
+        raise BodyTimeout(f"the request body did not arrive within {timeout_s:g} s (--body-timeout-s)") from None
+    return decompress(raw, request.headers.get("content-encoding"), limit)
 
 
 @models.post("/v2/models/{model}/infer", summary="Inference", responses=ERRORS, openapi_extra=INFER_DOC)
@@ -170,15 +201,12 @@ async def read_body(request: Request, limit: int) -> bytes:
 async def infer(model: str, request: Request, version: str = "") -> Response:
     settings, admission = _settings(request), request.app.state.admission
     _auth(request, settings.auth_token, "inference")
-    if admission.active >= admission.limit:  # past the limit answer at once instead of queueing without bound
-        raise QueueFull(f"server busy: {admission.active} requests in flight (limit {admission.limit}); retry later")
-    admission.active += 1
-    try:
-        body = await read_body(request, settings.max_request_bytes)
+    # the whole body first (within --body-timeout-s), then a slot: slow senders never hold one
+    body = await read_body(request, body_limit(_dp(request), model, version, settings),
+                           settings.body_timeout_s)
+    with admission.slot():
         req = parse_infer_request(model, version, body, request.headers.get(HEADER))
         resp = await _dp(request).infer(req, "http")
-    finally:
-        admission.active -= 1
     payload, header_len = encode_infer_response(resp, bool(req.parameters.get("binary_data_output")))
     if header_len is None:
         return Response(payload, media_type="application/json")

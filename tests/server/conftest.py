@@ -29,14 +29,14 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, repository: Path, *extra: str, env: dict | None = None) -> None:
+    def __init__(self, repository: Path, *extra: str, env: dict | None = None, preexec_fn=None) -> None:
         self.http_port, self.grpc_port = free_port(), free_port()
         self.http = f"127.0.0.1:{self.http_port}"
         self.grpc = f"127.0.0.1:{self.grpc_port}"
         cmd = [str(BIN / "foldserve"), "serve", "--repository", str(repository), "--http-port", str(self.http_port),
                "--grpc-port", str(self.grpc_port), *extra]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, preexec_fn=preexec_fn)
         self.lines: queue.Queue[str] = queue.Queue()
         self.stderr: list[str] = []
         threading.Thread(target=self._pump, args=(self.proc.stdout, self.lines), daemon=True).start()

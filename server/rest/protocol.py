@@ -1,0 +1,102 @@
+"""The HTTP/1.1 connection protocol: uvicorn's httptools protocol with the limits it lacks.
+
+* a cap on open connections (``--max-connections``, below the process's file-descriptor limit): past it a
+  new connection gets ``503`` and is closed at once, so unfinished connections cannot exhaust the fds;
+* a header size limit (``--max-header-bytes``, ``431``): bytes are fed to the parser only up to the limit
+  while a request's headers are incomplete, so a 100 MB header is never buffered;
+* a header timeout (``--header-timeout-s``, ``408``, like nginx's ``client_header_timeout``): a request's
+  headers (and a new connection's first request) must arrive within it, so slowly dripped headers or
+  connections that send nothing are closed;
+* idle keep-alive connections are closed after ``--idle-timeout-s`` (uvicorn's ``timeout_keep_alive``).
+
+The body has its own limit and timeout in :func:`server.rest.routes.read_body` (``--body-timeout-s``).
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from server.settings import Settings
+
+REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large", 503: b"Service Unavailable"}
+
+
+class GuardedHttpProtocol(HttpToolsProtocol):
+    max_connections = 4096
+    max_header_bytes = 16 * 1024
+    header_timeout_s = 10.0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._header_bytes = 0
+        self._in_headers = True
+        self._header_timer: asyncio.TimerHandle | None = None
+        super().connection_made(transport)
+        if len(self.connections) > self.max_connections:
+            self._refuse(503, f"the server is at its connection limit ({self.max_connections}); retry later")
+            return
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_headers:
+            room = self.max_header_bytes - self._header_bytes
+            if len(data) > room:
+                head, rest = data[:max(room, 0)], data[max(room, 0):]
+                self._header_bytes += len(head)
+                if head:
+                    super().data_received(head)
+                if self._in_headers and not self.transport.is_closing():
+                    self._refuse(431, f"request headers exceed {self.max_header_bytes} bytes (--max-header-bytes)")
+                    return
+                if rest and not self.transport.is_closing():
+                    self.data_received(rest)
+                return
+            self._header_bytes += len(data)
+        super().data_received(data)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if not self._in_headers:            # the next request on a kept-alive connection
+            self._in_headers, self._header_bytes = True, 0
+            self._arm()
+
+    def on_headers_complete(self) -> None:
+        self._in_headers = False
+        self._disarm()
+        super().on_headers_complete()
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._header_timer = self.loop.call_later(self.header_timeout_s, self._header_timeout)
+
+    def _disarm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _header_timeout(self) -> None:
+        self._header_timer = None
+        if self._in_headers and not self.transport.is_closing():
+            if self._header_bytes == 0 and self.cycle is None:
+                self.transport.close()      # a connection that never sent anything: just close it
+                return
+            self._refuse(408, f"request headers did not arrive within {self.header_timeout_s:g} s (--header-timeout-s)")
+
+    def _refuse(self, status: int, message: str) -> None:
+        self._disarm()
+        body = ('{"error":"' + message.replace('"', "'") + '"}').encode()
+        self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                             b"connection: close\r\n\r\n" % (status, REASONS[status], len(body)) + body)
+        self.transport.close()
+
+
+def protocol_class(settings: Settings, max_connections: int) -> type[GuardedHttpProtocol]:
+    """The protocol class with this server's limits (uvicorn instantiates it per connection)."""
+    attrs: dict[str, Any] = {"max_connections": max_connections, "max_header_bytes": settings.max_header_bytes,
+                             "header_timeout_s": settings.header_timeout_s}
+    return type("FoldserveHttpProtocol", (GuardedHttpProtocol,), attrs)
