@@ -18,7 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "TorchScript file (torch.jit.save); the kind is read from the content.")
     p.add_argument("model", nargs="?", metavar="MODEL", help="the model to fold (see above)")
     p.add_argument("--repository", help="model repository directory (Triton layout)")
-    p.add_argument("--name", help="model name (default: DATASET_ARCH)")
+    p.add_argument("--name", help="model name (default: DATASET_ARCH for a checkpoint, else the file name's stem)")
     p.add_argument("--version", type=int, help="version number (default: next free)")
     p.add_argument("--max-batch-size", type=int, default=64)
     p.add_argument("--max-queue-delay-us", type=int, default=2000)
