@@ -592,7 +592,7 @@ def markdown(report: dict[str, Any]) -> str:
             if "inprocess_cuda_b32" in e:
                 lines.append(f"| {name} (CUDA) | | | | {e['inprocess_cuda_b32']['samples_per_s']:.0f} | "
                              f"{e['inprocess_cuda_b32']['p50_ms']:.2f} | | |")
-    lines.append(f"GPU: {json.dumps(r['gpu'])}")
+    lines += ["", f"GPU: {json.dumps(r['gpu'])}"]
     return "\n".join(lines) + "\n"
 
 
