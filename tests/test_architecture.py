@@ -39,6 +39,8 @@ def _modules() -> dict[str, Path]:
     for pkg in ALLOWED:
         for f in sorted((ROOT / pkg).rglob("*.py")):
             parts = f.relative_to(ROOT).with_suffix("").parts
+            if any(p.startswith(".") for p in parts):
+                continue    # caches the tools make (bench/.cache/mlserver-venv) are not our code
             name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
             out[name] = f
     return out
