@@ -162,7 +162,7 @@ class Prepared:
     stamp: dict[str, str]
     write_source: Any                    # staging dir -> None: the source's own files
     external_data: bool = False
-    calibration: Any = None              # n -> (samples [n, ...], where they come from) for int8, or None
+    calibration: Any = None              # n -> (training samples, where from): int8 without --data, or None
 
 
 def _prepare_checkpoint(path: Path, opts: Options) -> Prepared:
@@ -196,9 +196,6 @@ def _prepare_checkpoint(path: Path, opts: Options) -> Prepared:
     source = {k: ckpt[k] for k in SOURCE_KEYS if k in ckpt}
 
     def calibration(n: int) -> tuple[np.ndarray | None, str]:
-        if opts.calibration_data or opts.data:
-            return _data_calibration(opts.calibration_data or opts.data, shape, n,
-                                     record if not opts.calibration_data else None)
         from folding.source import training_samples
 
         x = training_samples(ckpt, n)
@@ -224,9 +221,16 @@ def _prepare_user_model(path: Path, kind: str, opts: Options, labels_file: str |
             shutil.copyfile(path, staging / record.file)
     return Prepared(um.reference, folded, onnx_report, None, record, preprocess, labels, _default_name(path),
                     {"task": record.task, "source_kind": kind, "source_file": path.name}, write_source,
-                    um.external_data, calibration=lambda n: _data_calibration(
-                        opts.calibration_data or opts.data, record.input_shape, n,
-                        None if opts.calibration_data else record) if (opts.calibration_data or opts.data) else (None, ""))
+                    um.external_data)
+
+
+def _calibration(prepared: Prepared, opts: Options, n: int) -> tuple[np.ndarray | None, str]:
+    """int8 calibration samples: --calibration-data, else the first n of --data, else the training split."""
+    if opts.calibration_data:
+        return _data_calibration(opts.calibration_data, prepared.record.input_shape, n, None)
+    if opts.data:
+        return _data_calibration(opts.data, prepared.record.input_shape, n, prepared.record)
+    return prepared.calibration(n) if prepared.calibration else (None, "")
 
 
 def _data_calibration(data: str, shape: list[int], n: int, record: SourceRecord | None) -> tuple[np.ndarray, str]:
@@ -313,7 +317,7 @@ def build_entry(source: str | Path, repository: str | Path, name: str | None = N
                          max_queue_delay_us=max_queue_delay_us,
                          label_output=outputs[0].name if prepared.labels else None)
     config.parameters["foldserve_precision"].string_value = _model_precision(model_dir, version, precision)
-    calibration, calibration_source = (prepared.calibration(calibration_samples) if precision == "int8"
+    calibration, calibration_source = (_calibration(prepared, opts, calibration_samples) if precision == "int8"
                                        else (None, ""))
     served, precision_info = to_precision(prepared.folded, precision, calibration=calibration,
                                           method=calibration_method, source=calibration_source)

@@ -9,6 +9,7 @@ so it is part of both the reference and the served model, as the trainer's ``Nor
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import warnings
@@ -79,8 +80,7 @@ def detect_kind(path: str | Path) -> str:
         if names is None:
             raise CheckpointError(f"{path.name}: a damaged zip archive (truncated?), not {EXPECTED}")
         tails = {n.split("/", 1)[-1] for n in names}
-        if "archive_format" in tails or "models/model.json" in tails or any(n.endswith(".json") and "models/" in n
-                                                                            for n in names):
+        if "archive_format" in tails or any(t.startswith("models/") and t.endswith(".json") for t in tails):
             return "pt2"
         if "constants.pkl" in tails or any(t.startswith("code/") for t in tails):
             return "torchscript"
@@ -374,7 +374,7 @@ def _export_pt2(program: Any) -> onnx.ModelProto:
 
     for noisy in ("torch.onnx", "onnx_ir", "onnxscript"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    with _quiet():
+    with contextlib.redirect_stdout(io.StringIO()):   # the dynamo exporter prints its progress
         onnx_program = torch.onnx.export(program, dynamo=True, optimize=False, opset_version=DYNAMO_OPSET,
                                          verbose=False)
     fold_constants(onnx_program.model)
@@ -388,16 +388,3 @@ def _export_torchscript(module: Any, example: torch.Tensor, input_name: str) -> 
                       output_names=[OUTPUT_NAME], opset_version=OPSET,
                       dynamic_axes={input_name: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
     return onnx.load_from_string(buf.getvalue())
-
-
-class _quiet:
-    """The dynamo exporter prints its progress to stdout; keep the CLI's output ours."""
-
-    def __enter__(self) -> None:
-        import contextlib
-
-        self._stack = contextlib.ExitStack()
-        self._stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stack.close()

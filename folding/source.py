@@ -33,6 +33,13 @@ Run = Callable[[np.ndarray], np.ndarray]
 InputSets = dict[str, tuple[np.ndarray, "np.ndarray | None"]]
 
 
+def ort_session(path_or_bytes: Any, optimization: str = "all", provider: str = "cpu"):
+    """An onnxruntime session built the way the server builds them (for references and tools)."""
+    from server.core.runtime import OnnxModel
+
+    return OnnxModel(path_or_bytes, provider=provider, optimization=optimization, io_binding=False).session
+
+
 def load_source(version_dir: Path) -> dict[str, Any]:
     try:
         return load_checkpoint(Path(version_dir) / SOURCE_FILE)
@@ -85,20 +92,27 @@ def load_samples(path: str | Path, input_shape: list[int], limit: int, dtype: An
     return x[:n].astype(dtype), (None if y is None else y[:n].astype(np.int64))
 
 
-def validation_set(ckpt: dict[str, Any], limit: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """Up to ``limit`` validation samples of the data the checkpoint was trained on, when they can be reloaded."""
+def _reload_dataset(ckpt: dict[str, Any]) -> Any:
+    """The dataset the checkpoint was trained on, when it can be reloaded here (else None)."""
     ds_info = ckpt.get("dataset") or {}
     if not (ds_info.get("name") in BUILTIN or (ds_info.get("data") and Path(ds_info["data"]).exists())):
         return None
-    try:
-        from trainer.data import load_dataset
-        from trainer.models import arch_spec
+    from trainer.data import load_dataset
+    from trainer.models import arch_spec
 
-        ds = load_dataset(ds_info["name"], data=ds_info.get("data"), seed=ds_info.get("seed", 0),
-                          val_fraction=ds_info.get("val_fraction", 0.2), image_size=ds_info.get("image_size", 32),
-                          input_kind=arch_spec(ckpt["arch"]).input_kind)
+    return load_dataset(ds_info["name"], data=ds_info.get("data"), seed=ds_info.get("seed", 0),
+                        val_fraction=ds_info.get("val_fraction", 0.2), image_size=ds_info.get("image_size", 32),
+                        input_kind=arch_spec(ckpt["arch"]).input_kind)
+
+
+def validation_set(ckpt: dict[str, Any], limit: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Up to ``limit`` validation samples of the data the checkpoint was trained on, when they can be reloaded."""
+    try:
+        ds = _reload_dataset(ckpt)
     except Exception as exc:  # the random sets still verify the fold
         logger.warning("validation data not available for verification: %s", exc)
+        return None
+    if ds is None:
         return None
     n = min(len(ds.x_val), limit)
     return ds.x_val[:n], ds.y_val[:n]
@@ -107,15 +121,9 @@ def validation_set(ckpt: dict[str, Any], limit: int) -> tuple[np.ndarray, np.nda
 def training_samples(ckpt: dict[str, Any], limit: int, seed: int = 0) -> np.ndarray | None:
     """Up to ``limit`` samples of the checkpoint's training split (int8 calibration), None when the data is
     not available here."""
-    ds_info = ckpt.get("dataset") or {}
-    if not (ds_info.get("name") in BUILTIN or (ds_info.get("data") and Path(ds_info["data"]).exists())):
+    ds = _reload_dataset(ckpt)
+    if ds is None:
         return None
-    from trainer.data import load_dataset
-    from trainer.models import arch_spec
-
-    ds = load_dataset(ds_info["name"], data=ds_info.get("data"), seed=ds_info.get("seed", 0),
-                      val_fraction=ds_info.get("val_fraction", 0.2), image_size=ds_info.get("image_size", 32),
-                      input_kind=arch_spec(ckpt["arch"]).input_kind)
     idx = np.random.default_rng(seed).permutation(len(ds.x_train))[:limit]
     return ds.x_train[np.sort(idx)]
 
@@ -168,9 +176,7 @@ class SourceModel:
 
     def reference_onnx(self) -> Run:
         """reference.onnx in onnxruntime with optimisations off (the server's runtime class, on the CPU)."""
-        from server.core.runtime import OnnxModel
-
-        sess = OnnxModel(self.vdir / REFERENCE_FILE, provider="cpu", optimization="disable", io_binding=False).session
+        sess = ort_session(self.vdir / REFERENCE_FILE, "disable", "cpu")
         name = sess.get_inputs()[0].name
         return lambda x: sess.run(None, {name: x})[0]
 

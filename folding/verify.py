@@ -35,7 +35,7 @@ from foldserve.entry import (FOLD_REPORT_FILE, MODEL_FILE, REFERENCE_FILE, VERIF
                              entry_digests, read_precision)
 from foldserve.errors import ConfigError
 from folding.fold_math import FP16_MAX, BNParams
-from folding.source import SourceModel, model_input_dtype, open_source
+from folding.source import SourceModel, model_input_dtype, open_source, ort_session
 from folding.tolerances import PRECISION_GATES, Comparison, Tolerance, compare, tolerance_for
 from server.core.runtime import OnnxModel
 
@@ -59,11 +59,6 @@ class VerifyOptions:
 
 
 # --- onnxruntime: always through the server's OnnxModel ---------------------------------------------------
-
-def ort_session(path_or_bytes: Any, optimization: str = "all", provider: str = "cpu"):
-    """An onnxruntime session built the way the server builds them (for references and tools)."""
-    return OnnxModel(path_or_bytes, provider=provider, optimization=optimization, io_binding=False).session
-
 
 def served_runner(path: Path, opts: "VerifyOptions") -> tuple[Callable[[np.ndarray], np.ndarray], str]:
     """Run ``model.onnx`` exactly as the server will: its OnnxModel with the server's defaults."""
@@ -108,6 +103,18 @@ def lint_statistics(reference: onnx.ModelProto, served: onnx.ModelProto) -> list
     return warnings
 
 
+def _tensors(model: onnx.ModelProto, names: list[str], types: dict[str, int], default: int,
+             x: np.ndarray) -> list[np.ndarray]:
+    """The values of inner tensors ``names`` for input ``x``: the model with them as extra outputs (typed from
+    ``types``, else ``default``), run with optimisations off so that none is fused away."""
+    m = copy.deepcopy(model)
+    known = {o.name for o in m.graph.output}
+    m.graph.output.extend(onnx.helper.make_tensor_value_info(n, types.get(n, default), None)
+                          for n in names if n not in known)
+    sess = ort_session(m.SerializeToString(), "disable", "cpu")
+    return sess.run(names, {sess.get_inputs()[0].name: x})
+
+
 def localize(reference: onnx.ModelProto, served: onnx.ModelProto, sites: list[dict[str, Any]], x: np.ndarray,
              tol: Tolerance) -> list[dict[str, Any]]:
     """Compare each fold site's tensor (same name in both graphs) in the reference's topological order."""
@@ -116,20 +123,9 @@ def localize(reference: onnx.ModelProto, served: onnx.ModelProto, sites: list[di
     if not sites:
         return []
     elem = served.graph.input[0].type.tensor_type.elem_type
-
-    def with_outputs(m: onnx.ModelProto) -> onnx.ModelProto:
-        m = copy.deepcopy(m)
-        known = {o.name for o in m.graph.output}
-        for s in sites:
-            if s["tensor"] not in known:
-                m.graph.output.append(onnx.helper.make_tensor_value_info(s["tensor"], elem, None))
-        return m
-
     names = [s["tensor"] for s in sites]
-    ref_sess = ort_session(with_outputs(reference).SerializeToString(), "disable", "cpu")
-    srv_sess = ort_session(with_outputs(served).SerializeToString(), "disable", "cpu")
-    ref_out = dict(zip(names, ref_sess.run(names, {ref_sess.get_inputs()[0].name: x})))
-    srv_out = dict(zip(names, srv_sess.run(names, {srv_sess.get_inputs()[0].name: x})))
+    ref_out = dict(zip(names, _tensors(reference, names, {}, elem, x)))
+    srv_out = dict(zip(names, _tensors(served, names, {}, elem, x)))
     results = []
     for s in sites:
         c = compare(srv_out[s["tensor"]], ref_out[s["tensor"]], tol)
@@ -152,17 +148,8 @@ def localize_layers(reference: onnx.ModelProto, served: onnx.ModelProto, x: np.n
     if not names:
         return []
 
-    def with_outputs(m: onnx.ModelProto, types: dict[str, int]) -> bytes:
-        m = copy.deepcopy(m)
-        known = {o.name for o in m.graph.output}
-        m.graph.output.extend(onnx.helper.make_tensor_value_info(n, types.get(n, onnx.TensorProto.FLOAT), None)
-                              for n in names if n not in known)
-        return m.SerializeToString()
-
-    ref_sess = ort_session(with_outputs(reference, {}), "disable", "cpu")
-    srv_sess = ort_session(with_outputs(served, served_types), "disable", "cpu")
-    ref_out = ref_sess.run(names, {ref_sess.get_inputs()[0].name: x})
-    srv_out = srv_sess.run(names, {srv_sess.get_inputs()[0].name: x})
+    ref_out = _tensors(reference, names, {}, onnx.TensorProto.FLOAT, x)
+    srv_out = _tensors(served, names, served_types, onnx.TensorProto.FLOAT, x)
     results, jumped = [], False
     for name, r, a in zip(names, ref_out, srv_out):
         r64, a64 = np.asarray(r, np.float64), np.asarray(a, np.float64)

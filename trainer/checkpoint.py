@@ -20,7 +20,6 @@ Writes are atomic (temp file + ``os.replace``): a crash never leaves a half-writ
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import pickle
 import zipfile
@@ -30,6 +29,7 @@ from typing import Any
 import torch
 
 from foldserve.atomic import write_with
+from foldserve.entry import sha256_file
 from foldserve.errors import CheckpointError, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -107,8 +107,4 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> torch.nn.Module:
 
 
 def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(Path(path))

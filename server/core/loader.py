@@ -21,6 +21,7 @@ from server.core.runtime import OnnxModel
 from server.core.scheduler import Scheduler
 from server.core.stats import Metrics, ModelStats
 from server.core.types import ModelSpec
+from server.core.validation import request_bytes_limit
 from server.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class LoadedVersion:
     verification: VerificationSummary
     preprocess: dict[str, Any] | None
     precision: dict[str, Any]
+    request_bytes_limit: int          # the largest request this model can need (REST bodies are cut there)
 
 
 def build_version(repo: ModelRepository, name: str, version: int, config: ModelConfig, settings: Settings,
@@ -84,7 +86,8 @@ def build_version(repo: ModelRepository, name: str, version: int, config: ModelC
         except Exception as exc:  # some models reject zero-filled inputs; they can still serve
             logger.warning("warm-up of %s version %d failed (%s): serving without warm-up", name, version,
                            str(exc).splitlines()[0][:200])
-    return LoadedVersion(name, version, spec, runtime, scheduler, stats, verification, preprocess, precision)
+    return LoadedVersion(name, version, spec, runtime, scheduler, stats, verification, preprocess, precision,
+                         request_bytes_limit(spec, s.max_elements, s.max_request_bytes))
 
 
 def check_onnx(path: Path, vdir: Path) -> None:

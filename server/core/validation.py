@@ -119,3 +119,20 @@ def validate_request(req: InferRequest, model: ModelSpec, max_elements: int) -> 
             raise InvalidInput(str(exc)) from None
         feeds[t.name] = _decode(t, dtype)
     return feeds, batches.pop()
+
+
+JSON_BYTES_PER_ELEMENT = 32        # the longest JSON number ("-1.2345678901234567e-308") with its separator
+BODY_OVERHEAD = 64 * 1024          # names, shapes, parameters, whitespace
+
+
+def request_bytes_limit(model: ModelSpec, max_elements: int, max_request_bytes: int) -> int:
+    """The most bytes a request to this model can need, decoded (JSON numbers or binary tensors): a REST
+    body, compressed or not, is refused past it before it is parsed (no parse or decompression
+    amplification). Variable-size inputs (BYTES, -1 dims) leave only the server-wide limit."""
+    total = BODY_OVERHEAD
+    for t in model.inputs:
+        dims = ([model.max_batch_size] if model.max_batch_size > 0 else []) + list(t.dims)
+        if t.datatype == "BYTES" or any(d < 0 for d in dims):
+            return max_request_bytes
+        total += min(math.prod(dims), max_elements) * JSON_BYTES_PER_ELEMENT
+    return min(total, max_request_bytes)

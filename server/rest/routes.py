@@ -145,27 +145,6 @@ async def model_stats(model: str, request: Request, version: str = "") -> Any:
     return {"model_stats": [s.to_dict() for s in _dp(request).statistics(model, version)]}
 
 
-JSON_BYTES_PER_ELEMENT = 32        # the longest JSON number ("-1.2345678901234567e-308") with its separator
-BODY_OVERHEAD = 64 * 1024          # names, shapes, parameters, whitespace
-
-
-def body_limit(dp: DataPlane, model: str, version: str, settings: Settings) -> int:
-    """The most bytes a request to this model can need, decoded (JSON numbers or binary tensors): the
-    body, compressed or not, is refused past it before it is parsed (no parse or decompression
-    amplification). Unknown or unready models are answered before the body is read."""
-    spec = dp.model(model, version).spec
-    total = BODY_OVERHEAD
-    for t in spec.inputs:
-        dims = ([spec.max_batch_size] if spec.max_batch_size > 0 else []) + list(t.dims)
-        if t.datatype == "BYTES" or any(d < 0 for d in dims):
-            return settings.max_request_bytes       # variable size: only the server-wide limits apply
-        elements = 1
-        for d in dims:
-            elements *= d
-        total += min(elements, settings.max_elements) * JSON_BYTES_PER_ELEMENT
-    return min(total, settings.max_request_bytes)
-
-
 async def read_body(request: Request, limit: int, timeout_s: float | None = None) -> bytes:
     """The body, refused before it is read in full when it is larger than ``limit`` bytes (decoded), and
     when it has not arrived within ``timeout_s`` (408)."""
@@ -203,7 +182,7 @@ async def infer(model: str, request: Request, version: str = "") -> Response:
     settings, admission = _settings(request), request.app.state.admission
     _auth(request, settings.auth_token, "inference")
     # the whole body first (within --body-timeout-s), then a slot: slow senders never hold one
-    body = await read_body(request, body_limit(_dp(request), model, version, settings),
+    body = await read_body(request, _dp(request).model(model, version).request_bytes_limit,
                            settings.body_timeout_s)
     with admission.slot():
         req = parse_infer_request(model, version, body, request.headers.get(HEADER))

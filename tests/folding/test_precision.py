@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from folding.export import build_entry
-from folding.programs import Options
 from folding.verify import VerifyOptions
 from tests.conftest import run_cli
 
