@@ -73,8 +73,8 @@ def to_precision(folded: onnx.ModelProto, precision: str, *, calibration: np.nda
     if precision == "fp16":
         return to_fp16(folded)
     if calibration is None or len(calibration) == 0:
-        raise ConfigError("--precision int8 needs calibration samples: the checkpoint's training data, or "
-                          "--data FILE.npz (array x)")
+        raise ConfigError("--precision int8 needs calibration samples: --calibration-data FILE.npz or --data "
+                          "FILE.npz (array x), or a checkpoint whose training data can be reloaded here")
     return to_int8(folded, calibration, method, source)
 
 
