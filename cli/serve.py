@@ -99,9 +99,13 @@ def check_repository(repository, strict: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    if settings.worker_count() > 1:  # the supervisor: no grpc or onnxruntime in this process
+        from server.supervisor import supervise
+
+        return supervise(settings.model_copy(update={"log_level": getattr(args, "log_level", None) or "INFO"}))
     from server.main import run as run_server
 
-    settings = settings_from(args)
     try:
         return run_server(settings)
     except OSError as exc:  # a port taken between the check and the bind

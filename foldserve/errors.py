@@ -127,6 +127,27 @@ class ServerUnreachable(FoldserveError):
     grpc_status = "UNAVAILABLE"
 
 
+class AlreadyExists(UserError):
+    """The thing to create exists already (a shared-memory region name registered twice)."""
+
+    http_status = 409
+    grpc_status = "ALREADY_EXISTS"
+
+
+class NotSupported(FoldserveError):
+    """A protocol extension or feature this server does not offer."""
+
+    http_status = 501
+    grpc_status = "UNIMPLEMENTED"
+
+
+class WorkerUnavailable(FoldserveError):
+    """A cluster operation could not reach every worker (one died or did not answer in time)."""
+
+    http_status = 503
+    grpc_status = "UNAVAILABLE"
+
+
 class PermissionDenied(FoldserveError):
     """The operation is disabled or needs other credentials."""
 
@@ -137,7 +158,7 @@ class PermissionDenied(FoldserveError):
 # The class a transport status maps back to on the client side (see :mod:`foldserve.client`): where several
 # classes share a status, the one listed first in _CLIENT_SIDE (the more general) wins.
 _CLIENT_SIDE = (InvalidInput, ModelNotFound, ModelNotReady, QueueFull, PayloadTooLarge, RequestTimeout, BodyTimeout,
-                Unauthenticated, PermissionDenied)
+                Unauthenticated, PermissionDenied, AlreadyExists)
 BY_GRPC_STATUS: dict[str, type[FoldserveError]] = {}
 BY_HTTP_STATUS: dict[int, type[FoldserveError]] = {}
 for _cls in _CLIENT_SIDE:

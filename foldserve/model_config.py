@@ -94,9 +94,29 @@ def make_config(name: str, inputs: list[TensorSpec], outputs: list[TensorSpec], 
         config.dynamic_batching.preferred_batch_size.extend(b for b in (4, 8, 16, 32, 64) if b <= max_batch_size)
     config.version_policy.latest.num_versions = 1
     config.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_AUTO)
+    add_default_warmup(config)
     for key, value in (parameters or {}).items():
         config.parameters[key].string_value = value
     return config
+
+
+def add_default_warmup(config: ModelConfig) -> None:
+    """Triton's ``model_warmup``: random inputs at batch 1 (three runs: the server times the last ones) and,
+    for a batching model, at max_batch_size. Nothing when an input has a variable dimension (the file
+    cannot say what to send)."""
+    if any(d < 0 for t in config.input for d in t.dims):
+        return
+    sizes = [1] + ([config.max_batch_size] if config.max_batch_size > 1 else [])
+    for b, count in zip(sizes, (3, 1)):
+        w = config.model_warmup.add(name=f"random batch {b}", batch_size=b if config.max_batch_size > 0 else 0,
+                                    count=count)
+        for t in config.input:
+            w.inputs[t.name].data_type = t.data_type
+            w.inputs[t.name].dims.extend(t.dims)
+            if t.data_type in (mc.TYPE_FP16, mc.TYPE_FP32, mc.TYPE_FP64, mc.TYPE_BF16):
+                w.inputs[t.name].random_data = True
+            else:  # random integers could be out of an index input's range
+                w.inputs[t.name].zero_data = True
 
 
 def interface(config: ModelConfig) -> tuple[int, list[TensorSpec], list[TensorSpec]]:

@@ -8,11 +8,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 
 import uvicorn
 
+from server.core.cluster import Cluster
 from server.core.dataplane import DataPlane
 from server.grpc.servicer import build_grpc_server, set_health
 from server.rest.app import create_app
@@ -67,18 +69,29 @@ def rate_limit_repeated_logs() -> None:
             log.addFilter(RepeatFilter())
 
 
-async def serve(settings: Settings) -> int:
-    problem = settings.fail_open()
-    if problem:  # the CLI refuses these in one line; a programmatic start must not fail open either
-        raise ValueError(problem)
-    raise_fd_limit()
-    rate_limit_repeated_logs()
-    dp = DataPlane(settings)
-    await dp.start()
-    grpc_server, grpc_port, health = build_grpc_server(settings, dp)
-    await grpc_server.start()
-    await set_health(health, True)
+def reuse_port_socket(host: str, port: int):
+    """A listening TCP socket that other workers bind too (the kernel spreads connections among them)."""
+    import socket
 
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+async def refresh_gauges(dp: DataPlane, every_s: float = 1.0) -> None:
+    """With several workers, each publishes its gauges (queue lengths, in flight) for whichever renders."""
+    while True:
+        dp.refresh_gauges()
+        await asyncio.sleep(every_s)
+
+
+async def start_http(settings: Settings, dp: DataPlane, reuse_port: bool) -> tuple[uvicorn.Server, asyncio.Task, int]:
+    """uvicorn on the REST port (shared with the other workers when ``reuse_port``); returns once bound."""
     app = create_app(settings, dp)
     ssl = {}
     if settings.tls_cert:
@@ -93,7 +106,8 @@ async def serve(settings: Settings) -> int:
                             http=protocol_class(settings, settings.connection_limit()), **ssl)
     http = uvicorn.Server(config)
     http.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # we handle signals below
-    http_task = asyncio.create_task(http.serve())
+    sockets = [reuse_port_socket(settings.host, settings.http_port)] if reuse_port else None
+    http_task = asyncio.create_task(http.serve(sockets=sockets))
     while not http.started:
         if http_task.done():
             await http_task
@@ -101,20 +115,45 @@ async def serve(settings: Settings) -> int:
         await asyncio.sleep(0.01)
     http_port = http.servers[0].sockets[0].getsockname()[1]
 
+    return http, http_task, http_port
+
+
+async def serve(settings: Settings, cluster: Cluster | None = None) -> int:
+    problem = settings.fail_open()
+    if problem:  # the CLI refuses these in one line; a programmatic start must not fail open either
+        raise ValueError(problem)
+    raise_fd_limit()
+    rate_limit_repeated_logs()
+    dp = DataPlane(settings, cluster=cluster)
+    await dp.start()
+    grpc_server, grpc_port, health = build_grpc_server(settings, dp, reuse_port=cluster is not None)
+    await grpc_server.start()
+    await set_health(health, True)
+
+    http, http_task, http_port = await start_http(settings, dp, reuse_port=cluster is not None)
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     ready = [f"{m.name}:{m.version}" for m in dp.repository_index(ready_only=True)]
     scheme = "https" if settings.tls_cert else "http"
-    print(json.dumps({"event": "serving", "grpc": f"{settings.host}:{grpc_port}",
-                      "http": f"{scheme}://{settings.host}:{http_port}",
-                      "models": ready}), flush=True)
+    gauges = None
+    if cluster is not None:
+        await cluster.join()
+        gauges = asyncio.create_task(refresh_gauges(dp))
+    event = "serving" if cluster is None else "worker serving"
+    print(json.dumps({"event": event, "grpc": f"{settings.host}:{grpc_port}",
+                      "http": f"{scheme}://{settings.host}:{http_port}", "models": ready,
+                      **({"worker": cluster.index, "pid": os.getpid()} if cluster is not None else {})}), flush=True)
     logger.info("serving gRPC on %s:%d and HTTP on %s:%d; ready models: %s", settings.host, grpc_port,
                 settings.host, http_port, ready or "none")
 
     await stop.wait()
     logger.info("shutting down: not ready, finishing in-flight requests (grace %.1f s)", settings.grace_period_s)
+    if cluster is not None:
+        cluster.leave()  # no more cluster operations reach this worker
+        gauges.cancel()
     dp.begin_shutdown()  # new requests get UNAVAILABLE / 503 from here on
     await set_health(health, False)
     drained = await dp.drain(settings.grace_period_s)
@@ -127,8 +166,8 @@ async def serve(settings: Settings) -> int:
     return 0
 
 
-def run(settings: Settings) -> int:
-    return asyncio.run(serve(settings))
+def run(settings: Settings, cluster: Cluster | None = None) -> int:
+    return asyncio.run(serve(settings, cluster))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -19,6 +19,9 @@ class Settings(BaseSettings):
     grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC port (0: pick a free one)")
     models: list[str] = Field(default_factory=list, description="load only these models at start (default: all)")
 
+    workers: str = Field("1", pattern=r"^(auto|[1-9][0-9]{0,2})$",
+                         description="serving processes on the same ports (SO_REUSEPORT; one connection lands on one "
+                                     "worker); auto: one per two cores")
     provider: Literal["auto", "cpu", "cuda"] = Field("auto", description="onnxruntime execution provider")
     device_id: int = Field(0, ge=0, description="CUDA device id")
     io_binding: bool = Field(True, description="use IO binding with the CUDA provider")
@@ -98,6 +101,13 @@ class Settings(BaseSettings):
 
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         return max(16, min(4096, (soft - 64) // 3))
+
+    def worker_count(self) -> int:
+        if self.workers == "auto":
+            import os
+
+            return max(1, (os.cpu_count() or 1) // 2)
+        return int(self.workers)
 
     def concurrency_limit(self) -> int:
         return self.max_concurrent_requests or self.max_queue_size + 64

@@ -8,16 +8,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 
 import numpy as np
 
 from foldserve import __version__
+from foldserve.datatypes import raw_bytes
 from foldserve.errors import FoldserveError, InvalidInput, PermissionDenied, ServerNotReady
 from foldserve.model_config import ModelConfig
+from server.core.cluster import Cluster
 from server.core.loader import LoadedVersion
 from server.core.registry import ModelRegistry
 from server.core.repository import ModelRepository, check_model_name
-from server.core.stats import Metrics, ModelStats
+from server.core.shm import SystemSharedMemory, check_region_name
+from server.core.stats import Metrics, ModelStats, merge_stats
 from server.core.types import (IndexEntry, InferOutput, InferRequest, InferResponse, ModelMetadata, Readiness,
                                ServerMetadata, TensorMetadata)
 from server.core.validation import validate_request
@@ -26,22 +30,37 @@ from server.settings import Settings
 logger = logging.getLogger(__name__)
 
 EXTENSIONS = ["classification", "binary_tensor_data", "model_repository", "model_configuration",
-              "statistics", "schedule_policy"]
+              "statistics", "schedule_policy", "system_shared_memory"]
 
 
 class DataPlane:
-    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+    """Every v2 operation of one server process. With several workers, ``cluster`` carries the operations
+    that must reach every worker (load/unload, shared-memory registration, statistics)."""
+
+    def __init__(self, settings: Settings, metrics: Metrics | None = None, cluster: Cluster | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.repository = ModelRepository(settings.repository)
         self.registry = ModelRegistry(self.repository, settings, self.metrics)
+        self.shm = SystemSharedMemory()
+        self.cluster = cluster
         self._ready = False
         self._inflight = 0
 
     # --- server ---------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        await self.registry.load_all()
+        if self.cluster is None:
+            await self.registry.load_all()
+        else:  # the models and regions every other worker has (a replacement worker joins a running cluster)
+            state = self.cluster.initial_state()
+            await self.registry.load_all(state["models"])
+            for name, r in state["shm"].items():
+                try:
+                    self.shm.register(name, r["key"], r["offset"], r["byte_size"])
+                except FoldserveError as exc:
+                    logger.error("shared-memory region %r not registered: %s", name, exc)
+            await self.cluster.start(self)
         self._ready = True
 
     def begin_shutdown(self) -> None:
@@ -57,20 +76,29 @@ class DataPlane:
 
     async def stop(self) -> None:
         self._ready = False
+        if self.cluster is not None:
+            await self.cluster.close()
         await self.registry.close()
+        self.shm.close()
 
     def live(self) -> bool:
         return True  # answering at all is liveness
 
     def ready(self) -> bool:
-        return self._ready
+        return self._ready and (self.cluster is None or self.cluster.up())
 
     def metadata(self) -> ServerMetadata:
         return ServerMetadata("foldserve", __version__, list(EXTENSIONS))
 
     def render_metrics(self) -> bytes:
-        queues = {(lv.name, str(lv.version)): lv.scheduler.queue_length for lv in self.registry.ready_versions()}
-        return self.metrics.render(queues, self._inflight)
+        return self.metrics.render(self._queue_lengths(), self._inflight)
+
+    def refresh_gauges(self) -> None:
+        """Publish this worker's gauges (with several workers, another one may render the metrics)."""
+        self.metrics.set_gauges(self._queue_lengths(), self._inflight)
+
+    def _queue_lengths(self) -> dict[tuple[str, str], int]:
+        return {(lv.name, str(lv.version)): lv.scheduler.queue_length for lv in self.registry.ready_versions()}
 
     # --- models ---------------------------------------------------------------------------------
 
@@ -107,8 +135,8 @@ class DataPlane:
         """The completed ModelConfig message of the version that would serve."""
         return self.registry.get(name, version).spec.config
 
-    def statistics(self, name: str = "", version: str = "") -> list[ModelStats]:
-        """Statistics of one version, of every loaded version of a model, or of every loaded version."""
+    def local_statistics(self, name: str = "", version: str = "") -> list[ModelStats]:
+        """This process's statistics of one version, of every loaded version of a model, or of all."""
         if not name:
             if version:
                 raise InvalidInput("statistics: a version needs a model name")
@@ -118,17 +146,52 @@ class DataPlane:
             return [self.registry.get(name, version).stats]
         return [lv.stats for lv in self.registry.loaded_versions(name)]
 
+    async def statistics(self, name: str = "", version: str = "") -> list[dict[str, Any]]:
+        """Triton's ModelStatistics (JSON form), summed over every worker."""
+        if self.cluster is None:
+            return [s.to_dict() for s in self.local_statistics(name, version)]
+        return merge_stats(await self.cluster.statistics(name, version))
+
     def repository_index(self, ready_only: bool = False) -> list[IndexEntry]:
         idx = self.registry.index()
         return [m for m in idx if m.state == "READY"] if ready_only else idx
 
     async def load(self, name: str) -> None:
+        """Load or reload; with several workers it answers once every worker swapped, or fails with the old
+        versions serving everywhere."""
         self._check_repository_api()
-        await self.registry.load(name)
+        if self.cluster is None:
+            await self.registry.load(name)
+        else:
+            check_model_name(name)
+            await self.cluster.load(name)
 
     async def unload(self, name: str) -> None:
         self._check_repository_api()
-        await self.registry.unload(name)
+        check_model_name(name)
+        await (self.registry.unload(name) if self.cluster is None else self.cluster.unload(name))
+
+    # --- system shared memory --------------------------------------------------------------------
+
+    async def shm_register(self, name: str, key: str, offset: int, byte_size: int) -> None:
+        if self.cluster is None:
+            self.shm.register(name, key, offset, byte_size)
+        else:
+            check_region_name(name)
+            await self.cluster.shm_register(name, key, offset, byte_size)
+
+    async def shm_unregister(self, name: str = "") -> None:
+        if name:
+            check_region_name(name)
+        if self.cluster is None:
+            self.shm.unregister(name)
+        else:
+            await self.cluster.shm_unregister(name)
+
+    def shm_status(self, name: str = "") -> list[dict[str, Any]]:
+        if name:
+            check_region_name(name)
+        return self.shm.status(name)
 
     def _check_repository_api(self) -> None:
         if not self.settings.repository_api:
@@ -147,6 +210,9 @@ class DataPlane:
             if not self._ready:
                 raise ServerNotReady("the server is not ready (starting or shutting down)")
             lv = self.registry.get(req.model_name, req.model_version)
+            for t in req.inputs:
+                if t.shm is not None:
+                    t.raw = self.shm.read(t.shm, f"input {t.name!r}")
             feeds, batch = validate_request(req, lv.spec, self.settings.max_elements)
             if lv.spec.max_batch_size == 0:
                 batch = 1
@@ -166,17 +232,21 @@ class DataPlane:
             self.metrics.request(req.model_name if lv is not None else "_unknown", protocol, code,
                                  time.perf_counter() - t0)
 
-    @staticmethod
-    def _outputs(lv: LoadedVersion, req: InferRequest, wanted: list[str], results: list[np.ndarray]) -> list[InferOutput]:
+    def _outputs(self, lv: LoadedVersion, req: InferRequest, wanted: list[str],
+                 results: list[np.ndarray]) -> list[InferOutput]:
         outputs = []
         requested = {o.name: o for o in req.outputs}
         for name, arr in zip(wanted, results):
             ro = requested.get(name)
             if ro is not None and ro.class_count:
-                outputs.append(_classification(name, arr, ro.class_count, lv.spec.labels, lv.spec.max_batch_size > 0))
-                continue
-            outputs.append(InferOutput(name, lv.spec.output(name).datatype, list(arr.shape), arr,
-                                       ro.binary if ro is not None else None))
+                out = _classification(name, arr, ro.class_count, lv.spec.labels, lv.spec.max_batch_size > 0)
+            else:
+                out = InferOutput(name, lv.spec.output(name).datatype, list(arr.shape), arr,
+                                  ro.binary if ro is not None else None)
+            if ro is not None and ro.shm is not None:
+                self.shm.write(ro.shm, raw_bytes(out.datatype, out.data), f"output {name!r}")
+                out.shm = ro.shm
+            outputs.append(out)
         return outputs
 
 

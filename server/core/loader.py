@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from foldserve.datatypes import numpy_dtype
+from foldserve.datatypes import lookup, numpy_dtype
 from foldserve.entry import MODEL_FILE, read_precision
 from foldserve.errors import EntryError, ModelNotReady, UnsupportedDataType
 from foldserve.model_config import ModelConfig
@@ -81,11 +81,7 @@ def build_version(repo: ModelRepository, name: str, version: int, config: ModelC
                           max_queue=s.max_queue_size, instances=spec.instances, stats=stats, metrics=metrics,
                           eager=s.batch_policy == "eager")
     if s.warmup:
-        try:
-            scheduler.run_estimate_s = warmup(spec, runtime)
-        except Exception as exc:  # some models reject zero-filled inputs; they can still serve
-            logger.warning("warm-up of %s version %d failed (%s): serving without warm-up", name, version,
-                           str(exc).splitlines()[0][:200])
+        scheduler.run_estimate_s = warmup(spec, runtime, repo.model_dir(name))
     return LoadedVersion(name, version, spec, runtime, scheduler, stats, verification, preprocess, precision,
                          request_bytes_limit(spec, s.max_elements, s.max_request_bytes))
 
@@ -126,27 +122,86 @@ def check_spec_matches_model(spec: ModelSpec, runtime: OnnxModel) -> None:
             raise ModelNotReady(f"config.pbtxt output {t.name!r} is not an output of the ONNX model ({sorted(outs)})")
 
 
-def warmup(spec: ModelSpec, runtime: OnnxModel) -> float:
-    """One run per power-of-two batch size up to max_batch_size, so the first requests are not slow.
-    Returns the best of three timed batch-1 runs (seconds)."""
-    sizes = [1]
-    while spec.max_batch_size > 0 and sizes[-1] * 2 <= spec.max_batch_size:
-        sizes.append(sizes[-1] * 2)
+def warmup(spec: ModelSpec, runtime: OnnxModel, model_dir: Path) -> float:
+    """Run the config's ``model_warmup`` entries (Triton's model warm-up: batch size, zero / random / file
+    inputs, count) before the version is served; a failing entry fails the load. Without entries, one
+    batch-1 run of zeros. Returns the per-sample run time of the fastest batch-1 run (seconds), which lets
+    the scheduler run tiny requests inline."""
+    entries = list(spec.config.model_warmup) if spec.config is not None else []
     t0 = time.perf_counter()
-    one: dict[str, np.ndarray] = {}
-    for b in sizes if spec.max_batch_size > 0 else [0]:
-        feeds = {}
-        for t in spec.inputs:
-            dims = [d if d > 0 else 1 for d in t.dims]
-            shape = ([b] if spec.max_batch_size > 0 else []) + dims
-            feeds[t.name] = np.zeros(shape, dtype=numpy_dtype(t.datatype))
-        runtime.run(feeds)
-        if b in (0, 1):
-            one = feeds
+    best = float("inf")
+    if not entries:
+        try:
+            return _timed_runs(runtime, _zero_feeds(spec), 1, 1)
+        except Exception as exc:  # undeclared: a model that rejects zeros can still serve
+            logger.warning("warm-up of %s with zeros failed (%s); declare model_warmup in config.pbtxt",
+                           spec.name, str(exc).splitlines()[0][:200])
+            return best
+    rng = np.random.default_rng(0)
+    for w in entries:
+        try:
+            feeds = _warmup_feeds(spec, w, model_dir, rng)
+            per_sample = _timed_runs(runtime, feeds, max(1, w.count), max(1, w.batch_size))
+        except ModelNotReady:
+            raise
+        except Exception as exc:
+            raise ModelNotReady(f"model_warmup {w.name!r} failed: {str(exc).splitlines()[0][:200]}") from None
+        if w.batch_size <= 1:
+            best = min(best, per_sample)
+    logger.info("warmed up %s (%s) in %.2f s", spec.name, ", ".join(f"{w.name} x{max(1, w.count)}" for w in entries),
+                time.perf_counter() - t0)
+    return best
+
+
+def _timed_runs(runtime: OnnxModel, feeds: dict[str, np.ndarray], count: int, batch: int) -> float:
     timings = []
-    for _ in range(3):
+    for _ in range(count):
         t = time.perf_counter()
-        runtime.run(one)
+        runtime.run(feeds)
         timings.append(time.perf_counter() - t)
-    logger.info("warmed up %s over batch sizes %s in %.2f s", spec.name, sizes, time.perf_counter() - t0)
-    return min(timings)
+    return min(timings) / batch
+
+
+def _zero_feeds(spec: ModelSpec) -> dict[str, np.ndarray]:
+    lead = [1] if spec.max_batch_size > 0 else []
+    return {t.name: np.zeros(lead + [d if d > 0 else 1 for d in t.dims], dtype=numpy_dtype(t.datatype))
+            for t in spec.inputs}
+
+
+def _warmup_feeds(spec: ModelSpec, w: Any, model_dir: Path, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """One warm-up entry's inputs, checked against the model like a request."""
+    from foldserve.model_config import mc
+
+    where = f"model_warmup {w.name!r}"
+    if spec.max_batch_size > 0 and not 1 <= w.batch_size <= spec.max_batch_size:
+        raise ModelNotReady(f"{where}: batch_size {w.batch_size} must be 1..max_batch_size {spec.max_batch_size}")
+    if sorted(w.inputs) != sorted(t.name for t in spec.inputs):
+        raise ModelNotReady(f"{where}: inputs {sorted(w.inputs)} differ from the model's "
+                            f"{sorted(t.name for t in spec.inputs)}")
+    feeds = {}
+    for t in spec.inputs:
+        item = w.inputs[t.name]
+        dtype = numpy_dtype(t.datatype)
+        dims = [int(d) for d in item.dims]
+        want = lookup(t.datatype, "v2", f"input {t.name!r}").config
+        if (mc.DataType.Name(item.data_type) != want or len(dims) != len(t.dims)
+                or any(d < 1 or (m >= 0 and d != m) for d, m in zip(dims, t.dims))):
+            raise ModelNotReady(f"{where}: input {t.name!r} is {mc.DataType.Name(item.data_type)} {dims}, "
+                                f"the model's is {want} {list(t.dims)}")
+        shape = ([w.batch_size] if spec.max_batch_size > 0 else []) + dims
+        kind = item.WhichOneof("input_data_type")
+        if kind == "input_data_file":
+            name = item.input_data_file
+            path = model_dir / "warmup" / name
+            if "/" in name or name in ("", ".", "..") or not path.is_file():
+                raise ModelNotReady(f"{where}: input {t.name!r}: no file {name!r} in the model's warmup/ folder")
+            data = path.read_bytes()
+            n = int(np.prod(shape)) * dtype.itemsize
+            if len(data) != n:
+                raise ModelNotReady(f"{where}: warmup/{name} has {len(data)} bytes, input {t.name!r} needs {n}")
+            feeds[t.name] = np.frombuffer(data, dtype=dtype).reshape(shape)
+        elif kind == "random_data" and dtype.kind == "f":
+            feeds[t.name] = rng.random(shape, dtype=np.float32).astype(dtype)
+        else:  # zero_data, or random data for a non-float input (Triton fills those with zeros too)
+            feeds[t.name] = np.zeros(shape, dtype=dtype)
+    return feeds

@@ -32,6 +32,15 @@ class ModelState:
     version_reasons: dict[int, str] = field(default_factory=dict)
 
 
+@dataclass
+class Prepared:
+    """Versions of one model built and warmed up, not yet served (the first phase of a load)."""
+
+    name: str
+    versions: dict[int, LoadedVersion]
+    reasons: dict[int, str]
+
+
 class ModelRegistry:
     def __init__(self, repository: ModelRepository, settings: Settings, metrics: Metrics) -> None:
         self.repository = repository
@@ -42,8 +51,9 @@ class ModelRegistry:
 
     # --- load / unload ---------------------------------------------------------------------------
 
-    async def load_all(self) -> None:
-        for name in self.settings.models or self.repository.names():
+    async def load_all(self, names: list[str] | None = None) -> None:
+        """Load ``names`` (default: --models, else every model in the repository); failures are logged."""
+        for name in names if names is not None else self.settings.models or self.repository.names():
             try:
                 await self.load(name)
             except FoldserveError as exc:
@@ -51,34 +61,58 @@ class ModelRegistry:
 
     async def load(self, name: str) -> ModelState:
         """Load (or reload) every version the policy selects; on failure the old versions keep serving."""
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            prepared = await self.prepare(name)
+            return self.commit(prepared)
+
+    async def prepare(self, name: str) -> Prepared:
+        """Build every version the policy selects (sessions created, warmed up) without serving them yet. On
+        failure the index says why and the old versions keep serving (:class:`ModelNotReady`)."""
         check_model_name(name)
         if not self.repository.has(name):
             raise ModelNotFound(f"model {name!r} is not in the repository (no {name}/config.pbtxt)")
-        async with self._locks.setdefault(name, asyncio.Lock()):
-            state = self._models.setdefault(name, ModelState(name))
-            previous = dict(state.versions)
-            if not previous:
-                state.state = "LOADING"
-            try:
-                new, reasons = await asyncio.get_running_loop().run_in_executor(None, self._build, name)
-                if not new:
-                    detail = "; ".join(f"version {v}: {r}" for v, r in sorted(reasons.items())) or "no versions"
-                    state.version_reasons = reasons
-                    raise ModelNotReady(f"no servable version: {detail}")
-            except FoldserveError as exc:
-                state.reason = f"reload failed, previous versions keep serving: {exc}" if previous else str(exc)
-                state.state = "READY" if previous else "UNAVAILABLE"
-                logger.error("loading %s failed: %s", name, state.reason)
-                raise ModelNotReady(f"model {name!r} failed to load: {exc}") from None
-            for lv in new.values():
-                lv.scheduler.start()
-            state.versions = new  # the swap: requests from now on use the new versions
-            state.version_reasons = reasons
-            state.state, state.reason = "READY", ""
-            logger.info("model %s ready: versions %s", name, sorted(new))
+        state = self._models.setdefault(name, ModelState(name))
+        if not state.versions:
+            state.state = "LOADING"
+        try:
+            new, reasons = await asyncio.get_running_loop().run_in_executor(None, self._build, name)
+            if not new:
+                detail = "; ".join(f"version {v}: {r}" for v, r in sorted(reasons.items())) or "no versions"
+                state.version_reasons = reasons
+                raise ModelNotReady(f"no servable version: {detail}")
+        except FoldserveError as exc:
+            self.fail(name, str(exc))
+            raise ModelNotReady(f"model {name!r} failed to load: {exc}") from None
+        return Prepared(name, new, reasons)
+
+    def commit(self, prepared: Prepared) -> ModelState:
+        """Serve the prepared versions: one assignment, then the replaced versions drain in the background."""
+        state = self._models.setdefault(prepared.name, ModelState(prepared.name))
+        previous = dict(state.versions)
+        for lv in prepared.versions.values():
+            lv.scheduler.start()
+        state.versions = prepared.versions  # the swap: requests from now on use the new versions
+        state.version_reasons = prepared.reasons
+        state.state, state.reason = "READY", ""
+        logger.info("model %s ready: versions %s", prepared.name, sorted(prepared.versions))
         for old in previous.values():
             asyncio.create_task(old.scheduler.close(self.settings.grace_period_s))
         return state
+
+    def fail(self, name: str, reason: str) -> None:
+        """Record a failed (re)load of ``name``: its old versions, if any, keep serving."""
+        state = self._models.setdefault(name, ModelState(name))
+        state.reason = f"reload failed, previous versions keep serving: {reason}" if state.versions else reason
+        state.state = "READY" if state.versions else "UNAVAILABLE"
+        logger.error("loading %s failed: %s", name, state.reason)
+
+    async def discard(self, prepared: Prepared) -> None:
+        """Release versions that were prepared and will not be served (another worker failed to load)."""
+        for lv in prepared.versions.values():
+            await lv.scheduler.close(0)
+
+    def loaded_names(self) -> list[str]:
+        return sorted(n for n, s in self._models.items() if s.versions)
 
     def _build(self, name: str) -> tuple[dict[int, LoadedVersion], dict[int, str]]:
         config = self.repository.config(name)
@@ -103,6 +137,8 @@ class ModelRegistry:
             raise ModelNotFound(f"model {name!r} is not loaded")
         async with self._locks.setdefault(name, asyncio.Lock()):
             old = dict(state.versions)
+            if not old:
+                raise ModelNotFound(f"model {name!r} is not loaded")
             state.versions = {}
             state.state, state.reason = "UNAVAILABLE", "unloaded"
         await asyncio.gather(*(lv.scheduler.close(self.settings.grace_period_s) for lv in old.values()))

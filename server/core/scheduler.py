@@ -213,3 +213,6 @@ class Scheduler:
                         p.future.set_result((part, start - p.enqueued))
             finally:
                 self._inflight -= 1
+                # drop this batch's arrays before waiting for the next one: inputs may be views of a
+                # shared-memory region that the client unregisters next
+                batch = feeds = results = p = part = None  # type: ignore[assignment]

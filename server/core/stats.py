@@ -1,6 +1,8 @@
 """Per-model statistics (Triton's ModelStatistics) and Prometheus metrics, both transport-free."""
 from __future__ import annotations
 
+import json
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -73,19 +75,56 @@ class ModelStats:
             }
 
 
+def merge_stats(parts: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Statistics of several worker processes, summed per (model, version), in Triton's JSON form."""
+    merged: dict[tuple[str, str], dict[str, Any]] = {}
+    for part in parts:
+        for st in part:
+            key = (st["name"], st["version"])
+            if key not in merged:
+                merged[key] = json.loads(json.dumps(st))
+                continue
+            m = merged[key]
+            m["last_inference"] = max(m["last_inference"], st["last_inference"])
+            for k in ("inference_count", "execution_count"):
+                m[k] += st[k]
+            for k, d in st["inference_stats"].items():
+                m["inference_stats"][k]["count"] += d["count"]
+                m["inference_stats"][k]["ns"] += d["ns"]
+            sizes = {b["batch_size"]: b for b in m["batch_stats"]}
+            for b in st["batch_stats"]:
+                if b["batch_size"] not in sizes:
+                    sizes[b["batch_size"]] = json.loads(json.dumps(b))
+                    continue
+                for k in ("compute_input", "compute_infer", "compute_output"):
+                    sizes[b["batch_size"]][k]["count"] += b[k]["count"]
+                    sizes[b["batch_size"]][k]["ns"] += b[k]["ns"]
+            m["batch_stats"] = [sizes[k] for k in sorted(sizes)]
+    return [merged[k] for k in sorted(merged)]
+
+
 # --- Prometheus ------------------------------------------------------------------------------------
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
 class Metrics:
     """Prometheus metrics of one server, in their own ``prometheus_client`` registry (so that several data
-    planes in one process, as in tests, never share counters)."""
+    planes in one process, as in tests, never share counters).
+
+    With several worker processes (``PROMETHEUS_MULTIPROC_DIR`` set by the supervisor before any worker
+    starts) the values live in that folder's files, and :meth:`render` aggregates every worker's:
+    counters and histograms summed, the gauges summed over live workers.
+    """
 
     def __init__(self) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+        self.multiprocess = bool(os.environ.get(MULTIPROCESS_ENV))
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter("foldserve_requests", "Inference requests by model, protocol and result code.",
@@ -99,8 +138,10 @@ class Metrics:
         self.batch_size = Histogram("foldserve_batch_size", "Batch size of each model execution.", ["model"],
                                     buckets=BATCH_BUCKETS, registry=r)
         self.queue_length = Gauge("foldserve_queue_length", "Requests waiting for an execution.",
-                                  ["model", "version"], registry=r)
-        self.inflight = Gauge("foldserve_inflight_requests", "Inference requests being handled.", registry=r)
+                                  ["model", "version"], registry=r, multiprocess_mode="livesum")
+        self.inflight = Gauge("foldserve_inflight_requests", "Inference requests being handled.", registry=r,
+                              multiprocess_mode="livesum")
+        self._queue_labels: set[tuple[str, str]] = set()
 
     def request(self, model: str, protocol: str, code: str, seconds: float) -> None:
         self.requests.labels(model, protocol, code).inc()
@@ -114,12 +155,27 @@ class Metrics:
     def executed(self, model: str, batch_size: int) -> None:
         self.batch_size.labels(model).observe(batch_size)
 
-    def render(self, queue_lengths: dict[tuple[str, str], int], inflight: int) -> bytes:
-        """Prometheus text; the gauges are set from the given current values first."""
-        from prometheus_client import generate_latest
-
-        self.queue_length.clear()  # versions unloaded since the last scrape disappear
+    def set_gauges(self, queue_lengths: dict[tuple[str, str], int], inflight: int) -> None:
+        """The gauges from current values (versions unloaded since the last call drop to 0 / disappear)."""
+        for labels in self._queue_labels - set(queue_lengths):
+            if self.multiprocess:   # other workers' files keep the label: report 0, not a stale value
+                self.queue_length.labels(*labels).set(0)
+            else:
+                self.queue_length.remove(*labels)
+        self._queue_labels = set(queue_lengths)
         for (model, version), n in queue_lengths.items():
             self.queue_length.labels(model, version).set(n)
         self.inflight.set(inflight)
-        return generate_latest(self.registry)
+
+    def render(self, queue_lengths: dict[tuple[str, str], int], inflight: int) -> bytes:
+        """Prometheus text; the gauges are set from the given current values first."""
+        from prometheus_client import CollectorRegistry, generate_latest
+
+        self.set_gauges(queue_lengths, inflight)
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        return generate_latest(registry)

@@ -13,7 +13,7 @@ from foldserve.metadata import ModelMetadata, TensorMetadata
 from foldserve.model_config import TensorSpec
 
 __all__ = ["TensorSpec", "BatchingSpec", "ModelSpec", "InferInput", "RequestedOutput", "InferRequest",
-           "InferOutput", "InferResponse", "ServerMetadata", "ModelMetadata", "TensorMetadata", "Readiness", "IndexEntry"]
+           "InferOutput", "InferResponse", "ShmRef", "ServerMetadata", "ModelMetadata", "TensorMetadata", "Readiness", "IndexEntry"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,15 @@ class ModelSpec:
         return next((t for t in self.outputs if t.name == name), None)
 
 
+@dataclass(frozen=True)
+class ShmRef:
+    """Where a tensor lives in system shared memory: a registered region, an offset in it, a byte size."""
+
+    region: str
+    offset: int
+    byte_size: int
+
+
 @dataclass
 class InferInput:
     """One input as the transport received it; ``raw`` or ``values`` holds the data until validated."""
@@ -53,6 +62,7 @@ class InferInput:
     shape: list[int]
     raw: bytes | memoryview | None = None
     values: Any = None            # nested lists / flat list (JSON, typed protobuf contents)
+    shm: ShmRef | None = None     # shared-memory extension: the data is in a registered region
 
 
 @dataclass
@@ -60,6 +70,7 @@ class RequestedOutput:
     name: str
     binary: bool | None = None    # REST binary extension: send this output as binary
     class_count: int = 0          # classification extension: top-k labels instead of the tensor
+    shm: ShmRef | None = None     # shared-memory extension: write the tensor into this region
 
 
 @dataclass
@@ -79,6 +90,7 @@ class InferOutput:
     shape: list[int]
     data: np.ndarray
     binary: bool | None = None
+    shm: ShmRef | None = None     # written to this region; the response carries no data for it
 
 
 @dataclass

@@ -8,7 +8,7 @@ from google.protobuf import json_format
 from foldserve.datatypes import raw_bytes
 from foldserve.errors import InvalidInput
 from foldserve.protocol import grpc_service_pb2 as pb
-from server.core.stats import ModelStats
+from server.core.shm import shm_ref
 from server.core.types import (IndexEntry, InferInput, InferRequest, InferResponse, ModelMetadata, RequestedOutput,
                                ServerMetadata)
 
@@ -24,18 +24,29 @@ def _param(p: pb.InferParameter) -> Any:
     return getattr(p, which) if which else None
 
 
+def _shm(params, what: str):
+    return shm_ref({k: _param(v) for k, v in params.items()}, what) if params else None
+
+
 def request_from_proto(msg: pb.ModelInferRequest) -> InferRequest:
+    refs = [_shm(t.parameters, f"input {t.name!r}") for t in msg.inputs]
     raw = msg.raw_input_contents
-    if raw and len(raw) != len(msg.inputs):
-        raise InvalidInput(f"raw_input_contents has {len(raw)} entries for {len(msg.inputs)} inputs; "
-                           f"give one per input, in the order of 'inputs'")
+    in_messages = sum(r is None for r in refs)       # inputs in shared memory have no raw entry
+    if raw and len(raw) != in_messages:
+        raise InvalidInput(f"raw_input_contents has {len(raw)} entries for {in_messages} inputs not in shared "
+                           f"memory; give one per such input, in the order of 'inputs'")
     inputs = []
-    for i, t in enumerate(msg.inputs):
-        inp = InferInput(t.name, t.datatype, list(t.shape))
-        if raw:
+    next_raw = 0
+    for t, ref in zip(msg.inputs, refs):
+        inp = InferInput(t.name, t.datatype, list(t.shape), shm=ref)
+        if ref is not None:
+            if t.HasField("contents"):
+                raise InvalidInput(f"input {t.name!r}: give either shared_memory_region or contents, not both")
+        elif raw:
             if t.HasField("contents"):
                 raise InvalidInput(f"input {t.name!r}: give either raw_input_contents or contents, not both")
-            inp.raw = raw[i]
+            inp.raw = raw[next_raw]
+            next_raw += 1
         elif t.HasField("contents"):
             field = CONTENTS_FIELD.get(t.datatype)
             if field is None:
@@ -48,7 +59,7 @@ def request_from_proto(msg: pb.ModelInferRequest) -> InferRequest:
     outputs = []
     for o in msg.outputs:
         cc = o.parameters["classification"].int64_param if "classification" in o.parameters else 0
-        outputs.append(RequestedOutput(o.name, None, int(cc)))
+        outputs.append(RequestedOutput(o.name, None, int(cc), _shm(o.parameters, f"output {o.name!r}")))
     params = {k: _param(v) for k, v in msg.parameters.items()}
     return InferRequest(msg.model_name, msg.model_version, msg.id, inputs, outputs, params)
 
@@ -57,7 +68,12 @@ def response_to_proto(resp: InferResponse) -> pb.ModelInferResponse:
     out = pb.ModelInferResponse(model_name=resp.model_name, model_version=resp.model_version, id=resp.id)
     raws = []
     for o in resp.outputs:
-        out.outputs.add(name=o.name, datatype=o.datatype, shape=o.shape)
+        t = out.outputs.add(name=o.name, datatype=o.datatype, shape=o.shape)
+        if o.shm is not None:  # written to the region; an empty entry keeps raw_output_contents positional
+            t.parameters["shared_memory_region"].string_param = o.shm.region
+            t.parameters["shared_memory_byte_size"].int64_param = o.data.nbytes
+            raws.append(b"")
+            continue
         raws.append(raw_bytes(o.datatype, o.data))
     out.raw_output_contents.extend(raws)  # always raw: what tritonclient decodes
     return out
@@ -76,9 +92,16 @@ def metadata_to_proto(meta: ModelMetadata) -> pb.ModelMetadataResponse:
     return out
 
 
-def stats_to_proto(stats: list[ModelStats]) -> pb.ModelStatisticsResponse:
-    return json_format.ParseDict({"model_stats": [s.to_dict() for s in stats]}, pb.ModelStatisticsResponse())
+def stats_to_proto(stats: list[dict[str, Any]]) -> pb.ModelStatisticsResponse:
+    return json_format.ParseDict({"model_stats": stats}, pb.ModelStatisticsResponse())
 
 
 def index_to_proto(index: list[IndexEntry]) -> pb.RepositoryIndexResponse:
     return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**m.to_dict()) for m in index])
+
+
+def shm_status_to_proto(regions: list[dict]) -> pb.SystemSharedMemoryStatusResponse:
+    out = pb.SystemSharedMemoryStatusResponse()
+    for r in regions:
+        out.regions[r["name"]].CopyFrom(pb.SystemSharedMemoryStatusResponse.RegionStatus(**r))
+    return out

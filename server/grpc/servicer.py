@@ -14,12 +14,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from foldserve.errors import FoldserveError, InvalidInput, PermissionDenied
+from foldserve.errors import FoldserveError, InvalidInput, NotSupported, PermissionDenied
 from foldserve.protocol import grpc_service_pb2 as pb
 from foldserve.protocol import grpc_service_pb2_grpc as pb_grpc
 from server.core.admission import Admission
 from server.core.auth import check_bearer
 from server.core.dataplane import DataPlane
+from server.core.shm import CUDA_SHM_UNSUPPORTED
 from server.grpc import converters as conv
 from server.settings import Settings
 
@@ -140,7 +141,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_rpc("metadata")
     async def ModelStatistics(self, request, context):
-        return conv.stats_to_proto(self.dp.statistics(request.name, request.version))
+        return conv.stats_to_proto(await self.dp.statistics(request.name, request.version))
 
     @_rpc("metadata")
     async def RepositoryIndex(self, request, context):
@@ -157,6 +158,34 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelUnload(self, request, context):
         await self.dp.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
+
+    # --- shared memory: registering is part of inference (the inference token), status is metadata -----
+
+    @_rpc("metadata")
+    async def SystemSharedMemoryStatus(self, request, context):
+        return conv.shm_status_to_proto(self.dp.shm_status(request.name))
+
+    @_rpc("infer")
+    async def SystemSharedMemoryRegister(self, request, context):
+        await self.dp.shm_register(request.name, request.key, request.offset, request.byte_size)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    @_rpc("infer")
+    async def SystemSharedMemoryUnregister(self, request, context):
+        await self.dp.shm_unregister(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    @_rpc("infer")
+    async def CudaSharedMemoryStatus(self, request, context):
+        raise NotSupported(CUDA_SHM_UNSUPPORTED)
+
+    @_rpc("infer")
+    async def CudaSharedMemoryRegister(self, request, context):
+        raise NotSupported(CUDA_SHM_UNSUPPORTED)
+
+    @_rpc("infer")
+    async def CudaSharedMemoryUnregister(self, request, context):
+        raise NotSupported(CUDA_SHM_UNSUPPORTED)
 
 
 def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
@@ -185,7 +214,8 @@ def _service_handler(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
 
-def build_grpc_server(settings: Settings, dataplane: DataPlane) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+def build_grpc_server(settings: Settings, dataplane: DataPlane,
+                      reuse_port: bool = False) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """A grpc.aio server with the v2 service, health and reflection; returns (server, bound port, health)."""
     limit = settings.max_request_bytes
     # No maximum_concurrent_rpcs: grpc core would count calls that opened and never sent a message, and
@@ -196,7 +226,7 @@ def build_grpc_server(settings: Settings, dataplane: DataPlane) -> tuple[grpc.ai
     # which clients see as UNAVAILABLE (12k-198k of them in 60 s), instead of RESOURCE_EXHAUSTED.
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", 1 if reuse_port else 0),   # workers share the port
         ("grpc.max_allowed_incoming_connections", settings.connection_limit()),
         ("grpc.max_connection_idle_ms", int(settings.idle_timeout_s * 1000)),
         ("grpc.max_connection_age_ms", GRPC_CONNECTION_AGE_MS),

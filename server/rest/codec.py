@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 
 from foldserve.datatypes import raw_bytes
 from foldserve.errors import InvalidInput, PayloadTooLarge
+from server.core.shm import shm_ref
 from server.core.types import InferInput, InferRequest, InferResponse, RequestedOutput
 
 HEADER = "inference-header-content-length"
@@ -84,7 +85,11 @@ def _parse_input(i: int, t: Any, binary: memoryview, offset: int) -> tuple[Infer
     if not isinstance(tparams, dict):
         raise InvalidInput(f"input {name!r}: parameters must be an object")
     size = tparams.get("binary_data_size")
-    if size is not None:
+    inp.shm = shm_ref(tparams, f"input {name!r}")
+    if inp.shm is not None:
+        if size is not None or "data" in t:
+            raise InvalidInput(f"input {name!r}: give shared_memory_region, 'data' or binary_data_size, not two")
+    elif size is not None:
         size = _typed(size, int, f"input {name!r}: binary_data_size")
         if size < 0 or offset + size > len(binary):
             raise InvalidInput(f"input {name!r}: binary_data_size {size} runs past the {len(binary) - offset} "
@@ -112,7 +117,8 @@ def _parse_outputs(outs_doc: Any) -> list[RequestedOutput]:
         binary = op.get("binary_data")
         cc = op.get("classification", 0)
         outputs.append(RequestedOutput(oname, bool(binary) if binary is not None else None,
-                                       _typed(cc, int, f"output {oname!r}: classification")))
+                                       _typed(cc, int, f"output {oname!r}: classification"),
+                                       shm_ref(op, f"output {oname!r}")))
     return outputs
 
 
@@ -152,7 +158,9 @@ def encode_infer_response(resp: InferResponse, binary_default: bool) -> tuple[by
     for o in resp.outputs:
         entry: dict[str, Any] = {"name": o.name, "datatype": o.datatype, "shape": o.shape}
         binary = o.binary if o.binary is not None else binary_default
-        if binary:
+        if o.shm is not None:  # written to the region: no data in the body
+            entry["parameters"] = {"shared_memory_region": o.shm.region, "shared_memory_byte_size": o.data.nbytes}
+        elif binary:
             blob = raw_bytes(o.datatype, o.data)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)

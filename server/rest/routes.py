@@ -14,9 +14,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
-from foldserve.errors import BodyTimeout, InvalidInput, PayloadTooLarge
+from foldserve.errors import BodyTimeout, InvalidInput, NotSupported, PayloadTooLarge
 from server.core.auth import check_bearer
 from server.core.dataplane import DataPlane
+from server.core.shm import CUDA_SHM_UNSUPPORTED
 from server.rest.codec import HEADER, decompress, encode_infer_response, error_response, parse_infer_request
 from server.settings import Settings
 
@@ -109,7 +110,7 @@ models = APIRouter(tags=["models"])
 @models.get("/v2/models/stats", summary="Statistics of all loaded models")
 async def all_stats(request: Request) -> Any:
     metadata_auth(request)
-    return {"model_stats": [s.to_dict() for s in _dp(request).statistics()]}
+    return {"model_stats": await _dp(request).statistics()}
 
 
 @models.get("/v2/models/{model}", summary="Model metadata", responses=ERRORS)
@@ -142,7 +143,7 @@ async def model_config(model: str, request: Request, version: str = "") -> Any:
 @models.get("/v2/models/{model}/versions/{version}/stats", summary="Model statistics", responses=ERRORS)
 async def model_stats(model: str, request: Request, version: str = "") -> Any:
     metadata_auth(request)
-    return {"model_stats": [s.to_dict() for s in _dp(request).statistics(model, version)]}
+    return {"model_stats": await _dp(request).statistics(model, version)}
 
 
 async def read_body(request: Request, limit: int, timeout_s: float | None = None) -> bytes:
@@ -227,4 +228,50 @@ async def unload(model: str, request: Request) -> Response:
     return Response(status_code=200)
 
 
-ROUTERS = (health, models, repository)
+# --- system shared memory (Triton's extension) ---------------------------------------------------------
+
+shared_memory = APIRouter(tags=["shared memory"])
+SMALL_BODY = 64 * 1024
+
+
+@shared_memory.get("/v2/systemsharedmemory/status", summary="Registered system shared-memory regions")
+@shared_memory.get("/v2/systemsharedmemory/region/{name}/status", summary="One region's status", responses=ERRORS)
+async def shm_status(request: Request, name: str = "") -> Any:
+    metadata_auth(request)
+    return _dp(request).shm_status(name)
+
+
+@shared_memory.post("/v2/systemsharedmemory/region/{name}/register", summary="Register a region", responses=ERRORS)
+async def shm_register(name: str, request: Request) -> Response:
+    """Body: ``{"key": "/shm_key", "offset": 0, "byte_size": N}``; the key is a POSIX shared-memory object."""
+    _auth(request, _settings(request).auth_token, "inference")
+    body = await read_body(request, SMALL_BODY, _settings(request).body_timeout_s)
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        doc = None
+    if not isinstance(doc, dict) or not isinstance(doc.get("key"), str) or "byte_size" not in doc:
+        raise InvalidInput('register body must be JSON {"key": "/name", "offset": 0, "byte_size": N}')
+    await _dp(request).shm_register(name, doc["key"], doc.get("offset", 0), doc["byte_size"])
+    return Response(status_code=200)
+
+
+@shared_memory.post("/v2/systemsharedmemory/unregister", summary="Unregister every region")
+@shared_memory.post("/v2/systemsharedmemory/region/{name}/unregister", summary="Unregister a region",
+                    responses=ERRORS)
+async def shm_unregister(request: Request, name: str = "") -> Response:
+    _auth(request, _settings(request).auth_token, "inference")
+    await _dp(request).shm_unregister(name)
+    return Response(status_code=200)
+
+
+@shared_memory.get("/v2/cudasharedmemory/status", include_in_schema=False)
+@shared_memory.get("/v2/cudasharedmemory/region/{name}/status", include_in_schema=False)
+@shared_memory.post("/v2/cudasharedmemory/region/{name}/register", include_in_schema=False)
+@shared_memory.post("/v2/cudasharedmemory/unregister", include_in_schema=False)
+@shared_memory.post("/v2/cudasharedmemory/region/{name}/unregister", include_in_schema=False)
+async def cuda_shm(request: Request, name: str = "") -> Response:
+    raise NotSupported(CUDA_SHM_UNSUPPORTED)
+
+
+ROUTERS = (health, models, repository, shared_memory)

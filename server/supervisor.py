@@ -1,0 +1,192 @@
+"""``foldserve serve --workers N``: N serving processes on the same gRPC and HTTP ports, supervised.
+
+The parent process imports neither grpc nor onnxruntime: it makes the private run folder
+(:class:`server.core.cluster.RunFolder`), fixes the ports (a port of 0 is chosen here, once, and held
+with SO_REUSEPORT so the workers can share it), divides the CPU cores between the workers'
+onnxruntime thread pools, and starts each worker as a fresh interpreter (``python -m server.worker``),
+so no gRPC or onnxruntime state is ever forked.
+
+It then supervises:
+
+* when every worker is ready it marks the cluster up (readiness turns true in every worker at once)
+  and prints the ``serving`` line;
+* a worker that dies is replaced, after a back-off that doubles while replacements die young
+  (0.5 s up to 10 s), and the death is logged with its exit status; the replacement loads the models
+  and regions the cluster has now (see cluster.py) and takes connections only once warm;
+* more than ``MAX_DEATHS`` deaths within ``DEATH_WINDOW_S`` (or any death before the cluster was first
+  up) stops every worker and exits 1: a server whose workers keep dying should not pretend to serve;
+* SIGTERM or SIGINT is forwarded to every worker, which drains like a single server
+  (``--grace-period-s``); workers still running after the grace period and 10 s more are killed.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from server.core.cluster import RUN_DIR_ENV, WORKER_ENV, RunFolder
+from server.settings import Settings
+
+logger = logging.getLogger("foldserve.supervisor")
+
+MAX_DEATHS = 5
+DEATH_WINDOW_S = 60.0
+BACKOFF_S = (0.5, 10.0)          # first delay, most
+STABLE_S = 30.0                  # a worker that lived this long resets its back-off
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+@dataclass
+class Slot:
+    index: int
+    proc: subprocess.Popen | None = None
+    started: float = 0.0
+    restart_at: float | None = None
+    backoff: float = BACKOFF_S[0]
+    deaths: list[float] = field(default_factory=list)
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the supervisor dies, so no worker outlives it."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _reserve(host: str, port: int) -> tuple[int, socket.socket | None]:
+    """A port of 0 becomes a free port, held (bound, not listening) with SO_REUSEPORT for the workers."""
+    if port:
+        return port, None
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, 0))
+    return sock.getsockname()[1], sock
+
+
+class Supervisor:
+    def __init__(self, settings: Settings) -> None:
+        self.n = settings.worker_count()
+        self.run = RunFolder(Path(tempfile.mkdtemp(prefix="foldserve-run-")))
+        http_port, self._http_hold = _reserve(settings.host, settings.http_port)
+        grpc_port, self._grpc_hold = _reserve(settings.host, settings.grpc_port)
+        threads = settings.intra_op_threads or max(1, (os.cpu_count() or 1) // self.n)
+        self.settings = settings.model_copy(update={"http_port": http_port, "grpc_port": grpc_port,
+                                                    "intra_op_threads": threads})
+        self.run.create(self.settings.model_dump_json())
+        self.slots = [Slot(i) for i in range(self.n)]
+        self.stopping = False
+        self.up = False
+
+    # --- workers --------------------------------------------------------------------------------
+
+    def spawn(self, slot: Slot) -> None:
+        env = {**os.environ, RUN_DIR_ENV: str(self.run.root), WORKER_ENV: str(slot.index),
+               MULTIPROC_ENV: str(self.run.metrics)}
+        slot.proc = subprocess.Popen([sys.executable, "-m", "server.worker"], env=env, preexec_fn=_die_with_parent)
+        slot.started, slot.restart_at = time.monotonic(), None
+        logger.info("worker %d started (pid %d)", slot.index, slot.proc.pid)
+
+    def _forget(self, slot: Slot) -> None:
+        """A dead worker's files: its readiness, its socket, its live gauges (prometheus_client's
+        mark_process_dead, done by hand so that this process never imports the metrics library)."""
+        pid = slot.proc.pid if slot.proc else -1
+        for path in (self.run.ready(slot.index), self.run.socket(slot.index),
+                     *self.run.metrics.glob(f"gauge_live*_{pid}.db")):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    def _died(self, slot: Slot, code: int) -> str | None:
+        """Handle a worker's death; returns why the server must stop, or None."""
+        now = time.monotonic()
+        how = f"signal {-code}" if code < 0 else f"exit status {code}"
+        self._forget(slot)
+        if not self.up:
+            return f"worker {slot.index} died while starting ({how}); see its log above"
+        slot.deaths = [t for t in slot.deaths if now - t < DEATH_WINDOW_S] + [now]
+        recent = sum(len([t for t in s.deaths if now - t < DEATH_WINDOW_S]) for s in self.slots)
+        if recent > MAX_DEATHS:
+            return f"workers keep dying ({recent} deaths in {DEATH_WINDOW_S:g} s, the last: worker {slot.index}, {how})"
+        slot.backoff = BACKOFF_S[0] if now - slot.started > STABLE_S else min(slot.backoff * 2, BACKOFF_S[1])
+        slot.restart_at = now + slot.backoff
+        logger.error("worker %d (pid %d) died (%s); replacing it in %.1f s", slot.index, slot.proc.pid, how,
+                     slot.backoff)
+        slot.proc = None
+        return None
+
+    def _check_up(self) -> None:
+        records = []
+        for slot in self.slots:
+            try:
+                records.append(json.loads(self.run.ready(slot.index).read_text()))
+            except (OSError, ValueError):
+                return
+        self.run.up.touch()
+        self.up = True
+        s = self.settings
+        scheme = "https" if s.tls_cert else "http"
+        print(json.dumps({"event": "serving", "grpc": f"{s.host}:{s.grpc_port}",
+                          "http": f"{scheme}://{s.host}:{s.http_port}", "models": records[0].get("models", []),
+                          "workers": self.n, "pids": [r["pid"] for r in records]}), flush=True)
+        logger.info("%d workers serving gRPC on %s:%d and HTTP on %s:%d", self.n, s.host, s.grpc_port, s.host,
+                    s.http_port)
+
+    # --- the loop -------------------------------------------------------------------------------
+
+    def serve(self) -> int:
+        def stop(signum, frame) -> None:
+            self.stopping = True
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        for slot in self.slots:
+            self.spawn(slot)
+        failure = None
+        try:
+            while not self.stopping and failure is None:
+                time.sleep(0.05)
+                for slot in self.slots:
+                    if slot.proc is not None and (code := slot.proc.poll()) is not None:
+                        failure = self._died(slot, code)
+                    elif slot.proc is None and slot.restart_at is not None and time.monotonic() >= slot.restart_at:
+                        self.spawn(slot)
+                if not self.up and failure is None:
+                    self._check_up()
+            if failure:
+                logger.error("%s: stopping every worker", failure)
+            return self.shutdown() if failure is None else (self.shutdown() or 1)
+        finally:
+            shutil.rmtree(self.run.root, ignore_errors=True)
+
+    def shutdown(self) -> int:
+        """SIGTERM to every worker (each drains), SIGKILL to any still running after the grace period."""
+        running = [s.proc for s in self.slots if s.proc is not None and s.proc.poll() is None]
+        for proc in running:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.settings.grace_period_s + 10
+        code = 0
+        for proc in running:
+            try:
+                rc = proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                logger.error("worker pid %d did not stop in time: killing it", proc.pid)
+                proc.kill()
+                rc = proc.wait()
+            code = code or (1 if rc else 0)
+        return code
+
+
+def supervise(settings: Settings) -> int:
+    return Supervisor(settings).serve()

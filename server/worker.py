@@ -1,0 +1,26 @@
+"""One worker of ``foldserve serve --workers N`` (started by :mod:`server.supervisor`, never by hand):
+reads the settings from the run folder and serves on the shared ports as one member of the cluster."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from server.core.cluster import RUN_DIR_ENV, WORKER_ENV, Cluster, RunFolder
+from server.settings import Settings
+
+
+def main() -> int:
+    root, index = Path(os.environ[RUN_DIR_ENV]), int(os.environ[WORKER_ENV])
+    settings = Settings(**json.loads(RunFolder(root).settings.read_text()))
+    logging.basicConfig(level=getattr(logging, settings.log_level.upper(), logging.INFO), stream=sys.stderr,
+                        format=f"%(asctime)s %(levelname)s worker {index} %(name)s: %(message)s")
+    from server.main import run
+
+    return run(settings, Cluster(root, index, settings.worker_count()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
