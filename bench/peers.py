@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -141,8 +142,17 @@ def ensure_perf_analyzer() -> list[str] | str:
         binary.chmod(0o755)
     loader = root / "lib64" / "ld-linux-x86-64.so.2"
     if not loader.exists():
-        if shutil.which("debootstrap") is None or os.geteuid() != 0:
-            return "perf_analyzer needs glibc 2.38: run as root with debootstrap installed to build a trixie root"
+        if os.geteuid() != 0:
+            return "perf_analyzer needs glibc 2.38: run the benchmark as root once (it builds a trixie root)"
+        if shutil.which("debootstrap") is None:   # as `make test-docker` installs what it needs
+            r = _run(["apt-get", "install", "-y", "-q", "debootstrap"], timeout=600,
+                     env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+            if r.returncode != 0:
+                _run(["apt-get", "update", "-q"], timeout=600)
+                r = _run(["apt-get", "install", "-y", "-q", "debootstrap"], timeout=600,
+                         env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+            if shutil.which("debootstrap") is None:
+                return f"perf_analyzer needs glibc 2.38 and installing debootstrap failed: {r.stderr[-300:]}"
         r = _run(["debootstrap", "--variant=minbase", "--include=libssl3t64,zlib1g", "trixie", str(root)],
                  timeout=1200)
         if r.returncode != 0 or not loader.exists():
@@ -153,19 +163,106 @@ def ensure_perf_analyzer() -> list[str] | str:
 
 
 def perf_analyzer(cmd: list[str], model: str, grpc_address: str, concurrencies: list[int], work: Path,
-                  interval_ms: int = 3000) -> dict[str, Any]:
-    """Run perf_analyzer over gRPC at each concurrency; per concurrency: req/s and latencies (ms)."""
+                  interval_ms: int = 3000, extra: list[str] | None = None,
+                  during: Any = None) -> dict[str, Any]:
+    """Run perf_analyzer over gRPC at each concurrency; per concurrency: req/s and latencies (ms), and the
+    number of TCP connections it held to the server (counted from /proc/net/tcp half-way through).
+    ``during(c)``, if given, runs while the measurement at concurrency ``c`` is under way."""
     result: dict[Any, Any] = {}
+    port = int(grpc_address.rsplit(":", 1)[1])
     for c in concurrencies:
         out = work / f"pa-{model}-{c}-{int(time.time() * 1000)}.csv"
-        r = _run([*cmd, "-m", model, "-u", grpc_address, "-i", "grpc", "--concurrency-range", f"{c}:{c}",
-                  "--measurement-interval", str(interval_ms), "--stability-percentage", "30",
-                  "--max-trials", "12", "-f", str(out)], timeout=1200)
-        if r.returncode != 0 or not out.exists():
-            result[c] = {"error": (r.stdout + r.stderr)[-500:]}
+        proc = subprocess.Popen([*cmd, "-m", model, "-u", grpc_address, "-i", "grpc", "--concurrency-range",
+                                 f"{c}:{c}", "--measurement-interval", str(interval_ms), "--stability-percentage",
+                                 "30", "--max-trials", "8", "-f", str(out), *(extra or [])],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        time.sleep(min(3.0, interval_ms / 1000))
+        connections = tcp_connections_to(port)
+        extra_result = during(c) if during is not None else None
+        try:
+            text, _ = proc.communicate(timeout=1200)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            text, _ = proc.communicate()
+        if proc.returncode != 0 or not out.exists():
+            result[c] = {"error": text[-500:]}
             continue
         with open(out) as f:
             row = next(csv.DictReader(f))
         result[c] = {"throughput": float(row["Inferences/Second"]), "p50_ms": float(row["p50 latency"]) / 1000,
-                     "p90_ms": float(row["p90 latency"]) / 1000, "p99_ms": float(row["p99 latency"]) / 1000}
+                     "p90_ms": float(row["p90 latency"]) / 1000, "p99_ms": float(row["p99 latency"]) / 1000,
+                     "connections": connections}
+        if extra_result is not None:
+            result[c]["profile"] = extra_result
     return result
+
+
+def tcp_connections_to(port: int) -> int:
+    """Established TCP connections whose remote end is ``port`` on this machine (a client's connections)."""
+    n = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if f[3] == "01" and int(f[2].rsplit(":", 1)[1], 16) == port:
+                n += 1
+    return n
+
+
+def profile(pids: list[int], seconds: float = 4.0) -> dict[str, Any]:
+    """Where the server's time goes: py-spy samples every thread of each pid for ``seconds``; returns the
+    share of samples per function (own time) and per stage of a request (time inside it), over all pids."""
+    exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(exe).exists():
+        return {"skipped": "py-spy is not installed"}
+    stacks: dict[str, int] = {}
+    procs = []
+    for pid in pids:
+        out = Path(tempfile.mkstemp(suffix=".txt")[1])
+        procs.append((subprocess.Popen([exe, "record", "-p", str(pid), "-d", str(seconds), "-r", "250", "-f", "raw",
+                                        "-o", str(out), "--nonblocking"], stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.PIPE, text=True), out))
+    for proc, out in procs:
+        try:
+            _, err = proc.communicate(timeout=seconds + 60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            err = "timed out"
+        if proc.returncode != 0 or not out.exists():
+            return {"skipped": f"py-spy failed: {err.strip()[-300:]}"}
+        for line in out.read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            if stack and count.isdigit():
+                stacks[stack] = stacks.get(stack, 0) + int(count)
+        out.unlink()
+    return summarize_stacks(stacks)
+
+
+STAGES = {  # a request's stages, by the function that is on the stack while it runs
+    "onnxruntime run": ("server/core/runtime.py",),
+    "protobuf request -> core": ("request_from_proto",),
+    "core -> protobuf response": ("response_to_proto",),
+    "validation": ("validate_request",),
+    "REST body / JSON codec": ("parse_infer_request", "encode_infer_response", "read_body"),
+    "gRPC server (grpc.aio, cython)": ("grpc/_cython", "grpc/aio"),
+    "asyncio event loop": ("asyncio/base_events.py", "asyncio/events.py", "uvloop"),
+}
+
+
+def summarize_stacks(stacks: dict[str, int]) -> dict[str, Any]:
+    total = sum(stacks.values()) or 1
+    own: dict[str, int] = {}
+    stages = {k: 0 for k in STAGES}
+    for stack, n in stacks.items():
+        frames = stack.split(";")
+        leaf = frames[-1]
+        own[leaf] = own.get(leaf, 0) + n
+        for stage, marks in STAGES.items():
+            if any(m in f for f in frames for m in marks):
+                stages[stage] += n
+    top = sorted(own.items(), key=lambda kv: -kv[1])[:12]
+    return {"samples": total, "stages_pct": {k: round(100 * v / total, 1) for k, v in stages.items()},
+            "top_own_pct": [{"function": k, "pct": round(100 * v / total, 1)} for k, v in top]}

@@ -8,6 +8,8 @@ Sections (each in the JSON report; the Markdown table summarises them):
 * ``floors``     bare grpc.aio and uvicorn echo servers with the same payload (the transport's own cost).
 * ``server``     our server over gRPC and REST (binary and JSON), with and without dynamic batching.
 * ``rest224``    a 3x224x224 input: binary REST vs gRPC vs JSON REST vs a plain FastAPI+pydantic endpoint.
+* ``scaling``    Triton's perf_analyzer at concurrency 1/8/32/64 against 1 and 2 workers, with and without
+                 system shared memory, on ResNet-20 and the 3x224x224 model; py-spy profiles under load.
 * ``gpu``        onnxruntime CUDA EP (skipped without a GPU).
 * ``goals``      the issue's goals as ratios from this run, each with pass/fail.
 """
@@ -49,8 +51,16 @@ class Proc:
             if not line and self.proc.poll() is not None:
                 raise RuntimeError(f"{cmd[:3]} exited with {self.proc.returncode}")
             if ready_token in line:
+                self.line = line
                 break
         time.sleep(0.2)
+
+    def pids(self) -> list[int]:
+        """The serving processes: the workers a supervisor reported, else the process itself."""
+        try:
+            return list(json.loads(self.line).get("pids") or [self.proc.pid])
+        except (AttributeError, ValueError):
+            return [self.proc.pid]
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -331,6 +341,86 @@ def bench_peers(repo: Path, model_path: Path, x: np.ndarray, concurrencies: list
     return out
 
 
+SCALING_MODELS = ("resnet20", "resnet18")
+
+
+def bench_scaling(repo: Path, quick: bool, work: Path) -> dict[str, Any]:
+    """Triton's perf_analyzer (a C++ client: the load generator costs little CPU) at concurrency 1/8/32/64
+    against 1 and 2 workers, with and without system shared memory, on ResNet-20 (3x32x32) and the
+    3x224x224 model, dynamic batching on; and py-spy profiles of the servers under load at concurrency 32."""
+    from bench import peers
+
+    if quick:
+        return {"skipped": "--quick (the full run sets perf_analyzer up and runs it)"}
+    cmd = peers.ensure_perf_analyzer()
+    if isinstance(cmd, str):
+        return {"skipped": cmd}
+    conc = [1, 8, 32, 64]
+    out: dict[str, Any] = {"concurrencies": conc, "runs": {}, "profiles": {}}
+    for model in SCALING_MODELS:
+        for workers in (1, 2):
+            proc, _, gport = start_server(repo, True, ["--workers", str(workers)])
+            address = f"127.0.0.1:{gport}"
+            try:
+                for shm in (False, True):
+                    extra = ["--shared-memory", "system"] if shm else []
+                    key = f"{model} workers={workers} {'shm' if shm else 'grpc'}"
+                    out["runs"][key] = peers.perf_analyzer(cmd, model, address, conc, work, interval_ms=2000,
+                                                           extra=extra)
+                    if model == "resnet20" and not shm or model == "resnet18" and shm and workers == 1:
+                        prof = peers.perf_analyzer(cmd, model, address, [32 if model == "resnet20" else 1], work,
+                                                   interval_ms=2000, extra=extra,
+                                                   during=lambda c: peers.profile(proc.pids()))
+                        out["profiles"][key] = next(iter(prof.values())).get("profile", {"skipped": "run failed"})
+            finally:
+                proc.stop()
+    return out
+
+
+def _pa(r: dict[str, Any], key: str, c: int) -> dict[str, Any] | None:
+    v = r.get("scaling", {}).get("runs", {}).get(key, {}).get(c)
+    return v if v and "error" not in v else None
+
+
+def scaling_goals(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """The serving goals from perf_analyzer's figures (issue 14), each with where the time goes if missed."""
+    sc = r.get("scaling", {})
+    if "runs" not in sc:
+        return [{"goal": "serving goals measured with perf_analyzer", "measured": "not run", "limit": "-",
+                 "passed": None, "skipped": sc.get("skipped", "no perf_analyzer")}]
+    g = []
+    inp, fl = r["inprocess"], r["floors"]
+    where = lambda key: sc["profiles"].get(key, {}).get("stages_pct")  # noqa: E731
+    best = max(((k, _pa(r, k, 32)) for k in sc["runs"] if k.startswith("resnet20 ")),
+               key=lambda kv: kv[1]["throughput"] if kv[1] else -1)
+    limit = 0.7 * inp["batch"][32]["samples_per_s"]
+    if best[1]:
+        g.append({"goal": "perf_analyzer: throughput at concurrency 32 with batching >= 0.7 x in-process batch-32 "
+                          "samples/s (ResNet-20)", "measured": f"{best[1]['throughput']:.0f} req/s ({best[0]})",
+                  "limit": f"{limit:.0f} req/s", "passed": best[1]["throughput"] >= limit,
+                  "where": where("resnet20 workers=1 grpc")})
+        ml = r.get("peers", {}).get("mlserver", {}).get("perf_analyzer", {}).get(32)
+        if ml and "error" not in ml:
+            ratio = best[1]["throughput"] / ml["throughput"]
+            g.append({"goal": "perf_analyzer: >= 2 x MLServer's throughput at concurrency 32, with lower p99",
+                      "measured": f"{ratio:.1f}x ({best[1]['throughput']:.0f} vs {ml['throughput']:.0f} req/s); p99 "
+                                  f"{best[1]['p99_ms']:.1f} vs {ml['p99_ms']:.1f} ms", "limit": "2x, lower p99",
+                      "passed": ratio >= 2 and best[1]["p99_ms"] < ml["p99_ms"], "where": where(best[0])})
+    one = _pa(r, "resnet20 workers=1 grpc", 1)
+    if one:
+        bound = inp["p50_ms_batch1"] + 1.2 * fl["grpc_echo"][1]["p50_ms"]
+        g.append({"goal": "perf_analyzer: gRPC p50 at batch 1 <= in-process p50 + 1.2 x bare gRPC echo p50",
+                  "measured": f"{one['p50_ms']:.3f} ms", "limit": f"{bound:.3f} ms", "passed": one["p50_ms"] <= bound,
+                  "where": where("resnet20 workers=1 grpc")})
+    shm224 = _pa(r, "resnet18 workers=1 shm", 1)
+    base = r.get("models", {}).get("resnet18", {}).get("inprocess_p50_ms_batch1")
+    if shm224 and base:
+        g.append({"goal": "perf_analyzer: with system shared memory at 3x224x224, p50 within 1.1 x in-process "
+                          "onnxruntime", "measured": f"{shm224['p50_ms']:.2f} ms", "limit": f"{1.1 * base:.2f} ms",
+                  "passed": shm224["p50_ms"] <= 1.1 * base, "where": where("resnet18 workers=1 shm")})
+    return g
+
+
 def plot(report: dict[str, Any], path: Path) -> None:
     """PNG: latency (p50, p99) and throughput vs concurrency for each target (our load generator)."""
     import matplotlib
@@ -502,6 +592,7 @@ def goals(r: dict[str, Any]) -> list[dict[str, Any]]:
                           f"vs {fp['inprocess_cpu_b32']['samples_per_s']:.0f} samples/s), accuracy {q8['accuracy']:.4f} vs "
                           f"{fp['accuracy_float64']:.4f} (float64)", "limit": "1.5x, 1 point",
                   "passed": speed >= 1.5 and drop <= 1.0 and q8["verified"]})
+    g += scaling_goals(r)
     f = r["folding"]
     g.append({"goal": "fold a ResNet-50-sized model in < 2 s", "measured": f"{f['fold_module_s']:.2f} s (torch.fx), "
               f"{f['fold_onnx_s']:.2f} s (ONNX)", "limit": "2 s", "passed": max(f["fold_module_s"], f["fold_onnx_s"]) < 2})
@@ -521,6 +612,10 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["| goal | measured | limit | result |", "|---|---|---|---|"]
     lines += [f"| {g['goal']} | {g['measured']} | {g['limit']} | "
               f"{'skipped' if g['passed'] is None else 'pass' if g['passed'] else 'MISS'} |" for g in r["goals"]]
+    for g in r["goals"]:
+        if g.get("passed") is False and g.get("where"):
+            lines.append(f"\nMISS, {g['goal']}: where the server's time goes (py-spy, share of samples): "
+                         + ", ".join(f"{k} {v}%" for k, v in g["where"].items()))
     lines += ["", "ResNet-20 (3x32x32, batch 1 per request): p50 / p99 latency (ms) and throughput (req/s)", "",
               "| target | concurrency | p50 | p99 | req/s |", "|---|---|---|---|---|"]
     inp = r["inprocess"]
@@ -558,6 +653,7 @@ def markdown(report: dict[str, Any]) -> str:
                     lines.append(f"| {label} | {c} | {v['throughput']:.0f} | {v['p50_ms']:.2f} | {v['p99_ms']:.2f} |")
     else:
         lines.append(f"\nperf_analyzer: {pa.get('skipped', 'not run')}; MLServer: {ml.get('skipped', 'run')}")
+    lines += scaling_markdown(r)
     lines += ["", "Models (in-process onnxruntime vs our gRPC with batching; p50 in ms, throughput in req/s)", "",
               "| model | input | in-process p50 (b=1) | in-process best samples/s | gRPC p50 c=1 | gRPC req/s c=32 |",
               "|---|---|---|---|---|---|"]
@@ -596,6 +692,31 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def scaling_markdown(r: dict[str, Any]) -> list[str]:
+    sc = r.get("scaling", {})
+    if "runs" not in sc:
+        return ["", f"perf_analyzer scaling section: {sc.get('skipped', 'not run')}"]
+    lines = ["", "perf_analyzer (C++ client, gRPC, batch-1 requests, dynamic batching): req/s, p50 / p99 (ms), "
+                 "TCP connections the client held", "",
+             "| model, workers, transport | concurrency | req/s | p50 | p99 | connections |", "|---|---|---|---|---|---|"]
+    for key, per_c in sc["runs"].items():
+        for c, v in _by_c(per_c):
+            if "error" in v:
+                lines.append(f"| {key} | {c} | error: {v['error'].strip().splitlines()[-1][:80] if v['error'].strip() else ''} | - | - | - |")
+            else:
+                lines.append(f"| {key} | {c} | {v['throughput']:.0f} | {v['p50_ms']:.2f} | {v['p99_ms']:.2f} | "
+                             f"{v.get('connections', '-')} |")
+    for key, prof in sc.get("profiles", {}).items():
+        if "stages_pct" not in prof:
+            lines.append(f"\nProfile of {key}: {prof.get('skipped', 'none')}")
+            continue
+        stages = ", ".join(f"{k} {v}%" for k, v in prof["stages_pct"].items())
+        top = ", ".join(f"{t['function']} {t['pct']}%" for t in prof["top_own_pct"][:6])
+        lines.append(f"\nWhere the time goes, {key} (py-spy, {prof['samples']} samples over the serving processes): "
+                     f"{stages}. Most own time: {top}.")
+    return lines
+
+
 def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
     t0 = time.perf_counter()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
@@ -621,6 +742,7 @@ def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
         report["models"] = bench_models(repo, {"digits": (digits, [1, 8, 8]), "resnet20": (r20, [3, 32, 32]),
                                                "resnet18": (r18, [3, 224, 224])}, quick)
         report["peers"] = bench_peers(repo, r20, x, conc, n, quick, work)
+        report["scaling"] = bench_scaling(repo, quick, work)
         report["precision"] = bench_precision(work, quick)
         report["gpu"] = bench_gpu(r20)
         report["goals"] = goals(report)
