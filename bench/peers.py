@@ -222,7 +222,7 @@ def profile(pids: list[int], seconds: float = 4.0) -> dict[str, Any]:
     procs = []
     for pid in pids:
         out = Path(tempfile.mkstemp(suffix=".txt")[1])
-        procs.append((subprocess.Popen([exe, "record", "-p", str(pid), "-d", str(seconds), "-r", "250", "-f", "raw",
+        procs.append((subprocess.Popen([exe, "record", "-p", str(pid), "-d", str(max(1, round(seconds))), "-r", "250", "-f", "raw",
                                         "-o", str(out), "--nonblocking"], stdout=subprocess.DEVNULL,
                                        stderr=subprocess.PIPE, text=True), out))
     for proc, out in procs:

@@ -359,7 +359,7 @@ def bench_scaling(repo: Path, quick: bool, work: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"concurrencies": conc, "runs": {}, "profiles": {}}
     for model in SCALING_MODELS:
         for workers in (1, 2):
-            proc, _, gport = start_server(repo, True, ["--workers", str(workers)])
+            proc, _, gport = start_server(repo, True, ["--workers", str(workers), "--batch-policy", "eager"])
             address = f"127.0.0.1:{gport}"
             try:
                 for shm in (False, True):
