@@ -21,7 +21,7 @@ from server.core.runtime import OnnxModel
 from server.core.scheduler import Scheduler
 from server.core.stats import Metrics, ModelStats
 from server.core.types import ModelSpec
-from server.core.validation import request_bytes_limit
+from server.core.validation import request_bytes_limit, request_elements_limit
 from server.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -39,6 +39,7 @@ class LoadedVersion:
     preprocess: dict[str, Any] | None
     precision: dict[str, Any]
     request_bytes_limit: int          # the largest request this model can need (REST bodies are cut there)
+    request_elements_limit: int       # the most tensor elements a request can carry (JSON numbers past it: 413)
 
 
 def build_version(repo: ModelRepository, name: str, version: int, config: ModelConfig, settings: Settings,
@@ -83,7 +84,8 @@ def build_version(repo: ModelRepository, name: str, version: int, config: ModelC
     if s.warmup:
         scheduler.run_estimate_s = warmup(spec, runtime, repo.model_dir(name))
     return LoadedVersion(name, version, spec, runtime, scheduler, stats, verification, preprocess, precision,
-                         request_bytes_limit(spec, s.max_elements, s.max_request_bytes))
+                         request_bytes_limit(spec, s.max_elements, s.max_request_bytes),
+                         request_elements_limit(spec, s.max_elements))
 
 
 def check_onnx(path: Path, vdir: Path) -> None:

@@ -125,6 +125,17 @@ JSON_BYTES_PER_ELEMENT = 32        # the longest JSON number ("-1.23456789012345
 BODY_OVERHEAD = 64 * 1024          # names, shapes, parameters, whitespace
 
 
+def request_elements_limit(model: ModelSpec, max_elements: int) -> int:
+    """The most tensor elements one request to this model can carry (all inputs, the largest batch): a JSON
+    body with more numbers than this is refused before it is parsed, so parsing never builds more Python
+    objects than the model's largest legitimate request."""
+    total = 0
+    for t in model.inputs:
+        dims = ([model.max_batch_size] if model.max_batch_size > 0 else []) + list(t.dims)
+        total += max_elements if any(d < 0 for d in dims) else min(math.prod(dims), max_elements)
+    return total
+
+
 def request_bytes_limit(model: ModelSpec, max_elements: int, max_request_bytes: int) -> int:
     """The most bytes a request to this model can need, decoded (JSON numbers or binary tensors): a REST
     body, compressed or not, is refused past it before it is parsed (no parse or decompression

@@ -122,8 +122,18 @@ def _parse_outputs(outs_doc: Any) -> list[RequestedOutput]:
     return outputs
 
 
-def parse_infer_request(model: str, version: str, body: bytes, header_length: str | None) -> InferRequest:
+JSON_SEPARATOR_SLACK = 4096    # commas in names, shapes, outputs and parameters
+
+
+def parse_infer_request(model: str, version: str, body: bytes, header_length: str | None,
+                        max_numbers: int | None = None) -> InferRequest:
+    """Parse a v2 JSON (+ binary) request. ``max_numbers`` is the most tensor elements the model can take in
+    one request: a JSON part with more separators than that is refused before parsing (orjson builds one
+    Python object per number; this bounds that to what the model's largest request would cost)."""
     json_part, binary = _split_body(body, header_length)
+    if max_numbers is not None and json_part.count(b",") > max_numbers + JSON_SEPARATOR_SLACK:
+        raise PayloadTooLarge(f"request body holds more than {max_numbers} numbers, the most this model takes in "
+                              f"one request")
     try:
         doc = orjson.loads(json_part)
     except orjson.JSONDecodeError as exc:

@@ -183,10 +183,10 @@ async def infer(model: str, request: Request, version: str = "") -> Response:
     settings, admission = _settings(request), request.app.state.admission
     _auth(request, settings.auth_token, "inference")
     # the whole body first (within --body-timeout-s), then a slot: slow senders never hold one
-    body = await read_body(request, _dp(request).model(model, version).request_bytes_limit,
-                           settings.body_timeout_s)
+    lv = _dp(request).model(model, version)
+    body = await read_body(request, lv.request_bytes_limit, settings.body_timeout_s)
     with admission.slot():
-        req = parse_infer_request(model, version, body, request.headers.get(HEADER))
+        req = parse_infer_request(model, version, body, request.headers.get(HEADER), lv.request_elements_limit)
         resp = await _dp(request).infer(req, "http")
     payload, header_len = encode_infer_response(resp, bool(req.parameters.get("binary_data_output")))
     if header_len is None:

@@ -242,6 +242,22 @@ def test_a_gzip_json_bomb_is_refused_without_inflating_it(repo):
         srv.stop()
 
 
+def test_json_with_more_numbers_than_the_model_takes_is_refused_before_parsing(repo):
+    """A JSON body under the byte bound but made of short numbers ("0.5,": 4 bytes, where the bound allows 32 per
+    element) would make the parser build 8x more Python floats than the model's largest request: refused
+    (413, naming the limit) before orjson sees it; a well-formed request of the largest size still passes."""
+    srv = ServerProcess(repo)
+    try:
+        most = 64 * 64                    # digits: max_batch_size 64 x 1x8x8
+        head = b'{"inputs":[{"name":"input","shape":[64,1,8,8],"datatype":"FP32","data":['
+        body = head + b"0.5," * (8 * most) + b"0.5]}]}"
+        status, answer = _post(srv, f"/v2/models/{MODEL}/infer", body)
+        assert status == 413 and b"numbers" in answer, answer[:300]
+        assert _post(srv, f"/v2/models/{MODEL}/infer", _infer_json(digits_batch(64)))[0] == 200
+    finally:
+        srv.stop()
+
+
 ATTACKER = """
 import sys, time, urllib.request, urllib.error, signal
 url, data = sys.argv[1], open(sys.argv[2], "rb").read()
