@@ -55,6 +55,9 @@ class Settings(BaseSettings):
                                                            "this long (REST keep-alive, gRPC max_connection_idle)")
     max_connections: int = Field(0, ge=0, description="open connections per transport; past it new ones are "
                                                        "refused (0: the file-descriptor limit / 3, at most 4096)")
+    max_streams_per_connection: int = Field(128, ge=1, le=2**31 - 1,
+                                            description="concurrent gRPC calls per connection (HTTP/2 "
+                                                        "max_concurrent_streams); a client past it queues calls")
     max_header_bytes: int = Field(16 * 1024, ge=1024, le=1024 * 1024,
                                   description="largest REST request header block (431 past it)")
     header_timeout_s: float = Field(10.0, gt=0, description="a REST request's headers must arrive within this "

@@ -221,12 +221,16 @@ def build_grpc_server(settings: Settings, dataplane: DataPlane,
     # No maximum_concurrent_rpcs: grpc core would count calls that opened and never sent a message, and
     # shed health and liveness with inference. Inference is admitted in the servicer once its message is
     # in. Connections are capped (below the fd limit) and recycled (GOAWAY, clients reconnect) after a
-    # maximum age, which ends calls left idle. No grpc.max_concurrent_streams: under an open-loop flood at
-    # twice capacity a per-connection cap (tried: 128, 1024, 4096) turns the backlog into REFUSED_STREAM,
-    # which clients see as UNAVAILABLE (12k-198k of them in 60 s), instead of RESOURCE_EXHAUSTED.
+    # maximum age, which ends calls left idle. Streams per connection are capped (HTTP/2 SETTINGS): a client
+    # past the cap queues its calls locally. grpc core's "overload protection" is off: with it, a flood at
+    # twice capacity on one connection (tests/hardening/test_overload.py) had streams refused
+    # (REFUSED_STREAM, which clients see as UNAVAILABLE: 15k of 30k in 6 s); without it the excess waits in
+    # the client and the server sheds with RESOURCE_EXHAUSTED as designed.
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
         ("grpc.so_reuseport", 1 if reuse_port else 0),   # workers share the port
+        ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
+        ("grpc.http.overload_protection", 0),
         ("grpc.max_allowed_incoming_connections", settings.connection_limit()),
         ("grpc.max_connection_idle_ms", int(settings.idle_timeout_s * 1000)),
         ("grpc.max_connection_age_ms", GRPC_CONNECTION_AGE_MS),

@@ -117,6 +117,51 @@ def test_idle_grpc_calls_do_not_lock_other_clients_out(repo, token):
         srv.stop()
 
 
+def test_one_connection_holds_at_most_max_streams_per_connection_calls(repo):
+    """HTTP/2 max_concurrent_streams is advertised: with 16 calls open on one connection, a 17th call on that
+    connection waits in the client (grpc honours the server's SETTINGS) while other connections are served;
+    once the calls end, the connection serves again."""
+    srv = ServerProcess(repo, "--max-streams-per-connection", "16")
+
+    async def scenario() -> tuple[str, bool, bool]:
+        stop = asyncio.Event()
+
+        async def never():
+            await stop.wait()
+            if False:
+                yield b""
+
+        own = [("grpc.use_local_subchannel_pool", 1)]     # a connection of its own, not a shared one
+        async with grpc.aio.insecure_channel(srv.grpc, options=own) as ch:
+            live = ch.unary_unary("/inference.GRPCInferenceService/ServerLive",
+                                  request_serializer=tpb.ServerLiveRequest.SerializeToString,
+                                  response_deserializer=tpb.ServerLiveResponse.FromString)
+            await live(tpb.ServerLiveRequest(), timeout=10)        # connected
+            calls = [ch.stream_stream(METHOD)(never()) for _ in range(16)]
+            await asyncio.sleep(1.0)
+            try:
+                await live(tpb.ServerLiveRequest(), timeout=1.5)
+                same = "OK"
+            except grpc.aio.AioRpcError as exc:
+                same = exc.code().name
+            async with grpc.aio.insecure_channel(srv.grpc, options=own) as other:
+                other_live = other.unary_unary("/inference.GRPCInferenceService/ServerLive",
+                                               request_serializer=tpb.ServerLiveRequest.SerializeToString,
+                                               response_deserializer=tpb.ServerLiveResponse.FromString)
+                other_ok = (await other_live(tpb.ServerLiveRequest(), timeout=10)).live
+            for c in calls:
+                c.cancel()
+            await asyncio.sleep(0.5)
+            after = (await live(tpb.ServerLiveRequest(), timeout=10)).live
+        return same, other_ok, after
+
+    try:
+        same, other_ok, after = asyncio.run(scenario())
+        assert same == "DEADLINE_EXCEEDED" and other_ok and after, (same, other_ok, after)
+    finally:
+        srv.stop()
+
+
 # --- 2. slow bodies ----------------------------------------------------------------------------------
 
 def test_slow_bodies_take_no_inference_slot_and_time_out(repo):
