@@ -367,6 +367,12 @@ def bench_scaling(repo: Path, quick: bool, work: Path) -> dict[str, Any]:
                     key = f"{model} workers={workers} {'shm' if shm else 'grpc'}"
                     out["runs"][key] = peers.perf_analyzer(cmd, model, address, conc, work, interval_ms=2000,
                                                            extra=extra)
+                    if model == "resnet20" and not shm:   # MLServer cannot be driven by perf_analyzer: this client
+                        x = np.random.rand(1, 3, 32, 32).astype(np.float32)
+                        sender = grpc_sender_factory(address, "/inference.GRPCInferenceService/ModelInfer",
+                                                     _infer_grpc_payload(model, x))
+                        out.setdefault("python_client_c32", {})[f"workers={workers}"] = _run(
+                            closed_loop(sender, 32, 2000)).to_dict()
                     if model == "resnet20" and not shm or model == "resnet18" and shm and workers == 1:
                         prof = peers.perf_analyzer(cmd, model, address, [32 if model == "resnet20" else 1], work,
                                                    interval_ms=2000, extra=extra,
@@ -399,13 +405,24 @@ def scaling_goals(r: dict[str, Any]) -> list[dict[str, Any]]:
                           "samples/s (ResNet-20)", "measured": f"{best[1]['throughput']:.0f} req/s ({best[0]})",
                   "limit": f"{limit:.0f} req/s", "passed": best[1]["throughput"] >= limit,
                   "where": where("resnet20 workers=1 grpc")})
-        ml = r.get("peers", {}).get("mlserver", {}).get("perf_analyzer", {}).get(32)
-        if ml and "error" not in ml:
-            ratio = best[1]["throughput"] / ml["throughput"]
+        ml = r.get("peers", {}).get("mlserver", {})
+        ml_pa = ml.get("perf_analyzer", {}).get(32)
+        ours = sc.get("python_client_c32", {})
+        if ml_pa and "error" not in ml_pa:
+            ratio = best[1]["throughput"] / ml_pa["throughput"]
             g.append({"goal": "perf_analyzer: >= 2 x MLServer's throughput at concurrency 32, with lower p99",
-                      "measured": f"{ratio:.1f}x ({best[1]['throughput']:.0f} vs {ml['throughput']:.0f} req/s); p99 "
-                                  f"{best[1]['p99_ms']:.1f} vs {ml['p99_ms']:.1f} ms", "limit": "2x, lower p99",
-                      "passed": ratio >= 2 and best[1]["p99_ms"] < ml["p99_ms"], "where": where(best[0])})
+                      "measured": f"{ratio:.1f}x ({best[1]['throughput']:.0f} vs {ml_pa['throughput']:.0f} req/s); "
+                                  f"p99 {best[1]['p99_ms']:.1f} vs {ml_pa['p99_ms']:.1f} ms", "limit": "2x, lower p99",
+                      "passed": ratio >= 2 and best[1]["p99_ms"] < ml_pa["p99_ms"], "where": where(best[0])})
+        elif "grpc" in ml and ours:
+            label, top = max(ours.items(), key=lambda kv: kv[1]["throughput"])
+            theirs = ml["grpc"][32]
+            ratio = top["throughput"] / theirs["throughput"]
+            g.append({"goal": ">= 2 x MLServer's throughput at concurrency 32, with lower p99 (perf_analyzer cannot "
+                              "drive MLServer, which has no ModelConfig RPC: the same Python client on both)",
+                      "measured": f"{ratio:.1f}x ({top['throughput']:.0f} req/s, {label}, vs {theirs['throughput']:.0f}); "
+                                  f"p99 {top['p99_ms']:.1f} vs {theirs['p99_ms']:.1f} ms", "limit": "2x, lower p99",
+                      "passed": ratio >= 2 and top["p99_ms"] < theirs["p99_ms"]})
     one = _pa(r, "resnet20 workers=1 grpc", 1)
     if one:
         bound = inp["p50_ms_batch1"] + 1.2 * fl["grpc_echo"][1]["p50_ms"]
@@ -706,6 +723,9 @@ def scaling_markdown(r: dict[str, Any]) -> list[str]:
             else:
                 lines.append(f"| {key} | {c} | {v['throughput']:.0f} | {v['p50_ms']:.2f} | {v['p99_ms']:.2f} | "
                              f"{v.get('connections', '-')} |")
+    for label, v in sc.get("python_client_c32", {}).items():
+        lines.append(f"\nOur Python client (4 gRPC channels; the client MLServer is measured with) at concurrency 32, "
+                     f"ResNet-20, {label}: {v['throughput']:.0f} req/s, p50 {v['p50_ms']:.2f} ms, p99 {v['p99_ms']:.2f} ms.")
     for key, prof in sc.get("profiles", {}).items():
         if "stages_pct" not in prof:
             lines.append(f"\nProfile of {key}: {prof.get('skipped', 'none')}")

@@ -243,3 +243,18 @@ def test_sigterm_drains_every_worker_and_workers_that_keep_dying_stop_the_server
         assert "workers keep dying" in srv.log()
     finally:
         srv.stop()
+
+
+def test_worker_count_from_flag_environment_and_auto(tmp_path):
+    from server.settings import Settings
+    from tests.conftest import run_cli
+
+    assert Settings(workers="auto").worker_count() == max(1, (os.cpu_count() or 1) // 2)
+    os.environ["FOLDSERVE_WORKERS"] = "3"
+    try:
+        assert Settings().worker_count() == 3
+    finally:
+        del os.environ["FOLDSERVE_WORKERS"]
+    for bad in ("0", "two", "-1"):
+        r = run_cli("serve", "--repository", str(tmp_path), "--workers", bad)
+        assert r.returncode == 2 and "--workers" in r.stderr, r.stderr
