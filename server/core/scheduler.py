@@ -55,6 +55,7 @@ class Scheduler:
         self._wakeup: asyncio.Event | None = None
         self._workers: list[asyncio.Task] = []
         self._inflight = 0
+        self._mean_batch = 1.0   # requests per execution, moving average (light load: close to 1)
         self._direct_slots: asyncio.Semaphore | None = None
         self._waiting = 0
         self._closed = False
@@ -199,7 +200,16 @@ class Scheduler:
                     feeds = {k: np.concatenate([p.feeds[k] for p in batch]) for k in batch[0].feeds}
                 total = sum(p.batch for p in batch)
                 try:
-                    results = await loop.run_in_executor(self.executor, self._execute, feeds, batch[0].outputs, total)
+                    self._mean_batch = 0.9 * self._mean_batch + 0.1 * len(batch)
+                    if (len(batch) == 1 and self._mean_batch < 1.05 and self.instances == 1
+                            and total * self.run_estimate_s <= INLINE_MAX_S):
+                        # light load (recent batches all held one request) and a tiny run: the hand-off to a
+                        # thread and back costs more than the run blocks the event loop (as in _infer_direct);
+                        # under load, batches grow and runs go to the thread again
+                        results = self._execute(feeds, batch[0].outputs, total)
+                    else:
+                        results = await loop.run_in_executor(self.executor, self._execute, feeds, batch[0].outputs,
+                                                             total)
                 except Exception as exc:  # an execution error fails exactly the requests in this batch
                     for p in batch:
                         if not p.future.done():
