@@ -415,8 +415,11 @@ def scaling_goals(r: dict[str, Any]) -> list[dict[str, Any]]:
                                   f"p99 {best[1]['p99_ms']:.1f} vs {ml_pa['p99_ms']:.1f} ms", "limit": "2x, lower p99",
                       "passed": ratio >= 2 and best[1]["p99_ms"] < ml_pa["p99_ms"], "where": where(best[0])})
         elif "grpc" in ml and ours:
-            label, top = max(ours.items(), key=lambda kv: kv[1]["throughput"])
             theirs = ml["grpc"][32]
+            # the configuration that meets both halves of the goal if one does (a user picks the worker count)
+            label, top = max(ours.items(), key=lambda kv: (kv[1]["throughput"] >= 2 * theirs["throughput"]
+                                                            and kv[1]["p99_ms"] < theirs["p99_ms"],
+                                                            kv[1]["throughput"]))
             ratio = top["throughput"] / theirs["throughput"]
             g.append({"goal": ">= 2 x MLServer's throughput at concurrency 32, with lower p99 (perf_analyzer cannot "
                               "drive MLServer, which has no ModelConfig RPC: the same Python client on both)",

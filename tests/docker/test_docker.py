@@ -141,7 +141,8 @@ def test_server_image_serves_grpc_and_rest_and_stops_cleanly(repository, tmp_pat
     name = f"foldserve-test-{os.getpid()}"
     t0 = time.time()
     _docker("run", "-d", "--name", name, "--network", "host", "-v", f"{repo}:/models:ro",
-            "-e", f"FOLDSERVE_HTTP_PORT={http_port}", "-e", f"FOLDSERVE_GRPC_PORT={grpc_port}", IMAGE)
+            "-e", f"FOLDSERVE_HTTP_PORT={http_port}", "-e", f"FOLDSERVE_GRPC_PORT={grpc_port}",
+            "-e", "FOLDSERVE_WORKERS=2", IMAGE)     # the supervisor and two workers, as a deployment would
     try:
         ready_s = None
         while time.time() - t0 < 90:
@@ -180,7 +181,8 @@ def test_server_image_serves_grpc_and_rest_and_stops_cleanly(repository, tmp_pat
         state = json.loads(_docker("inspect", name).stdout)[0]["State"]
         assert state["ExitCode"] == 0, _docker("logs", name, check=False).stderr[-2000:]
         assert stop_s < 20, "the server did not exit on SIGTERM within the grace period"
-        assert "stopped" in _docker("logs", name).stderr
+        logs = _docker("logs", name).stderr
+        assert "2 workers serving" in logs and logs.count("server.main: stopped") == 2, logs[-2000:]
         size = int(_docker("image", "inspect", IMAGE, "--format", "{{.Size}}").stdout.strip())
         print(f"\nimage {IMAGE}: {size / 1e6:.0f} MB; start to ready {ready_s:.1f} s; SIGTERM to exit {stop_s:.1f} s")
         (ROOT / "docker" / "last-test.json").write_text(json.dumps(
