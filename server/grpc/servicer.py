@@ -5,6 +5,7 @@ message; anything else is INTERNAL with a generic message (the detail goes to th
 """
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from pathlib import Path
@@ -47,6 +48,12 @@ def _tolerant(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
         except Exception as exc:  # protobuf's DecodeError and friends
             return BadRequest(exc)
     return deserialize
+
+
+async def _chain(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    yield first
+    async for item in rest:
+        yield item
 
 
 def _check_token(context: grpc.aio.ServicerContext, token: str | None, what: str) -> None:
@@ -118,7 +125,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             _check_token(context, self.settings.auth_token, "inference")
         except FoldserveError as exc:
             await context.abort(getattr(grpc.StatusCode, exc.grpc_status), str(exc))
-        async for request in request_iterator:
+        messages = request_iterator.__aiter__()
+        try:   # a stream that opens and sends nothing is ended (a unary call reaches us only with its message)
+            async with asyncio.timeout(self.settings.body_timeout_s):
+                first = await anext(messages)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"no message within "
+                                f"{self.settings.body_timeout_s:g} s of opening the stream (--body-timeout-s)")
+        async for request in _chain(first, messages):
             if isinstance(request, BadRequest):
                 yield pb.ModelStreamInferResponse(error_message=f"the request is not a valid protobuf message "
                                                                 f"({request.error})")

@@ -117,6 +117,49 @@ def test_idle_grpc_calls_do_not_lock_other_clients_out(repo, token):
         srv.stop()
 
 
+def test_a_stream_that_sends_nothing_is_ended_after_the_body_timeout(repo):
+    """ModelStreamInfer opened with no message: DEADLINE_EXCEEDED after --body-timeout-s; a stream that sends
+    its message in time is served."""
+    srv = ServerProcess(repo, "--body-timeout-s", "1")
+
+    async def scenario() -> tuple[str, float, bool]:
+        stop = asyncio.Event()
+
+        async def never():
+            await stop.wait()
+            if False:
+                yield b""
+
+        async with grpc.aio.insecure_channel(srv.grpc) as ch:
+            t0 = time.perf_counter()
+            call = ch.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")(never(), timeout=8)
+            try:
+                async for _ in call:
+                    pass
+                code = "OK"
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code().name
+            waited = time.perf_counter() - t0
+            stop.set()
+            x = digits_batch(1)
+            req = tpb.ModelInferRequest(model_name=MODEL, raw_input_contents=[x.tobytes()])
+            req.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
+
+            async def one():
+                yield req.SerializeToString()
+
+            answers = [tpb.ModelStreamInferResponse.FromString(a)
+                       async for a in ch.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")(one())]
+        return code, waited, len(answers) == 1 and not answers[0].error_message
+
+    try:
+        code, waited, served = asyncio.run(scenario())
+        assert code == "DEADLINE_EXCEEDED" and 0.9 <= waited < 5, (code, waited)
+        assert served
+    finally:
+        srv.stop()
+
+
 def test_one_connection_holds_at_most_max_streams_per_connection_calls(repo):
     """HTTP/2 max_concurrent_streams is advertised: with 16 calls open on one connection, a 17th call on that
     connection waits in the client (grpc honours the server's SETTINGS) while other connections are served;
