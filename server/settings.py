@@ -22,6 +22,8 @@ class Settings(BaseSettings):
     workers: str = Field("1", pattern=r"^(auto|[1-9][0-9]{0,2})$",
                          description="serving processes on the same ports (SO_REUSEPORT; one connection lands on one "
                                      "worker); auto: one per two cores")
+    event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
+        "auto", description="the event loop both transports run on (auto: uvloop when installed)")
     provider: Literal["auto", "cpu", "cuda"] = Field("auto", description="onnxruntime execution provider")
     device_id: int = Field(0, ge=0, description="CUDA device id")
     io_binding: bool = Field(True, description="use IO binding with the CUDA provider")

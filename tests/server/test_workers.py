@@ -258,3 +258,13 @@ def test_worker_count_from_flag_environment_and_auto(tmp_path):
     for bad in ("0", "two", "-1"):
         r = run_cli("serve", "--repository", str(tmp_path), "--workers", bad)
         assert r.returncode == 2 and "--workers" in r.stderr, r.stderr
+
+
+def test_event_loop_is_uvloop_by_default_and_asyncio_on_request(cluster_repo):
+    for flag, expect in ((), True), (("--event-loop", "asyncio"), False):
+        srv = ServerProcess(cluster_repo, *flag)
+        try:
+            assert _infer(srv.http)[0] == 200
+            assert ("uvloop" in Path(f"/proc/{srv.proc.pid}/maps").read_text()) is expect
+        finally:
+            srv.stop()
