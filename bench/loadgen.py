@@ -84,8 +84,11 @@ def grpc_sender_factory(address: str, method: str, payload: bytes, channels: int
     async def make(i: int):
         if not calls:
             for _ in range(channels):
+                # a subchannel pool of its own: otherwise grpc shares one connection among identical channels
+                # (and with several workers, one connection lands on one worker)
                 ch = grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", 256 << 20),
-                                                                 ("grpc.max_send_message_length", 256 << 20)])
+                                                                 ("grpc.max_send_message_length", 256 << 20),
+                                                                 ("grpc.use_local_subchannel_pool", 1)])
                 calls.append(ch.unary_unary(method, request_serializer=None, response_deserializer=None))
         call = calls[i % len(calls)]
 

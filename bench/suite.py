@@ -727,7 +727,7 @@ def scaling_markdown(r: dict[str, Any]) -> list[str]:
                 lines.append(f"| {key} | {c} | {v['throughput']:.0f} | {v['p50_ms']:.2f} | {v['p99_ms']:.2f} | "
                              f"{v.get('connections', '-')} |")
     for label, v in sc.get("python_client_c32", {}).items():
-        lines.append(f"\nOur Python client (4 gRPC channels; the client MLServer is measured with) at concurrency 32, "
+        lines.append(f"\nOur Python client (4 gRPC connections; the client MLServer is measured with) at concurrency 32, "
                      f"ResNet-20, {label}: {v['throughput']:.0f} req/s, p50 {v['p50_ms']:.2f} ms, p99 {v['p99_ms']:.2f} ms.")
     for key, prof in sc.get("profiles", {}).items():
         if "stages_pct" not in prof:
