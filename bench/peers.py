@@ -164,9 +164,10 @@ def ensure_perf_analyzer() -> list[str] | str:
 
 def perf_analyzer(cmd: list[str], model: str, grpc_address: str, concurrencies: list[int], work: Path,
                   interval_ms: int = 3000, extra: list[str] | None = None,
-                  during: Any = None) -> dict[str, Any]:
-    """Run perf_analyzer over gRPC at each concurrency; per concurrency: req/s and latencies (ms), and the
-    number of TCP connections it held to the server (counted from /proc/net/tcp half-way through).
+                  during: Any = None, server_pids: list[int] | None = None) -> dict[str, Any]:
+    """Run perf_analyzer over gRPC at each concurrency; per concurrency: req/s and latencies (ms), the number
+    of TCP connections it held to the server and, given the serving pids, how they were split among them
+    (counted from /proc half-way through).
     ``during(c)``, if given, runs while the measurement at concurrency ``c`` is under way."""
     result: dict[Any, Any] = {}
     port = int(grpc_address.rsplit(":", 1)[1])
@@ -177,7 +178,8 @@ def perf_analyzer(cmd: list[str], model: str, grpc_address: str, concurrencies: 
                                  "30", "--max-trials", "8", "-f", str(out), *(extra or [])],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         time.sleep(min(3.0, interval_ms / 1000))
-        connections = tcp_connections_to(port)
+        connections = tcp_connections_to(port, proc.pid)
+        split = connection_split(port, server_pids) if server_pids else None
         extra_result = during(c) if during is not None else None
         try:
             text, _ = proc.communicate(timeout=1200)
@@ -191,15 +193,30 @@ def perf_analyzer(cmd: list[str], model: str, grpc_address: str, concurrencies: 
             row = next(csv.DictReader(f))
         result[c] = {"throughput": float(row["Inferences/Second"]), "p50_ms": float(row["p50 latency"]) / 1000,
                      "p90_ms": float(row["p90 latency"]) / 1000, "p99_ms": float(row["p99 latency"]) / 1000,
-                     "connections": connections}
+                     "connections": connections, **({"per_worker": split} if split else {})}
         if extra_result is not None:
             result[c]["profile"] = extra_result
     return result
 
 
-def tcp_connections_to(port: int) -> int:
-    """Established TCP connections whose remote end is ``port`` on this machine (a client's connections)."""
-    n = 0
+def _socket_inodes(pid: int) -> set[str]:
+    inodes = set()
+    try:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                link = os.readlink(fd)
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    except OSError:
+        pass
+    return inodes
+
+
+def _established(port: int, side: int) -> list[str]:
+    """Inodes of established TCP sockets whose local (side 1) or remote (side 2) port is ``port``."""
+    found = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             lines = Path(table).read_text().splitlines()[1:]
@@ -207,9 +224,25 @@ def tcp_connections_to(port: int) -> int:
             continue
         for line in lines:
             f = line.split()
-            if f[3] == "01" and int(f[2].rsplit(":", 1)[1], 16) == port:
-                n += 1
-    return n
+            if f[3] == "01" and int(f[side].rsplit(":", 1)[1], 16) == port:
+                found.append(f[9])
+    return found
+
+
+def tcp_connections_to(port: int, pid: int | None = None) -> int:
+    """Established TCP connections to ``port`` on this machine, of process ``pid`` only if given (a client's
+    connections: the benchmark's own earlier clients may still hold some)."""
+    inodes = _established(port, 2)
+    if pid is None:
+        return len(inodes)
+    mine = _socket_inodes(pid)
+    return sum(i in mine for i in inodes)
+
+
+def connection_split(port: int, pids: list[int]) -> list[int]:
+    """How many established connections on the server's ``port`` each serving process holds."""
+    inodes = set(_established(port, 1))
+    return [len(inodes & _socket_inodes(p)) for p in pids]
 
 
 def profile(pids: list[int], seconds: float = 4.0) -> dict[str, Any]:

@@ -366,7 +366,7 @@ def bench_scaling(repo: Path, quick: bool, work: Path) -> dict[str, Any]:
                     extra = ["--shared-memory", "system"] if shm else []
                     key = f"{model} workers={workers} {'shm' if shm else 'grpc'}"
                     out["runs"][key] = peers.perf_analyzer(cmd, model, address, conc, work, interval_ms=2000,
-                                                           extra=extra)
+                                                           extra=extra, server_pids=proc.pids())
                     if model == "resnet20" and not shm:   # MLServer cannot be driven by perf_analyzer: this client
                         x = np.random.rand(1, 3, 32, 32).astype(np.float32)
                         sender = grpc_sender_factory(address, "/inference.GRPCInferenceService/ModelInfer",
@@ -717,15 +717,16 @@ def scaling_markdown(r: dict[str, Any]) -> list[str]:
     if "runs" not in sc:
         return ["", f"perf_analyzer scaling section: {sc.get('skipped', 'not run')}"]
     lines = ["", "perf_analyzer (C++ client, gRPC, batch-1 requests, dynamic batching): req/s, p50 / p99 (ms), "
-                 "TCP connections the client held", "",
+                 "TCP connections the client held (with 2 workers: how many each got)", "",
              "| model, workers, transport | concurrency | req/s | p50 | p99 | connections |", "|---|---|---|---|---|---|"]
     for key, per_c in sc["runs"].items():
         for c, v in _by_c(per_c):
             if "error" in v:
                 lines.append(f"| {key} | {c} | error: {v['error'].strip().splitlines()[-1][:80] if v['error'].strip() else ''} | - | - | - |")
             else:
+                split = "" if len(v.get("per_worker") or []) < 2 else f" ({':'.join(map(str, v['per_worker']))})"
                 lines.append(f"| {key} | {c} | {v['throughput']:.0f} | {v['p50_ms']:.2f} | {v['p99_ms']:.2f} | "
-                             f"{v.get('connections', '-')} |")
+                             f"{v.get('connections', '-')}{split} |")
     for label, v in sc.get("python_client_c32", {}).items():
         lines.append(f"\nOur Python client (4 gRPC connections; the client MLServer is measured with) at concurrency 32, "
                      f"ResNet-20, {label}: {v['throughput']:.0f} req/s, p50 {v['p50_ms']:.2f} ms, p99 {v['p99_ms']:.2f} ms.")
