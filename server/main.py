@@ -15,7 +15,7 @@ import sys
 import uvicorn
 
 from foldserve.errors import ConfigError
-from server.core.cluster import Cluster
+from server.core.cluster import Cluster, reuse_port_socket
 from server.core.dataplane import DataPlane
 from server.grpc.servicer import build_grpc_server, set_health
 from server.rest.app import create_app
@@ -68,20 +68,6 @@ def rate_limit_repeated_logs() -> None:
         log = logging.getLogger(name)
         if not any(isinstance(f, RepeatFilter) for f in log.filters):
             log.addFilter(RepeatFilter())
-
-
-def reuse_port_socket(host: str, port: int):
-    """A listening TCP socket that other workers bind too (the kernel spreads connections among them)."""
-    import socket
-
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
-    sock.setblocking(False)
-    return sock
 
 
 async def refresh_gauges(dp: DataPlane, every_s: float = 1.0) -> None:

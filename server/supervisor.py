@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.core.cluster import RUN_DIR_ENV, WORKER_ENV, RunFolder
+from server.core.cluster import RUN_DIR_ENV, WORKER_ENV, RunFolder, reuse_port_socket
 from server.settings import Settings
 
 logger = logging.getLogger("foldserve.supervisor")
@@ -68,10 +68,7 @@ def _reserve(host: str, port: int) -> tuple[int, socket.socket | None]:
     """A port of 0 becomes a free port, held (bound, not listening) with SO_REUSEPORT for the workers."""
     if port:
         return port, None
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, 0))
+    sock = reuse_port_socket(host, 0, listen=False)
     return sock.getsockname()[1], sock
 
 
@@ -165,7 +162,8 @@ class Supervisor:
                     self._check_up()
             if failure:
                 logger.error("%s: stopping every worker", failure)
-            return self.shutdown() if failure is None else (self.shutdown() or 1)
+            code = self.shutdown()
+            return 1 if failure else code
         finally:
             shutil.rmtree(self.run.root, ignore_errors=True)
 

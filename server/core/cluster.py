@@ -32,7 +32,7 @@ from typing import Any, AsyncIterator
 
 from foldserve import errors
 from foldserve.atomic import write_json
-from foldserve.errors import AlreadyExists, FoldserveError, ModelNotFound, WorkerUnavailable
+from foldserve.errors import FoldserveError, ModelNotFound, WorkerUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +77,21 @@ class RunFolder:
             return int(json.loads(self.ready(index).read_text())["pid"])
         except (OSError, ValueError, KeyError, TypeError):
             return None
+
+
+def reuse_port_socket(host: str, port: int, listen: bool = True):
+    """A TCP socket on ``port`` with SO_REUSEPORT, which other workers bind too (the kernel spreads connections
+    among the listening ones). ``listen=False`` only holds the port (the supervisor, for a port of 0)."""
+    import socket
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    if listen:
+        sock.listen(2048)
+        sock.setblocking(False)
+    return sock
 
 
 def _error(kind: str, message: str) -> FoldserveError:
@@ -167,7 +182,7 @@ class Cluster:
                         await registry.load(name)
                     except FoldserveError as exc:
                         logger.error("worker %d: catching up on %s failed: %s", self.index, name, exc)
-        registered = {r["name"] for r in shm.registrations()}
+        registered = shm.names()
         for name in registered - set(state["shm"]):
             shm.unregister(name)
         for name, r in state["shm"].items():
@@ -300,8 +315,7 @@ class Cluster:
 
     async def shm_register(self, name: str, key: str, offset: int, byte_size: int) -> None:
         async with self.lock():
-            if name in {r["name"] for r in self.dp.shm.registrations()}:
-                raise AlreadyExists(f"shared-memory region {name!r} is already registered (unregister it first)")
+            self.dp.shm.check_new(name)   # every worker holds the same set: one check is every worker's
             args = {"name": name, "key": key, "offset": offset, "byte_size": byte_size}
             results = await self.everyone("shm_register", args)
             failures = [r for r in results if isinstance(r, BaseException)]

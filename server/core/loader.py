@@ -14,7 +14,7 @@ import numpy as np
 from foldserve.datatypes import lookup, numpy_dtype
 from foldserve.entry import MODEL_FILE, read_precision
 from foldserve.errors import EntryError, ModelNotReady, UnsupportedDataType
-from foldserve.model_config import ModelConfig
+from foldserve.model_config import ModelConfig, mc
 from server.core.model_config import complete_config, to_spec
 from server.core.repository import ModelRepository, VerificationSummary, read_verification
 from server.core.runtime import OnnxModel
@@ -172,8 +172,6 @@ def _zero_feeds(spec: ModelSpec) -> dict[str, np.ndarray]:
 
 def _warmup_feeds(spec: ModelSpec, w: Any, model_dir: Path, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """One warm-up entry's inputs, checked against the model like a request."""
-    from foldserve.model_config import mc
-
     where = f"model_warmup {w.name!r}"
     if spec.max_batch_size > 0 and not 1 <= w.batch_size <= spec.max_batch_size:
         raise ModelNotReady(f"{where}: batch_size {w.batch_size} must be 1..max_batch_size {spec.max_batch_size}")

@@ -114,8 +114,7 @@ class SystemSharedMemory:
                 raise InvalidInput(f"shared-memory region {name!r}: {what} must be a non-negative integer, got {v!r}")
         path = _path(key)
         with self._lock:
-            if name in self._regions:
-                raise AlreadyExists(f"shared-memory region {name!r} is already registered (unregister it first)")
+            self.check_new(name)
             self._regions[name] = Region(name, key, offset, byte_size, path, _map(path, key, offset, byte_size, False))
         logger.info("registered shared-memory region %r (key %s, offset %d, %d bytes)", name, key, offset, byte_size)
 
@@ -143,8 +142,13 @@ class SystemSharedMemory:
                 return [self._regions[name].status()]
             return [r.status() for r in self._regions.values()]
 
-    def registrations(self) -> list[dict[str, object]]:
-        return self.status()
+    def names(self) -> set[str]:
+        return set(self._regions)
+
+    def check_new(self, name: str) -> None:
+        """AlreadyExists when ``name`` is registered (Triton refuses a second registration of a name)."""
+        if name in self._regions:
+            raise AlreadyExists(f"shared-memory region {name!r} is already registered (unregister it first)")
 
     def _region(self, ref: ShmRef, what: str) -> Region:
         region = self._regions.get(ref.region)

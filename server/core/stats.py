@@ -1,7 +1,7 @@
 """Per-model statistics (Triton's ModelStatistics) and Prometheus metrics, both transport-free."""
 from __future__ import annotations
 
-import json
+import copy
 import os
 import threading
 import time
@@ -82,7 +82,7 @@ def merge_stats(parts: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
         for st in part:
             key = (st["name"], st["version"])
             if key not in merged:
-                merged[key] = json.loads(json.dumps(st))
+                merged[key] = copy.deepcopy(st)
                 continue
             m = merged[key]
             m["last_inference"] = max(m["last_inference"], st["last_inference"])
@@ -94,7 +94,7 @@ def merge_stats(parts: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
             sizes = {b["batch_size"]: b for b in m["batch_stats"]}
             for b in st["batch_stats"]:
                 if b["batch_size"] not in sizes:
-                    sizes[b["batch_size"]] = json.loads(json.dumps(b))
+                    sizes[b["batch_size"]] = copy.deepcopy(b)
                     continue
                 for k in ("compute_input", "compute_infer", "compute_output"):
                     sizes[b["batch_size"]][k]["count"] += b[k]["count"]

@@ -192,16 +192,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.SystemSharedMemoryUnregisterResponse()
 
     @_rpc("infer")
-    async def CudaSharedMemoryStatus(self, request, context):
+    async def _cuda_shared_memory(self, request, context):
         raise NotSupported(CUDA_SHM_UNSUPPORTED)
 
-    @_rpc("infer")
-    async def CudaSharedMemoryRegister(self, request, context):
-        raise NotSupported(CUDA_SHM_UNSUPPORTED)
-
-    @_rpc("infer")
-    async def CudaSharedMemoryUnregister(self, request, context):
-        raise NotSupported(CUDA_SHM_UNSUPPORTED)
+    CudaSharedMemoryStatus = CudaSharedMemoryRegister = CudaSharedMemoryUnregister = _cuda_shared_memory
 
 
 def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
