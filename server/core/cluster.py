@@ -169,7 +169,7 @@ class Cluster:
             os.close(fd)   # releases the lock
 
     async def _sync(self, state: dict[str, Any]) -> None:
-        registry, shm = self.dp.registry, self.dp.shm
+        registry = self.dp.registry
         want = state["models"]
         if want is not None:
             have = set(registry.loaded_names())
@@ -182,6 +182,12 @@ class Cluster:
                         await registry.load(name)
                     except FoldserveError as exc:
                         logger.error("worker %d: catching up on %s failed: %s", self.index, name, exc)
+        self.sync_regions(state)
+        self.synced_gen = state["gen"]
+
+    def sync_regions(self, state: dict[str, Any]) -> None:
+        """Register the regions ``state`` lists and drop the others (a region whose object is gone is logged)."""
+        shm = self.dp.shm
         registered = shm.names()
         for name in registered - set(state["shm"]):
             shm.unregister(name)
@@ -191,7 +197,6 @@ class Cluster:
                     shm.register(name, r["key"], r["offset"], r["byte_size"])
                 except FoldserveError as exc:
                     logger.error("worker %d: shared-memory region %r: %s", self.index, name, exc)
-        self.synced_gen = state["gen"]
 
     def _commit_state(self, loaded: tuple[str, ...] = (), **changes: Any) -> None:
         state = self.run.read_state()

@@ -55,12 +55,8 @@ class DataPlane:
         else:  # the models and regions every other worker has (a replacement worker joins a running cluster)
             state = self.cluster.initial_state()
             await self.registry.load_all(state["models"])
-            for name, r in state["shm"].items():
-                try:
-                    self.shm.register(name, r["key"], r["offset"], r["byte_size"])
-                except FoldserveError as exc:
-                    logger.error("shared-memory region %r not registered: %s", name, exc)
             await self.cluster.start(self)
+            self.cluster.sync_regions(state)
         self._ready = True
 
     def begin_shutdown(self) -> None:
