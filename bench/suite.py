@@ -78,7 +78,7 @@ def make_entry(repo: Path, name: str, arch: str, input_shape: list[int], num_cla
     """An untrained model with non-trivial BN statistics, folded and verified into ``repo/name/1``."""
     import torch
 
-    from folding.export import build_entry
+    from folding.export import FoldRequest, build_entry
     from folding.verify import VerifyOptions
     from trainer.checkpoint import save_checkpoint
     from trainer.models import build_model, resolve_arch_args
@@ -96,8 +96,8 @@ def make_entry(repo: Path, name: str, arch: str, input_shape: list[int], num_cla
                                 "task": "classification", "class_names": [str(i) for i in range(num_classes)],
                                 "normalization": {"mean": [0.0] * input_shape[0], "std": [1.0] * input_shape[0]},
                                 "input_shape": input_shape, "dataset": {"name": "random"}, "epoch": 0})
-    build_entry(ckpt_path, repo, name, 1, max_batch_size=max_batch_size,
-                verify_options=VerifyOptions(batch_sizes=(1, 4)))
+    build_entry(FoldRequest(ckpt_path, repo, name, 1, max_batch_size=max_batch_size,
+                            verify_options=VerifyOptions(batch_sizes=(1, 4))))
     return repo / name / "1" / "model.onnx"
 
 
@@ -107,7 +107,7 @@ def bench_folding(quick: bool) -> dict[str, Any]:
     import torch
 
     from folding import fold_module, fold_onnx
-    from folding.export import export_onnx
+    from folding.onnx_io import export_torchscript
     from folding.verify import ort_session
     from trainer.models import build_model, resolve_arch_args
 
@@ -119,7 +119,7 @@ def bench_folding(quick: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
     folded, report = fold_module(model, (x,))
     fold_torch_s = time.perf_counter() - t0
-    reference = export_onnx(model, x[:2], keep_bn=True)
+    reference = export_torchscript(model, x[:2], "input", "output", keep_bn=True)
     t0 = time.perf_counter()
     folded_onnx, onnx_report = fold_onnx(reference)
     fold_onnx_s = time.perf_counter() - t0
@@ -500,9 +500,10 @@ def bench_gpu(model_path: Path) -> dict[str, Any]:
 def _precision_entries(work: Path, quick: bool) -> tuple[Path, dict[str, Any]]:
     """ResNet-20 trained on digits32 (3x32x32) as fp32 and int8 (fp16 too when a GPU is visible), and the
     ResNet-18-sized model (untrained, calibrated on random inputs: agreement only) unless --quick."""
-    from folding.export import build_entry
+    from folding.export import FoldRequest, build_entry
     from folding.programs import Options
     from folding.verify import VerifyOptions
+    from foldserve.records import PRECISIONS
     from server.core.runtime import gpu_count
     from trainer.train import TrainConfig, train
 
@@ -511,7 +512,7 @@ def _precision_entries(work: Path, quick: bool) -> tuple[Path, dict[str, Any]]:
     t = time.perf_counter()
     train(TrainConfig(arch="resnet20", dataset="digits32", out=str(run_dir), epochs=2 if quick else 8, progress=False))
     info: dict[str, Any] = {"train_s": round(time.perf_counter() - t, 1), "entries": {}}
-    precisions = ["fp32", "int8"] + (["fp16"] if gpu_count() else [])
+    precisions = [p for p in PRECISIONS if p != "fp16" or gpu_count()]      # fp16 pays on a GPU only
     opts = VerifyOptions(batch_sizes=(1, 8))
     jobs = [(f"resnet20_{p}", run_dir / "checkpoint.pt", p, Options()) for p in precisions]
     if not quick:
@@ -522,14 +523,17 @@ def _precision_entries(work: Path, quick: bool) -> tuple[Path, dict[str, Any]]:
         jobs.append(("resnet18_int8", work / "resnet18_fp32.pt", "int8", Options(calibration_data=str(calib))))
     for name, src, precision, options in jobs:
         t = time.perf_counter()
-        v = build_entry(src, repo, name, 1, precision=precision, verify_options=opts, options=options,
-                        max_batch_size=32).verification
-        gate = (v.get("precision") or {}).get("gate") or {}
+        v = build_entry(FoldRequest(src, repo, name, 1, precision=precision, verify_options=opts, options=options,
+                                    max_batch_size=32)).verification
+        if v is None:
+            raise RuntimeError(f"{name}: the entry was not verified")
+        gate, served = v.precision.gate, v.served
         info["entries"][name] = {
-            "precision": precision, "fold_s": round(time.perf_counter() - t, 1), "verified": v["passed"],
-            "failure": v.get("failure"), "accuracy": v["accuracy"].get("served_onnx"),
-            "accuracy_float64": v["accuracy"].get("reference_float64"),
-            "top1_agreement": gate.get("top1_agreement", v["candidates"]["served_onnx"].get("top1_agreement"))}
+            "precision": precision, "fold_s": round(time.perf_counter() - t, 1), "verified": v.passed,
+            "failure": v.failure, "accuracy": v.accuracy.get("served_onnx"),
+            "accuracy_float64": v.accuracy.get("reference_float64"),
+            "top1_agreement": gate.top1_agreement if gate and gate.top1_agreement is not None
+            else served.top1_agreement if served else None}
     return repo, info
 
 

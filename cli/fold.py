@@ -7,6 +7,8 @@ from pathlib import Path
 
 from cli.common import add_verify_flags, print_fold_report, verify_options
 from foldserve.errors import ConfigError
+from foldserve.records import (CALIBRATION_METHODS, DEFAULT_CALIBRATION_METHOD, DEFAULT_CALIBRATION_SAMPLES,
+                               DEFAULT_PRECISION, PRECISIONS)
 
 REQUIRES = ("torch", "onnx", "onnxruntime")
 
@@ -37,14 +39,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="real samples for verification: .npz with x [N, ...] and optional y [N] "
                                   "(class indices: accuracy is reported)")
     q = p.add_argument_group("precision (after the fold; the verifier gates fp16/int8 on top-1 agreement and accuracy)")
-    q.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
+    q.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
                    help="fp16: float16 weights and activations, float32 inputs/outputs; int8: static QDQ "
                         "quantisation calibrated on training samples (or --data)")
-    q.add_argument("--calibration-samples", type=int, default=300, help="int8: samples to calibrate on (300)")
+    q.add_argument("--calibration-samples", type=int, default=DEFAULT_CALIBRATION_SAMPLES,
+                   help=f"int8: samples to calibrate on ({DEFAULT_CALIBRATION_SAMPLES})")
     q.add_argument("--calibration-data", help="int8: .npz (array x) to calibrate on instead of the training data "
                                               "(or the first samples of --data)")
-    q.add_argument("--calibration-method", choices=("minmax", "entropy", "percentile"), default="minmax",
-                   help="int8: how activation ranges are chosen (minmax)")
+    q.add_argument("--calibration-method", choices=CALIBRATION_METHODS, default=DEFAULT_CALIBRATION_METHOD,
+                   help=f"int8: how activation ranges are chosen ({DEFAULT_CALIBRATION_METHOD})")
     p.add_argument("--onnx", help="fold this one ONNX file into --out OUT (no entry, no verification)")
     p.add_argument("--out", help="with --onnx: where to write the folded model (not the input itself)")
     add_verify_flags(p)
@@ -58,23 +61,23 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--out goes with --onnx; a MODEL is folded into --repository DIR")
     if not args.model or not args.repository:
         raise ConfigError("fold needs MODEL and --repository DIR (or --onnx IN --out OUT)")
-    from folding.export import build_entry
+    from folding.export import FoldRequest, build_entry
     from folding.programs import Options, parse_normalize, parse_shape
     from folding.verify import summary_table
 
     options = Options(input_shape=parse_shape(args.input_shape), normalize=parse_normalize(args.normalize),
                       input_name=args.input_name, output_name=args.output_name, data=args.data,
                       calibration_data=args.calibration_data)
-    result = build_entry(args.model, args.repository, args.name, args.version,
-                         max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
-                         verify=not args.no_verify, verify_options=verify_options(args), force=args.force,
-                         options=options, labels_file=args.labels, precision=args.precision,
-                         calibration_method=args.calibration_method, calibration_samples=args.calibration_samples)
+    result = build_entry(FoldRequest(
+        args.model, args.repository, args.name, args.version, max_batch_size=args.max_batch_size,
+        max_queue_delay_us=args.max_queue_delay_us, verify=not args.no_verify, verify_options=verify_options(args),
+        force=args.force, options=options, labels_file=args.labels, precision=args.precision,
+        calibration_method=args.calibration_method, calibration_samples=args.calibration_samples))
     print_fold_report(result.onnx_report)
     print(f"model: {result.version_dir}")
     if result.verification is not None:
         print(summary_table(result.verification))
-        return 0 if result.verification["passed"] else 1
+        return 0 if result.verification.passed else 1
     return 0
 
 
@@ -86,7 +89,7 @@ def _fold_file(args: argparse.Namespace) -> int:
         raise ConfigError("--repository/--name/--version do not go with --onnx IN --out OUT (which writes one "
                           "file); fold MODEL --repository DIR instead")
     extra = [f for f, v in (("--data", args.data), ("--normalize", args.normalize), ("--labels", args.labels),
-                            ("--input-shape", args.input_shape), ("--precision", args.precision != "fp32")) if v]
+                            ("--input-shape", args.input_shape), ("--precision", args.precision != DEFAULT_PRECISION)) if v]
     if extra:
         raise ConfigError(f"{', '.join(extra)} go with MODEL --repository DIR (a verified entry), not with --onnx/--out")
     if Path(args.out).resolve() == Path(args.onnx).resolve():

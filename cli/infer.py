@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from foldserve.errors import ConfigError, DataError
+from foldserve.records import Preprocess
 
 REQUIRES: tuple[str, ...] = ()
 
@@ -47,7 +48,7 @@ def _load_array(p: Path, key: str | None) -> np.ndarray:
         return f[key or ("x" if "x" in f.files else f.files[0])]
 
 
-def _load_image(p: Path, dims: list[int], scale: float | None, pre: dict[str, Any]) -> np.ndarray:
+def _load_image(p: Path, dims: list[int], scale: float | None, pre: Preprocess) -> np.ndarray:
     try:
         from PIL import Image
     except ImportError:
@@ -64,14 +65,14 @@ def _load_image(p: Path, dims: list[int], scale: float | None, pre: dict[str, An
             arr = np.asarray(im.convert(mode).resize((w, h)), dtype=np.float32)
     except OSError as exc:
         raise DataError(f"{p}: not a readable image or .npy/.npz ({exc})") from None
-    lo, hi = (pre.get("input_range") or [0.0, 255.0]) if scale is None else (0.0, 255.0 * scale)
+    lo, hi = (pre.input_range or [0.0, 255.0]) if scale is None else (0.0, 255.0 * scale)
     arr = lo + arr * ((hi - lo) / 255.0)
     arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
     return arr if len(dims) == 3 else arr[0]
 
 
 def load_input(path: str, shape: list[int], numpy_dtype: Any, key: str | None = None, scale: float | None = None,
-               pre: dict[str, Any] | None = None) -> np.ndarray:
+               pre: Preprocess | None = None) -> np.ndarray:
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{path}: no such file")
@@ -79,7 +80,7 @@ def load_input(path: str, shape: list[int], numpy_dtype: Any, key: str | None = 
     if p.suffix in (".npy", ".npz"):
         arr = _load_array(p, key)
     else:
-        arr = _load_image(p, dims, scale, pre or {})
+        arr = _load_image(p, dims, scale, pre or Preprocess())
     arr = np.asarray(arr, dtype=numpy_dtype)
     if arr.ndim == len(dims):
         arr = arr[None]
@@ -93,9 +94,10 @@ def run(args: argparse.Namespace) -> int:
     client = connect(args.url, args.protocol, args.token)
     meta = client.metadata(args.model, args.version)
     inp, out = meta.inputs[0], meta.outputs[0]
-    pre = meta.parameters.get("foldserve_preprocess") or {}
+    raw = meta.parameters.get("foldserve_preprocess")
+    pre = Preprocess.from_json(raw, "the served model's preprocessing record") if raw else Preprocess()
     x = load_input(args.file, inp.shape, lookup(inp.datatype).numpy, args.key, args.scale, pre)
-    classify = pre.get("task", "classification") == "classification" and not args.out
+    classify = pre.task == "classification" and not args.out
     if classify:
         top = max(1, args.top)
         result = client.infer(args.model, {inp.name: x}, version=args.version, datatypes={inp.name: inp.datatype},

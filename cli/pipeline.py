@@ -22,7 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from folding.export import build_entry
+    from folding.export import FoldRequest, build_entry
     from folding.verify import summary_table
     from trainer.train import TrainConfig, train
 
@@ -31,8 +31,11 @@ def run(args: argparse.Namespace) -> int:
                                progress=sys.stderr.isatty()))
     val = {k: round(v, 4) for k, v in result.metrics.items() if k.startswith("val") and v is not None}
     print(f"checkpoint: {result.checkpoint}  val metrics: {val}")
-    entry = build_entry(result.checkpoint, args.repository, args.name, force=False)
+    entry = build_entry(FoldRequest(result.checkpoint, args.repository, args.name))
     print_fold_report(entry.onnx_report)
-    print(summary_table(entry.verification))
+    verification = entry.verification
+    if verification is None:        # FoldRequest verifies by default: never here
+        raise RuntimeError("the pipeline's entry was not verified")
+    print(summary_table(verification))
     print(f"model: {entry.version_dir}")
-    return 0 if entry.verification["passed"] else 1
+    return 0 if verification.passed else 1

@@ -37,6 +37,6 @@ def run(args: argparse.Namespace) -> int:
         return 0 if report["passed"] else 1
     from folding.verify import summary_table, verify_entry
 
-    report = verify_entry(args.entry, verify_options(args))
-    print(json.dumps(report, indent=2) if args.json else summary_table(report))
-    return 0 if report["passed"] else 1
+    result = verify_entry(args.entry, verify_options(args))
+    print(json.dumps(result.to_json(), indent=2) if args.json else summary_table(result))
+    return 0 if result.passed else 1

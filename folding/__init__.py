@@ -4,7 +4,7 @@ Public API: :func:`fold_module`, :func:`fold_onnx`, :class:`FoldReport`.
 """
 from __future__ import annotations
 
-from folding.report import FoldedPair, FoldReport, SkippedBN
+from foldserve.records import FoldedPair, FoldReport, SkippedBN
 
 __all__ = ["fold_module", "fold_onnx", "FoldReport", "FoldedPair", "SkippedBN"]
 

@@ -17,8 +17,10 @@ import numpy as np
 from foldserve.client import ModelMetadata, connect
 from foldserve.entry import read_precision, split_entry_path
 from foldserve.errors import ConfigError
-from folding.source import open_source
+from folding.kinds import open_source
 from folding.tolerances import PRECISION_GATES, compare, tolerance_for
+from folding.verify import comparison_record, precision_gate
+from foldserve.records import ComparisonRecord
 
 
 def _check_interface(meta: ModelMetadata, x: np.ndarray, truth: np.ndarray, where: str, batched: bool) -> None:
@@ -54,11 +56,13 @@ def verify_live(address: str, entry: Path, opts: Any, *, model: str | None = Non
     if not source.batched:
         max_batch = source.record.batch
     where = f"the served model {model!r} version {version}"
-    precision = read_precision(entry)["precision"]
+    precision = read_precision(entry).precision
     reduced = precision != "fp32"
     tol = PRECISION_GATES[precision].tolerance if reduced else tolerance_for("float32", opts.rtol, opts.atol)
     truth_name = f"reference_{source.truth_dtype}"
-    results, passed, accuracy = {}, True, {}
+    results: dict[str, dict[str, Any]] = {}
+    per: dict[str, ComparisonRecord] = {}
+    passed, accuracy = True, {}
     for name, (x, y) in source.input_sets(opts.batch_sizes, opts.seed, opts.max_validation).items():
         truth = source.truth(x)
         _check_interface(meta, x, truth, where, source.batched)
@@ -67,9 +71,9 @@ def verify_live(address: str, entry: Path, opts: Any, *, model: str | None = Non
             raise ConfigError(f"{where} and the entry differ in their outputs: served {list(served.shape)}, "
                               f"entry {list(truth.shape)}")
         c = compare(served, truth, tol)
-        r = c.to_dict()
+        per[name] = comparison_record(c, *((served, truth) if source.task == "classification" else ()))
+        r = per[name].to_json()
         if source.task == "classification":
-            r["top1_agreement"] = float((served.argmax(1) == truth.argmax(1)).mean())
             if y is not None:
                 r["accuracy"] = float((served.argmax(1) == y).mean())
                 if name == "validation":
@@ -79,21 +83,20 @@ def verify_live(address: str, entry: Path, opts: Any, *, model: str | None = Non
     client.close()
     gate = None
     if reduced:  # fp16/int8: the verifier's gate (top-1 agreement, accuracy drop), not elementwise tolerances
-        from folding.verify import precision_gate
-
-        judged = {"served_onnx": {"inputs": results, "passed": passed}}
-        gate, failure = precision_gate(judged, accuracy, precision, truth_name, opts, source.task == "classification")
+        record, failure = precision_gate(per, accuracy, precision, truth_name, opts, source.task == "classification",
+                                         passed)
         passed = failure is None
+        gate = record.to_json()
         if failure:
             gate["failure"] = failure
     lines = [f"{'inputs':<14} {'max_abs':>10} {'max_rel':>10} {'top1':>7}  result"]
     for name, r in results.items():
-        top1 = f"{r['top1_agreement']:.4f}" if "top1_agreement" in r else "-"
+        top1 = f"{r['top1_agreement']:.4f}" if r.get("top1_agreement") is not None else "-"
         lines.append(f"{name:<14} {r['max_abs']:>10.3g} {r['max_rel']:>10.3g} {top1:>7}  {'ok' if r['passed'] else 'FAIL'}")
     if gate:
         lines.append(f"precision {precision}: " + (gate.get("failure") or "gate passed") +
-                     (f" (top-1 agreement {gate['top1_agreement']:.4f}, {gate['basis']})" if "top1_agreement" in gate
-                      else ""))
+                     (f" (top-1 agreement {gate['top1_agreement']:.4f}, {gate['basis']})"
+                      if gate.get("top1_agreement") is not None else ""))
     lines.append(f"{'PASSED' if passed else 'FAILED'}: server {address} model {model} version {version} vs local "
                  f"{source.truth_dtype} reference ({time.perf_counter() - t0:.1f} s)")
     return {"passed": bool(passed), "server": address, "model": model, "version": version, "inputs": results,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import platform
 import tempfile
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,35 +24,12 @@ import onnx
 from onnx import numpy_helper
 
 from foldserve.errors import ConfigError, FoldError
+from foldserve.records import CALIBRATION_METHODS, PRECISIONS, PrecisionInfo, first_line
 from folding.fold_math import FP16_MAX
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "int8")
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
-DEFAULT_CALIBRATION_SAMPLES = 300
 FP16_HEADROOM = 16.0          # a constant beyond FP16_MAX / 16 keeps its node in float32 (products overflow first)
-
-
-@dataclass
-class PrecisionInfo:
-    """What the served model's precision is and how it was made (the version's precision.json)."""
-
-    precision: str = "fp32"
-    calibration_method: str | None = None
-    calibration_samples: int | None = None
-    calibration_source: str | None = None
-    activation_type: str | None = None
-    weight_type: str | None = None
-    kept_float32: list[str] = field(default_factory=list)     # nodes left in float32 and why
-    quantized_ops: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PrecisionInfo":
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
 def check_precision_options(precision: str, method: str, samples: int) -> None:
@@ -107,7 +83,7 @@ def to_fp16(folded: onnx.ModelProto) -> tuple[onnx.ModelProto, PrecisionInfo]:
         model16 = convert_float_to_float16(folded, keep_io_types=True, node_block_list=kept or None,
                                            disable_shape_infer=False)
     except Exception as exc:  # the converter's errors are of many types
-        raise FoldError(f"the float16 conversion failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+        raise FoldError(f"the float16 conversion failed ({type(exc).__name__}: {first_line(exc, 200)})"
                         ) from None
     _topological_sort(model16.graph)
     if reasons:
@@ -173,7 +149,7 @@ def to_int8(folded: onnx.ModelProto, calibration: np.ndarray, method: str,
                             extra_options={"WeightSymmetric": True, "ActivationSymmetric": act == "int8",
                                            "CalibTensorRangeSymmetric": False})
         except Exception as exc:  # calibration and quantisation raise many types
-            raise FoldError(f"int8 quantisation failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+            raise FoldError(f"int8 quantisation failed ({type(exc).__name__}: {first_line(exc, 200)})"
                             ) from None
         model8 = onnx.load(str(dst))
     n_q = sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model8.graph.node)

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Protocol
 import numpy as np
 
 from folding.fold_math import BNParams, overflow_warning
-from folding.report import FoldedPair, FoldReport, SkippedBN
+from foldserve.records import FoldedPair, FoldReport, SkippedBN
 
 BACKWARD, FORWARD = "backward", "forward"
 

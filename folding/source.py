@@ -1,7 +1,8 @@
 """The source model of a repository entry, as the verifier reruns it: the unfolded truth, the other unfolded
 candidates, and the inputs (random draws in the raw input space, and real samples when there are some).
 
-``open_source(version_dir)`` reads ``source.json`` (:class:`foldserve.entry.SourceRecord`) and returns:
+``folding.kinds.open_source(version_dir)`` reads ``source.json`` (:class:`foldserve.records.SourceRecord`)
+and has the source's kind return one of:
 
 * :class:`CheckpointSource`: the trainer's model rebuilt from ``source.pt``; truth in float64, plus the
   model in float32, its torch.fx fold and ``reference.onnx`` as candidates;
@@ -22,8 +23,9 @@ import onnx
 import torch
 
 from foldserve.datatypes import lookup
-from foldserve.entry import REFERENCE_FILE, SOURCE_FILE, SourceRecord, read_source_record
+from foldserve.entry import REFERENCE_FILE, SOURCE_FILE
 from foldserve.errors import CheckpointError, DataError
+from foldserve.records import CheckpointMeta, SourceRecord, first_line
 from trainer.checkpoint import load_checkpoint
 from trainer.data import BUILTIN
 
@@ -47,10 +49,9 @@ def load_source(version_dir: Path) -> dict[str, Any]:
         raise CheckpointError(f"{Path(version_dir).name}/{SOURCE_FILE}: {exc}") from None
 
 
-def example_input(ckpt: dict[str, Any], batch: int, seed: int = 0) -> torch.Tensor:
+def example_input(meta: CheckpointMeta, batch: int, seed: int = 0) -> torch.Tensor:
     """Random inputs matching the saved normalisation: per channel mean + std * N(0, 1)."""
-    return torch.from_numpy(random_input(list(ckpt["arch_args"]["input_shape"]), ckpt["normalization"], batch,
-                                         seed, np.float32))
+    return torch.from_numpy(random_input(meta.input_shape, meta.normalization, batch, seed, np.float32))
 
 
 def random_input(shape: list[int], norm: dict[str, list[float]] | None, batch: int, seed: int,
@@ -92,23 +93,22 @@ def load_samples(path: str | Path, input_shape: list[int], limit: int, dtype: An
     return x[:n].astype(dtype), (None if y is None else y[:n].astype(np.int64))
 
 
-def _reload_dataset(ckpt: dict[str, Any]) -> Any:
+def _reload_dataset(meta: CheckpointMeta) -> Any:
     """The dataset the checkpoint was trained on, when it can be reloaded here (else None)."""
-    ds_info = ckpt.get("dataset") or {}
-    if not (ds_info.get("name") in BUILTIN or (ds_info.get("data") and Path(ds_info["data"]).exists())):
+    ds = meta.dataset
+    if not (ds.name in BUILTIN or (ds.data and Path(ds.data).exists())):
         return None
     from trainer.data import load_dataset
     from trainer.models import arch_spec
 
-    return load_dataset(ds_info["name"], data=ds_info.get("data"), seed=ds_info.get("seed", 0),
-                        val_fraction=ds_info.get("val_fraction", 0.2), image_size=ds_info.get("image_size", 32),
-                        input_kind=arch_spec(ckpt["arch"]).input_kind)
+    return load_dataset(ds.name, data=ds.data, seed=ds.seed, val_fraction=ds.val_fraction, image_size=ds.image_size,
+                        input_kind=arch_spec(meta.arch).input_kind)
 
 
-def validation_set(ckpt: dict[str, Any], limit: int) -> tuple[np.ndarray, np.ndarray] | None:
+def validation_set(meta: CheckpointMeta, limit: int) -> tuple[np.ndarray, np.ndarray] | None:
     """Up to ``limit`` validation samples of the data the checkpoint was trained on, when they can be reloaded."""
     try:
-        ds = _reload_dataset(ckpt)
+        ds = _reload_dataset(meta)
     except Exception as exc:  # the random sets still verify the fold
         logger.warning("validation data not available for verification: %s", exc)
         return None
@@ -118,22 +118,22 @@ def validation_set(ckpt: dict[str, Any], limit: int) -> tuple[np.ndarray, np.nda
     return ds.x_val[:n], ds.y_val[:n]
 
 
-def training_samples(ckpt: dict[str, Any], limit: int, seed: int = 0) -> np.ndarray | None:
+def training_samples(meta: CheckpointMeta, limit: int, seed: int = 0) -> np.ndarray | None:
     """Up to ``limit`` samples of the checkpoint's training split (int8 calibration), None when the data is
     not available here."""
-    ds = _reload_dataset(ckpt)
+    ds = _reload_dataset(meta)
     if ds is None:
         return None
     idx = np.random.default_rng(seed).permutation(len(ds.x_train))[:limit]
     return ds.x_train[np.sort(idx)]
 
 
-def input_sets(ckpt: dict[str, Any], batch_sizes: tuple[int, ...], seed: int = 0,
+def input_sets(meta: CheckpointMeta, batch_sizes: tuple[int, ...], seed: int = 0,
                max_validation: int = 512) -> InputSets:
     sets: InputSets = {}
     for i, b in enumerate(batch_sizes):
-        sets[f"random_b{b}"] = (example_input(ckpt, b, seed=seed + i).numpy(), None)
-    val = validation_set(ckpt, max_validation)
+        sets[f"random_b{b}"] = (example_input(meta, b, seed=seed + i).numpy(), None)
+    val = validation_set(meta, max_validation)
     if val is not None:
         sets["validation"] = val
     return sets
@@ -214,9 +214,10 @@ class CheckpointSource(SourceModel):
 
         super().__init__(vdir, record)
         self.ckpt = load_source(vdir)
+        self.meta = CheckpointMeta.of(self.ckpt, f"{vdir.name}/{SOURCE_FILE}")
         self.model = model_from_checkpoint(self.ckpt)
         self.model64 = copy.deepcopy(self.model).double()
-        record.task = self.ckpt["task"]
+        record.task = self.meta.task
 
     def truth(self, x: np.ndarray) -> np.ndarray:
         with torch.no_grad():
@@ -233,7 +234,7 @@ class CheckpointSource(SourceModel):
 
     def input_sets(self, batch_sizes: tuple[int, ...], seed: int = 0, max_validation: int = 512,
                    dtype: Any = np.float32) -> InputSets:
-        sets = input_sets(self.ckpt, batch_sizes, seed, max_validation)
+        sets = input_sets(self.meta, batch_sizes, seed, max_validation)
         if self.record.data:
             sets.update({k: v for k, v in super().input_sets((), seed, max_validation, dtype).items()
                          if k == "validation"})
@@ -243,19 +244,15 @@ class CheckpointSource(SourceModel):
 class ProgramSource(SourceModel):
     """A torch.export program (.pt2) or TorchScript module, rerun from the copy kept in the entry."""
 
-    def __init__(self, vdir: Path, record: SourceRecord) -> None:
-        from folding.programs import load_program, program_module
-
+    def __init__(self, vdir: Path, record: SourceRecord, kind: Any) -> None:
         super().__init__(vdir, record)
-        program = load_program(vdir / record.file, record.kind)
-        self.module = program_module(program, record.kind)
-        self.module64, self.truth_dtype = self._float64(load_program(vdir / record.file, record.kind))
+        self.kind = kind                     # a folding.kinds.ProgramKind: loads the program, makes modules
+        path = vdir / kind.source_file
+        self.module = kind.module(kind.load(path))
+        self.module64, self.truth_dtype = self._float64(kind.module(kind.load(path)))
 
-    def _float64(self, program: Any) -> tuple[Any, str]:
+    def _float64(self, module: Any) -> tuple[Any, str]:
         """The program in float64 when it runs so (constants of a fixed dtype in the graph may prevent it)."""
-        from folding.programs import program_module
-
-        module = program_module(program, self.record.kind)
         try:
             module = module.to(torch.float64)
             probe = random_input(self.record.input_shape, self.record.normalization, self.record.batch or 2, 0,
@@ -267,7 +264,7 @@ class ProgramSource(SourceModel):
             return module, "float64"
         except Exception as exc:  # the float32 program is the truth then, and the report says so
             logger.warning("%s does not run in float64 (%s): the float32 program is the reference",
-                           self.record.original, str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__)
+                           self.record.original, first_line(exc, 120))
             return None, "float32"
 
     def _normalize(self, x: np.ndarray) -> np.ndarray:
@@ -300,16 +297,6 @@ class OnnxSource(SourceModel):
 
     def truth(self, x: np.ndarray) -> np.ndarray:
         return self.fit(self._ref)(x).astype(np.float64)
-
-
-SOURCES: dict[str, type[SourceModel]] = {"checkpoint": CheckpointSource, "pt2": ProgramSource,
-                                         "torchscript": ProgramSource, "onnx": OnnxSource}
-
-
-def open_source(version_dir: str | Path) -> SourceModel:
-    vdir = Path(version_dir)
-    record = read_source_record(vdir)
-    return SOURCES[record.kind](vdir, record)
 
 
 def _torch_run(model: Any, x: np.ndarray) -> np.ndarray:

@@ -27,7 +27,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from foldserve.errors import FoldError
 from folding.fold_math import BNParams, fold_backward, fold_forward
-from folding.report import FoldReport
+from foldserve.records import FoldReport
 from folding.rules import BACKWARD, FORWARD, Plan, Rule, Skip, run_pass
 
 logger = logging.getLogger(__name__)

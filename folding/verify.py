@@ -20,7 +20,6 @@ written next to the model.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -30,18 +29,20 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 
-from foldserve.atomic import write_json
 from foldserve.entry import (FOLD_REPORT_FILE, MODEL_FILE, REFERENCE_FILE, VERIFICATION_FAILED_FILE, VERIFICATION_FILE,
-                             entry_digests, read_precision)
+                             entry_digests, read_fold_report, read_precision)
 from foldserve.errors import ConfigError
+from foldserve.records import (CandidateResult, ComparisonRecord, FoldCounts, FoldedPair, Localization,
+                               PrecisionGateRecord, RecordError, ToleranceRecord, VerificationReport, VerifiedPrecision,
+                               VerifiedSource, Worst, read_record, write_record)
 from folding.fold_math import FP16_MAX, BNParams
-from folding.source import SourceModel, model_input_dtype, open_source, ort_session
+from folding.source import SourceModel, model_input_dtype, ort_session
 from folding.tolerances import PRECISION_GATES, Comparison, Tolerance, compare, tolerance_for
 from server.core.runtime import OnnxModel
 
 logger = logging.getLogger(__name__)
 
-REPORT_VERSION = 1
+Run = Callable[[np.ndarray], np.ndarray]
 
 
 @dataclass
@@ -115,22 +116,21 @@ def _tensors(model: onnx.ModelProto, names: list[str], types: dict[str, int], de
     return sess.run(names, {sess.get_inputs()[0].name: x})
 
 
-def localize(reference: onnx.ModelProto, served: onnx.ModelProto, sites: list[dict[str, Any]], x: np.ndarray,
+def localize(reference: onnx.ModelProto, served: onnx.ModelProto, folded: list[FoldedPair], x: np.ndarray,
              tol: Tolerance) -> list[dict[str, Any]]:
     """Compare each fold site's tensor (same name in both graphs) in the reference's topological order."""
     order = {o: i for i, n in enumerate(reference.graph.node) for o in n.output}
-    sites = sorted((s for s in sites if s.get("tensor") in order), key=lambda s: order[s["tensor"]])
+    sites = sorted((s for s in folded if s.tensor in order), key=lambda s: order[s.tensor])
     if not sites:
         return []
     elem = served.graph.input[0].type.tensor_type.elem_type
-    names = [s["tensor"] for s in sites]
-    ref_out = dict(zip(names, _tensors(reference, names, {}, elem, x)))
-    srv_out = dict(zip(names, _tensors(served, names, {}, elem, x)))
+    names = [s.tensor for s in sites]
+    ref_out = dict(zip(names, _tensors(reference, names, {}, elem, x), strict=True))
+    srv_out = dict(zip(names, _tensors(served, names, {}, elem, x), strict=True))
     results = []
     for s in sites:
-        c = compare(srv_out[s["tensor"]], ref_out[s["tensor"]], tol)
-        results.append({"layer": s["into"], "bn": s["bn"], "direction": s["direction"], "tensor": s["tensor"],
-                        **c.to_dict()})
+        c = compare(srv_out[s.tensor], ref_out[s.tensor], tol)
+        results.append({"layer": s.into, "bn": s.bn, "direction": s.direction, "tensor": s.tensor, **c.to_dict()})
     return results
 
 
@@ -165,31 +165,40 @@ def localize_layers(reference: onnx.ModelProto, served: onnx.ModelProto, x: np.n
     return results
 
 
-def precision_gate(results: dict[str, Any], accuracy: dict[str, float], precision: str, truth_name: str,
-                   opts: "VerifyOptions", classification: bool) -> tuple[dict[str, Any], str | None]:
+def precision_gate(per: dict[str, ComparisonRecord], accuracy: dict[str, float], precision: str, truth_name: str,
+                   opts: VerifyOptions, classification: bool, elementwise_passed: bool
+                   ) -> tuple[PrecisionGateRecord, str | None]:
     """fp16/int8: judge the served model on top-1 agreement and accuracy drop (classification) instead of
-    elementwise tolerances; returns the gate's summary and a failure message or None."""
+    elementwise tolerances; ``per`` is the served model on each input set. Returns the gate and a failure
+    message or None."""
     gate = PRECISION_GATES[precision]
-    served = results["served_onnx"]
-    summary: dict[str, Any] = {"tolerance": {"rtol": gate.tolerance.rtol, "atol": gate.tolerance.atol}}
+    record = PrecisionGateRecord(ToleranceRecord(gate.tolerance.rtol, gate.tolerance.atol))
     if not classification:
-        summary["basis"] = "elementwise"
-        return summary, None if served["passed"] else f"{precision} outputs differ beyond {gate.tolerance}"
-    per = served["inputs"]
+        return record, None if elementwise_passed else f"{precision} outputs differ beyond {gate.tolerance}"
     basis = "validation" if "validation" in per else "random inputs"
-    top1 = per["validation"]["top1_agreement"] if "validation" in per else min(v["top1_agreement"] for v in per.values())
+    top1 = (per["validation"].top1_agreement if "validation" in per
+            else min(v.top1_agreement or 0.0 for v in per.values()))
+    top1 = top1 or 0.0
     max_drop = gate.max_accuracy_drop if opts.max_accuracy_drop is None else opts.max_accuracy_drop
     drop = ((accuracy[truth_name] - accuracy["served_onnx"]) * 100
             if truth_name in accuracy and "served_onnx" in accuracy else None)
-    summary.update(basis=basis, top1_agreement=top1, min_top1=gate.min_top1, accuracy_drop_points=drop,
-                   max_accuracy_drop_points=max_drop)
+    record.basis, record.top1_agreement, record.min_top1 = basis, top1, gate.min_top1
+    record.accuracy_drop_points, record.max_accuracy_drop_points = drop, max_drop
     failure = None
     if top1 < gate.min_top1:
         failure = f"{precision}: top-1 agreement with the float64 truth {top1:.4f} < {gate.min_top1} ({basis})"
     elif drop is not None and drop > max_drop:
         failure = f"{precision}: accuracy drops {drop:.2f} points (at most {max_drop:g} allowed)"
-    served["passed"] = failure is None
-    return summary, failure
+    return record, failure
+
+
+def comparison_record(c: Comparison, out: np.ndarray | None = None, expected: np.ndarray | None = None
+                      ) -> ComparisonRecord:
+    """A comparison as recorded; with ``out`` and ``expected`` (classification) its top-1 agreement too."""
+    record = ComparisonRecord(**c.to_dict())
+    if out is not None and expected is not None:
+        record.top1_agreement = float((out.argmax(1) == expected.argmax(1)).mean())
+    return record
 
 
 # --- the verifier ----------------------------------------------------------------------------------
@@ -201,11 +210,11 @@ def _candidates(vdir: Path, source: SourceModel, opts: VerifyOptions, np_dtype: 
     return {k: source.fit(run) for k, run in candidates.items()}, provider
 
 
-def _evaluate(candidates: dict[str, Callable], sets: dict, truth: Callable[[np.ndarray], np.ndarray], tol: Tolerance,
-              classification: bool, truth_name: str = "reference_float64",
-              served_tol: Tolerance | None = None) -> tuple[dict[str, Any], dict[str, float]]:
+def _evaluate(candidates: dict[str, Run], sets: dict[str, tuple[np.ndarray, np.ndarray | None]], truth: Run,
+              tol: Tolerance, classification: bool, truth_name: str = "reference_float64",
+              served_tol: Tolerance | None = None) -> tuple[dict[str, CandidateResult], dict[str, float]]:
     """Every candidate on every input set against the truth."""
-    results: dict[str, Any] = {name: {"passed": True, "inputs": {}} for name in candidates}
+    results = {name: CandidateResult() for name in candidates}
     accuracy: dict[str, float] = {}
     for set_name, (x, y) in sets.items():
         expected = truth(x)
@@ -213,13 +222,10 @@ def _evaluate(candidates: dict[str, Callable], sets: dict, truth: Callable[[np.n
             out = run(x)
             c = compare(out, expected, served_tol if name == "served_onnx" and served_tol else
                         tol if name != "unfolded_torch" else tolerance_for("float32"))
-            entry = c.to_dict()
-            if classification:
-                entry["top1_agreement"] = float((out.argmax(1) == expected.argmax(1)).mean())
-                if y is not None:
-                    accuracy[name] = float((out.argmax(1) == y).mean())
-            results[name]["inputs"][set_name] = entry
-            results[name]["passed"] &= c.passed
+            results[name].inputs[set_name] = comparison_record(c, *((out, expected) if classification else ()))
+            results[name].passed &= c.passed
+            if classification and y is not None:
+                accuracy[name] = float((out.argmax(1) == y).mean())
         if classification and y is not None:
             accuracy[truth_name] = float((expected.argmax(1) == y).mean())
     for r in results.values():
@@ -227,25 +233,25 @@ def _evaluate(candidates: dict[str, Callable], sets: dict, truth: Callable[[np.n
     return results, accuracy
 
 
-def _summarise(r: dict[str, Any], classification: bool) -> None:
-    per = r["inputs"]
-    r["max_abs"] = max(v["max_abs"] for v in per.values())
-    r["max_rel"] = max(v["max_rel"] for v in per.values())
-    r["mean_abs"] = float(np.mean([v["mean_abs"] for v in per.values()]))
-    worst_set = max(per, key=lambda k: per[k]["max_abs"] / max(per[k]["bound"], 1e-30))
-    r["worst"] = {"input": worst_set, "index": per[worst_set]["worst_index"]}
-    r["frac_over"] = max(v["frac_over"] for v in per.values())
+def _summarise(r: CandidateResult, classification: bool) -> None:
+    per = r.inputs
+    r.max_abs = max(v.max_abs for v in per.values())
+    r.max_rel = max(v.max_rel for v in per.values())
+    r.mean_abs = float(np.mean([v.mean_abs for v in per.values()]))
+    worst_set = max(per, key=lambda k: per[k].max_abs / max(per[k].bound, 1e-30))
+    r.worst = Worst(worst_set, per[worst_set].worst_index)
+    r.frac_over = max(v.frac_over for v in per.values())
     if classification:
-        r["top1_agreement"] = min(v["top1_agreement"] for v in per.values())
+        r.top1_agreement = min(v.top1_agreement or 0.0 for v in per.values())
 
 
-def _failure(results: dict[str, Any], invariance: dict[str, Any], first_bad: dict[str, Any] | None,
-             gate_failure: str | None = None) -> str | None:
-    bad_inv = [k for k, v in invariance.items() if not v["passed"]]
+def _failure(results: dict[str, CandidateResult], invariance: dict[str, ComparisonRecord],
+             first_bad: dict[str, Any] | None, gate_failure: str | None = None) -> str | None:
+    bad_inv = [k for k, v in invariance.items() if not v.passed]
     if bad_inv:
         return (f"batch invariance failed for {bad_inv}: a sample gives a different answer alone than inside a "
                 f"batch (a BN using batch statistics: train-mode export or track_running_stats=False)")
-    bad = [k for k, r in results.items() if not r["passed"]]
+    bad = [k for k, r in results.items() if not r.passed]
     if not bad:
         return None
     where = ""
@@ -259,8 +265,10 @@ def _failure(results: dict[str, Any], invariance: dict[str, Any], first_bad: dic
     return f"outputs differ from the float64 reference beyond tolerance for {bad}{where}"
 
 
-def verify_entry(version_dir: str | Path, opts: VerifyOptions | None = None) -> dict[str, Any]:  # long function: one report
-    """Verify REPO/NAME/VERSION; returns the report (``report["passed"]``) and writes verification.json."""
+def verify_entry(version_dir: str | Path, opts: VerifyOptions | None = None) -> VerificationReport:  # long function: one report
+    """Verify REPO/NAME/VERSION; returns the report (``report.passed``) and writes verification.json."""
+    from folding.kinds import open_source
+
     t0 = time.perf_counter()
     opts = opts or VerifyOptions()
     vdir = Path(version_dir)
@@ -269,74 +277,78 @@ def verify_entry(version_dir: str | Path, opts: VerifyOptions | None = None) -> 
             raise ConfigError(f"{vdir} is not a repository version written by `foldserve fold`: {f} is missing")
     source = open_source(vdir)
     reference, served = onnx.load(str(vdir / REFERENCE_FILE)), onnx.load(str(vdir / MODEL_FILE))
-    fold_report = json.loads((vdir / FOLD_REPORT_FILE).read_text())
+    fold_report = read_fold_report(vdir).onnx
     precision = read_precision(vdir)
-    reduced = precision["precision"] != "fp32"
     np_dtype = model_input_dtype(served)
     tol = tolerance_for(np_dtype.name, opts.rtol, opts.atol)
-    served_tol = PRECISION_GATES[precision["precision"]].tolerance if reduced else tol
+    served_tol = PRECISION_GATES[precision.precision].tolerance if precision.reduced else tol
     candidates, provider = _candidates(vdir, source, opts, np_dtype)
     sets = source.input_sets(opts.batch_sizes, opts.seed, opts.max_validation, np_dtype)
     classification = source.task == "classification"
     truth_name = f"reference_{source.truth_dtype}"
     results, accuracy = _evaluate(candidates, sets, source.truth, tol, classification, truth_name, served_tol)
-    gate, gate_failure = (precision_gate(results, accuracy, precision["precision"], truth_name, opts, classification)
-                          if reduced else (None, None))
+    gate, gate_failure = None, None
+    if precision.reduced:
+        served_result = results["served_onnx"]
+        gate, gate_failure = precision_gate(served_result.inputs, accuracy, precision.precision, truth_name, opts,
+                                            classification, served_result.passed)
+        if classification:
+            served_result.passed = gate_failure is None
     bx = example_input_batch(sets)
-    invariance = {name: batch_invariance(candidates[name], bx, served_tol if name == "served_onnx" else tol).to_dict()
+    invariance = {name: comparison_record(batch_invariance(candidates[name], bx,
+                                                           served_tol if name == "served_onnx" else tol))
                   for name in ("reference_onnx", "served_onnx") if name in candidates and source.batched}
     sites: list[dict[str, Any]] = []
     x_loc = bx[:source.record.batch or len(bx)]
-    if opts.localize and not results["served_onnx"]["passed"]:
-        sites = (localize_layers(reference, served, x_loc, PRECISION_GATES[precision["precision"]].layer_jump)
-                 if reduced else localize(reference, served, fold_report["onnx"]["folded"], x_loc, tol))
+    if opts.localize and not results["served_onnx"].passed:
+        sites = (localize_layers(reference, served, x_loc, PRECISION_GATES[precision.precision].layer_jump)
+                 if precision.reduced else localize(reference, served, fold_report.folded, x_loc, tol))
     first_bad = next((s for s in sites if not s["passed"]), None)
     failure = _failure(results, invariance, first_bad, gate_failure)
-    report = {
-        "report_version": REPORT_VERSION, "passed": failure is None, "model_dir": vdir.name, "dtype": np_dtype.name,
-        "source": {"kind": source.record.kind, "file": source.record.original, "truth": source.truth_dtype,
-                   "batch": "dynamic" if source.batched else source.record.batch},
-        "tolerance": {"rtol": tol.rtol, "atol": tol.atol, "rel_floor": tol.rel_floor}, "provider": provider,
-        "optimization": opts.optimization, "batch_sizes": list(opts.batch_sizes),
-        "inputs": {k: list(v[0].shape) for k, v in sets.items()}, "candidates": results, "accuracy": accuracy,
-        "batch_invariance": invariance,
-        "precision": {**precision, "gate": gate},
-        "localization": {"first_failing_layer": first_bad["layer"] if first_bad else None,
-                         "first_failing_bn": first_bad.get("bn") if first_bad else None, "sites": sites},
-        "warnings": sorted(set(lint_statistics(reference, served) + list(fold_report["onnx"].get("warnings", [])))),
-        "fold": {"bn_before": fold_report["onnx"]["bn_before"], "folded": len(fold_report["onnx"]["folded"]),
-                 "skipped": len(fold_report["onnx"]["skipped"]), "bn_after": fold_report["onnx"].get("bn_after")},
-        "wall_s": round(time.perf_counter() - t0, 3),
-    }
-    if failure:
-        report["failure"] = failure
+    report = VerificationReport(
+        passed=failure is None, model_dir=vdir.name, dtype=np_dtype.name,
+        source=VerifiedSource(source.record.kind, source.record.original, source.truth_dtype,
+                              "dynamic" if source.batched else int(source.record.batch or 0)),
+        tolerance=ToleranceRecord(tol.rtol, tol.atol, tol.rel_floor), provider=provider,
+        optimization=opts.optimization, batch_sizes=list(opts.batch_sizes),
+        inputs={k: list(v[0].shape) for k, v in sets.items()}, candidates=results, accuracy=accuracy,
+        batch_invariance=invariance,
+        precision=VerifiedPrecision(**vars(precision), gate=gate),
+        localization=Localization(first_bad["layer"] if first_bad else None,
+                                  first_bad.get("bn") if first_bad else None, sites),
+        warnings=sorted(set(lint_statistics(reference, served) + list(fold_report.warnings))),
+        fold=FoldCounts(fold_report.bn_before, len(fold_report.folded), len(fold_report.skipped),
+                        fold_report.bn_after),
+        wall_s=round(time.perf_counter() - t0, 3), failure=failure)
     if opts.write:
         write_report(vdir, report)
-    logger.info("verification of %s: %s in %.1f s", vdir, "PASSED" if report["passed"] else "FAILED", report["wall_s"])
+    logger.info("verification of %s: %s in %.1f s", vdir, "PASSED" if report.passed else "FAILED", report.wall_s)
     return report
 
 
-def write_report(vdir: Path, report: dict[str, Any]) -> Path:
+def write_report(vdir: Path, report: VerificationReport) -> Path:
     """verification.json with the SHA-256 of every file it covered (the server serves those bytes only). A
     failing report never replaces a passing one in place: it goes beside it (verification.failed.json) and
-    ``report["written"]`` says so."""
-    report["files"] = entry_digests(vdir)
+    ``report.written`` says so."""
+    report.files = entry_digests(vdir)
     dest = vdir / VERIFICATION_FILE
-    if not report["passed"] and _passed(dest):
+    if not report.passed and _passed(dest):
         dest = vdir / VERIFICATION_FAILED_FILE
-        report["kept"] = (f"{VERIFICATION_FILE} (passed) is kept; this failing report is {VERIFICATION_FAILED_FILE}. "
-                          f"A server still refuses files whose bytes changed since that pass")
-    report["written"] = dest.name
-    write_json(dest, report)
+        report.kept = (f"{VERIFICATION_FILE} (passed) is kept; this failing report is {VERIFICATION_FAILED_FILE}. "
+                       f"A server still refuses files whose bytes changed since that pass")
+    report.written = dest.name
+    write_record(dest, report)
     if dest.name == VERIFICATION_FILE and (vdir / VERIFICATION_FAILED_FILE).exists():
         (vdir / VERIFICATION_FAILED_FILE).unlink()       # a new pass supersedes an older failure
     return dest
 
 
 def _passed(path: Path) -> bool:
+    if not path.is_file():
+        return False
     try:
-        return bool(json.loads(path.read_text()).get("passed"))
-    except (OSError, ValueError, AttributeError):
+        return read_record(VerificationReport, path).passed
+    except RecordError:
         return False
 
 
@@ -345,47 +357,47 @@ def example_input_batch(sets: dict[str, tuple[np.ndarray, Any]]) -> np.ndarray:
     return x[:16]
 
 
-def summary_table(report: dict[str, Any]) -> str:
+def summary_table(report: VerificationReport) -> str:  # long function: one line per part of the report
     """The readable table ``foldserve verify`` prints."""
     lines = [f"{'candidate':<16} {'max_abs':>10} {'max_rel':>10} {'mean_abs':>10} {'over':>7} {'top1':>7}  result",
              "-" * 72]
-    for name, r in report["candidates"].items():
-        top1 = f"{r['top1_agreement']:.4f}" if "top1_agreement" in r else "-"
-        lines.append(f"{name:<16} {r['max_abs']:>10.3g} {r['max_rel']:>10.3g} {r['mean_abs']:>10.3g} "
-                     f"{r['frac_over']:>7.2%} {top1:>7}  {'ok' if r['passed'] else 'FAIL'}")
-    for name, c in report["batch_invariance"].items():
-        lines.append(f"batch invariance {name:<15} max_abs={c['max_abs']:.3g}  {'ok' if c['passed'] else 'FAIL'}")
-    if report.get("accuracy"):
-        lines.append("accuracy (validation): " + ", ".join(f"{k}={v:.4f}" for k, v in report["accuracy"].items()))
-    prec = report.get("precision") or {}
-    if prec.get("precision", "fp32") != "fp32":
-        g = prec.get("gate") or {}
-        line = f"precision {prec['precision']}"
-        if prec.get("calibration_method"):
-            line += (f", calibrated ({prec['calibration_method']}) on {prec.get('calibration_samples')} samples, "
-                     f"{prec.get('activation_type')} activations")
-        if g.get("basis") and g["basis"] != "elementwise":
-            drop = g.get("accuracy_drop_points")
-            line += (f"; gate: top-1 agreement {g['top1_agreement']:.4f} (at least {g['min_top1']}, {g['basis']})" +
-                     (f", accuracy drop {drop:.2f} points (at most {g['max_accuracy_drop_points']:g})"
-                      if drop is not None else ""))
+    for name, r in report.candidates.items():
+        top1 = f"{r.top1_agreement:.4f}" if r.top1_agreement is not None else "-"
+        lines.append(f"{name:<16} {r.max_abs:>10.3g} {r.max_rel:>10.3g} {r.mean_abs:>10.3g} "
+                     f"{r.frac_over:>7.2%} {top1:>7}  {'ok' if r.passed else 'FAIL'}")
+    for name, c in report.batch_invariance.items():
+        lines.append(f"batch invariance {name:<15} max_abs={c.max_abs:.3g}  {'ok' if c.passed else 'FAIL'}")
+    if report.accuracy:
+        lines.append("accuracy (validation): " + ", ".join(f"{k}={v:.4f}" for k, v in report.accuracy.items()))
+    prec = report.precision
+    if prec.reduced:
+        g = prec.gate
+        line = f"precision {prec.precision}"
+        if prec.calibration_method:
+            line += (f", calibrated ({prec.calibration_method}) on {prec.calibration_samples} samples, "
+                     f"{prec.activation_type} activations")
+        if g is not None and g.basis != "elementwise":
+            drop = g.accuracy_drop_points
+            line += (f"; gate: top-1 agreement {g.top1_agreement or 0.0:.4f} (at least {g.min_top1}, {g.basis})" +
+                     (f", accuracy drop {drop:.2f} points (at most {g.max_accuracy_drop_points:g})"
+                      if drop is not None and g.max_accuracy_drop_points is not None else ""))
         lines.append(line)
-        for k in prec.get("kept_float32", [])[:5]:
+        for k in prec.kept_float32[:5]:
             lines.append(f"kept in float32: {k}")
-    src = report.get("source", {})
-    if src:
-        lines.append(f"source: {src['kind']} {src['file']}, truth in {src['truth']}, batch {src['batch']}")
-    lines.append(f"tolerance ({report['dtype']}): |err| <= {report['tolerance']['rtol']:g} * max|y| + "
-                 f"{report['tolerance']['atol']:g}; provider {report['provider']}, optimisation {report['optimization']}")
-    for w in report["warnings"]:
+    src = report.source
+    if src is not None:
+        lines.append(f"source: {src.kind} {src.file}, truth in {src.truth}, batch {src.batch}")
+    if report.tolerance is not None:
+        lines.append(f"tolerance ({report.dtype}): |err| <= {report.tolerance.rtol:g} * max|y| + "
+                     f"{report.tolerance.atol:g}; provider {report.provider}, optimisation {report.optimization}")
+    for w in report.warnings:
         lines.append(f"warning: {w}")
-    loc = report.get("localization", {})
-    if loc.get("first_failing_layer") and loc.get("first_failing_bn"):
-        lines.append(f"first layer over tolerance: {loc['first_failing_layer']} (folded {loc['first_failing_bn']})")
-    elif loc.get("first_failing_layer"):
-        lines.append(f"first layer whose error jumps: {loc['first_failing_layer']}")
-    lines.append(("PASSED" if report["passed"] else f"FAILED: {report.get('failure', '')}") +
-                 f"  ({report['wall_s']:.1f} s)")
-    if report.get("kept"):
-        lines.append(f"note: {report['kept']}")
+    loc = report.localization
+    if loc.first_failing_layer and loc.first_failing_bn:
+        lines.append(f"first layer over tolerance: {loc.first_failing_layer} (folded {loc.first_failing_bn})")
+    elif loc.first_failing_layer:
+        lines.append(f"first layer whose error jumps: {loc.first_failing_layer}")
+    lines.append(("PASSED" if report.passed else f"FAILED: {report.failure or ''}") + f"  ({report.wall_s:.1f} s)")
+    if report.kept:
+        lines.append(f"note: {report.kept}")
     return "\n".join(lines)

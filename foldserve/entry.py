@@ -12,27 +12,25 @@
     REPO/NAME/VERSION/precision.json  fp16/int8 variants: precision, calibration (absent for fp32)
     REPO/NAME/VERSION/fold_report.json, preprocess.json, labels.txt, verification.json
 
-This module knows names and layouts only; it imports nothing heavier than the standard library.
+This module knows names and layouts only; the records themselves are typed in :mod:`foldserve.records`.
 """
 from __future__ import annotations
 
 import hashlib
-import json
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 from foldserve.errors import EntryError
 from foldserve.names import is_version_folder
+from foldserve.records import (EntryFoldReport, PrecisionInfo, Preprocess, SourceRecord, VerificationReport,
+                               read_record)
 
 MODEL_FILE = "model.onnx"
 REFERENCE_FILE = "reference.onnx"
 SOURCE_FILE = "source.pt"
 SOURCE_RECORD_FILE = "source.json"
-# the kinds of model `foldserve fold` accepts, and the file each keeps in the version folder
-SOURCE_KINDS = ("checkpoint", "onnx", "pt2", "torchscript")
-SOURCE_FILES = {"checkpoint": SOURCE_FILE, "onnx": REFERENCE_FILE, "pt2": "source.pt2",
-                "torchscript": "source.torchscript.pt"}
+# the source file a version keeps, by kind (folding.kinds: one class per kind says which it keeps)
+PROGRAM_FILE = "source.pt2"
+TORCHSCRIPT_FILE = "source.torchscript.pt"
 FOLD_REPORT_FILE = "fold_report.json"
 PREPROCESS_FILE = "preprocess.json"
 VERIFICATION_FILE = "verification.json"
@@ -62,98 +60,35 @@ def read_labels(model_dir: Path, version_dir: Path | None = None) -> list[str]:
     return []
 
 
-@dataclass
-class Preprocess:
-    """How raw data becomes the model's input, recorded next to the model (and served in its metadata)."""
-
-    input_name: str = INPUT_NAME
-    output_name: str = OUTPUT_NAME
-    input_shape: list[int] = field(default_factory=list)       # per sample, without the batch axis
-    normalization: dict[str, list[float]] | None = None       # {"mean": [...], "std": [...]} per channel
-    normalization_in_model: bool = True                        # the served model normalises itself
-    input_range: list[float] | None = None                     # [min, max] of the raw data it was trained on
-    task: str = "classification"                               # classification | denoising | other
-    class_names: list[str] = field(default_factory=list)
-    dataset: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Preprocess":
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
-
-
 def read_preprocess(version_dir: Path) -> Preprocess | None:
-    path = version_dir / PREPROCESS_FILE
-    if not path.is_file():
-        return None
-    try:
-        return Preprocess.from_dict(json.loads(path.read_text()))
-    except (OSError, ValueError, TypeError) as exc:
-        raise EntryError(f"{version_dir.name}/{PREPROCESS_FILE}: unreadable ({exc})") from None
-
-
-@dataclass
-class SourceRecord:
-    """What a version was folded from, so that the verifier can rebuild the unfolded truth later."""
-
-    kind: str = "checkpoint"                                   # one of SOURCE_KINDS
-    original: str = ""                                         # the file's name as the user gave it (no path)
-    sha256: str = ""                                           # of that file
-    input_name: str = INPUT_NAME
-    output_name: str = OUTPUT_NAME
-    input_shape: list[int] = field(default_factory=list)       # per sample, concrete (random inputs are drawn so)
-    batch: int | None = None                                   # None: dynamic batch axis; N: the model's fixed one
-    normalization: dict[str, list[float]] | None = None       # declared with --normalize, baked into both models
-    data: str | None = None                                    # --data FILE.npz (x, optional y): real samples
-    data_skip: int = 0                                         # the first N of them calibrated int8: not verified on
-    task: str = "classification"
-    truth_dtype: str = "float64"                               # what the unfolded program runs in as the truth
-
-    @property
-    def file(self) -> str:
-        return SOURCE_FILES[self.kind]
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SourceRecord":
-        record = cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
-        if record.kind not in SOURCE_KINDS:
-            raise EntryError(f"{SOURCE_RECORD_FILE}: unknown source kind {record.kind!r}; expected one of "
-                             f"{', '.join(SOURCE_KINDS)}")
-        return record
+    path = Path(version_dir) / PREPROCESS_FILE
+    return read_record(Preprocess, path) if path.is_file() else None
 
 
 def read_source_record(version_dir: Path) -> SourceRecord:
     """The version's source record; versions folded before records existed are trainer checkpoints."""
+    version_dir = Path(version_dir)
     path = version_dir / SOURCE_RECORD_FILE
     if not path.is_file():
         if (version_dir / SOURCE_FILE).is_file():
             return SourceRecord(kind="checkpoint")
         raise EntryError(f"{version_dir.name}: not a version written by `foldserve fold` (no {SOURCE_RECORD_FILE} "
                          f"or {SOURCE_FILE})")
-    try:
-        return SourceRecord.from_dict(json.loads(path.read_text()))
-    except (OSError, ValueError, TypeError) as exc:
-        raise EntryError(f"{version_dir.name}/{SOURCE_RECORD_FILE}: unreadable ({exc})") from None
+    return read_record(SourceRecord, path)
 
 
-def read_precision(version_dir: Path) -> dict[str, Any]:
-    """The served model's precision record ({"precision": "fp32"} for versions without one)."""
+def read_precision(version_dir: Path) -> PrecisionInfo:
+    """The served model's precision record (fp32 for versions without one)."""
     path = Path(version_dir) / PRECISION_FILE
-    if not path.is_file():
-        return {"precision": "fp32"}
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise EntryError(f"{Path(version_dir).name}/{PRECISION_FILE}: unreadable ({exc})") from None
-    if not isinstance(record, dict) or record.get("precision") not in ("fp32", "fp16", "int8"):
-        raise EntryError(f"{Path(version_dir).name}/{PRECISION_FILE}: precision must be fp32, fp16 or int8")
-    return record
+    return read_record(PrecisionInfo, path) if path.is_file() else PrecisionInfo()
+
+
+def read_fold_report(version_dir: Path) -> EntryFoldReport:
+    return read_record(EntryFoldReport, Path(version_dir) / FOLD_REPORT_FILE)
+
+
+def read_verification_report(version_dir: Path) -> VerificationReport:
+    return read_record(VerificationReport, Path(version_dir) / VERIFICATION_FILE)
 
 
 def sha256_file(path: Path) -> str:

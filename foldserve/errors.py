@@ -35,6 +35,19 @@ class CheckpointError(UserError):
     """A checkpoint that is missing, corrupt, foreign, or of an unsupported format version."""
 
 
+class NotACheckpoint(CheckpointError):
+    """A ``torch.save`` file that loads but is not a foldserve checkpoint (no format marker)."""
+
+
+class UnreadableCheckpoint(CheckpointError):
+    """A file ``torch.load(weights_only=True)`` refuses: corrupt, or a pickle of code. ``reason`` is torch's
+    first sentence (what the pickle tried to load)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 class FoldError(UserError):
     """A model that the folding pass refuses (train mode, untraceable, malformed graph)."""
 

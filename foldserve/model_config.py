@@ -119,6 +119,10 @@ def add_default_warmup(config: ModelConfig) -> None:
                 w.inputs[t.name].zero_data = True
 
 
-def interface(config: ModelConfig) -> tuple[int, list[TensorSpec], list[TensorSpec]]:
+#: what a client relies on: (max_batch_size, inputs, outputs)
+Interface = tuple[int, list[TensorSpec], list[TensorSpec]]
+
+
+def interface(config: ModelConfig) -> Interface:
     """What a client of the model relies on: (max_batch_size, inputs, outputs)."""
     return (int(config.max_batch_size), tensors(config.input, "input"), tensors(config.output, "output"))

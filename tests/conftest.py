@@ -46,8 +46,8 @@ def digits_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def repository(digits_run, tmp_path_factory) -> Path:
     """A repository with the digits model ('digits') built by the real pipeline (train -> fold -> verify)."""
-    from folding.export import build_entry
+    from folding.export import FoldRequest, build_entry
 
     repo = tmp_path_factory.mktemp("repository")
-    build_entry(digits_run / "checkpoint.pt", repo, "digits", 1)
+    build_entry(FoldRequest(digits_run / "checkpoint.pt", repo, "digits", 1))
     return repo

@@ -200,7 +200,7 @@ def test_interrupted_first_fold_leaves_no_empty_model_folder(digits_run, tmp_pat
         raise KeyboardInterrupt
     monkeypatch.setattr(export, "_write_version", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        export.build_entry(digits_run / "checkpoint.pt", tmp_path / "repo", "m", 1)
+        export.build_entry(export.FoldRequest(digits_run / "checkpoint.pt", tmp_path / "repo", "m", 1))
     assert not (tmp_path / "repo" / "m").exists()
 
 

@@ -30,7 +30,8 @@ import torch
 
 from foldserve.atomic import write_with
 from foldserve.entry import sha256_file
-from foldserve.errors import CheckpointError, ConfigError
+from foldserve.errors import CheckpointError, ConfigError, NotACheckpoint, UnreadableCheckpoint
+from foldserve.records import CheckpointMeta, RecordError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -58,10 +59,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError,
             AttributeError, TypeError) as exc:
-        raise CheckpointError(f"checkpoint {path}: cannot be read as a torch checkpoint "
-                              f"({_first_sentence(exc)})") from None
+        reason = _first_sentence(exc)
+        raise UnreadableCheckpoint(f"checkpoint {path}: cannot be read as a torch checkpoint ({reason})",
+                                   reason) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {path}: not a foldserve checkpoint (no format marker "
+        raise NotACheckpoint(f"checkpoint {path}: not a foldserve checkpoint (no format marker "
                               f"{FORMAT!r}); write it with `foldserve train`")
     if ckpt.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path}: format version {ckpt.get('format_version')!r} is not "
@@ -69,6 +71,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     missing = [k for k in REQUIRED if k not in ckpt]
     if missing:
         raise CheckpointError(f"checkpoint {path}: missing fields {missing}")
+    try:
+        CheckpointMeta.of(ckpt, f"checkpoint {path}")
+    except RecordError as exc:
+        raise CheckpointError(str(exc)) from None
     return ckpt
 
 
@@ -94,15 +100,16 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> torch.nn.Module:
     """Rebuild the eval-mode model from a loaded checkpoint."""
     from trainer.models import build_model
 
+    meta = CheckpointMeta.of(ckpt)
     try:
-        model = build_model(ckpt["arch"], ckpt["arch_args"])
+        model = build_model(meta.arch, meta.arch_args)
     except ConfigError as exc:
         raise CheckpointError(f"checkpoint describes a model this foldserve cannot build: {exc}") from None
     try:
         model.load_state_dict(ckpt["model_state"])
     except RuntimeError as exc:
-        raise CheckpointError(f"checkpoint weights do not fit architecture {ckpt['arch']!r}: "
-                              f"{str(exc).splitlines()[0]}") from None
+        raise CheckpointError(f"checkpoint weights do not fit architecture {meta.arch!r}: "
+                              f"{first_line(exc)}") from None
     return model.eval()
 
 

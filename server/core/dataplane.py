@@ -118,7 +118,7 @@ class DataPlane:
         lv = self.registry.get(name, version)
         spec = lv.spec
         params = {"verification": lv.verification.to_dict(), "provider": lv.runtime.provider,
-                  "version": str(lv.version), "precision": lv.precision}
+                  "version": str(lv.version), "precision": lv.precision.to_json()}
         if lv.preprocess is not None:
             params["preprocess"] = lv.preprocess
         return ModelMetadata(

@@ -15,6 +15,7 @@ from foldserve.datatypes import lookup, numpy_dtype
 from foldserve.entry import MODEL_FILE, read_precision
 from foldserve.errors import EntryError, ModelNotReady, UnsupportedDataType
 from foldserve.model_config import ModelConfig, mc
+from foldserve.records import PrecisionInfo, first_line
 from server.core.model_config import complete_config, to_spec
 from server.core.repository import ModelRepository, VerificationSummary, read_verification
 from server.core.runtime import OnnxModel
@@ -37,7 +38,7 @@ class LoadedVersion:
     stats: ModelStats
     verification: VerificationSummary
     preprocess: dict[str, Any] | None
-    precision: dict[str, Any]
+    precision: PrecisionInfo
     request_bytes_limit: int          # the largest request this model can need (REST bodies are cut there)
     request_elements_limit: int       # the most tensor elements a request can carry (JSON numbers past it: 413)
 
@@ -67,8 +68,8 @@ def build_version(repo: ModelRepository, name: str, version: int, config: ModelC
         precision = read_precision(vdir)
     except EntryError as exc:
         raise ModelNotReady(str(exc)) from None
-    cfg.parameters["foldserve_precision"].string_value = precision["precision"]   # this version's, exactly
-    cfg.parameters["foldserve_precision_record"].string_value = json.dumps(precision, sort_keys=True)
+    cfg.parameters["foldserve_precision"].string_value = precision.precision   # this version's, exactly
+    cfg.parameters["foldserve_precision_record"].string_value = json.dumps(precision.to_json(), sort_keys=True)
     if preprocess is not None:
         cfg.parameters["foldserve_preprocess"].string_value = json.dumps(preprocess, sort_keys=True)
     spec = to_spec(cfg, repo.labels(name, version), s.instances)
@@ -104,7 +105,7 @@ def check_onnx(path: Path, vdir: Path) -> None:
     except ModelNotReady:
         raise
     except Exception as exc:  # checker/decoder errors of many types
-        first = str(exc).splitlines()[0][:300] if str(exc) else ""
+        first = first_line(exc, 300) if str(exc).strip() else ""
         raise ModelNotReady(f"{path.name} is not a valid ONNX model ({type(exc).__name__}: "
                             f"{first.replace(str(vdir.resolve()), '.').replace(str(vdir), '.')})") from None
 
@@ -137,7 +138,7 @@ def warmup(spec: ModelSpec, runtime: OnnxModel, model_dir: Path) -> float:
             return _timed_runs(runtime, _zero_feeds(spec), 1, 1)
         except Exception as exc:  # undeclared: a model that rejects zeros can still serve
             logger.warning("warm-up of %s with zeros failed (%s); declare model_warmup in config.pbtxt",
-                           spec.name, str(exc).splitlines()[0][:200])
+                           spec.name, first_line(exc, 200))
             return best
     rng = np.random.default_rng(0)
     for w in entries:
@@ -147,7 +148,7 @@ def warmup(spec: ModelSpec, runtime: OnnxModel, model_dir: Path) -> float:
         except ModelNotReady:
             raise
         except Exception as exc:
-            raise ModelNotReady(f"model_warmup {w.name!r} failed: {str(exc).splitlines()[0][:200]}") from None
+            raise ModelNotReady(f"model_warmup {w.name!r} failed: {first_line(exc, 200)}") from None
         if w.batch_size <= 1:
             best = min(best, per_sample)
     logger.info("warmed up %s (%s) in %.2f s", spec.name, ", ".join(f"{w.name} x{max(1, w.count)}" for w in entries),

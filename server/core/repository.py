@@ -3,7 +3,6 @@ say. Discovery only: loading and the loaded versions live in :mod:`server.core.r
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from foldserve.entry import (MODEL_FILE, VERIFICATION_FILE, digest_mismatches, r
 from foldserve.errors import EntryError, InvalidInput, ModelNotFound, ModelNotReady
 from foldserve.model_config import CONFIG_FILE, ModelConfig
 from foldserve.names import RULE, VERSION_RULE, is_valid_model_name, parse_version
+from foldserve.records import RecordError, VerificationReport, read_record
 from server.core.model_config import read_servable_config
 
 logger = logging.getLogger(__name__)
@@ -58,17 +58,18 @@ def read_verification(version_dir: Path, model_file: str = MODEL_FILE) -> Verifi
     if not path.is_file():
         return VerificationSummary(False, "no verification.json (run `foldserve verify`)")
     try:
-        report = json.loads(path.read_text())
-        served = report.get("candidates", {}).get("served_onnx", {})
-        summary = VerificationSummary(bool(report.get("passed")), report.get("failure", ""), served.get("max_abs"),
-                                      served.get("max_rel"), served.get("top1_agreement"), report.get("provider"),
-                                      report.get("tolerance"), len(report.get("warnings", [])))
-        files = report.get("files")
-    except (OSError, ValueError, AttributeError) as exc:
-        return VerificationSummary(False, f"unreadable verification.json ({type(exc).__name__})")
+        report = read_record(VerificationReport, path)
+    except RecordError as exc:
+        return VerificationSummary(False, f"unusable verification.json ({exc})")
+    served = report.served
+    summary = VerificationSummary(report.passed, report.failure or "", served.max_abs if served else None,
+                                  served.max_rel if served else None, served.top1_agreement if served else None,
+                                  report.provider or None, report.tolerance.to_json() if report.tolerance else None,
+                                  len(report.warnings))
+    files = report.files
     if not summary.passed:
         return summary
-    if not isinstance(files, dict) or model_file not in files:
+    if model_file not in files:
         return VerificationSummary(False, f"verification.json records no SHA-256 of {model_file} (written by an "
                                           f"older foldserve?): re-run `foldserve verify`")
     changed = digest_mismatches(version_dir, files)
@@ -121,12 +122,13 @@ class ModelRepository:
         return read_labels(self.model_dir(name), self.version_dir(name, version))
 
     def preprocess(self, name: str, version: int) -> dict[str, Any] | None:
+        """The version's preprocess.json in its JSON form (served as metadata as it is), or None."""
         try:
             record = read_preprocess(self.version_dir(name, version))
         except EntryError as exc:
             logger.warning("%s", exc)
             return None
-        return record.to_dict() if record else None
+        return record.to_json() if record else None
 
     def describe(self) -> str:
         """What a repository looks like, for messages about an empty or wrong one."""

@@ -16,6 +16,7 @@ import numpy as np
 from foldserve.datatypes import lookup
 from foldserve.errors import FoldserveError, ModelNotReady
 from foldserve.model_config import TensorSpec
+from foldserve.records import first_line
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ class OnnxModel:
                                                 providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types for bad files
             raise ModelNotReady(f"{label}: onnxruntime cannot load it ({type(exc).__name__}: "
-                                f"{str(exc).splitlines()[0][:300]})") from None
+                                f"{first_line(exc, 300)})") from None
         self.provider = self.session.get_providers()[0]
         self.device_id = device_id
         self.use_binding = io_binding and self.provider == "CUDAExecutionProvider"

@@ -199,8 +199,8 @@ def test_a_broken_fold_of_a_user_model_is_caught_and_localised(byom_repo, tmp_pa
     t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * 1.05, t.name))
     onnx.save(m, str(vdir / "model.onnx"))
     report = verify_entry(vdir, VerifyOptions(batch_sizes=(2,), write=False))
-    assert not report["passed"] and report["candidates"]["unfolded_torch"]["passed"]
-    assert report["localization"]["first_failing_layer"] == target["into"]
+    assert not report.passed and report.candidates["unfolded_torch"].passed
+    assert report.localization.first_failing_layer == target["into"]
 
 
 def _truncate(src: Path, dst: Path) -> Path:

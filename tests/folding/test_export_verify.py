@@ -12,7 +12,8 @@ from onnx import numpy_helper
 
 from cli.main import main as cli_main
 from folding import fold_onnx
-from folding.export import build_entry, example_input
+from folding.export import FoldRequest, build_entry, example_input
+from foldserve.records import CheckpointMeta
 from folding.verify import VerifyOptions, ort_session, verify_entry
 from trainer.checkpoint import load_checkpoint, model_from_checkpoint
 from trainer.models import ARCHITECTURES
@@ -22,7 +23,7 @@ from trainer.train import TrainConfig, train
 @pytest.fixture(scope="module")
 def entry(digits_run, tmp_path_factory):
     repo = tmp_path_factory.mktemp("repo")
-    result = build_entry(digits_run / "checkpoint.pt", repo, "digits", 1)
+    result = build_entry(FoldRequest(digits_run / "checkpoint.pt", repo, "digits", 1))
     return result
 
 
@@ -56,7 +57,7 @@ def test_repository_entry_in_triton_layout(entry, digits_run):
     # onnxruntime loads it and it matches the checkpoint's eval outputs
     ckpt = load_checkpoint(digits_run / "checkpoint.pt")
     model = model_from_checkpoint(ckpt)
-    x = example_input(ckpt, 11, seed=5)
+    x = example_input(CheckpointMeta.of(ckpt), 11, seed=5)
     with torch.no_grad():
         expected = model(x).numpy()
     got = ort_session(vdir / "model.onnx", "all").run(None, {"input": x.numpy()})[0]
@@ -123,9 +124,9 @@ def test_verifier_fails_a_fold_with_the_wrong_eps(entry, tmp_path):
     wrong, _ = fold_onnx(reference)
     onnx.save(wrong, str(vdir / "model.onnx"))
     report = verify_entry(vdir, VerifyOptions())
-    assert report["passed"] is False
-    assert not report["candidates"]["served_onnx"]["passed"]
-    assert report["candidates"]["folded_torch"]["passed"]  # the torch fold (right eps) still passes
+    assert report.passed is False
+    assert not report.candidates["served_onnx"].passed
+    assert report.candidates["folded_torch"].passed  # the torch fold (right eps) still passes
 
 
 def test_batch_invariance_catches_a_train_mode_export(entry, tmp_path):
@@ -135,14 +136,14 @@ def test_batch_invariance_catches_a_train_mode_export(entry, tmp_path):
     import io
 
     buf = io.BytesIO()
-    torch.onnx.export(model, (example_input(ckpt, 4),), buf, dynamo=False, training=torch.onnx.TrainingMode.TRAINING,
+    torch.onnx.export(model, (example_input(CheckpointMeta.of(ckpt), 4),), buf, dynamo=False, training=torch.onnx.TrainingMode.TRAINING,
                       do_constant_folding=False, input_names=["input"], output_names=["output"], opset_version=17,
                       dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
     (vdir / "model.onnx").write_bytes(buf.getvalue())
     report = verify_entry(vdir, VerifyOptions())
-    assert report["passed"] is False
-    assert not report["batch_invariance"]["served_onnx"]["passed"]
-    assert "batch invariance failed" in report["failure"]
+    assert report.passed is False
+    assert not report.batch_invariance["served_onnx"].passed
+    assert "batch invariance failed" in (report.failure or "")
 
 
 def test_batch_invariance_catches_track_running_stats_false():
@@ -188,8 +189,8 @@ def test_existing_version_is_not_overwritten(entry, digits_run, capsys):
 def test_verifier_passes_every_trainer_architecture(arch, placement, tmp_path):
     result = train(TrainConfig(arch=arch, dataset="synthetic", epochs=1, out=str(tmp_path / "run"),
                                bn_placement=placement, progress=False))
-    entry = build_entry(result.checkpoint, tmp_path / "repo", "m", 1,
-                        verify_options=VerifyOptions(batch_sizes=(1, 5)))
-    assert entry.verification["passed"], entry.verification.get("failure")
+    entry = build_entry(FoldRequest(result.checkpoint, tmp_path / "repo", "m", 1,
+                                    verify_options=VerifyOptions(batch_sizes=(1, 5))))
+    assert entry.verification is not None and entry.verification.passed, entry.verification
     if placement == "before":
         assert entry.onnx_report.bn_after == 0

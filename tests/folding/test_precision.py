@@ -9,7 +9,7 @@ import onnx
 import pytest
 import torch
 
-from folding.export import build_entry
+from folding.export import FoldRequest, build_entry
 from folding.verify import VerifyOptions
 from tests.conftest import run_cli
 
@@ -34,12 +34,14 @@ def _ops(path) -> set[str]:
 @pytest.mark.parametrize("arch", ["resnet", "mlp"])
 def test_each_precision_on_two_architectures(digits_run, mlp_run, tmp_path, arch, precision):
     run = digits_run if arch == "resnet" else mlp_run
-    result = build_entry(run / "checkpoint.pt", tmp_path / "repo", "m", 1, precision=precision, verify_options=FAST)
+    result = build_entry(FoldRequest(run / "checkpoint.pt", tmp_path / "repo", "m", 1, precision=precision,
+                                     verify_options=FAST))
     report, vdir = result.verification, result.version_dir
-    assert report["passed"], report.get("failure")
-    gate = report["precision"]["gate"]
-    assert report["precision"]["precision"] == precision and gate["basis"] == "validation"
-    assert gate["accuracy_drop_points"] <= 1.0 and gate["top1_agreement"] >= 0.9
+    assert report is not None and report.passed, report
+    gate = report.precision.gate
+    assert report.precision.precision == precision and gate is not None and gate.basis == "validation"
+    assert gate.accuracy_drop_points is not None and gate.accuracy_drop_points <= 1.0
+    assert gate.top1_agreement is not None and gate.top1_agreement >= 0.9
     record = json.loads((vdir / "precision.json").read_text())
     assert record["precision"] == precision
     assert 'key: "foldserve_precision"' in (tmp_path / "repo" / "m" / "config.pbtxt").read_text()
@@ -86,11 +88,12 @@ def test_fp16_of_a_near_zero_running_variance_does_not_overflow(tmp_path):
         torch.onnx.export(model, (torch.randn(2, 3, 8, 8),), str(tmp_path / "tiny_var.onnx"), dynamo=False,
                           do_constant_folding=False, input_names=["x"], output_names=["y"],
                           dynamic_axes={"x": {0: "b"}, "y": {0: "b"}})
-    result = build_entry(tmp_path / "tiny_var.onnx", tmp_path / "repo", "tiny", 1, precision="fp16",
-                         verify_options=FAST)
+    result = build_entry(FoldRequest(tmp_path / "tiny_var.onnx", tmp_path / "repo", "tiny", 1, precision="fp16",
+                                     verify_options=FAST))
     report = result.verification
-    assert report["precision"]["kept_float32"], "the overflowing layer was not kept in float32"
-    assert report["passed"], report.get("failure")
+    assert report is not None
+    assert report.precision.kept_float32, "the overflowing layer was not kept in float32"
+    assert report.passed, report.failure
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(result.version_dir / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -105,8 +108,8 @@ def test_served_int8_answer_equals_onnxruntime_on_the_same_file(digits_run, tmp_
     from tests.server.conftest import ServerProcess, digits_batch
 
     repo = tmp_path / "repo"
-    build_entry(digits_run / "checkpoint.pt", repo, "d8", 1, precision="int8", verify_options=FAST)
-    build_entry(digits_run / "checkpoint.pt", repo, "d8", 2, verify_options=FAST)                 # fp32 beside it
+    build_entry(FoldRequest(digits_run / "checkpoint.pt", repo, "d8", 1, precision="int8", verify_options=FAST))
+    build_entry(FoldRequest(digits_run / "checkpoint.pt", repo, "d8", 2, verify_options=FAST))                # fp32 beside it
     (repo / "d8" / "config.pbtxt").write_text((repo / "d8" / "config.pbtxt").read_text().replace(
         "latest {\n    num_versions: 1", "all {"))
     x = digits_batch(8)

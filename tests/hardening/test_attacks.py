@@ -467,13 +467,13 @@ def test_fold_force_killed_at_any_moment_leaves_a_complete_version(digits_run, t
     match verification.json's SHA-256s), and the next fold removes the leftover staging folders."""
     import subprocess
 
-    from folding.export import build_entry
+    from folding.export import FoldRequest, build_entry
     from foldserve.swap import OLD_PREFIX, STAGING_PREFIX
     from server.core.repository import read_verification
     from tests.conftest import BIN
 
     repo = tmp_path / "repo"
-    build_entry(digits_run / "checkpoint.pt", repo, "m", 1)
+    build_entry(FoldRequest(digits_run / "checkpoint.pt", repo, "m", 1))
     cmd = [str(BIN / "foldserve"), "fold", str(digits_run / "checkpoint.pt"), "--repository", str(repo), "--name",
            "m", "--version", "1", "--force", "--batch-sizes", "1"]
     delays = np.linspace(1.0, 6.0, 16 if FULL else 6)

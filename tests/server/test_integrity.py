@@ -78,9 +78,9 @@ def test_a_failing_reverification_never_replaces_a_passing_report(repository, tm
     shutil.copytree(repository / MODEL / "1", vdir)
     passing = (vdir / "verification.json").read_text()
     report = verify_entry(vdir, VerifyOptions(batch_sizes=(2,), rtol=0.0, atol=0.0))     # impossible tolerance
-    assert not report["passed"] and report["written"] == "verification.failed.json" and "kept" in report
+    assert not report.passed and report.written == "verification.failed.json" and report.kept
     assert (vdir / "verification.json").read_text() == passing
     assert not json.loads((vdir / "verification.failed.json").read_text())["passed"]
     report = verify_entry(vdir, VerifyOptions(batch_sizes=(2,)))
-    assert report["passed"] and report["written"] == "verification.json"
+    assert report.passed and report.written == "verification.json"
     assert not (vdir / "verification.failed.json").exists()

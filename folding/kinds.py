@@ -1,0 +1,439 @@
+"""Source kinds: what ``foldserve fold`` accepts, one class per kind in one registry.
+
+Each kind knows how to recognise its files (``detect_kind`` reads the content, not the name), how to make one
+ready for an entry (``prepare``: the unfolded reference ONNX, the fold, the records and the files to keep),
+and how the verifier reruns the unfolded truth later (``open``: a :class:`folding.source.SourceModel`):
+
+* :class:`CheckpointKind`: a foldserve trainer checkpoint (``source.pt``); folded by both passes;
+* :class:`OnnxKind`: an ONNX file (kept as ``reference.onnx``, with the declared normalisation);
+* :class:`Pt2Kind` / :class:`TorchScriptKind` (:class:`ProgramKind`): a ``torch.export`` program or a
+  TorchScript module (kept as ``source.pt2`` / ``source.torchscript.pt``), exported with BN kept.
+
+A new kind is one subclass and one entry in ``KINDS`` (plus its branch in ``detect_kind``, which sniffs file
+content in one place).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import warnings
+import zipfile
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import onnx
+import torch
+
+from foldserve.entry import (INPUT_NAME, OUTPUT_NAME, PROGRAM_FILE, REFERENCE_FILE, SOURCE_FILE, TORCHSCRIPT_FILE,
+                             read_source_record)
+from foldserve.errors import (CheckpointError, ConfigError, EntryError, FoldError, NotACheckpoint,
+                              UnreadableCheckpoint)
+from foldserve.records import CheckpointMeta, FoldReport, Preprocess, SourceRecord, first_line
+from folding.onnx_fold import fold_onnx
+from folding.onnx_io import check_bn_kept, export_dynamo, export_torchscript
+from folding.programs import EXPECTED, Options, finish_reference, load_onnx_file, resolve_shape
+from folding.source import CheckpointSource, OnnxSource, ProgramSource, SourceModel, example_input, training_samples
+from folding.torch_fold import fold_module
+from trainer.checkpoint import file_sha256, load_checkpoint, model_from_checkpoint, save_checkpoint
+
+logger = logging.getLogger(__name__)
+
+#: the checkpoint keys a version's source.pt keeps (the weights and what rebuilds the model; no optimiser state)
+SOURCE_KEYS = ("arch", "arch_args", "model_state", "task", "normalization", "class_names", "input_shape", "config",
+               "dataset", "metrics", "epoch", "input_range")
+
+Calibration = Callable[[int], "tuple[np.ndarray | None, str]"]
+
+
+@dataclass
+class Prepared:
+    """A source made ready to install: reference and folded ONNX, reports, and how to write its files."""
+
+    reference: onnx.ModelProto
+    folded: onnx.ModelProto
+    onnx_report: FoldReport
+    record: SourceRecord
+    preprocess: Preprocess
+    default_name: str
+    write_source: Callable[[Path], None]          # staging dir -> None: the source's own files
+    torch_report: FoldReport | None = None
+    labels: list[str] = field(default_factory=list)
+    stamp: dict[str, str] = field(default_factory=dict)
+    external_data: bool = False
+    calibration: Calibration | None = None        # n -> (training samples, where from): int8 without --data
+
+
+class SourceKind(ABC):
+    """One kind of model ``foldserve fold`` takes."""
+
+    name: ClassVar[str]
+    source_file: ClassVar[str]           # what the version folder keeps of it
+    description: ClassVar[str]
+
+    @abstractmethod
+    def prepare(self, path: Path, opts: Options, labels_file: str | None) -> Prepared: ...
+
+    @abstractmethod
+    def open(self, vdir: Path, record: SourceRecord) -> SourceModel: ...
+
+    def check_options(self, opts: Options, labels_file: str | None) -> None:
+        """Flags that make no sense for this kind (before any work)."""
+
+
+# --- a trainer checkpoint --------------------------------------------------------------------------------
+
+class CheckpointKind(SourceKind):
+    name = "checkpoint"
+    source_file = SOURCE_FILE
+    description = "a foldserve checkpoint"
+
+    def check_options(self, opts: Options, labels_file: str | None) -> None:
+        if labels_file:
+            raise ConfigError("--labels is for models brought from elsewhere: a checkpoint records its class names")
+        for flag, value in (("--normalize", opts.normalize), ("--input-shape", opts.input_shape),
+                            ("--input-name", opts.input_name), ("--output-name", opts.output_name)):
+            if value:
+                raise ConfigError(f"{flag} is for models brought from elsewhere: a foldserve checkpoint records its "
+                                  f"own input, names and normalisation")
+
+    def prepare(self, path: Path, opts: Options, labels_file: str | None) -> Prepared:
+        ckpt_path = path / "checkpoint.pt" if path.is_dir() else path
+        try:
+            ckpt = load_checkpoint(ckpt_path)
+        except NotACheckpoint:
+            raise CheckpointError(f"{ckpt_path.name}: a torch.save file that is not a foldserve checkpoint; fold "
+                                  f"takes {EXPECTED}") from None
+        except UnreadableCheckpoint as exc:
+            raise CheckpointError(f"{ckpt_path.name}: a torch.save pickle that is not a foldserve checkpoint "
+                                  f"({exc.reason}); foldserve does not unpickle code: save a module with "
+                                  f"torch.export.save(torch.export.export(model, (x,)), 'model.pt2'), torch.jit.save, "
+                                  f"or as ONNX") from None
+        meta = CheckpointMeta.of(ckpt, ckpt_path.name)
+        model = model_from_checkpoint(ckpt)
+        reference, folded, onnx_report, torch_report = fold_both(meta, model)
+        labels = list(meta.class_names) if meta.task == "classification" else []
+        record = SourceRecord(kind=self.name, original=ckpt_path.name, sha256=file_sha256(ckpt_path),
+                              input_shape=meta.input_shape, normalization=meta.normalization, task=meta.task,
+                              data=str(Path(opts.data).resolve()) if opts.data else None)
+        preprocess = Preprocess(input_shape=meta.input_shape, normalization=meta.normalization,
+                                input_range=meta.input_range, task=meta.task, class_names=labels,
+                                dataset=json.loads(json.dumps(meta.dataset.to_json())))
+        source = {k: ckpt[k] for k in SOURCE_KEYS if k in ckpt}
+
+        def calibration(n: int) -> tuple[np.ndarray | None, str]:
+            x = training_samples(meta, n)
+            return x, f"{len(x) if x is not None else 0} samples of the training split of {meta.dataset.name}"
+
+        return Prepared(reference, folded, onnx_report, record, preprocess, meta.default_name,
+                        lambda staging: save_checkpoint(staging / SOURCE_FILE, source), torch_report=torch_report,
+                        labels=labels, stamp={"task": meta.task, "arch": meta.arch}, calibration=calibration)
+
+    def open(self, vdir: Path, record: SourceRecord) -> SourceModel:
+        return CheckpointSource(vdir, record)
+
+
+def fold_both(meta: CheckpointMeta, model: torch.nn.Module) -> tuple[onnx.ModelProto, onnx.ModelProto, FoldReport,
+                                                                      FoldReport]:
+    """A trainer model: its unfolded export, the ONNX fold (served) and the torch.fx fold, which must agree."""
+    example = example_input(meta, 2)
+    reference = export_torchscript(model, example, INPUT_NAME, OUTPUT_NAME, keep_bn=True)
+    check_bn_kept(reference, sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()),
+                  "the trainer's model")
+    folded, onnx_report = fold_onnx(reference)
+    _, torch_report = fold_module(model, (example,))
+    check_agreement(onnx_report, torch_report)
+    return reference, folded, onnx_report, torch_report
+
+
+def check_agreement(onnx_report: FoldReport, torch_report: FoldReport) -> None:
+    """The ONNX pass (what is served) and the torch.fx pass (the second opinion) must fold the same BNs."""
+    if (len(onnx_report.folded), len(onnx_report.skipped)) != (len(torch_report.folded), len(torch_report.skipped)):
+        raise FoldError(f"the ONNX and torch.fx passes disagree: ONNX folded {len(onnx_report.folded)} and skipped "
+                        f"{len(onnx_report.skipped)}, torch.fx folded {len(torch_report.folded)} and skipped "
+                        f"{len(torch_report.skipped)} of {onnx_report.bn_before} BNs (the exported graph differs "
+                        f"from the module); skipped: ONNX {[s.reason for s in onnx_report.skipped][:3]}, torch "
+                        f"{[s.reason for s in torch_report.skipped][:3]}")
+
+
+# --- models brought from elsewhere -----------------------------------------------------------------------
+
+class UserKind(SourceKind):
+    """A model not made by foldserve: names, shapes and normalisation come from the model and the flags."""
+
+    rename_output: ClassVar[bool] = True     # torch programs' outputs are called "output"; ONNX keeps its own
+
+    @abstractmethod
+    def reference(self, path: Path, opts: Options) -> tuple[onnx.ModelProto, bool]:
+        """The unfolded reference ONNX (BN kept) and whether it keeps its weights as external data."""
+
+    def truth_dtype(self) -> str:
+        return "float64"
+
+    def prepare(self, path: Path, opts: Options, labels_file: str | None) -> Prepared:
+        record = SourceRecord(kind=self.name, original=path.name, sha256=file_sha256(path))
+        reference, external = self.reference(path, opts)
+        finish_reference(reference, record, opts, path.name, rename_output=self.rename_output)
+        record.truth_dtype = self.truth_dtype()
+        folded, onnx_report = fold_onnx(reference)
+        labels = read_labels_file(labels_file, folded, record) if labels_file else []
+        preprocess = Preprocess(input_name=record.input_name, output_name=record.output_name,
+                                input_shape=record.input_shape, normalization=record.normalization,
+                                normalization_in_model=True, task=record.task, class_names=labels,
+                                dataset={"data": Path(record.data).name} if record.data else {})
+
+        def write_source(staging: Path) -> None:
+            if self.source_file != REFERENCE_FILE:      # an ONNX source is the reference itself
+                shutil.copyfile(path, staging / self.source_file)
+
+        return Prepared(reference, folded, onnx_report, record, preprocess, default_name(path), write_source,
+                        labels=labels, stamp={"task": record.task, "source_kind": self.name, "source_file": path.name},
+                        external_data=external)
+
+
+class OnnxKind(UserKind):
+    name = "onnx"
+    source_file = REFERENCE_FILE
+    description = "an ONNX model (.onnx)"
+    rename_output = False
+
+    def reference(self, path: Path, opts: Options) -> tuple[onnx.ModelProto, bool]:
+        header = onnx.load(str(path), load_external_data=False)
+        external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in header.graph.initializer)
+        model = load_onnx_file(path, external=True)
+        try:
+            onnx.checker.check_model(model if not external else str(path))
+        except onnx.checker.ValidationError as exc:
+            raise CheckpointError(f"{path.name}: an invalid ONNX model ({first_line(exc, 200)})") from None
+        return model, external
+
+    def truth_dtype(self) -> str:
+        return "float32"          # the file itself, run by onnxruntime with optimisations off
+
+    def open(self, vdir: Path, record: SourceRecord) -> SourceModel:
+        return OnnxSource(vdir, record)
+
+
+class ProgramKind(UserKind):
+    """A torch program the verifier reruns from the copy kept in the entry."""
+
+    label: ClassVar[str]
+
+    @abstractmethod
+    def _load(self, path: Path) -> Any: ...
+
+    @abstractmethod
+    def module(self, program: Any) -> torch.nn.Module:
+        """A fresh callable module of the program."""
+
+    @abstractmethod
+    def input_signature(self, program: Any, opts: Options, name: str) -> tuple[str, list[int | None]]:
+        """(input name, dims with None where symbolic) of a one-input program."""
+
+    @abstractmethod
+    def count_bns(self, program: Any) -> int: ...
+
+    @abstractmethod
+    def export(self, program: Any, example: torch.Tensor, input_name: str) -> onnx.ModelProto: ...
+
+    def load(self, path: Path) -> Any:
+        """The program in eval mode; one line when it cannot load."""
+        export_log = logging.getLogger("torch.export")
+        level = export_log.level
+        try:
+            export_log.setLevel(logging.CRITICAL)   # torch.export.load logs a traceback before it raises
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return self._load(path)
+        except CheckpointError:
+            raise
+        except Exception as exc:  # SerializeError (another torch's schema), RuntimeError (bad archive), ...
+            raise CheckpointError(f"{path.name}: a {self.label} that torch {torch.__version__.split('+')[0]} cannot "
+                                  f"load ({first_line(exc)})") from None
+        finally:
+            export_log.setLevel(level)
+
+    def reference(self, path: Path, opts: Options) -> tuple[onnx.ModelProto, bool]:
+        """The program as ONNX with BatchNormalization kept (no exporter-side fusion) and a dynamic batch axis
+        where the program has one."""
+        program = self.load(path)
+        input_name, dims = self.input_signature(program, opts, path.name)
+        shape = resolve_shape(dims[1:], opts.input_shape, f"{path.name} input {input_name!r}")
+        example = torch.randn([dims[0] or 2, *shape])
+        try:
+            model = self.export(program, example, input_name)
+        except ConfigError:
+            raise
+        except Exception as exc:
+            raise FoldError(f"{path.name}: the ONNX export failed ({type(exc).__name__}: {first_line(exc)})") from None
+        check_bn_kept(model, self.count_bns(program), path.name)
+        return model, False
+
+    def open(self, vdir: Path, record: SourceRecord) -> SourceModel:
+        return ProgramSource(vdir, record, self)
+
+
+class Pt2Kind(ProgramKind):
+    name = "pt2"
+    source_file = PROGRAM_FILE
+    description = "a torch.export program (torch.export.save, .pt2)"
+    label = "torch.export program"
+
+    def _load(self, path: Path) -> Any:
+        _check_pt2_schema(path)
+        return torch.export.load(str(path))
+
+    def module(self, program: Any) -> torch.nn.Module:
+        module: torch.nn.Module = program.module()     # checks shapes as exported
+        return module
+
+    def input_signature(self, program: Any, opts: Options, name: str) -> tuple[str, list[int | None]]:
+        users = list(program.graph_signature.user_inputs)
+        if len(users) != 1:
+            raise ConfigError(f"{name}: a torch.export program with inputs {users}: foldserve folds models with "
+                              f"one input")
+        node = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == users[0])
+        val = node.meta.get("val")
+        return users[0], [int(d) if isinstance(d, int) or str(d).isdigit() else None for d in val.shape]
+
+    def count_bns(self, program: Any) -> int:
+        return sum(1 for n in program.graph.nodes if n.op == "call_function" and "batch_norm" in str(n.target))
+
+    def export(self, program: Any, example: torch.Tensor, input_name: str) -> onnx.ModelProto:
+        return export_dynamo(program)
+
+
+class TorchScriptKind(ProgramKind):
+    name = "torchscript"
+    source_file = TORCHSCRIPT_FILE
+    description = "a TorchScript file (torch.jit.save)"
+    label = "TorchScript file"
+
+    def _load(self, path: Path) -> Any:
+        module = torch.jit.load(str(path), map_location="cpu")
+        module.eval()
+        return module
+
+    def module(self, program: Any) -> torch.nn.Module:
+        module: torch.nn.Module = program
+        return module
+
+    def input_signature(self, program: Any, opts: Options, name: str) -> tuple[str, list[int | None]]:
+        args = [a.name for a in program.forward.schema.arguments][1:]
+        if len(args) != 1:
+            raise ConfigError(f"{name}: a TorchScript module whose forward takes {args}: foldserve folds models with "
+                              f"one input")
+        if not opts.input_shape:
+            raise ConfigError(f"{name}: a TorchScript file does not record its input shape: pass --input-shape "
+                              f"(per sample, without the batch axis), e.g. --input-shape 3,224,224")
+        return args[0], [None, *opts.input_shape]
+
+    def count_bns(self, program: Any) -> int:
+        return sum(1 for n in program.inlined_graph.nodes()
+                   if n.kind() in ("aten::batch_norm", "aten::_batch_norm_impl_index"))
+
+    def export(self, program: Any, example: torch.Tensor, input_name: str) -> onnx.ModelProto:
+        return export_torchscript(program, example, input_name, OUTPUT_NAME, keep_bn=True)
+
+
+def _check_pt2_schema(path: Path) -> None:
+    """A program saved by a torch with another export schema (major version) cannot load: say which."""
+    from torch._export.serde.schema import SCHEMA_VERSION
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            docs = [json.loads(z.read(n)) for n in z.namelist() if n.endswith(".json") and "/models/" in f"/{n}"]
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return                                   # torch.export.load says what is wrong
+    for doc in docs:
+        v = doc.get("schema_version") if isinstance(doc, dict) else None
+        if isinstance(v, dict) and v.get("major") != SCHEMA_VERSION[0]:
+            saved = doc.get("torch_version") or "another torch"
+            raise CheckpointError(f"{path.name}: a torch.export program saved with export schema {v.get('major')}."
+                                  f"{v.get('minor')} ({saved}); torch {torch.__version__.split('+')[0]} reads schema "
+                                  f"{SCHEMA_VERSION[0]}.x: export it again with this torch, or as ONNX")
+
+
+def default_name(path: Path) -> str:
+    from foldserve.names import RULE, is_valid_model_name
+
+    stem = path.name.split(".")[0]
+    if not is_valid_model_name(stem):
+        raise ConfigError(f"{path.name}: its name does not make a model name ({RULE}); pass --name")
+    return stem
+
+
+def read_labels_file(labels_file: str, folded: onnx.ModelProto, record: SourceRecord) -> list[str]:
+    try:
+        labels = [line.strip() for line in Path(labels_file).read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--labels {Path(labels_file).name}: unreadable "
+                          f"({getattr(exc, 'strerror', None) or exc})") from None
+    dims = [d.dim_value for d in folded.graph.output[0].type.tensor_type.shape.dim]
+    classes = dims[-1] if dims and dims[-1] > 0 else None
+    if record.task != "classification" or (classes is not None and classes != len(labels)):
+        raise ConfigError(f"--labels has {len(labels)} names; the model's output {record.output_name!r} has shape "
+                          f"{dims}: labels need an output [batch, {len(labels)}]")
+    return labels
+
+
+# --- the registry ----------------------------------------------------------------------------------------
+
+KINDS: dict[str, SourceKind] = {k.name: k for k in (CheckpointKind(), OnnxKind(), Pt2Kind(), TorchScriptKind())}
+CHECKPOINT, ONNX, PT2, TORCHSCRIPT = (KINDS[n] for n in ("checkpoint", "onnx", "pt2", "torchscript"))
+
+
+def kind_named(name: str) -> SourceKind:
+    try:
+        return KINDS[name]
+    except KeyError:
+        raise EntryError(f"unknown source kind {name!r}; expected one of {', '.join(KINDS)}") from None
+
+
+def _zip_names(path: Path) -> list[str] | None:
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return None
+
+
+def detect_kind(path: str | Path) -> SourceKind:
+    """The kind of a file, from its content; CheckpointError (exit 2) for a file of no kind."""
+    path = Path(path)
+    if path.is_dir() and (path / "checkpoint.pt").is_file():
+        return CHECKPOINT
+    if path.is_dir():
+        raise ConfigError(f"{path}: a directory without checkpoint.pt (expected {EXPECTED}, or a `foldserve train` "
+                          f"run directory)")
+    if not path.is_file():
+        raise ConfigError(f"{path.name or path}: no such file (expected {EXPECTED})")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] == b"PK":
+        names = _zip_names(path)
+        if names is None:
+            raise CheckpointError(f"{path.name}: a damaged zip archive (truncated?), not {EXPECTED}")
+        tails = {n.split("/", 1)[-1] for n in names}
+        if "archive_format" in tails or any(t.startswith("models/") and t.endswith(".json") for t in tails):
+            return PT2
+        if "constants.pkl" in tails or any(t.startswith("code/") for t in tails):
+            return TORCHSCRIPT
+        if "data.pkl" in tails:
+            return CHECKPOINT           # a torch.save file: load_checkpoint tells a checkpoint from other pickles
+        raise CheckpointError(f"{path.name}: a zip archive with none of the files of {EXPECTED}")
+    if head[:1] == b"\x80":
+        return CHECKPOINT               # a legacy (non-zip) torch.save pickle
+    load_onnx_file(path, external=False)    # raises the one line when it is not ONNX either
+    return ONNX
+
+
+def open_source(version_dir: str | Path) -> SourceModel:
+    """The entry's source as the verifier reruns it (see :mod:`folding.source`)."""
+    vdir = Path(version_dir)
+    record = read_source_record(vdir)
+    return kind_named(record.kind).open(vdir, record)

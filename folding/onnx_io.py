@@ -1,0 +1,96 @@
+"""ONNX in and out of folding, in one place: the TorchScript and dynamo exports (BN kept or folded by torch),
+the opsets, external data (weights in a file beside the model), and the check that an unfolded export kept
+every batch norm (the verifier's reference must be the model as written, not a graph the exporter rewrote).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+
+from foldserve.errors import FoldError
+from foldserve.swap import staging_dir
+
+logger = logging.getLogger(__name__)
+
+OPSET = 17             # the TorchScript exporter's
+DYNAMO_OPSET = 18      # the dynamo exporter's lowest
+EXTERNAL_DATA_THRESHOLD = 1024
+
+
+def export_torchscript(module: Any, example: torch.Tensor, input_name: str, output_name: str, *,
+                       keep_bn: bool) -> onnx.ModelProto:
+    """TorchScript export with a dynamic batch axis. ``keep_bn`` turns constant folding off, which is what keeps
+    torch's exporter from folding Conv+BN on its own."""
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (example,), buf, dynamo=False, do_constant_folding=not keep_bn,
+                          input_names=[input_name], output_names=[output_name], opset_version=OPSET,
+                          dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}})
+    return onnx.load_from_string(buf.getvalue())
+
+
+def export_dynamo(program: Any) -> onnx.ModelProto:
+    """torch.onnx's dynamo exporter without its optimiser (which fuses Conv+BN itself); constants folded."""
+    import onnx_ir
+    from onnxscript.optimizer import fold_constants, remove_unused_nodes
+
+    for noisy in ("torch.onnx", "onnx_ir", "onnxscript"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():   # it prints its progress
+        warnings.simplefilter("ignore")
+        onnx_program = torch.onnx.export(program, dynamo=True, optimize=False, opset_version=DYNAMO_OPSET,
+                                         verbose=False)
+    fold_constants(onnx_program.model)
+    remove_unused_nodes(onnx_program.model)
+    model: onnx.ModelProto = onnx_ir.serde.serialize_model(onnx_program.model)
+    return model
+
+
+def count_bn_nodes(model: onnx.ModelProto) -> int:
+    return sum(n.op_type == "BatchNormalization" for n in model.graph.node)
+
+
+def check_bn_kept(model: onnx.ModelProto, expected: int, what: str) -> None:
+    """The unfolded export must hold one BatchNormalization per batch norm of the source."""
+    found = count_bn_nodes(model)
+    if found != expected:
+        raise FoldError(f"{what}: the unfolded export has {found} BatchNormalization nodes for {expected} batch "
+                        f"norms: the exporter changed the graph, so it cannot serve as the reference")
+
+
+def has_external_data(path: Path) -> bool:
+    header = onnx.load(str(path), load_external_data=False)
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in header.graph.initializer)
+
+
+def save_model(model: onnx.ModelProto, path: Path, *, external_data: bool) -> None:
+    """``path`` (and ``path.data`` beside it when ``external_data``)."""
+    if external_data:
+        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=f"{Path(path).name}.data", size_threshold=EXTERNAL_DATA_THRESHOLD)
+    else:
+        onnx.save(model, str(path))
+
+
+def save_with_external_data(model: onnx.ModelProto, dst: Path) -> None:
+    """Keep an input's layout: DST plus its weights in DST.data beside it, both moved into place atomically
+    (the data file first, so the model file never points at data that is not there)."""
+    staging = staging_dir(dst.parent, dst.name)
+    try:
+        data_name = f"{dst.name}.data"
+        save_model(model, staging / dst.name, external_data=True)
+        if (staging / data_name).exists():
+            os.replace(staging / data_name, dst.parent / data_name)
+        os.replace(staging / dst.name, dst)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
