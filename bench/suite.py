@@ -31,44 +31,13 @@ from typing import Any
 
 import numpy as np
 
+from bench.process import ServerProcess
 from bench.loadgen import (closed_loop, free_port, grpc_sender_factory, http_request_bytes,
                            http_sender_factory, percentile)
 from foldserve.atomic import write_json, write_text
 from foldserve.entry import INPUT_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-class Proc:
-    """A server subprocess that prints a line containing ``ready_token`` when it is up."""
-
-    def __init__(self, cmd: list[str], ready_token: str, timeout: float = 120) -> None:
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            line = self.proc.stdout.readline()
-            if not line and self.proc.poll() is not None:
-                raise RuntimeError(f"{cmd[:3]} exited with {self.proc.returncode}")
-            if ready_token in line:
-                self.line = line
-                break
-        time.sleep(0.2)
-
-    def pids(self) -> list[int]:
-        """The serving processes: the workers a supervisor reported, else the process itself."""
-        try:
-            return list(json.loads(self.line).get("pids") or [self.proc.pid])
-        except (AttributeError, ValueError):
-            return [self.proc.pid]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
 
 
 # --- models -----------------------------------------------------------------------------------------
@@ -199,8 +168,8 @@ def bench_floors(payload_bytes: int, concurrencies: list[int], n: int) -> dict[s
     out: dict[str, Any] = {"payload_bytes": payload_bytes}
     payload = os.urandom(payload_bytes)
     gport, hport = free_port(), free_port()
-    g = Proc([sys.executable, "-m", "bench.loadgen", "grpc", str(gport)], "ready")
-    h = Proc([sys.executable, "-m", "bench.loadgen", "http", str(hport)], "ready")
+    g = ServerProcess([sys.executable, "-m", "bench.loadgen", "grpc", str(gport)], "ready")
+    h = ServerProcess([sys.executable, "-m", "bench.loadgen", "http", str(hport)], "ready")
     try:
         out["grpc_echo"] = {c: _run(closed_loop(grpc_sender_factory(f"127.0.0.1:{gport}", "/echo.Echo/Echo", payload),
                                                 c, n)).to_dict() for c in concurrencies}
@@ -219,7 +188,7 @@ def start_server(repo: Path, batching: bool, extra: list[str] | None = None) -> 
     cmd = [sys.executable, "-m", "cli.main", "--log-level", "WARNING", "serve", "--repository", str(repo),
            "--http-port", str(hport), "--grpc-port", str(gport), "--batching" if batching else "--no-batching",
            *(extra or [])]
-    return Proc(cmd, '"serving"'), hport, gport
+    return ServerProcess(cmd, '"serving"'), hport, gport
 
 
 def bench_server(repo: Path, model: str, x: np.ndarray, concurrencies: list[int], n: int) -> dict[str, Any]:
@@ -263,7 +232,7 @@ def bench_rest224(repo: Path, model: str, model_path: Path, quick: bool) -> dict
     finally:
         proc.stop()
     port = free_port()
-    naive = Proc([sys.executable, "-m", "bench.naive", str(port), str(model_path)], "ready")
+    naive = ServerProcess([sys.executable, "-m", "bench.naive", str(port), str(model_path)], "ready")
     try:
         time.sleep(1.0)
         _, js_naive = _infer_http_payloads(model, x, port)

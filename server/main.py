@@ -15,7 +15,8 @@ import sys
 import uvicorn
 
 from foldserve.errors import ConfigError
-from server.core.cluster import Cluster, reuse_port_socket
+from server.core.coordinator import Coordinator, LocalCoordinator
+from server.core.runfolder import reuse_port_socket
 from server.core.dataplane import DataPlane
 from server.grpc.servicer import build_grpc_server, set_health
 from server.rest.app import create_app
@@ -105,19 +106,20 @@ async def start_http(settings: Settings, dp: DataPlane, reuse_port: bool) -> tup
     return http, http_task, http_port
 
 
-async def serve(settings: Settings, cluster: Cluster | None = None) -> int:
+async def serve(settings: Settings, coordinator: Coordinator | None = None) -> int:  # long function: the lifecycle
     problem = settings.fail_open()
     if problem:  # the CLI refuses these in one line; a programmatic start must not fail open either
         raise ValueError(problem)
     raise_fd_limit()
     rate_limit_repeated_logs()
-    dp = DataPlane(settings, cluster=cluster)
+    coordinator = coordinator or LocalCoordinator()
+    dp = DataPlane(settings, coordinator=coordinator)
     await dp.start()
-    grpc_server, grpc_port, health = build_grpc_server(settings, dp, reuse_port=cluster is not None)
+    grpc_server, grpc_port, health = build_grpc_server(settings, dp, reuse_port=coordinator.shared_ports)
     await grpc_server.start()
     await set_health(health, True)
 
-    http, http_task, http_port = await start_http(settings, dp, reuse_port=cluster is not None)
+    http, http_task, http_port = await start_http(settings, dp, reuse_port=coordinator.shared_ports)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -125,21 +127,19 @@ async def serve(settings: Settings, cluster: Cluster | None = None) -> int:
         loop.add_signal_handler(sig, stop.set)
     ready = [f"{m.name}:{m.version}" for m in dp.repository_index(ready_only=True)]
     scheme = "https" if settings.tls_cert else "http"
-    gauges = None
-    if cluster is not None:
-        await cluster.join()
-        gauges = asyncio.create_task(refresh_gauges(dp))
-    event = "serving" if cluster is None else "worker serving"
+    await coordinator.join()
+    gauges = asyncio.create_task(refresh_gauges(dp)) if coordinator.shared_ports else None
+    event = "worker serving" if coordinator.shared_ports else "serving"
     print(json.dumps({"event": event, "grpc": f"{settings.host}:{grpc_port}",
                       "http": f"{scheme}://{settings.host}:{http_port}", "models": ready,
-                      **({"worker": cluster.index, "pid": os.getpid()} if cluster is not None else {})}), flush=True)
+                      **coordinator.identity()}), flush=True)
     logger.info("serving gRPC on %s:%d and HTTP on %s:%d; ready models: %s", settings.host, grpc_port,
                 settings.host, http_port, ready or "none")
 
     await stop.wait()
     logger.info("shutting down: not ready, finishing in-flight requests (grace %.1f s)", settings.grace_period_s)
-    if cluster is not None:
-        cluster.leave()  # no more cluster operations reach this worker
+    coordinator.leave()  # no more cluster operations reach this process
+    if gauges is not None:
         gauges.cancel()
     dp.begin_shutdown()  # new requests get UNAVAILABLE / 503 from here on
     await set_health(health, False)
@@ -153,7 +153,7 @@ async def serve(settings: Settings, cluster: Cluster | None = None) -> int:
     return 0
 
 
-def run(settings: Settings, cluster: Cluster | None = None) -> int:
+def run(settings: Settings, coordinator: Coordinator | None = None) -> int:
     """Serve until SIGTERM/SIGINT on uvloop (``--event-loop auto`` when installed, as uvicorn[standard] brings it:
     3-9% lower REST p50 at concurrency 1 and 2-9% more throughput at 32 on both transports, measured with
     perf_analyzer and the benchmark's client), else asyncio's own loop."""
@@ -164,8 +164,8 @@ def run(settings: Settings, cluster: Cluster | None = None) -> int:
             if settings.event_loop == "uvloop":
                 raise ConfigError("--event-loop uvloop: uvloop is not installed (pip install uvloop)") from None
         else:
-            return uvloop.run(serve(settings, cluster))
-    return asyncio.run(serve(settings, cluster))
+            return uvloop.run(serve(settings, coordinator))
+    return asyncio.run(serve(settings, coordinator))
 
 
 if __name__ == "__main__":  # pragma: no cover

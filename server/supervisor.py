@@ -1,7 +1,7 @@
 """``foldserve serve --workers N``: N serving processes on the same gRPC and HTTP ports, supervised.
 
 The parent process imports neither grpc nor onnxruntime: it makes the private run folder
-(:class:`server.core.cluster.RunFolder`), fixes the ports (a port of 0 is chosen here, once, and held
+(:class:`server.core.runfolder.RunFolder`), fixes the ports (a port of 0 is chosen here, once, and held
 with SO_REUSEPORT so the workers can share it), divides the CPU cores between the workers'
 onnxruntime thread pools, and starts each worker as a fresh interpreter (``python -m server.worker``),
 so no gRPC or onnxruntime state is ever forked.
@@ -12,7 +12,7 @@ It then supervises:
   and prints the ``serving`` line;
 * a worker that dies is replaced, after a back-off that doubles while replacements die young
   (0.5 s up to 10 s), and the death is logged with its exit status; the replacement loads the models
-  and regions the cluster has now (see cluster.py) and takes connections only once warm;
+  and regions the cluster has now (see server/core/coordinator.py) and takes connections only once warm;
 * more than ``MAX_DEATHS`` deaths within ``DEATH_WINDOW_S`` (or any death before the cluster was first
   up) stops every worker and exits 1: a server whose workers keep dying should not pretend to serve;
 * SIGTERM or SIGINT is forwarded to every worker, which drains like a single server
@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.core.cluster import RUN_DIR_ENV, WORKER_ENV, RunFolder, reuse_port_socket
+from server.core.runfolder import RUN_DIR_ENV, WORKER_ENV, RunFolder, reuse_port_socket
 from server.settings import Settings
 
 logger = logging.getLogger("foldserve.supervisor")

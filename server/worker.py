@@ -8,7 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from server.core.cluster import RUN_DIR_ENV, WORKER_ENV, Cluster, RunFolder
+from server.core.coordinator import ClusterCoordinator
+from server.core.runfolder import RUN_DIR_ENV, WORKER_ENV, RunFolder
 from server.settings import Settings
 
 
@@ -19,7 +20,7 @@ def main() -> int:
                         format=f"%(asctime)s %(levelname)s worker {index} %(name)s: %(message)s")
     from server.main import run
 
-    return run(settings, Cluster(root, index, settings.worker_count()))
+    return run(settings, ClusterCoordinator(root, index, settings.worker_count()))
 
 
 if __name__ == "__main__":

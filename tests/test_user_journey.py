@@ -121,8 +121,7 @@ def test_verify_server_checks_the_version_in_the_entry_path(repository, tmp_path
     onnx.save(m, str(repo / "digits" / "2" / "model.onnx"))
     (repo / "digits" / "config.pbtxt").write_text((repo / "digits" / "config.pbtxt").read_text().replace(
         "num_versions: 1", "num_versions: 2"))
-    srv = ServerProcess(repo, "--allow-unverified")  # version 2's bytes are not the verified ones: serve them anyway
-    try:
+    with ServerProcess(repo, "--allow-unverified") as srv:  # version 2's bytes are not the verified ones: serve them anyway
         ok = run_cli("verify", "--server", srv.grpc, str(repo / "digits" / "1"), "--batch-sizes", "1,4")
         assert ok.returncode == 0 and "version 1" in ok.stdout, ok.stdout + ok.stderr
         bad = run_cli("verify", "--server", f"http://{srv.http}", str(repo / "digits" / "2"), "--batch-sizes", "1,4")
@@ -145,8 +144,6 @@ def test_verify_server_checks_the_version_in_the_entry_path(repository, tmp_path
         proc = run_cli("verify", "--server", srv.grpc, str(other), "--batch-sizes", "1")
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         assert "differ in their outputs" in proc.stderr
-    finally:
-        srv.stop()
 
 
 @pytest.mark.subprocess
@@ -155,11 +152,8 @@ def test_infer_takes_the_pixel_range_and_task_from_the_served_record(repository,
 
     from tests.server.conftest import ServerProcess
 
-    server = ServerProcess(repository)
-    try:
+    with ServerProcess(repository) as server:
         _infer_checks(server, tmp_path, Image)
-    finally:
-        server.stop()
 
 
 def _infer_checks(server, tmp_path, Image) -> None:

@@ -16,12 +16,12 @@ from foldserve import __version__
 from foldserve.datatypes import raw_bytes
 from foldserve.errors import FoldserveError, InvalidInput, PermissionDenied, ServerNotReady
 from foldserve.model_config import ModelConfig
-from server.core.cluster import Cluster
+from server.core.coordinator import Coordinator, LocalCoordinator
 from server.core.loader import LoadedVersion
 from server.core.registry import ModelRegistry
 from server.core.repository import ModelRepository, check_model_name
 from server.core.shm import SystemSharedMemory, check_region_name
-from server.core.stats import Metrics, ModelStats, merge_stats
+from server.core.stats import Metrics, ModelStats
 from server.core.types import (IndexEntry, InferOutput, InferRequest, InferResponse, ModelMetadata, Readiness,
                                ServerMetadata, TensorMetadata)
 from server.core.validation import validate_request
@@ -34,29 +34,26 @@ EXTENSIONS = ["classification", "binary_tensor_data", "model_repository", "model
 
 
 class DataPlane:
-    """Every v2 operation of one server process. With several workers, ``cluster`` carries the operations
-    that must reach every worker (load/unload, shared-memory registration, statistics)."""
+    """Every v2 operation of one server process. The ``coordinator`` carries the operations whose effect must
+    be the same in every serving process (load/unload, shared-memory registration, statistics, readiness):
+    this process alone by default, every worker with ``serve --workers N``."""
 
-    def __init__(self, settings: Settings, metrics: Metrics | None = None, cluster: Cluster | None = None) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics | None = None,
+                 coordinator: Coordinator | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.repository = ModelRepository(settings.repository)
         self.registry = ModelRegistry(self.repository, settings, self.metrics)
         self.shm = SystemSharedMemory()
-        self.cluster = cluster
+        self.coordinator = coordinator or LocalCoordinator()
+        self.coordinator.attach(self)
         self._ready = False
         self._inflight = 0
 
     # --- server ---------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        if self.cluster is None:
-            await self.registry.load_all()
-        else:  # the models and regions every other worker has (a replacement worker joins a running cluster)
-            state = self.cluster.initial_state()
-            await self.registry.load_all(state["models"])
-            await self.cluster.start(self)
-            self.cluster.sync_regions(state)
+        await self.coordinator.start()
         self._ready = True
 
     def begin_shutdown(self) -> None:
@@ -72,8 +69,7 @@ class DataPlane:
 
     async def stop(self) -> None:
         self._ready = False
-        if self.cluster is not None:
-            await self.cluster.close()
+        await self.coordinator.close()
         await self.registry.close()
         self.shm.close()
 
@@ -81,7 +77,7 @@ class DataPlane:
         return True  # answering at all is liveness
 
     def ready(self) -> bool:
-        return self._ready and (self.cluster is None or self.cluster.up())
+        return self._ready and self.coordinator.up()
 
     def metadata(self) -> ServerMetadata:
         return ServerMetadata("foldserve", __version__, list(EXTENSIONS))
@@ -143,10 +139,12 @@ class DataPlane:
         return [lv.stats for lv in self.registry.loaded_versions(name)]
 
     async def statistics(self, name: str = "", version: str = "") -> list[dict[str, Any]]:
-        """Triton's ModelStatistics (JSON form), summed over every worker."""
-        if self.cluster is None:
-            return [s.to_dict() for s in self.local_statistics(name, version)]
-        return merge_stats(await self.cluster.statistics(name, version))
+        """Triton's ModelStatistics (JSON form), summed over every serving process."""
+        if not name and version:
+            raise InvalidInput("statistics: a version needs a model name")
+        if name:
+            check_model_name(name)
+        return [s.to_dict() for s in await self.coordinator.statistics(name, version)]
 
     def repository_index(self, ready_only: bool = False) -> list[IndexEntry]:
         idx = self.registry.index()
@@ -156,33 +154,24 @@ class DataPlane:
         """Load or reload; with several workers it answers once every worker swapped, or fails with the old
         versions serving everywhere."""
         self._check_repository_api()
-        if self.cluster is None:
-            await self.registry.load(name)
-        else:
-            check_model_name(name)
-            await self.cluster.load(name)
+        check_model_name(name)
+        await self.coordinator.load(name)
 
     async def unload(self, name: str) -> None:
         self._check_repository_api()
         check_model_name(name)
-        await (self.registry.unload(name) if self.cluster is None else self.cluster.unload(name))
+        await self.coordinator.unload(name)
 
     # --- system shared memory --------------------------------------------------------------------
 
     async def shm_register(self, name: str, key: str, offset: int, byte_size: int) -> None:
-        if self.cluster is None:
-            self.shm.register(name, key, offset, byte_size)
-        else:
-            check_region_name(name)
-            await self.cluster.shm_register(name, key, offset, byte_size)
+        check_region_name(name)
+        await self.coordinator.shm_register(name, key, offset, byte_size)
 
     async def shm_unregister(self, name: str = "") -> None:
         if name:
             check_region_name(name)
-        if self.cluster is None:
-            self.shm.unregister(name)
-        else:
-            await self.cluster.shm_unregister(name)
+        await self.coordinator.shm_unregister(name)
 
     def shm_status(self, name: str = "") -> list[dict[str, Any]]:
         if name:

@@ -100,7 +100,7 @@ def _close(m: mmap.mmap | None) -> bool:
 
 
 class SystemSharedMemory:
-    """The registered regions of one server process (every worker holds the same set: see cluster.py)."""
+    """The registered regions of one server process (every worker holds the same set: see coordinator.py)."""
 
     def __init__(self) -> None:
         self._regions: dict[str, Region] = {}

@@ -1,7 +1,6 @@
 """Per-model statistics (Triton's ModelStatistics) and Prometheus metrics, both transport-free."""
 from __future__ import annotations
 
-import copy
 import os
 import threading
 import time
@@ -17,6 +16,9 @@ class Duration:
     def add(self, ns: int, count: int = 1) -> None:
         self.count += count
         self.ns += ns
+
+
+DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
 
 
 @dataclass
@@ -58,6 +60,33 @@ class ModelStats:
             else:
                 self.fail.add(total_ns)
 
+    def add(self, other: ModelStats) -> None:
+        """Sum ``other``'s counters into these (another worker's statistics of the same version)."""
+        with self.lock:
+            self.last_inference_ms = max(self.last_inference_ms, other.last_inference_ms)
+            self.inference_count += other.inference_count
+            self.execution_count += other.execution_count
+            for name in DURATIONS:
+                mine, theirs = getattr(self, name), getattr(other, name)
+                mine.add(theirs.ns, theirs.count)
+            for size, durations in other.batch.items():
+                mine_b = self.batch.setdefault(size, [Duration(), Duration(), Duration()])
+                for m, t in zip(mine_b, durations, strict=True):
+                    m.add(t.ns, t.count)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelStats:
+        """Back from Triton's JSON form (what another worker sends)."""
+        def dur(x: dict[str, int]) -> Duration:
+            return Duration(int(x["count"]), int(x["ns"]))
+
+        inf = d["inference_stats"]
+        st = cls(str(d["name"]), str(d["version"]), int(d["last_inference"]), int(d["inference_count"]),
+                 int(d["execution_count"]), **{name: dur(inf[name]) for name in DURATIONS})
+        st.batch = {int(b["batch_size"]): [dur(b["compute_input"]), dur(b["compute_infer"]), dur(b["compute_output"])]
+                    for b in d["batch_stats"]}
+        return st
+
     def to_dict(self) -> dict[str, Any]:
         """Triton's JSON form of ModelStatistics (also the source of the gRPC message)."""
         def d(x: Duration) -> dict[str, int]:
@@ -75,31 +104,15 @@ class ModelStats:
             }
 
 
-def merge_stats(parts: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Statistics of several worker processes, summed per (model, version), in Triton's JSON form."""
-    merged: dict[tuple[str, str], dict[str, Any]] = {}
+def merge_stats(parts: list[list[ModelStats]]) -> list[ModelStats]:
+    """Statistics of several worker processes, summed per (model, version)."""
+    merged: dict[tuple[str, str], ModelStats] = {}
     for part in parts:
         for st in part:
-            key = (st["name"], st["version"])
+            key = (st.name, st.version)
             if key not in merged:
-                merged[key] = copy.deepcopy(st)
-                continue
-            m = merged[key]
-            m["last_inference"] = max(m["last_inference"], st["last_inference"])
-            for k in ("inference_count", "execution_count"):
-                m[k] += st[k]
-            for k, d in st["inference_stats"].items():
-                m["inference_stats"][k]["count"] += d["count"]
-                m["inference_stats"][k]["ns"] += d["ns"]
-            sizes = {b["batch_size"]: b for b in m["batch_stats"]}
-            for b in st["batch_stats"]:
-                if b["batch_size"] not in sizes:
-                    sizes[b["batch_size"]] = copy.deepcopy(b)
-                    continue
-                for k in ("compute_input", "compute_infer", "compute_output"):
-                    sizes[b["batch_size"]][k]["count"] += b[k]["count"]
-                    sizes[b["batch_size"]][k]["ns"] += b[k]["ns"]
-            m["batch_stats"] = [sizes[k] for k in sorted(sizes)]
+                merged[key] = ModelStats(st.name, st.version)
+            merged[key].add(st)
     return [merged[k] for k in sorted(merged)]
 
 

@@ -19,7 +19,7 @@ from foldserve.errors import FoldserveError, InvalidInput, NotSupported, Permiss
 from foldserve.protocol import grpc_service_pb2 as pb
 from foldserve.protocol import grpc_service_pb2_grpc as pb_grpc
 from server.core.admission import Admission
-from server.core.auth import check_bearer
+from server.core.auth import Op, authorize
 from server.core.dataplane import DataPlane
 from server.core.shm import CUDA_SHM_UNSUPPORTED
 from server.grpc import converters as conv
@@ -56,12 +56,12 @@ async def _chain(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
         yield item
 
 
-def _check_token(context: grpc.aio.ServicerContext, token: str | None, what: str) -> None:
-    check_bearer([v for k, v in (context.invocation_metadata() or ()) if k == "authorization"], token, what)
+def _authorize(context: grpc.aio.ServicerContext, op: Op, settings: Settings) -> None:
+    authorize(op, settings, [v for k, v in (context.invocation_metadata() or ()) if k == "authorization"])
 
 
-def _rpc(auth: str | None = None) -> Callable:
-    """Map the error hierarchy to gRPC status codes; check the bearer token if one is configured."""
+def _rpc(op: Op) -> Callable:
+    """Map the error hierarchy to gRPC status codes; check the token ``op`` needs (server.core.auth.ACCESS)."""
 
     def wrap(fn: Callable) -> Callable:
         @functools.wraps(fn)
@@ -69,12 +69,7 @@ def _rpc(auth: str | None = None) -> Callable:
             try:
                 if isinstance(request, BadRequest):
                     raise InvalidInput(f"the request is not a valid protobuf message ({request.error})")
-                if auth == "infer":
-                    _check_token(context, self.settings.auth_token, "inference")
-                elif auth == "admin":
-                    _check_token(context, self.settings.admin_token, "the repository API")
-                elif auth == "metadata":
-                    _check_token(context, self.settings.metadata_token(), "metadata")
+                _authorize(context, op, self.settings)
                 return await fn(self, request, context)
             except FoldserveError as exc:
                 await context.abort(getattr(grpc.StatusCode, exc.grpc_status), str(exc))
@@ -94,27 +89,27 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         # taken once a call's message has arrived and its token checked: idle calls never hold a slot
         self.admission = Admission(settings.concurrency_limit())
 
-    @_rpc()
+    @_rpc(Op.SERVER_LIVE)
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=self.dp.live())
 
-    @_rpc()
+    @_rpc(Op.SERVER_READY)
     async def ServerReady(self, request, context):
         return pb.ServerReadyResponse(ready=self.dp.ready())
 
-    @_rpc()
+    @_rpc(Op.MODEL_READY)
     async def ModelReady(self, request, context):
         return pb.ModelReadyResponse(ready=self.dp.model_readiness(request.name, request.version).ready)
 
-    @_rpc("metadata")
+    @_rpc(Op.SERVER_METADATA)
     async def ServerMetadata(self, request, context):
         return conv.server_metadata_to_proto(self.dp.metadata())
 
-    @_rpc("metadata")
+    @_rpc(Op.MODEL_METADATA)
     async def ModelMetadata(self, request, context):
         return conv.metadata_to_proto(self.dp.model_metadata(request.name, request.version))
 
-    @_rpc("infer")
+    @_rpc(Op.INFER)
     async def ModelInfer(self, request, context):
         with self.admission.slot():
             resp = await self.dp.infer(conv.request_from_proto(request), "grpc")
@@ -122,7 +117,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest], context):
         try:
-            _check_token(context, self.settings.auth_token, "inference")
+            _authorize(context, Op.INFER, self.settings)
         except FoldserveError as exc:
             await context.abort(getattr(grpc.StatusCode, exc.grpc_status), str(exc))
         messages = request_iterator.__aiter__()
@@ -151,47 +146,47 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 yield pb.ModelStreamInferResponse(error_message="internal error (see the server log)",
                                                   infer_response=pb.ModelInferResponse(id=request.id))
 
-    @_rpc("metadata")
+    @_rpc(Op.MODEL_CONFIG)
     async def ModelConfig(self, request, context):
         return pb.ModelConfigResponse(config=self.dp.model_config(request.name, request.version))
 
-    @_rpc("metadata")
+    @_rpc(Op.STATISTICS)
     async def ModelStatistics(self, request, context):
         return conv.stats_to_proto(await self.dp.statistics(request.name, request.version))
 
-    @_rpc("metadata")
+    @_rpc(Op.REPOSITORY_INDEX)
     async def RepositoryIndex(self, request, context):
         return conv.index_to_proto(self.dp.repository_index(request.ready))
 
-    @_rpc("admin")
+    @_rpc(Op.LOAD)
     async def RepositoryModelLoad(self, request, context):
         if request.parameters:
             raise PermissionDenied("loading with parameters (config or file overrides) is not supported")
         await self.dp.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
-    @_rpc("admin")
+    @_rpc(Op.UNLOAD)
     async def RepositoryModelUnload(self, request, context):
         await self.dp.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
     # --- shared memory: registering is part of inference (the inference token), status is metadata -----
 
-    @_rpc("metadata")
+    @_rpc(Op.SHM_STATUS)
     async def SystemSharedMemoryStatus(self, request, context):
         return conv.shm_status_to_proto(self.dp.shm_status(request.name))
 
-    @_rpc("infer")
+    @_rpc(Op.SHM_REGISTER)
     async def SystemSharedMemoryRegister(self, request, context):
         await self.dp.shm_register(request.name, request.key, request.offset, request.byte_size)
         return pb.SystemSharedMemoryRegisterResponse()
 
-    @_rpc("infer")
+    @_rpc(Op.SHM_UNREGISTER)
     async def SystemSharedMemoryUnregister(self, request, context):
         await self.dp.shm_unregister(request.name)
         return pb.SystemSharedMemoryUnregisterResponse()
 
-    @_rpc("infer")
+    @_rpc(Op.CUDA_SHM)
     async def _cuda_shared_memory(self, request, context):
         raise NotSupported(CUDA_SHM_UNSUPPORTED)
 

@@ -19,7 +19,8 @@ from foldserve.errors import FoldserveError
 from server.core.admission import Admission
 from server.core.dataplane import DataPlane
 from server.rest.codec import ORJSONResponse, error_response
-from server.rest.routes import ROUTERS, metadata_auth
+from server.core.auth import Op
+from server.rest.routes import ROUTERS, authorize_request
 from server.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -65,12 +66,12 @@ def _add_offline_docs(app: FastAPI) -> None:
 
     @app.get("/openapi.json", include_in_schema=False)
     async def openapi(request: Request) -> Response:
-        metadata_auth(request)
+        authorize_request(request, Op.DOCS)
         return ORJSONResponse(app.openapi())
 
     @app.get("/docs", include_in_schema=False)
     async def docs(request: Request) -> Response:
-        metadata_auth(request)
+        authorize_request(request, Op.DOCS)
         return get_swagger_ui_html(openapi_url="/openapi.json", title="foldserve - API",
                                    swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
                                    swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",

@@ -15,7 +15,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
 from foldserve.errors import BodyTimeout, InvalidInput, NotSupported, PayloadTooLarge
-from server.core.auth import check_bearer
+from server.core.auth import Op, authorize
 from server.core.dataplane import DataPlane
 from server.core.shm import CUDA_SHM_UNSUPPORTED
 from server.rest.codec import HEADER, decompress, encode_infer_response, error_response, parse_infer_request
@@ -66,13 +66,9 @@ def _settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def _auth(request: Request, token: str | None, what: str) -> None:
-    check_bearer(request.headers.getlist("authorization"), token, what)
-
-
-def metadata_auth(request: Request) -> None:
-    """Metadata, config, statistics, the index, /metrics and /docs: behind --auth-token unless --public-metadata."""
-    _auth(request, _settings(request).metadata_token(), "metadata")
+def authorize_request(request: Request, op: Op) -> None:
+    """The token ``op`` needs (server.core.auth.ACCESS), from the request's authorization header."""
+    authorize(op, _settings(request), request.headers.getlist("authorization"))
 
 
 # --- server ---------------------------------------------------------------------------------------------
@@ -82,7 +78,7 @@ health = APIRouter(tags=["server"])
 
 @health.get("/v2", summary="Server metadata")
 async def server_metadata(request: Request) -> Any:
-    metadata_auth(request)
+    authorize_request(request, Op.SERVER_METADATA)
     return _dp(request).metadata().to_dict()
 
 
@@ -98,7 +94,7 @@ async def ready(request: Request) -> Response:
 
 @health.get("/metrics", summary="Prometheus metrics")
 async def metrics(request: Request) -> Response:
-    metadata_auth(request)
+    authorize_request(request, Op.METRICS)
     return Response(_dp(request).render_metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
@@ -109,14 +105,14 @@ models = APIRouter(tags=["models"])
 
 @models.get("/v2/models/stats", summary="Statistics of all loaded models")
 async def all_stats(request: Request) -> Any:
-    metadata_auth(request)
+    authorize_request(request, Op.STATISTICS)
     return {"model_stats": await _dp(request).statistics()}
 
 
 @models.get("/v2/models/{model}", summary="Model metadata", responses=ERRORS)
 @models.get("/v2/models/{model}/versions/{version}", summary="Model metadata (one version)", responses=ERRORS)
 async def model_metadata(model: str, request: Request, version: str = "") -> Any:
-    metadata_auth(request)
+    authorize_request(request, Op.MODEL_METADATA)
     return _dp(request).model_metadata(model, version).to_dict()
 
 
@@ -133,7 +129,7 @@ async def model_ready(model: str, request: Request, version: str = "") -> Respon
 @models.get("/v2/models/{model}/versions/{version}/config", summary="Model configuration", responses=ERRORS)
 async def model_config(model: str, request: Request, version: str = "") -> Any:
     """Triton's JSON form of the ModelConfig message (protobuf's JSON mapping, proto field names)."""
-    metadata_auth(request)
+    authorize_request(request, Op.MODEL_CONFIG)
     from google.protobuf import json_format
 
     return json_format.MessageToDict(_dp(request).model_config(model, version), preserving_proto_field_name=True)
@@ -142,7 +138,7 @@ async def model_config(model: str, request: Request, version: str = "") -> Any:
 @models.get("/v2/models/{model}/stats", summary="Model statistics", responses=ERRORS)
 @models.get("/v2/models/{model}/versions/{version}/stats", summary="Model statistics", responses=ERRORS)
 async def model_stats(model: str, request: Request, version: str = "") -> Any:
-    metadata_auth(request)
+    authorize_request(request, Op.STATISTICS)
     return {"model_stats": await _dp(request).statistics(model, version)}
 
 
@@ -181,7 +177,7 @@ async def read_body(request: Request, limit: int, timeout_s: float | None = None
              openapi_extra=INFER_DOC)
 async def infer(model: str, request: Request, version: str = "") -> Response:
     settings, admission = _settings(request), request.app.state.admission
-    _auth(request, settings.auth_token, "inference")
+    authorize_request(request, Op.INFER)
     # the whole body first (within --body-timeout-s), then a slot: slow senders never hold one
     lv = _dp(request).model(model, version)
     body = await read_body(request, lv.request_bytes_limit, settings.body_timeout_s)
@@ -202,7 +198,7 @@ repository = APIRouter(tags=["repository"])
 
 @repository.post("/v2/repository/index", summary="Repository index")
 async def repository_index(request: Request) -> Any:
-    metadata_auth(request)
+    authorize_request(request, Op.REPOSITORY_INDEX)
     ready_only = False
     body = await request.body()
     if body.strip():
@@ -216,14 +212,14 @@ async def repository_index(request: Request) -> Any:
 
 @repository.post("/v2/repository/models/{model}/load", summary="Load or reload a model", responses=ERRORS)
 async def load(model: str, request: Request) -> Response:
-    _auth(request, _settings(request).admin_token, "the repository API")
+    authorize_request(request, Op.LOAD)
     await _dp(request).load(model)
     return Response(status_code=200)
 
 
 @repository.post("/v2/repository/models/{model}/unload", summary="Unload a model", responses=ERRORS)
 async def unload(model: str, request: Request) -> Response:
-    _auth(request, _settings(request).admin_token, "the repository API")
+    authorize_request(request, Op.UNLOAD)
     await _dp(request).unload(model)
     return Response(status_code=200)
 
@@ -237,14 +233,14 @@ SMALL_BODY = 64 * 1024
 @shared_memory.get("/v2/systemsharedmemory/status", summary="Registered system shared-memory regions")
 @shared_memory.get("/v2/systemsharedmemory/region/{name}/status", summary="One region's status", responses=ERRORS)
 async def shm_status(request: Request, name: str = "") -> Any:
-    metadata_auth(request)
+    authorize_request(request, Op.SHM_STATUS)
     return _dp(request).shm_status(name)
 
 
 @shared_memory.post("/v2/systemsharedmemory/region/{name}/register", summary="Register a region", responses=ERRORS)
 async def shm_register(name: str, request: Request) -> Response:
     """Body: ``{"key": "/shm_key", "offset": 0, "byte_size": N}``; the key is a POSIX shared-memory object."""
-    _auth(request, _settings(request).auth_token, "inference")
+    authorize_request(request, Op.SHM_REGISTER)
     body = await read_body(request, SMALL_BODY, _settings(request).body_timeout_s)
     try:
         doc = orjson.loads(body)
@@ -260,7 +256,7 @@ async def shm_register(name: str, request: Request) -> Response:
 @shared_memory.post("/v2/systemsharedmemory/region/{name}/unregister", summary="Unregister a region",
                     responses=ERRORS)
 async def shm_unregister(request: Request, name: str = "") -> Response:
-    _auth(request, _settings(request).auth_token, "inference")
+    authorize_request(request, Op.SHM_UNREGISTER)
     await _dp(request).shm_unregister(name)
     return Response(status_code=200)
 
@@ -271,6 +267,7 @@ async def shm_unregister(request: Request, name: str = "") -> Response:
 @shared_memory.post("/v2/cudasharedmemory/unregister", include_in_schema=False)
 @shared_memory.post("/v2/cudasharedmemory/region/{name}/unregister", include_in_schema=False)
 async def cuda_shm(request: Request, name: str = "") -> Response:
+    authorize_request(request, Op.CUDA_SHM)
     raise NotSupported(CUDA_SHM_UNSUPPORTED)
 
 

@@ -116,8 +116,7 @@ def test_served_answers_over_grpc_match_the_unfolded_network(byom_repo):
 
     x = np.random.default_rng(3).normal(size=(6, 3, HW, HW)).astype(np.float32)
     truth = _torch64(byom_repo["model"], x)
-    srv = ServerProcess(byom_repo["repo"])
-    try:
+    with ServerProcess(byom_repo["repo"]) as srv:
         import tritonclient.grpc as tgrpc
 
         client = tgrpc.InferenceServerClient(srv.grpc)
@@ -130,8 +129,6 @@ def test_served_answers_over_grpc_match_the_unfolded_network(byom_repo):
         client.close()
         live = run_cli("verify", "--server", srv.grpc, str(byom_repo["repo"] / "rn_pt2" / "1"), "--batch-sizes", "1,3")
         assert live.returncode == 0 and "PASSED" in live.stdout, live.stdout + live.stderr
-    finally:
-        srv.stop()
 
 
 def test_normalisation_is_baked_in_and_real_samples_give_accuracy(byom_repo, tmp_path):
@@ -259,13 +256,10 @@ def test_acceptance_resnet18_onnx_and_mobilenet_v3_small_pt2(tmp_path):
         proc = run_cli("verify", str(repo / name / "1"), "--batch-sizes", "2")
         assert proc.returncode == 0 and "PASSED" in proc.stdout, proc.stdout + proc.stderr
     x = np.random.default_rng(0).normal(size=(3, 3, 224, 224)).astype(np.float32)
-    srv = ServerProcess(repo)
-    try:
+    with ServerProcess(repo) as srv:
         import tritonclient.grpc as tgrpc
 
         client = tgrpc.InferenceServerClient(srv.grpc)
         _assert_close_to_scale(_grpc_infer(client, "r18", "input", "logits", x), _torch64(r18, x))
         _assert_close_to_scale(_grpc_infer(client, "mnv3", "x", "output", x), _torch64(mnv3, x))
         client.close()
-    finally:
-        srv.stop()

@@ -115,8 +115,7 @@ def test_served_int8_answer_equals_onnxruntime_on_the_same_file(digits_run, tmp_
     x = digits_batch(8)
     expected = ort.InferenceSession(str(repo / "d8" / "1" / "model.onnx"),
                                     providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
-    srv = ServerProcess(repo)
-    try:
+    with ServerProcess(repo) as srv:
         c = tgrpc.InferenceServerClient(srv.grpc)
         inp = tgrpc.InferInput("input", list(x.shape), "FP32")
         inp.set_data_from_numpy(x)
@@ -134,6 +133,4 @@ def test_served_int8_answer_equals_onnxruntime_on_the_same_file(digits_run, tmp_
         # live verification judges the int8 version by the same gate as the local verifier
         live = run_cli("verify", "--server", srv.grpc, str(repo / "d8" / "1"), "--batch-sizes", "4")
         assert live.returncode == 0 and "precision int8: gate passed" in live.stdout, live.stdout + live.stderr
-    finally:
-        srv.stop()
     assert 'string_value: "mixed"' in (repo / "d8" / "config.pbtxt").read_text()

@@ -236,8 +236,7 @@ def test_slow_bodies_take_no_inference_slot_and_time_out(repo):
 # --- 3. header size and header time ------------------------------------------------------------------
 
 def test_oversized_and_slow_headers_are_refused(repo):
-    srv = ServerProcess(repo, "--header-timeout-s", "1.5")
-    try:
+    with ServerProcess(repo, "--header-timeout-s", "1.5") as srv:
         pid = srv.proc.pid
         before = rss_mb(pid)
         s = socket.create_connection(("127.0.0.1", srv.http_port), timeout=10)
@@ -264,8 +263,6 @@ def test_oversized_and_slow_headers_are_refused(repo):
         drip.close()
         # a normal request with headers within the limit still works
         assert _get(srv, "/v2/health/ready") == 200
-    finally:
-        srv.stop()
 
 
 # --- 4. connection floods and the fd limit ------------------------------------------------------------
@@ -313,8 +310,7 @@ def test_a_connection_flood_does_not_exhaust_the_servers_file_descriptors(repo):
 def test_a_gzip_json_bomb_is_refused_without_inflating_it(repo):
     """65 KB of gzip that inflates to 64 MiB of JSON numbers: refused (413) once the decoded body passes the
     largest request the model can take, and the server does not grow by more than a few MB."""
-    srv = ServerProcess(repo, "--max-request-bytes", str(128 << 20))
-    try:
+    with ServerProcess(repo, "--max-request-bytes", str(128 << 20)) as srv:
         head = b'{"inputs":[{"name":"input","shape":[1,1,8,8],"datatype":"FP32","data":['
         body = head + b"1.0," * (16 << 20) + b"1.0]}]}"
         bomb = gzip.compress(body, 9)
@@ -326,24 +322,19 @@ def test_a_gzip_json_bomb_is_refused_without_inflating_it(repo):
         assert rss_mb(pid) - before < 32
         assert _post(srv, f"/v2/models/{MODEL}/infer", gzip.compress(_infer_json(digits_batch(1))),
                      {"content-encoding": "gzip"})[0] == 200
-    finally:
-        srv.stop()
 
 
 def test_json_with_more_numbers_than_the_model_takes_is_refused_before_parsing(repo):
     """A JSON body under the byte bound but made of short numbers ("0.5,": 4 bytes, where the bound allows 32 per
     element) would make the parser build 8x more Python floats than the model's largest request: refused
     (413, naming the limit) before orjson sees it; a well-formed request of the largest size still passes."""
-    srv = ServerProcess(repo)
-    try:
+    with ServerProcess(repo) as srv:
         most = 64 * 64                    # digits: max_batch_size 64 x 1x8x8
         head = b'{"inputs":[{"name":"input","shape":[64,1,8,8],"datatype":"FP32","data":['
         body = head + b"0.5," * (8 * most) + b"0.5]}]}"
         status, answer = _post(srv, f"/v2/models/{MODEL}/infer", body)
         assert status == 413 and b"numbers" in answer, answer[:300]
         assert _post(srv, f"/v2/models/{MODEL}/infer", _infer_json(digits_batch(64)))[0] == 200
-    finally:
-        srv.stop()
 
 
 ATTACKER = """
@@ -410,8 +401,7 @@ def test_well_behaved_p99_under_a_bomb_attack(repo):
 def test_compressed_grpc_contents_far_beyond_the_shape_are_refused_before_conversion(repo):
     """16M fp32_contents (62 KB compressed) for a [1, 1, 8, 8] input: INVALID_ARGUMENT from the element count,
     without turning them into a Python array (that cost 2.6 GB)."""
-    srv = ServerProcess(repo)
-    try:
+    with ServerProcess(repo) as srv:
         pid = srv.proc.pid
         before = rss_mb(pid)
         peak, done = [before], threading.Event()
@@ -436,8 +426,6 @@ def test_compressed_grpc_contents_far_beyond_the_shape_are_refused_before_conver
         # 16M values to an array first peaked at +900 MB
         assert peak[0] - before < 450, f"peak RSS +{peak[0] - before:.0f} MB: the contents were converted first"
         _grpc_ok(srv.grpc)
-    finally:
-        srv.stop()
 
 
 # --- 9. odd names and versions -------------------------------------------------------------------------

@@ -146,8 +146,7 @@ def test_broken_model_files_make_only_that_model_unavailable(hardening_repo, tmp
     for name in ("missing", "corrupt", "external"):
         cfg = repo / name / "config.pbtxt"
         cfg.write_text(cfg.read_text().replace('name: "digits"', f'name: "{name}"'))
-    srv = ServerProcess(repo)
-    try:
+    with ServerProcess(repo) as srv:
         c = tgrpc.InferenceServerClient(srv.grpc)
         assert c.is_server_ready() and c.is_model_ready("digits")
         index = {m["name"]: m for m in c.get_model_repository_index(as_json=True)["models"]}
@@ -157,8 +156,6 @@ def test_broken_model_files_make_only_that_model_unavailable(hardening_repo, tmp
         for name in ("missing", "corrupt", "external"):
             assert index[name]["state"] == "UNAVAILABLE" and not c.is_model_ready(name)
         c.infer("digits", [_ginput(digits_batch(1))])
-    finally:
-        srv.stop()
 
 
 def _openssl(*args, cwd):
@@ -185,8 +182,7 @@ def test_tls_and_mutual_tls(hardening_repo, tmp_path, certs):
     repo = tmp_path / "repo"
     shutil.copytree(hardening_repo / "digits", repo / "digits")
     ca = (certs / "ca.pem").read_bytes()
-    srv = ServerProcess(repo, "--tls-cert", str(certs / "server.pem"), "--tls-key", str(certs / "server.key"))
-    try:
+    with ServerProcess(repo, "--tls-cert", str(certs / "server.pem"), "--tls-key", str(certs / "server.key")) as srv:
         assert srv.info["http"].startswith("https://")
         c = tgrpc.InferenceServerClient(srv.grpc, ssl=True, root_certificates=str(certs / "ca.pem"))
         assert c.is_model_ready("digits")
@@ -196,11 +192,8 @@ def test_tls_and_mutual_tls(hardening_repo, tmp_path, certs):
         ctx = ssl.create_default_context(cadata=ca.decode())
         with urllib.request.urlopen(f"https://{srv.http}/v2/health/ready", context=ctx, timeout=10) as r:
             assert r.status == 200
-    finally:
-        srv.stop()
-    srv = ServerProcess(repo, "--tls-cert", str(certs / "server.pem"), "--tls-key", str(certs / "server.key"),
-                        "--tls-ca", str(certs / "ca.pem"))
-    try:
+    with ServerProcess(repo, "--tls-cert", str(certs / "server.pem"), "--tls-key", str(certs / "server.key"),
+                        "--tls-ca", str(certs / "ca.pem")) as srv:
         with_cert = tgrpc.InferenceServerClient(srv.grpc, ssl=True, root_certificates=str(certs / "ca.pem"),
                                                 private_key=str(certs / "client.key"),
                                                 certificate_chain=str(certs / "client.pem"))
@@ -214,8 +207,6 @@ def test_tls_and_mutual_tls(hardening_repo, tmp_path, certs):
         ctx.load_cert_chain(str(certs / "client.pem"), str(certs / "client.key"))
         with urllib.request.urlopen(f"https://{srv.http}/v2/health/ready", context=ctx, timeout=10) as r:
             assert r.status == 200
-    finally:
-        srv.stop()
 
 
 def test_binds_loopback_by_default(hserver):

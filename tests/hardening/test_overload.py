@@ -99,8 +99,7 @@ def _p99(before: dict[float, int], after: dict[float, int]) -> float:
 
 
 def test_overload_sheds_load_and_recovers(hardening_repo):
-    srv = ServerProcess(hardening_repo, "--allow-unverified", "--max-queue-size", str(QUEUE))
-    try:
+    with ServerProcess(hardening_repo, "--allow-unverified", "--max-queue-size", str(QUEUE)) as srv:
         payload = _payload(8)
         capacity = asyncio.run(_capacity(srv.grpc, payload))
         hist_before = _latency_histogram(srv)
@@ -125,5 +124,3 @@ def test_overload_sheds_load_and_recovers(hardening_repo):
         with grpc.insecure_channel(srv.grpc) as ch:
             ch.unary_unary(METHOD, request_serializer=None, response_deserializer=None)(payload, timeout=10)
         assert time.perf_counter() - t < 1.0
-    finally:
-        srv.stop()

@@ -61,14 +61,11 @@ def test_perturbed_weights_are_refused_and_the_old_version_keeps_serving(reposit
         assert meta["foldserve_verified"]["string_value"] == "true"
     finally:
         srv.stop()
-    srv = ServerProcess(repo)                                # a fresh start does not serve them either
-    try:
+    with ServerProcess(repo) as srv:                                # a fresh start does not serve them either
         c = tgrpc.InferenceServerClient(srv.grpc)
         assert not c.is_model_ready(MODEL)
         index = c.get_model_repository_index(as_json=True)["models"]
         assert "changed since verification" in index[0]["reason"]
-    finally:
-        srv.stop()
 
 
 def test_a_failing_reverification_never_replaces_a_passing_report(repository, tmp_path):

@@ -319,33 +319,23 @@ def test_unverified_version_is_not_served(repository, tmp_path):
     report["passed"] = False
     report["failure"] = "tampered"
     (repo / "digits" / "1" / "verification.json").write_text(json.dumps(report))
-    srv = ServerProcess(repo)
-    try:
+    with ServerProcess(repo) as srv:
         c = tgrpc.InferenceServerClient(srv.grpc)
         assert not c.is_model_ready(MODEL)
         index = c.get_model_repository_index(as_json=True)["models"]
         assert "verification did not pass (tampered)" in index[0]["reason"]
-    finally:
-        srv.stop()
-    srv = ServerProcess(repo, "--allow-unverified")
-    try:
+    with ServerProcess(repo, "--allow-unverified") as srv:
         assert tgrpc.InferenceServerClient(srv.grpc).is_model_ready(MODEL)
-    finally:
-        srv.stop()
 
 
 def test_repository_api_is_off_by_default_and_token_protected(repository, tmp_path):
     repo = tmp_path / "repo"
     shutil.copytree(repository / "digits", repo / "digits")
-    srv = ServerProcess(repo)
-    try:
+    with ServerProcess(repo) as srv:
         c = tgrpc.InferenceServerClient(srv.grpc)
         e = _grpc_error(lambda: c.load_model(MODEL))
         assert e.status() == "StatusCode.PERMISSION_DENIED"
-    finally:
-        srv.stop()
-    srv = ServerProcess(repo, "--repository-api", "--admin-token", "s3cret", "--auth-token", "t0k")
-    try:
+    with ServerProcess(repo, "--repository-api", "--admin-token", "s3cret", "--auth-token", "t0k") as srv:
         c = tgrpc.InferenceServerClient(srv.grpc)
         assert _grpc_error(lambda: c.load_model(MODEL)).status() == "StatusCode.UNAUTHENTICATED"
         c.load_model(MODEL, headers={"authorization": "Bearer s3cret"})
@@ -384,15 +374,10 @@ def test_repository_api_is_off_by_default_and_token_protected(repository, tmp_pa
                 stub.ServerMetadata(tpb.ServerMetadataRequest(), metadata=[("authorization", "Bearer wrong"),
                                                                            ("authorization", "Bearer t0k")])
             assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED and "2 authorization" in e.value.details()
-    finally:
-        srv.stop()
-    srv = ServerProcess(repo, "--auth-token", "t0k", "--public-metadata")
-    try:
+    with ServerProcess(repo, "--auth-token", "t0k", "--public-metadata") as srv:
         c = tgrpc.InferenceServerClient(srv.grpc)
         assert c.get_model_metadata(MODEL).name == MODEL and _http(srv, "GET", "/metrics")[0] == 200
         assert _grpc_error(lambda: c.infer(MODEL, [_ginput(digits_batch(1))])).status() == "StatusCode.UNAUTHENTICATED"
-    finally:
-        srv.stop()
 
 
 @pytest.mark.parametrize("flags,expected", [
@@ -485,16 +470,13 @@ def test_cuda_provider_serves_the_same_answers(repository, tmp_path, reference_s
         pytest.skip("no CUDA driver on this machine")
     repo = tmp_path / "repo"
     shutil.copytree(repository / "digits", repo / "digits")
-    srv = ServerProcess(repo, "--provider", "cuda")
-    try:
+    with ServerProcess(repo, "--provider", "cuda") as srv:
         c = tgrpc.InferenceServerClient(srv.grpc)
         params = c.get_model_config(MODEL, as_json=True)["config"]["parameters"]
         assert params["foldserve_provider"]["string_value"] == "CUDAExecutionProvider"
         x = digits_batch(8)
         np.testing.assert_allclose(c.infer(MODEL, [_ginput(x)]).as_numpy("output"),
                                    reference_session.run(None, {"input": x})[0], rtol=1e-3, atol=1e-3)
-    finally:
-        srv.stop()
 
 
 def test_model_stream_infer(server, reference_session):

@@ -46,8 +46,7 @@ def test_declared_warmup_runs_file_inputs_and_a_bad_entry_fails_the_load(reposit
         data = digits_batch(2).tobytes()
         (repo / name / "warmup" / "two_digits.raw").write_bytes(data if name != "bad_file" else data[:-4])
         _write(repo / name, cfg)
-    srv = ServerProcess(repo)
-    try:
+    with ServerProcess(repo) as srv:
         assert srv.info["models"] == ["good:1"]
         log = srv.log()
         assert "warmed up good (from file x2)" in log
@@ -56,5 +55,3 @@ def test_declared_warmup_runs_file_inputs_and_a_bad_entry_fails_the_load(reposit
             index = {m["name"]: m for m in json.loads(r.read())}
         assert "model_warmup 'from file'" in index["bad_dims"]["reason"] and "[1, 9, 9]" in index["bad_dims"]["reason"]
         assert "warmup/two_digits.raw has 508 bytes" in index["bad_file"]["reason"]
-    finally:
-        srv.stop()

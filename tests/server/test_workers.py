@@ -231,8 +231,7 @@ def test_sigterm_drains_every_worker_and_workers_that_keep_dying_stop_the_server
     time.sleep(0.5)
     assert not any(Path(f"/proc/{p}").exists() for p in pids)
 
-    srv = ServerProcess(cluster_repo, "--workers", "2")
-    try:
+    with ServerProcess(cluster_repo, "--workers", "2") as srv:
         deadline = time.time() + 90
         while srv.proc.poll() is None and time.time() < deadline:
             for pid in _listeners(srv.http_port):
@@ -241,8 +240,6 @@ def test_sigterm_drains_every_worker_and_workers_that_keep_dying_stop_the_server
             time.sleep(0.2)
         assert srv.proc.wait(30) == 1
         assert "workers keep dying" in srv.log()
-    finally:
-        srv.stop()
 
 
 def test_worker_count_from_flag_environment_and_auto(tmp_path):
@@ -262,9 +259,6 @@ def test_worker_count_from_flag_environment_and_auto(tmp_path):
 
 def test_event_loop_is_uvloop_by_default_and_asyncio_on_request(cluster_repo):
     for flag, expect in ((), True), (("--event-loop", "asyncio"), False):
-        srv = ServerProcess(cluster_repo, *flag)
-        try:
+        with ServerProcess(cluster_repo, *flag) as srv:
             assert _infer(srv.http)[0] == 200
             assert ("uvloop" in Path(f"/proc/{srv.proc.pid}/maps").read_text()) is expect
-        finally:
-            srv.stop()

@@ -1,0 +1,72 @@
+"""The run folder several worker processes share (what the supervisor needs, and nothing heavy: it is used
+before any gRPC or onnxruntime object may exist), and the SO_REUSEPORT listening socket.
+
+The folder is private (mode 0700): ``settings.json`` (mode 0600: tokens inside), ``state.json`` (the cluster
+state, :class:`server.core.cluster_state.ClusterState`), ``cluster.lock``, ``ready/INDEX`` per ready worker,
+``up`` once every worker of the first start was ready, ``wINDEX.sock`` (each worker's control socket) and
+``metrics/`` (prometheus_client's multiprocess files).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket as _socket
+from pathlib import Path
+
+from foldserve.records import read_record, write_record
+from server.core.cluster_state import ClusterState
+
+RUN_DIR_ENV = "FOLDSERVE_RUN_DIR"
+WORKER_ENV = "FOLDSERVE_WORKER_INDEX"
+
+
+class RunFolder:
+    """The files the supervisor and the workers share."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.settings = self.root / "settings.json"
+        self.state = self.root / "state.json"
+        self.lock = self.root / "cluster.lock"
+        self.up = self.root / "up"
+        self.metrics = self.root / "metrics"
+
+    def socket(self, index: int) -> Path:
+        return self.root / f"w{index}.sock"
+
+    def ready(self, index: int) -> Path:
+        return self.root / "ready" / str(index)
+
+    def create(self, settings_json: str) -> None:
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        (self.root / "ready").mkdir(mode=0o700, exist_ok=True)
+        self.metrics.mkdir(mode=0o700, exist_ok=True)
+        fd = os.open(self.settings, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # tokens inside
+        with os.fdopen(fd, "w") as fh:
+            fh.write(settings_json)
+        self.write_state(ClusterState())
+
+    def read_state(self) -> ClusterState:
+        return read_record(ClusterState, self.state)
+
+    def write_state(self, state: ClusterState) -> None:
+        write_record(self.state, state)
+
+    def ready_pid(self, index: int) -> int | None:
+        try:
+            return int(json.loads(self.ready(index).read_text())["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+
+def reuse_port_socket(host: str, port: int, listen: bool = True) -> _socket.socket:
+    """A TCP socket on ``port`` with SO_REUSEPORT, which other workers bind too (the kernel spreads connections
+    among the listening ones). ``listen=False`` only holds the port (the supervisor, for a port of 0)."""
+    sock = _socket.socket(_socket.AF_INET6 if ":" in host else _socket.AF_INET, _socket.SOCK_STREAM)
+    sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
+    sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    if listen:
+        sock.listen(2048)
+        sock.setblocking(False)
+    return sock
