@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 REPO ?= model_repository
 MODEL ?= digits_resnet
 
-.PHONY: install test test-hardening test-docker serve model bench clean
+.PHONY: install lint test test-hardening test-docker serve model bench clean
 
 install: $(STAMP)
 
@@ -15,6 +15,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[train,test]'
 	touch $(STAMP)
+
+# ruff (pycodestyle, pyflakes, isort, bugbear, pyupgrade, simplify) and mypy (strict on foldserve/ and server/core/)
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy foldserve server folding trainer cli bench
 
 test: install
 	$(BIN)/python -m pytest -q tests

@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -31,9 +30,15 @@ from typing import Any
 
 import numpy as np
 
+from bench.loadgen import (
+    closed_loop,
+    free_port,
+    grpc_sender_factory,
+    http_request_bytes,
+    http_sender_factory,
+    percentile,
+)
 from bench.process import ServerProcess
-from bench.loadgen import (closed_loop, free_port, grpc_sender_factory, http_request_bytes,
-                           http_sender_factory, percentile)
 from foldserve.atomic import write_json, write_text
 from foldserve.entry import INPUT_NAME
 
@@ -182,7 +187,7 @@ def bench_floors(payload_bytes: int, concurrencies: list[int], n: int) -> dict[s
     return out
 
 
-def start_server(repo: Path, batching: bool, extra: list[str] | None = None) -> tuple[Proc, int, int]:
+def start_server(repo: Path, batching: bool, extra: list[str] | None = None) -> tuple[ServerProcess, int, int]:
     """Our server in its own process (the load generator runs in this one)."""
     hport, gport = free_port(), free_port()
     cmd = [sys.executable, "-m", "cli.main", "--log-level", "WARNING", "serve", "--repository", str(repo),
@@ -336,7 +341,7 @@ def bench_scaling(repo: Path, quick: bool, work: Path) -> dict[str, Any]:
                     key = f"{model} workers={workers} {'shm' if shm else 'grpc'}"
                     out["runs"][key] = peers.perf_analyzer(cmd, model, address, conc, work, interval_ms=2000,
                                                            extra=extra, server_pids=proc.pids())
-                    if model == "resnet20" and not shm or model == "resnet18" and shm and workers == 1:
+                    if (model == "resnet20" and not shm) or (model == "resnet18" and shm and workers == 1):
                         prof = peers.perf_analyzer(cmd, model, address, [32 if model == "resnet20" else 1], work,
                                                    interval_ms=2000, extra=extra,
                                                    during=lambda c: peers.profile(proc.pids()))
@@ -366,7 +371,7 @@ def scaling_goals(r: dict[str, Any]) -> list[dict[str, Any]]:
                  "passed": None, "skipped": sc.get("skipped", "no perf_analyzer")}]
     g = []
     inp, fl = r["inprocess"], r["floors"]
-    where = lambda key: sc["profiles"].get(key, {}).get("stages_pct")  # noqa: E731
+    where = lambda key: sc["profiles"].get(key, {}).get("stages_pct")
     best = max(((k, _pa(r, k, 32)) for k in sc["runs"] if k.startswith("resnet20 ")),
                key=lambda kv: kv[1]["throughput"] if kv[1] else -1)
     limit = 0.7 * inp["batch"][32]["samples_per_s"]

@@ -15,7 +15,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bench.suite import markdown, run as run_suite
+    from bench.suite import markdown
+    from bench.suite import run as run_suite
 
     report = run_suite(Path(args.out), quick=args.quick)
     print(markdown(report))

@@ -7,8 +7,13 @@ from pathlib import Path
 
 from cli.common import add_verify_flags, print_fold_report, verify_options
 from foldserve.errors import ConfigError
-from foldserve.records import (CALIBRATION_METHODS, DEFAULT_CALIBRATION_METHOD, DEFAULT_CALIBRATION_SAMPLES,
-                               DEFAULT_PRECISION, PRECISIONS)
+from foldserve.records import (
+    CALIBRATION_METHODS,
+    DEFAULT_CALIBRATION_METHOD,
+    DEFAULT_CALIBRATION_SAMPLES,
+    DEFAULT_PRECISION,
+    PRECISIONS,
+)
 
 REQUIRES = ("torch", "onnx", "onnxruntime")
 
@@ -89,9 +94,11 @@ def _fold_file(args: argparse.Namespace) -> int:
         raise ConfigError("--repository/--name/--version do not go with --onnx IN --out OUT (which writes one "
                           "file); fold MODEL --repository DIR instead")
     extra = [f for f, v in (("--data", args.data), ("--normalize", args.normalize), ("--labels", args.labels),
-                            ("--input-shape", args.input_shape), ("--precision", args.precision != DEFAULT_PRECISION)) if v]
+                            ("--input-shape", args.input_shape),
+                            ("--precision", args.precision != DEFAULT_PRECISION)) if v]
     if extra:
-        raise ConfigError(f"{', '.join(extra)} go with MODEL --repository DIR (a verified entry), not with --onnx/--out")
+        raise ConfigError(f"{', '.join(extra)} go with MODEL --repository DIR (a verified entry), not with "
+                          f"--onnx/--out")
     if Path(args.out).resolve() == Path(args.onnx).resolve():
         raise ConfigError(f"--out {args.out} is the input file: the unfolded original would be overwritten; "
                           f"choose another --out")

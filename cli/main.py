@@ -12,8 +12,8 @@ import importlib
 import importlib.util
 import logging
 import sys
+from collections.abc import Sequence
 from types import ModuleType
-from typing import Sequence
 
 from foldserve import __version__
 from foldserve.errors import ConfigError, FoldserveError

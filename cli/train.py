@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from foldserve.errors import ConfigError
 

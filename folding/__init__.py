@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from foldserve.records import FoldedPair, FoldReport, SkippedBN
 
-__all__ = ["fold_module", "fold_onnx", "FoldReport", "FoldedPair", "SkippedBN"]
+__all__ = ["FoldReport", "FoldedPair", "SkippedBN", "fold_module", "fold_onnx"]
 
 
 def __getattr__(name: str):

@@ -15,19 +15,8 @@ from pathlib import Path
 
 import onnx
 
-from foldserve import __version__
-from foldserve.atomic import write_bytes, write_json, write_text
-from foldserve.datatypes import lookup
-from foldserve.entry import (FOLD_REPORT_FILE, LABELS_FILE, MODEL_FILE, PRECISION_FILE, PREPROCESS_FILE, REFERENCE_FILE,
-                             SOURCE_RECORD_FILE)
-from foldserve.errors import ConfigError, FoldError, WriteError
-from foldserve.model_config import ModelConfig, TensorSpec, make_config
-from foldserve.records import (DEFAULT_CALIBRATION_METHOD, DEFAULT_CALIBRATION_SAMPLES, DEFAULT_PRECISION,
-                               EntryFoldReport, FoldReport, PrecisionInfo, VerificationReport, first_line,
-                               write_record)
 from folding.calibration import calibration_samples
-from folding.install import (check_compatible, check_model_name, check_version, install, model_precision,
-                             write_failure)
+from folding.install import check_compatible, check_model_name, check_version, install, model_precision, write_failure
 from folding.kinds import Prepared, SourceKind, detect_kind
 from folding.onnx_fold import fold_onnx
 from folding.onnx_io import has_external_data, save_model, save_with_external_data
@@ -35,6 +24,31 @@ from folding.precision import check_precision_options, to_precision
 from folding.programs import Options
 from folding.source import example_input
 from folding.verify import VerifyOptions, verify_entry
+from foldserve import __version__
+from foldserve.atomic import write_bytes, write_json, write_text
+from foldserve.datatypes import lookup
+from foldserve.entry import (
+    FOLD_REPORT_FILE,
+    LABELS_FILE,
+    MODEL_FILE,
+    PRECISION_FILE,
+    PREPROCESS_FILE,
+    REFERENCE_FILE,
+    SOURCE_RECORD_FILE,
+)
+from foldserve.errors import ConfigError, FoldError, WriteError
+from foldserve.model_config import ModelConfig, TensorSpec, make_config
+from foldserve.records import (
+    DEFAULT_CALIBRATION_METHOD,
+    DEFAULT_CALIBRATION_SAMPLES,
+    DEFAULT_PRECISION,
+    EntryFoldReport,
+    FoldReport,
+    PrecisionInfo,
+    VerificationReport,
+    first_line,
+    write_record,
+)
 
 logger = logging.getLogger(__name__)
 

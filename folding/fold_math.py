@@ -41,7 +41,7 @@ class BNParams:
     eps: float
 
     @classmethod
-    def create(cls, mean, var, gamma, beta, eps: float) -> "BNParams":
+    def create(cls, mean, var, gamma, beta, eps: float) -> BNParams:
         mean = np.asarray(mean, dtype=np.float64)
         var = np.asarray(var, dtype=np.float64)
         gamma = np.ones_like(mean) if gamma is None else np.asarray(gamma, dtype=np.float64)
@@ -61,7 +61,8 @@ class BNParams:
         out = []
         bad = ~np.isfinite(self.mean) | ~np.isfinite(self.var) | ~np.isfinite(self.gamma) | ~np.isfinite(self.beta)
         if bad.any():
-            out.append(f"{where}: NaN/Inf in BN statistics or parameters at channels {np.flatnonzero(bad)[:10].tolist()}")
+            out.append(f"{where}: NaN/Inf in BN statistics or parameters at channels "
+                       f"{np.flatnonzero(bad)[:10].tolist()}")
         tiny = np.flatnonzero(np.isfinite(self.var) & (self.var < 1e-6))
         if tiny.size:
             out.append(f"{where}: running_var < 1e-6 at {tiny.size} channel(s) {tiny[:10].tolist()} "
@@ -94,7 +95,8 @@ def fold_backward(weight: np.ndarray, bias: np.ndarray | None, bn: BNParams, out
     return w2, b2
 
 
-def fold_forward(weight: np.ndarray, bias: np.ndarray | None, bn: BNParams, groups: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def fold_forward(weight: np.ndarray, bias: np.ndarray | None, bn: BNParams,
+                 groups: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """W', b' (float64) of ``consumer(BN(x))`` for Conv (W: C_out, C_in/groups, k...) or Linear (W: out, in)."""
     w = np.asarray(weight, dtype=np.float64)
     s, t = bn.scale, bn.shift

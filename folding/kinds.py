@@ -29,16 +29,22 @@ import numpy as np
 import onnx
 import torch
 
-from foldserve.entry import (INPUT_NAME, OUTPUT_NAME, PROGRAM_FILE, REFERENCE_FILE, SOURCE_FILE, TORCHSCRIPT_FILE,
-                             read_source_record)
-from foldserve.errors import (CheckpointError, ConfigError, EntryError, FoldError, NotACheckpoint,
-                              UnreadableCheckpoint)
-from foldserve.records import CheckpointMeta, FoldReport, Preprocess, SourceRecord, first_line
 from folding.onnx_fold import fold_onnx
 from folding.onnx_io import check_bn_kept, export_dynamo, export_torchscript
 from folding.programs import EXPECTED, Options, finish_reference, load_onnx_file, resolve_shape
 from folding.source import CheckpointSource, OnnxSource, ProgramSource, SourceModel, example_input, training_samples
 from folding.torch_fold import fold_module
+from foldserve.entry import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    PROGRAM_FILE,
+    REFERENCE_FILE,
+    SOURCE_FILE,
+    TORCHSCRIPT_FILE,
+    read_source_record,
+)
+from foldserve.errors import CheckpointError, ConfigError, EntryError, FoldError, NotACheckpoint, UnreadableCheckpoint
+from foldserve.records import CheckpointMeta, FoldReport, Preprocess, SourceRecord, first_line
 from trainer.checkpoint import file_sha256, load_checkpoint, model_from_checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)

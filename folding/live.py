@@ -14,12 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from foldserve.client import ModelMetadata, connect
-from foldserve.entry import read_precision, split_entry_path
-from foldserve.errors import ConfigError
 from folding.kinds import open_source
 from folding.tolerances import PRECISION_GATES, compare, tolerance_for
 from folding.verify import comparison_record, precision_gate
+from foldserve.client import connect
+from foldserve.entry import read_precision, split_entry_path
+from foldserve.errors import ConfigError
+from foldserve.metadata import ModelMetadata
 from foldserve.records import ComparisonRecord
 
 
@@ -27,7 +28,7 @@ def _check_interface(meta: ModelMetadata, x: np.ndarray, truth: np.ndarray, wher
     inp, out = meta.inputs[0], meta.outputs[0]
     for what, t, arr in (("input", inp, x), ("output", out, truth)):
         shape = ([-1] if batched else [arr.shape[0]]) + list(arr.shape[1:])
-        if len(t.shape) != len(shape) or any(s not in (-1, w) for s, w in zip(t.shape[1:], shape[1:])):
+        if len(t.shape) != len(shape) or any(s not in (-1, w) for s, w in zip(t.shape[1:], shape[1:], strict=False)):
             raise ConfigError(f"{where} and the entry differ in their {what}s: served {what} {t.name!r} has shape "
                               f"{t.shape}, the entry's model {shape}: is it the same model?")
 
@@ -92,7 +93,8 @@ def verify_live(address: str, entry: Path, opts: Any, *, model: str | None = Non
     lines = [f"{'inputs':<14} {'max_abs':>10} {'max_rel':>10} {'top1':>7}  result"]
     for name, r in results.items():
         top1 = f"{r['top1_agreement']:.4f}" if r.get("top1_agreement") is not None else "-"
-        lines.append(f"{name:<14} {r['max_abs']:>10.3g} {r['max_rel']:>10.3g} {top1:>7}  {'ok' if r['passed'] else 'FAIL'}")
+        lines.append(f"{name:<14} {r['max_abs']:>10.3g} {r['max_rel']:>10.3g} {top1:>7}  "
+                     f"{'ok' if r['passed'] else 'FAIL'}")
     if gate:
         lines.append(f"precision {precision}: " + (gate.get("failure") or "gate passed") +
                      (f" (top-1 agreement {gate['top1_agreement']:.4f}, {gate['basis']})"

@@ -19,16 +19,17 @@ from __future__ import annotations
 import copy
 import logging
 from collections import Counter
-from typing import Callable
+from collections.abc import Callable
+from typing import ClassVar
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from foldserve.errors import FoldError
 from folding.fold_math import BNParams, fold_backward, fold_forward
-from foldserve.records import FoldReport
 from folding.rules import BACKWARD, FORWARD, NONLINEARITIES, Plan, Rule, Skip, run_pass
+from foldserve.errors import FoldError
+from foldserve.records import FoldReport
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +152,8 @@ def _remove_dead_constants(model: onnx.ModelProto) -> None:
 
 class OnnxFoldPass(_Graph):
     """The ONNX side of :mod:`folding.rules`: BatchNormalization nodes, their producers and consumers."""
+
+    RULES: ClassVar[dict[str, dict[str, Rule]]]      # the table at the end of this module
 
     def __init__(self, model: onnx.ModelProto) -> None:
         super().__init__(model)
@@ -454,7 +457,7 @@ def _drop_unused_initializers(model: onnx.ModelProto, candidates: list[str]) -> 
     used = _input_uses(model.graph.node)
     outputs = {o.name for o in model.graph.output}
     keep = [t for t in model.graph.initializer
-            if used[t.name] or t.name in outputs or t.name in graph_inputs and t.name not in candidates]
+            if used[t.name] or t.name in outputs or (t.name in graph_inputs and t.name not in candidates)]
     dead = {t.name for t in model.graph.initializer} - {t.name for t in keep}
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep)

@@ -17,15 +17,14 @@ import logging
 import platform
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from folding.fold_math import FP16_MAX
 from foldserve.errors import ConfigError, FoldError
 from foldserve.records import CALIBRATION_METHODS, PRECISIONS, PrecisionInfo, first_line
-from folding.fold_math import FP16_MAX
 
 logger = logging.getLogger(__name__)
 
@@ -116,8 +115,13 @@ def activation_type_for_cpu() -> str:
 
 def to_int8(folded: onnx.ModelProto, calibration: np.ndarray, method: str,
             source: str) -> tuple[onnx.ModelProto, PrecisionInfo]:
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     name = folded.graph.input[0].name
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
@@ -155,6 +159,6 @@ def to_int8(folded: onnx.ModelProto, calibration: np.ndarray, method: str,
     n_q = sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model8.graph.node)
     if n_q == 0:
         raise FoldError("int8 quantisation produced no quantised operators (no Conv/Gemm/MatMul to quantise?)")
-    return model8, PrecisionInfo(precision="int8", calibration_method=method, calibration_samples=int(len(x)),
+    return model8, PrecisionInfo(precision="int8", calibration_method=method, calibration_samples=len(x),
                                  calibration_source=source, activation_type=act, weight_type="int8 (per channel, "
                                  "symmetric)", quantized_ops=n_q)

@@ -87,7 +87,7 @@ def resolve_shape(model_dims: list[int | None], given: list[int] | None, where: 
                               f"(per sample): pass --input-shape with concrete ones, e.g. "
                               f"{','.join(str(d or 224) for d in model_dims)}")
         return [int(d) for d in model_dims]
-    if len(given) != len(model_dims) or any(d is not None and d != g for d, g in zip(model_dims, given)):
+    if len(given) != len(model_dims) or any(d is not None and d != g for d, g in zip(model_dims, given, strict=False)):
         raise ConfigError(f"--input-shape {','.join(map(str, given))} does not fit {where}, whose per-sample shape "
                           f"is {['?' if d is None else d for d in model_dims]}")
     return given
@@ -95,7 +95,8 @@ def resolve_shape(model_dims: list[int | None], given: list[int] | None, where: 
 
 def _check_normalization(norm: dict[str, list[float]] | None, shape: list[int]) -> None:
     if norm and len(norm["mean"]) not in (1, shape[0] if shape else 1):
-        raise ConfigError(f"--normalize has {len(norm['mean'])} values per statistic; the input has {shape[0] if shape else 0} "
+        raise ConfigError(f"--normalize has {len(norm['mean'])} values per statistic; the input has "
+                          f"{shape[0] if shape else 0} "
                           f"channels (axis 1): give one per channel or one for all")
 
 

@@ -13,8 +13,9 @@ A new pattern is one row in a pass's table plus its match function.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -48,14 +49,14 @@ class Plan:
     bias: np.ndarray           # b' in float64
     site: dict[str, Any] = field(default_factory=dict)   # pass-specific handles: nodes, modules, slots
     tensor: str = ""           # ONNX: the tensor at the fold site (same name in both graphs)
-    rule: "Rule | None" = None
+    rule: Rule | None = None
 
 
 @dataclass(frozen=True)
 class Rule:
     """One pattern: ``match(pass, bn, neighbour, params) -> Plan | Skip`` and ``apply(pass, plan)``."""
 
-    match: Callable[[Any, Any, Any, BNParams], "Plan | Skip"]
+    match: Callable[[Any, Any, Any, BNParams], Plan | Skip]
     apply: Callable[[Any, Plan], None]
 
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import onnx
@@ -71,7 +72,8 @@ def model_input_dtype(model: onnx.ModelProto) -> np.dtype:
     return lookup(t.type.tensor_type.elem_type, "onnx", f"model input {t.name!r}").numpy
 
 
-def load_samples(path: str | Path, input_shape: list[int], limit: int, dtype: Any) -> tuple[np.ndarray, np.ndarray | None]:
+def load_samples(path: str | Path, input_shape: list[int], limit: int,
+                 dtype: Any) -> tuple[np.ndarray, np.ndarray | None]:
     """``--data FILE.npz``: array ``x`` [N, *input_shape] and optional ``y`` [N] (class indices)."""
     path = Path(path)
     try:
@@ -278,7 +280,8 @@ class ProgramSource(SourceModel):
 
     def truth(self, x: np.ndarray) -> np.ndarray:
         if self.module64 is None:
-            return self.fit(lambda b: _torch_run(self.module, self._normalize(b.astype(np.float32))))(x).astype(np.float64)
+            run32 = self.fit(lambda b: _torch_run(self.module, self._normalize(b.astype(np.float32))))
+            return run32(x).astype(np.float64)
         with torch.no_grad():
             return self.fit(lambda b: self.module64(torch.from_numpy(self._normalize(b.astype(np.float64)))).numpy())(x)
 

@@ -17,18 +17,19 @@ import copy
 import logging
 import operator
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from foldserve.errors import FoldError
 from folding.fold_math import BNParams, fold_backward, fold_forward
-from foldserve.records import FoldReport
 from folding.rules import BACKWARD, FORWARD, Plan, Rule, Skip, run_pass
+from foldserve.errors import FoldError
+from foldserve.records import FoldReport
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +152,8 @@ class TorchFoldPass:
         if key not in self.RULES[direction]:
             return node, key
         if direction == BACKWARD and len(node.users) != 1:
-            return Skip(f"producer {node.target!r} output is also used by {[u.name for u in node.users if u is not bn_node]}")
+            others = [u.name for u in node.users if u is not bn_node]
+            return Skip(f"producer {node.target!r} output is also used by {others}")
         if self.calls[node.target] != 1:
             what = "producer" if direction == BACKWARD else "no exact forward target: consumer"
             return Skip(f"{what} {node.target!r} is called {self.calls[node.target]} times"

@@ -22,22 +22,44 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import onnx
 
-from foldserve.entry import (FOLD_REPORT_FILE, MODEL_FILE, REFERENCE_FILE, VERIFICATION_FAILED_FILE, VERIFICATION_FILE,
-                             entry_digests, read_fold_report, read_precision)
-from foldserve.errors import ConfigError
-from foldserve.records import (CandidateResult, ComparisonRecord, FoldCounts, FoldedPair, Localization,
-                               PrecisionGateRecord, RecordError, ToleranceRecord, VerificationReport, VerifiedPrecision,
-                               VerifiedSource, Worst, read_record, write_record)
 from folding.fold_math import FP16_MAX, BNParams
 from folding.source import SourceModel, model_input_dtype, ort_session
 from folding.tolerances import PRECISION_GATES, Comparison, Tolerance, compare, tolerance_for
+from foldserve.entry import (
+    FOLD_REPORT_FILE,
+    MODEL_FILE,
+    REFERENCE_FILE,
+    VERIFICATION_FAILED_FILE,
+    VERIFICATION_FILE,
+    entry_digests,
+    read_fold_report,
+    read_precision,
+)
+from foldserve.errors import ConfigError
+from foldserve.records import (
+    CandidateResult,
+    ComparisonRecord,
+    FoldCounts,
+    FoldedPair,
+    Localization,
+    PrecisionGateRecord,
+    RecordError,
+    ToleranceRecord,
+    VerificationReport,
+    VerifiedPrecision,
+    VerifiedSource,
+    Worst,
+    read_record,
+    write_record,
+)
 from server.core.runtime import OnnxModel
 
 logger = logging.getLogger(__name__)
@@ -61,7 +83,7 @@ class VerifyOptions:
 
 # --- onnxruntime: always through the server's OnnxModel ---------------------------------------------------
 
-def served_runner(path: Path, opts: "VerifyOptions") -> tuple[Callable[[np.ndarray], np.ndarray], str]:
+def served_runner(path: Path, opts: VerifyOptions) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
     """Run ``model.onnx`` exactly as the server will: its OnnxModel with the server's defaults."""
     model = OnnxModel(path, provider=opts.provider, optimization=opts.optimization)
     name = model.inputs[0].name
@@ -151,7 +173,7 @@ def localize_layers(reference: onnx.ModelProto, served: onnx.ModelProto, x: np.n
     ref_out = _tensors(reference, names, {}, onnx.TensorProto.FLOAT, x)
     srv_out = _tensors(served, names, served_types, onnx.TensorProto.FLOAT, x)
     results, jumped = [], False
-    for name, r, a in zip(names, ref_out, srv_out):
+    for name, r, a in zip(names, ref_out, srv_out, strict=False):
         r64, a64 = np.asarray(r, np.float64), np.asarray(a, np.float64)
         if r64.shape != a64.shape:
             continue
@@ -265,7 +287,8 @@ def _failure(results: dict[str, CandidateResult], invariance: dict[str, Comparis
     return f"outputs differ from the float64 reference beyond tolerance for {bad}{where}"
 
 
-def verify_entry(version_dir: str | Path, opts: VerifyOptions | None = None) -> VerificationReport:  # long function: one report
+# long function: one report, built in one place
+def verify_entry(version_dir: str | Path, opts: VerifyOptions | None = None) -> VerificationReport:
     """Verify REPO/NAME/VERSION; returns the report (``report.passed``) and writes verification.json."""
     from folding.kinds import open_source
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -40,7 +41,7 @@ def _datatype(arr: np.ndarray, datatype: str | None) -> str:
 
 def grpc_infer_request(model: str, inputs: Mapping[str, np.ndarray], *, version: str = "",
                        datatypes: Mapping[str, str] | None = None, outputs: Sequence[str] = (),
-                       classification: int = 0, request_id: str = ""):
+                       classification: int = 0, request_id: str = "") -> Any:
     from foldserve.protocol import grpc_service_pb2 as pb
 
     req = pb.ModelInferRequest(model_name=model, model_version=version, id=request_id)
@@ -111,7 +112,8 @@ class GrpcClient:
 
     def metadata(self, model: str, version: str = "") -> ModelMetadata:
         r = self._call("ModelMetadata", self._pb.ModelMetadataRequest(name=model, version=version))
-        params = {k: v.get("string_value", "") for k, v in (self.config(model, version).get("parameters") or {}).items()}
+        config_params = self.config(model, version).get("parameters") or {}
+        params = {k: v.get("string_value", "") for k, v in config_params.items()}
         return ModelMetadata(r.name, list(r.versions), r.platform,
                              [TensorMetadata(t.name, t.datatype, [int(s) for s in t.shape]) for t in r.inputs],
                              [TensorMetadata(t.name, t.datatype, [int(s) for s in t.shape]) for t in r.outputs],
@@ -122,7 +124,8 @@ class GrpcClient:
         from google.protobuf import json_format
 
         msg = self._call("ModelConfig", self._pb.ModelConfigRequest(name=model, version=version)).config
-        return json_format.MessageToDict(msg, preserving_proto_field_name=True)
+        out: dict[str, Any] = json_format.MessageToDict(msg, preserving_proto_field_name=True)
+        return out
 
     def infer(self, model: str, inputs: Mapping[str, np.ndarray], *, version: str = "",
               datatypes: Mapping[str, str] | None = None, outputs: Sequence[str] = (),
@@ -130,7 +133,8 @@ class GrpcClient:
         req = grpc_infer_request(model, inputs, version=version, datatypes=datatypes, outputs=outputs,
                                  classification=classification)
         r = self._call("ModelInfer", req)
-        return {o.name: _as_array(o.datatype, list(o.shape), raw) for o, raw in zip(r.outputs, r.raw_output_contents)}
+        return {o.name: _as_array(o.datatype, list(o.shape), raw)
+                for o, raw in zip(r.outputs, r.raw_output_contents, strict=False)}
 
     def close(self) -> None:
         self._channel.close()
@@ -176,13 +180,13 @@ class HttpClient:
         cfg = self.config(model, version)
         params = {k: v.get("string_value", "") for k, v in (cfg.get("parameters") or {}).items()}
         return ModelMetadata(d["name"], list(d.get("versions", [])), d.get("platform", ""),
-                             [TensorMetadata(t["name"], t["datatype"], [int(s) for s in t["shape"]]) for t in d["inputs"]],
-                             [TensorMetadata(t["name"], t["datatype"], [int(s) for s in t["shape"]]) for t in d["outputs"]],
+                             [_tensor_metadata(t) for t in d["inputs"]], [_tensor_metadata(t) for t in d["outputs"]],
                              _decode_parameters(params))
 
     def config(self, model: str, version: str = "") -> dict[str, Any]:
         """The model's configuration in Triton's JSON form."""
-        return self._json("GET", self._path(model, version) + "/config")
+        out: dict[str, Any] = self._json("GET", self._path(model, version) + "/config")
+        return out
 
     def infer(self, model: str, inputs: Mapping[str, np.ndarray], *, version: str = "",
               datatypes: Mapping[str, str] | None = None, outputs: Sequence[str] = (),
@@ -217,6 +221,10 @@ def _decode_parameters(params: Mapping[str, str]) -> dict[str, Any]:
         except ValueError:
             out[k] = v
     return out
+
+
+def _tensor_metadata(t: dict[str, Any]) -> TensorMetadata:
+    return TensorMetadata(t["name"], t["datatype"], [int(s) for s in t["shape"]])
 
 
 def connect(url: str, protocol: str | None = None, token: str | None = None,

@@ -6,6 +6,7 @@ error that says which types are known, never a silent FP32.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -53,8 +54,10 @@ V2_NAMES: tuple[str, ...] = tuple(t.v2 for t in TABLE)
 def lookup(value: object, kind: str = "v2", where: str = "datatype") -> DataType:
     """The table row for ``value`` named the ``kind`` way (v2, onnx, config, ort, numpy); raises
     :class:`UnsupportedDataType` naming ``where`` and the known names otherwise."""
-    key = np.dtype(value).newbyteorder("<") if kind == "numpy" and value is not None else value
-    row = _BY[kind].get(key)  # type: ignore[arg-type]
+    key: Any = value
+    if kind == "numpy" and value is not None:
+        key = np.dtype(value).newbyteorder("<")  # type: ignore[call-overload]
+    row = _BY[kind].get(key)
     if row is None:
         known = sorted(str(k) for k in _BY[kind])
         raise UnsupportedDataType(f"{where}: unknown {kind} datatype {value!r}; known: {', '.join(known)}")

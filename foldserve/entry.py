@@ -21,8 +21,7 @@ from pathlib import Path
 
 from foldserve.errors import EntryError
 from foldserve.names import is_version_folder
-from foldserve.records import (EntryFoldReport, PrecisionInfo, Preprocess, SourceRecord, VerificationReport,
-                               read_record)
+from foldserve.records import EntryFoldReport, PrecisionInfo, Preprocess, SourceRecord, VerificationReport, read_record
 
 MODEL_FILE = "model.onnx"
 REFERENCE_FILE = "reference.onnx"

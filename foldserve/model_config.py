@@ -6,9 +6,9 @@ The file is protobuf text format: it is parsed with ``text_format.Parse`` into o
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 from google.protobuf import text_format
 
@@ -59,7 +59,7 @@ def read_config(model_dir: Path) -> ModelConfig:
 
 
 def config_text(config: ModelConfig) -> str:
-    return text_format.MessageToString(config, use_short_repeated_primitives=True)
+    return str(text_format.MessageToString(config, use_short_repeated_primitives=True))
 
 
 def write_config(model_dir: Path, config: ModelConfig) -> Path:
@@ -107,7 +107,7 @@ def add_default_warmup(config: ModelConfig) -> None:
     if any(d < 0 for t in config.input for d in t.dims):
         return
     sizes = [1] + ([config.max_batch_size] if config.max_batch_size > 1 else [])
-    for b, count in zip(sizes, (3, 1)):
+    for b, count in zip(sizes, (3, 1), strict=False):
         w = config.model_warmup.add(name=f"random batch {b}", batch_size=b if config.max_batch_size > 0 else 0,
                                     count=count)
         for t in config.input:

@@ -42,7 +42,8 @@ class Record:
         return data
 
     def to_json(self) -> dict[str, Any]:
-        return encode(self)
+        out: dict[str, Any] = encode(self)
+        return out
 
     @classmethod
     def from_json(cls: type[T], data: Any, where: str = "") -> T:
@@ -105,7 +106,7 @@ def _hints(cls: type) -> dict[str, Any]:
     return _HINTS[cls]
 
 
-def _value(tp: Any, value: Any, where: str) -> Any:  # noqa: PLR0911 - one branch per kind of annotation
+def _value(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:
         return value

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import signal
 import sys
 
@@ -16,8 +15,8 @@ import uvicorn
 
 from foldserve.errors import ConfigError
 from server.core.coordinator import Coordinator, LocalCoordinator
-from server.core.runfolder import reuse_port_socket
 from server.core.dataplane import DataPlane
+from server.core.runfolder import reuse_port_socket
 from server.grpc.servicer import build_grpc_server, set_health
 from server.rest.app import create_app
 from server.rest.protocol import protocol_class
@@ -85,7 +84,8 @@ async def start_http(settings: Settings, dp: DataPlane, reuse_port: bool) -> tup
     if settings.tls_cert:
         import ssl as _ssl
 
-        ssl = {"ssl_certfile": str(settings.tls_cert), "ssl_keyfile": str(settings.tls_key) if settings.tls_key else None}
+        ssl = {"ssl_certfile": str(settings.tls_cert),
+               "ssl_keyfile": str(settings.tls_key) if settings.tls_key else None}
         if settings.tls_ca:
             ssl.update(ssl_ca_certs=str(settings.tls_ca), ssl_cert_reqs=_ssl.CERT_REQUIRED)
     config = uvicorn.Config(app, host=settings.host, port=settings.http_port, log_level="warning", access_log=False,
@@ -93,7 +93,7 @@ async def start_http(settings: Settings, dp: DataPlane, reuse_port: bool) -> tup
                             limit_concurrency=None, timeout_keep_alive=max(1, int(settings.idle_timeout_s)),
                             http=protocol_class(settings, settings.connection_limit()), **ssl)
     http = uvicorn.Server(config)
-    http.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # we handle signals below
+    http.install_signal_handlers = lambda: None  # type: ignore[attr-defined]  # we handle signals below
     sockets = [reuse_port_socket(settings.host, settings.http_port)] if reuse_port else None
     http_task = asyncio.create_task(http.serve(sockets=sockets))
     while not http.started:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -65,7 +65,7 @@ def recompute_precise_bn(model: nn.Module, batches: Iterable[torch.Tensor], num_
     for d in dropouts:
         d.eval()
     accs = [_Accumulator() for _ in layers]
-    hooks = [bn.register_forward_pre_hook(acc) for (_, bn), acc in zip(layers, accs)]
+    hooks = [bn.register_forward_pre_hook(acc) for (_, bn), acc in zip(layers, accs, strict=False)]
     used = 0
     try:
         for batch in batches:
@@ -79,7 +79,7 @@ def recompute_precise_bn(model: nn.Module, batches: Iterable[torch.Tensor], num_
         model.train(was_training)
         for d in dropouts:
             d.train(was_training)
-    for (name, bn), acc in zip(layers, accs):
+    for (_name, bn), acc in zip(layers, accs, strict=False):
         if acc.sum is None:
             continue
         total = torch.tensor([float(acc.count)], dtype=torch.float64, device=acc.sum.device)

@@ -43,7 +43,7 @@ def _split(x: np.ndarray, y: np.ndarray, val_fraction: float, seed: int) -> tupl
         raise ConfigError(f"--val-fraction must be in (0, 1), got {val_fraction}")
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(x))
-    n_val = max(1, int(round(len(x) * val_fraction)))
+    n_val = max(1, round(len(x) * val_fraction))
     if len(x) - n_val < 2:
         raise DataError(f"only {len(x)} samples: too few to split into training and validation sets")
     val, train = order[:n_val], order[n_val:]

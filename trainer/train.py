@@ -19,9 +19,10 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -145,7 +146,8 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 # --- data iteration -----------------------------------------------------------------------------
 
 def iterate_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool, seed: int = 0,
-                    rank: int = 0, world: int = 1, drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                    rank: int = 0, world: int = 1,
+                    drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Batches of one rank's share of the data (a strided slice of one permutation, as DistributedSampler)."""
     n = len(x)
     if shuffle:

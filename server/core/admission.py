@@ -8,9 +8,9 @@ never take one.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 from foldserve.errors import QueueFull
 

@@ -35,8 +35,19 @@ from typing import Any, Protocol, TypeVar
 from foldserve.atomic import write_json
 from foldserve.errors import FoldserveError, ModelNotFound
 from server.core.cluster_state import ClusterState, Region
-from server.core.peer import (GONE, Abort, Commit, Message, PeerServer, Prepare, ShmRegister, ShmUnregister, Stats,
-                              Unload, call)
+from server.core.peer import (
+    GONE,
+    Abort,
+    Commit,
+    Message,
+    PeerServer,
+    Prepare,
+    ShmRegister,
+    ShmUnregister,
+    Stats,
+    Unload,
+    call,
+)
 from server.core.registry import ModelRegistry
 from server.core.runfolder import RunFolder
 from server.core.shm import SystemSharedMemory
@@ -233,7 +244,7 @@ class ClusterCoordinator(Coordinator):  # long class: one method per operation, 
 
     # --- peer side: what one worker does --------------------------------------------------------------------
 
-    async def apply(self, message: Message) -> Any:  # noqa: PLR0911 - one branch per message type
+    async def apply(self, message: Message) -> Any:
         """Execute one operation on this worker's data plane."""
         registry, shm = self.dp.registry, self.dp.shm
         if isinstance(message, Prepare):

@@ -22,8 +22,16 @@ from server.core.registry import ModelRegistry
 from server.core.repository import ModelRepository, check_model_name
 from server.core.shm import SystemSharedMemory, check_region_name
 from server.core.stats import Metrics, ModelStats
-from server.core.types import (IndexEntry, InferOutput, InferRequest, InferResponse, ModelMetadata, Readiness,
-                               ServerMetadata, TensorMetadata)
+from server.core.types import (
+    IndexEntry,
+    InferOutput,
+    InferRequest,
+    InferResponse,
+    ModelMetadata,
+    Readiness,
+    ServerMetadata,
+    TensorMetadata,
+)
 from server.core.validation import validate_request
 from server.settings import Settings
 
@@ -125,7 +133,8 @@ class DataPlane:
 
     def model_config(self, name: str, version: str = "") -> ModelConfig:
         """The completed ModelConfig message of the version that would serve."""
-        return self.registry.get(name, version).spec.config
+        config: ModelConfig = self.registry.get(name, version).spec.config
+        return config
 
     def local_statistics(self, name: str = "", version: str = "") -> list[ModelStats]:
         """This process's statistics of one version, of every loaded version of a model, or of all."""
@@ -221,12 +230,15 @@ class DataPlane:
                  results: list[np.ndarray]) -> list[InferOutput]:
         outputs = []
         requested = {o.name: o for o in req.outputs}
-        for name, arr in zip(wanted, results):
+        for name, arr in zip(wanted, results, strict=False):
             ro = requested.get(name)
             if ro is not None and ro.class_count:
                 out = _classification(name, arr, ro.class_count, lv.spec.labels, lv.spec.max_batch_size > 0)
             else:
-                out = InferOutput(name, lv.spec.output(name).datatype, list(arr.shape), arr,
+                spec = lv.spec.output(name)
+                if spec is None:          # validation admits declared outputs only
+                    raise InvalidInput(f"unknown output {name!r}")
+                out = InferOutput(name, spec.datatype, list(arr.shape), arr,
                                   ro.binary if ro is not None else None)
             if ro is not None and ro.shm is not None:
                 self.shm.write(ro.shm, raw_bytes(out.datatype, out.data), f"output {name!r}")

@@ -14,7 +14,8 @@ import numpy as np
 from foldserve.datatypes import lookup, numpy_dtype
 from foldserve.entry import MODEL_FILE, read_precision
 from foldserve.errors import EntryError, ModelNotReady, UnsupportedDataType
-from foldserve.model_config import ModelConfig, mc
+from foldserve.model_config import ModelConfig
+from foldserve.protocol import model_config_pb2 as mc
 from foldserve.records import PrecisionInfo, first_line
 from server.core.model_config import complete_config, to_spec
 from server.core.repository import ModelRepository, VerificationSummary, read_verification
@@ -186,7 +187,7 @@ def _warmup_feeds(spec: ModelSpec, w: Any, model_dir: Path, rng: np.random.Gener
         dims = [int(d) for d in item.dims]
         want = lookup(t.datatype, "v2", f"input {t.name!r}").config
         if (mc.DataType.Name(item.data_type) != want or len(dims) != len(t.dims)
-                or any(d < 1 or (m >= 0 and d != m) for d, m in zip(dims, t.dims))):
+                or any(d < 1 or (m >= 0 and d != m) for d, m in zip(dims, t.dims, strict=False))):
             raise ModelNotReady(f"{where}: input {t.name!r} is {mc.DataType.Name(item.data_type)} {dims}, "
                                 f"the model's is {want} {list(t.dims)}")
         shape = ([w.batch_size] if spec.max_batch_size > 0 else []) + dims

@@ -115,8 +115,8 @@ def parse(line: bytes) -> Message:
     try:
         cls = MESSAGES[ClusterOp(request["op"])]
     except (KeyError, ValueError, TypeError):
-        raise FoldserveError(f"unknown cluster operation {request.get('op') if isinstance(request, dict) else request!r}"
-                             ) from None
+        shown = request.get("op") if isinstance(request, dict) else request
+        raise FoldserveError(f"unknown cluster operation {shown!r}") from None
     return decode(cls, request.get("args", {}), f"cluster operation {cls.OP.value}")
 
 

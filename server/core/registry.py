@@ -48,6 +48,7 @@ class ModelRegistry:
         self.metrics = metrics
         self._models: dict[str, ModelState] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._closing: set[asyncio.Task[None]] = set()    # old versions draining after a swap
 
     # --- load / unload ---------------------------------------------------------------------------
 
@@ -95,8 +96,10 @@ class ModelRegistry:
         state.version_reasons = prepared.reasons
         state.state, state.reason = "READY", ""
         logger.info("model %s ready: versions %s", prepared.name, sorted(prepared.versions))
-        for old in previous.values():
-            asyncio.create_task(old.scheduler.close(self.settings.grace_period_s))
+        for old in previous.values():   # kept until done: the loop holds tasks only weakly
+            task = asyncio.create_task(old.scheduler.close(self.settings.grace_period_s))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
         return state
 
     def fail(self, name: str, reason: str) -> None:

@@ -8,8 +8,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from foldserve.entry import (MODEL_FILE, VERIFICATION_FILE, digest_mismatches, read_labels, read_preprocess,
-                             version_numbers)
+from foldserve.entry import (
+    MODEL_FILE,
+    VERIFICATION_FILE,
+    digest_mismatches,
+    read_labels,
+    read_preprocess,
+    version_numbers,
+)
 from foldserve.errors import EntryError, InvalidInput, ModelNotFound, ModelNotReady
 from foldserve.model_config import CONFIG_FILE, ModelConfig
 from foldserve.names import RULE, VERSION_RULE, is_valid_model_name, parse_version

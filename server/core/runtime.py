@@ -8,8 +8,9 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -37,7 +38,7 @@ def gpu_count() -> int:
     return 0
 
 
-def choose_providers(provider: str, device_id: int) -> list:
+def choose_providers(provider: str, device_id: int) -> list[Any]:
     import onnxruntime as ort
 
     available = ort.get_available_providers()
@@ -54,7 +55,7 @@ def choose_providers(provider: str, device_id: int) -> list:
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 
 
-def _tensor_specs(args, what: str) -> list[TensorSpec]:
+def _tensor_specs(args: Any, what: str) -> list[TensorSpec]:
     specs = []
     for a in args:
         try:
@@ -87,7 +88,7 @@ class OnnxModel:
         levels = dict(zip(OPTIMIZATION_LEVELS, (ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
                                                 ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
                                                 ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-                                                ort.GraphOptimizationLevel.ORT_ENABLE_ALL)))
+                                                ort.GraphOptimizationLevel.ORT_ENABLE_ALL), strict=False))
         opts.graph_optimization_level = levels[optimization]
         opts.log_severity_level = 3
         if intra_op_threads:
@@ -116,12 +117,14 @@ class OnnxModel:
     def run(self, feeds: dict[str, np.ndarray], output_names: Sequence[str] | None = None) -> list[np.ndarray]:
         names = list(output_names or self.output_names)
         if not self.use_binding:
-            return self.session.run(names, feeds)
+            out: list[np.ndarray] = self.session.run(names, feeds)
+            return out
         binding = self.session.io_binding()
         for name, value in feeds.items():
             binding.bind_cpu_input(name, value)
         for name in names:
             binding.bind_output(name, "cuda", self.device_id)
         self.session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()
+        copied: list[np.ndarray] = binding.copy_outputs_to_cpu()
+        return copied
 

@@ -13,9 +13,9 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -33,7 +33,7 @@ class _Pending:
     feeds: dict[str, np.ndarray]
     outputs: list[str]
     batch: int
-    future: asyncio.Future
+    future: asyncio.Future[tuple[list[np.ndarray], float]]
     enqueued: float
 
 
@@ -52,11 +52,11 @@ class Scheduler:
         self.stats, self.metrics = stats, metrics
         self.executor = ThreadPoolExecutor(self.instances, thread_name_prefix=f"run-{name}")
         self._queue: deque[_Pending] = deque()
-        self._wakeup: asyncio.Event | None = None
-        self._workers: list[asyncio.Task] = []
+        self._wakeup: asyncio.Event            # made in start(), on the serving loop
+        self._workers: list[asyncio.Task[None]] = []
         self._inflight = 0
         self._mean_batch = 1.0   # requests per execution, moving average (light load: close to 1)
-        self._direct_slots: asyncio.Semaphore | None = None
+        self._direct_slots: asyncio.Semaphore
         self._waiting = 0
         self._closed = False
 
@@ -102,7 +102,8 @@ class Scheduler:
             return await self._infer_batched(feeds, outputs, batch, timeout_s)
         return await self._infer_direct(feeds, outputs, batch, timeout_s)
 
-    async def _infer_direct(self, feeds, outputs, batch, timeout_s):
+    async def _infer_direct(self, feeds: dict[str, np.ndarray], outputs: list[str], batch: int,
+                            timeout_s: float) -> tuple[list[np.ndarray], float]:
         if self._waiting >= self.max_queue:
             raise QueueFull(f"model {self.name}: {self._waiting} requests already waiting (max_queue_size "
                             f"{self.max_queue}); retry later")
@@ -129,7 +130,8 @@ class Scheduler:
             self._direct_slots.release()
         return result, queued
 
-    async def _infer_batched(self, feeds, outputs, batch, timeout_s):
+    async def _infer_batched(self, feeds: dict[str, np.ndarray], outputs: list[str], batch: int,
+                             timeout_s: float) -> tuple[list[np.ndarray], float]:
         if len(self._queue) >= self.max_queue:
             raise QueueFull(f"model {self.name}: queue full ({len(self._queue)} requests waiting, "
                             f"max_queue_size {self.max_queue}); retry later")

@@ -19,6 +19,7 @@ import stat
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from foldserve.errors import AlreadyExists, InvalidInput
 from server.core.types import ShmRef
@@ -180,7 +181,7 @@ class SystemSharedMemory:
         self.unregister()
 
 
-def shm_ref(params: dict, what: str) -> ShmRef | None:
+def shm_ref(params: dict[str, Any], what: str) -> ShmRef | None:
     """The shared-memory reference in a tensor's parameters (both transports give plain Python values), or
     None when the tensor does not use shared memory."""
     region = params.get("shared_memory_region")

@@ -82,7 +82,9 @@ class ModelStats:
 
         inf = d["inference_stats"]
         st = cls(str(d["name"]), str(d["version"]), int(d["last_inference"]), int(d["inference_count"]),
-                 int(d["execution_count"]), **{name: dur(inf[name]) for name in DURATIONS})
+                 int(d["execution_count"]))
+        for name in DURATIONS:
+            setattr(st, name, dur(inf[name]))
         st.batch = {int(b["batch_size"]): [dur(b["compute_input"]), dur(b["compute_infer"]), dur(b["compute_output"])]
                     for b in d["batch_stats"]}
         return st

@@ -12,8 +12,22 @@ import numpy as np
 from foldserve.metadata import ModelMetadata, TensorMetadata
 from foldserve.model_config import TensorSpec
 
-__all__ = ["TensorSpec", "BatchingSpec", "ModelSpec", "InferInput", "RequestedOutput", "InferRequest",
-           "InferOutput", "InferResponse", "ShmRef", "ServerMetadata", "ModelMetadata", "TensorMetadata", "Readiness", "IndexEntry"]
+__all__ = [
+    "BatchingSpec",
+    "IndexEntry",
+    "InferInput",
+    "InferOutput",
+    "InferRequest",
+    "InferResponse",
+    "ModelMetadata",
+    "ModelSpec",
+    "Readiness",
+    "RequestedOutput",
+    "ServerMetadata",
+    "ShmRef",
+    "TensorMetadata",
+    "TensorSpec",
+]
 
 
 @dataclass(frozen=True)

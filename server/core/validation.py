@@ -25,7 +25,7 @@ def _check_shape(t: InferInput, spec: TensorSpec, model: ModelSpec, max_elements
     if len(t.shape) != len(expected):
         raise InvalidInput(f"input {t.name!r}: expected rank {len(expected)} with shape {_fmt(expected)}, "
                            f"got shape {t.shape}")
-    for i, (got, want) in enumerate(zip(t.shape, expected)):
+    for i, (got, want) in enumerate(zip(t.shape, expected, strict=False)):
         if want >= 0 and got != want:
             raise InvalidInput(f"input {t.name!r}: dimension {i} is {got}, expected {want} "
                                f"(shape {_fmt(expected)}, got {t.shape})")

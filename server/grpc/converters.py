@@ -9,8 +9,15 @@ from foldserve.datatypes import raw_bytes
 from foldserve.errors import InvalidInput
 from foldserve.protocol import grpc_service_pb2 as pb
 from server.core.shm import shm_ref
-from server.core.types import (IndexEntry, InferInput, InferRequest, InferResponse, ModelMetadata, RequestedOutput,
-                               ServerMetadata)
+from server.core.types import (
+    IndexEntry,
+    InferInput,
+    InferRequest,
+    InferResponse,
+    ModelMetadata,
+    RequestedOutput,
+    ServerMetadata,
+)
 
 # typed contents field for each v2 datatype (FP16/BF16 travel only as raw bytes)
 CONTENTS_FIELD = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
@@ -37,7 +44,7 @@ def request_from_proto(msg: pb.ModelInferRequest) -> InferRequest:
                            f"memory; give one per such input, in the order of 'inputs'")
     inputs = []
     next_raw = 0
-    for t, ref in zip(msg.inputs, refs):
+    for t, ref in zip(msg.inputs, refs, strict=False):
         inp = InferInput(t.name, t.datatype, list(t.shape), shm=ref)
         if ref is not None:
             if t.HasField("contents"):

@@ -8,8 +8,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -65,7 +66,7 @@ def _rpc(op: Op) -> Callable:
 
     def wrap(fn: Callable) -> Callable:
         @functools.wraps(fn)
-        async def handler(self: "InferenceServicer", request: Any, context: grpc.aio.ServicerContext):
+        async def handler(self: InferenceServicer, request: Any, context: grpc.aio.ServicerContext):
             try:
                 if isinstance(request, BadRequest):
                     raise InvalidInput(f"the request is not a valid protobuf message ({request.error})")

@@ -17,9 +17,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from foldserve import __version__
 from foldserve.errors import FoldserveError
 from server.core.admission import Admission
+from server.core.auth import Op
 from server.core.dataplane import DataPlane
 from server.rest.codec import ORJSONResponse, error_response
-from server.core.auth import Op
 from server.rest.routes import ROUTERS, authorize_request
 from server.settings import Settings
 

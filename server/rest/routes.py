@@ -21,7 +21,6 @@ from server.core.shm import CUDA_SHM_UNSUPPORTED
 from server.rest.codec import HEADER, decompress, encode_infer_response, error_response, parse_infer_request
 from server.settings import Settings
 
-
 # --- documentation models (the infer body is parsed by hand for speed; these describe it) -------------
 
 class TensorIn(BaseModel):

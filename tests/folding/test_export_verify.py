@@ -13,8 +13,8 @@ from onnx import numpy_helper
 from cli.main import main as cli_main
 from folding import fold_onnx
 from folding.export import FoldRequest, build_entry, example_input
-from foldserve.records import CheckpointMeta
 from folding.verify import VerifyOptions, ort_session, verify_entry
+from foldserve.records import CheckpointMeta
 from trainer.checkpoint import load_checkpoint, model_from_checkpoint
 from trainer.models import ARCHITECTURES
 from trainer.train import TrainConfig, train

@@ -45,7 +45,7 @@ def make_model(nodes, inits, inputs, outputs, opset: int = 17) -> onnx.ModelProt
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8 if opset >= 13 else 7
     inferred = onnx.shape_inference.infer_shapes(model)
-    for out, inf in zip(model.graph.output, inferred.graph.output):
+    for out, inf in zip(model.graph.output, inferred.graph.output, strict=False):
         if not out.type.tensor_type.HasField("shape"):
             out.CopyFrom(inf)
     return model
@@ -210,7 +210,7 @@ def test_shared_initializer_is_never_changed_under_another_user():
     assert folded.graph.node[0].input[1] != "W"
     x = RNG.normal(size=(2, 4, 3, 3)).astype(np.float32)
     sess_f, sess_m = (ort_session(m.SerializeToString(), "disable", "cpu") for m in (folded, model))
-    for a, b in zip(sess_f.run(None, {"x": x}), sess_m.run(None, {"x": x})):
+    for a, b in zip(sess_f.run(None, {"x": x}), sess_m.run(None, {"x": x}), strict=False):
         assert compare(a, b, LAYER_FP32).passed
 
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from foldserve.errors import FoldError
 from folding import fold_module
 from folding.tolerances import TOLERANCES
+from foldserve.errors import FoldError
 from tests.folding.helpers import assert_close, assert_unchanged, randomize_bn, state_snapshot
 from trainer.models import ARCHITECTURES, arch_spec, build_model, resolve_arch_args
 

@@ -7,6 +7,7 @@ one that onnxruntime fails on for odd batch sizes), and helpers to read a server
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import urllib.request
@@ -19,8 +20,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 from foldserve.entry import entry_digests
 from tests.server.conftest import ServerProcess
-
-import os
 
 FULL = os.environ.get("FOLDSERVE_HARDENING_FULL") == "1"
 

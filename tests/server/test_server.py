@@ -114,7 +114,7 @@ def test_classification_extension(gclient, reference_session):
     r = gclient.infer(MODEL, [_ginput(x)], outputs=[tgrpc.InferRequestedOutput("output", class_count=3)])
     top = r.as_numpy("output")
     assert top.shape == (2, 3)
-    for row, exp in zip(top, expected):
+    for row, exp in zip(top, expected, strict=False):
         score, idx, label = row[0].decode().split(":")
         assert int(idx) == int(exp.argmax()) and label == str(exp.argmax())
 
@@ -243,7 +243,7 @@ def test_32_concurrent_clients_each_get_their_own_answer(server, reference_sessi
 
     with cf.ThreadPoolExecutor(32) as pool:
         results = list(pool.map(call, range(len(inputs))))
-    for got, exp in zip(results, expected):
+    for got, exp in zip(results, expected, strict=False):
         np.testing.assert_allclose(got, exp, rtol=1e-5, atol=1e-5)
     after = gclient.get_inference_statistics(MODEL, as_json=True)["model_stats"][0]
     requests = int(after["inference_stats"]["success"]["count"]) - int(before["inference_stats"]["success"]["count"])

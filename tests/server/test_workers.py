@@ -175,7 +175,7 @@ def test_repository_api_reaches_every_worker_under_traffic(cluster):
     assert len(codes) > 20 and set(codes) == {200}, sorted(set(codes))
     # unload: every worker stops serving it; load: every worker serves it again
     assert _post(cluster.http, "/v2/repository/models/digits_b/unload")[0] == 200
-    assert {_infer(cluster.http, "digits_b")[0] for _ in range(FRESH)} <= {503, 404} 
+    assert {_infer(cluster.http, "digits_b")[0] for _ in range(FRESH)} <= {503, 404}
     assert _post(cluster.http, "/v2/repository/models/digits_b/load")[0] == 200
     assert {_infer(cluster.http, "digits_b")[0] for _ in range(FRESH)} == {200}
 

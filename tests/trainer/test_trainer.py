@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -54,7 +55,7 @@ def test_every_architecture_builds_with_bn_and_runs(arch, placement):
     # convs/linears directly followed by BN carry no bias
     if placement == "before":
         mods = list(model.modules())
-        for a, b in zip(mods, mods[1:]):
+        for a, b in itertools.pairwise(mods):
             if isinstance(b, torch.nn.modules.batchnorm._BatchNorm) and hasattr(a, "bias") and not isinstance(
                     a, torch.nn.modules.batchnorm._BatchNorm):
                 assert a.bias is None, f"{type(a).__name__} before BN has a bias"
