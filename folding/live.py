@@ -43,6 +43,7 @@ def _served(client, model: str, version: str, meta: ModelMetadata, x: np.ndarray
     return np.concatenate(outs).astype(np.float64)
 
 
+# long function: one live report, built in one place (inputs, precision gate, table)
 def verify_live(address: str, entry: Path, opts: Any, *, model: str | None = None, version: str | None = None,
                 token: str | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
