@@ -1,6 +1,7 @@
 """Fold BatchNormalization nodes of any ONNX graph into the producer before them.
 
-Patterns (producer -> BatchNormalization), the row of ``PRODUCERS`` says where the output channel is:
+Patterns (producer -> BatchNormalization): the rows of ``OnnxFoldPass.RULES`` (at the end of this module),
+one rule per producer type, each knowing where the output channel is:
 
 * Conv (weight axis 0), ConvTranspose (axis 1, group-aware);
 * Gemm (alpha, beta, transA, transB; C of shape (M,), (1, M) or scalar, or none);

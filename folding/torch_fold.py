@@ -6,7 +6,7 @@ Layering (as torch/nn/utils/fusion.py and onnx-optimizer's fuse_bn_into_conv):
 2. predicate, plan, apply (:mod:`folding.rules`): a rule's ``match`` returns a Plan or a Skip with its
    reason, ``apply`` rewrites; ``TorchFoldPass.RULES`` maps a module type to its rule, so a new pattern is
    one row (its weight layout in ``CONV_LAYOUTS``);
-4. the rewrite works on a copy by default and returns it with a :class:`FoldReport`.
+3. the rewrite works on a copy by default and returns it with a :class:`FoldReport`.
 
 A BN that cannot be folded is left in place and reported in ``FoldReport.skipped``: the result is always
 exact, never silently changed.
