@@ -128,7 +128,7 @@ class CheckpointKind(SourceKind):
                               data=str(Path(opts.data).resolve()) if opts.data else None)
         preprocess = Preprocess(input_shape=meta.input_shape, normalization=meta.normalization,
                                 input_range=meta.input_range, task=meta.task, class_names=labels,
-                                dataset=json.loads(json.dumps(meta.dataset.to_json())))
+                                dataset=meta.dataset.to_json())
         source = {k: ckpt[k] for k in SOURCE_KEYS if k in ckpt}
 
         def calibration(n: int) -> tuple[np.ndarray | None, str]:

@@ -7,10 +7,12 @@ so that near-zero elements do not dominate it.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
+
+from foldserve.records import ComparisonRecord
 
 
 @dataclass(frozen=True)
@@ -63,23 +65,8 @@ def tolerance_for(dtype: str, rtol: float | None = None, atol: float | None = No
     return tol
 
 
-@dataclass
-class Comparison:
-    max_abs: float
-    max_rel: float
-    mean_abs: float
-    worst_index: list[int]
-    frac_over: float
-    bound: float
-    passed: bool
-    n: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def __str__(self) -> str:
-        return (f"max_abs={self.max_abs:.3g} (bound {self.bound:.3g}) max_rel={self.max_rel:.3g} "
-                f"mean_abs={self.mean_abs:.3g} worst={self.worst_index} over={self.frac_over:.2%}")
+#: one comparison of a candidate with the truth: the ground's record, as verification.json writes it
+Comparison = ComparisonRecord
 
 
 def compare(actual: Any, expected: Any, tol: Tolerance) -> Comparison:

@@ -152,7 +152,7 @@ def localize(reference: onnx.ModelProto, served: onnx.ModelProto, folded: list[F
     results = []
     for s in sites:
         c = compare(srv_out[s.tensor], ref_out[s.tensor], tol)
-        results.append({"layer": s.into, "bn": s.bn, "direction": s.direction, "tensor": s.tensor, **c.to_dict()})
+        results.append({"layer": s.into, "bn": s.bn, "direction": s.direction, "tensor": s.tensor, **c.to_json()})
     return results
 
 
@@ -217,10 +217,9 @@ def precision_gate(per: dict[str, ComparisonRecord], accuracy: dict[str, float],
 def comparison_record(c: Comparison, out: np.ndarray | None = None, expected: np.ndarray | None = None
                       ) -> ComparisonRecord:
     """A comparison as recorded; with ``out`` and ``expected`` (classification) its top-1 agreement too."""
-    record = ComparisonRecord(**c.to_dict())
     if out is not None and expected is not None:
-        record.top1_agreement = float((out.argmax(1) == expected.argmax(1)).mean())
-    return record
+        c.top1_agreement = float((out.argmax(1) == expected.argmax(1)).mean())
+    return c
 
 
 # --- the verifier ----------------------------------------------------------------------------------

@@ -281,6 +281,10 @@ class ComparisonRecord(Record):
     n: int
     top1_agreement: float | None = None
 
+    def __str__(self) -> str:
+        return (f"max_abs={self.max_abs:.3g} (bound {self.bound:.3g}) max_rel={self.max_rel:.3g} "
+                f"mean_abs={self.mean_abs:.3g} worst={self.worst_index} over={self.frac_over:.2%}")
+
 
 @dataclass
 class Worst(Record):
