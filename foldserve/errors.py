@@ -118,6 +118,13 @@ class QueueFull(FoldserveError):
     grpc_status = "RESOURCE_EXHAUSTED"
 
 
+class LimitExceeded(FoldserveError):
+    """A server resource at its configured bound (shared-memory regions, ...): free some, or raise the limit."""
+
+    http_status = 429
+    grpc_status = "RESOURCE_EXHAUSTED"
+
+
 class RequestTimeout(FoldserveError):
     """The request waited longer than its timeout."""
 

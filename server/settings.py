@@ -8,6 +8,17 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False             # a host name: it may resolve to anything
+
+
 class Settings(BaseSettings):
     """Every server option. ``foldserve serve --help`` lists the same options as flags."""
 
@@ -49,6 +60,9 @@ class Settings(BaseSettings):
     repository_api: bool = Field(False, description="enable the repository load/unload API")
     admin_token: str | None = Field(None, description="bearer token the repository API requires")
     auth_token: str | None = Field(None, description="bearer token inference requires (off when unset)")
+    insecure_admin: bool = Field(False, description="allow --repository-api without --admin-token on a "
+                                                    "non-loopback address (anyone who reaches the port can load "
+                                                    "and unload models)")
 
     max_request_bytes: int = Field(64 * 1024 * 1024, gt=0, description="largest request body / message")
     body_timeout_s: float = Field(10.0, gt=0, description="a REST request body (and a gRPC stream's first "
@@ -64,6 +78,9 @@ class Settings(BaseSettings):
                                   description="largest REST request header block (431 past it)")
     header_timeout_s: float = Field(10.0, gt=0, description="a REST request's headers must arrive within this "
                                                              "time (408), like nginx's client_header_timeout")
+    max_shm_regions: int = Field(256, ge=1, le=65536,
+                                 description="system shared-memory regions registered at once (RESOURCE_EXHAUSTED / "
+                                             "429 past it); regions naming one object share one descriptor")
     max_elements: int = Field(64 * 1024 * 1024, gt=0, description="largest element count of one input tensor")
     grace_period_s: float = Field(10.0, ge=0, description="time to finish in-flight requests on SIGTERM")
 
@@ -84,6 +101,9 @@ class Settings(BaseSettings):
         if self.repository_api and self.auth_token and not self.admin_token:
             return ("--repository-api with --auth-token but no --admin-token would leave load/unload open while "
                     "inference needs a token: give --admin-token (it may equal the auth token)")
+        if self.repository_api and not self.admin_token and not self.insecure_admin and not _loopback(self.host):
+            return (f"--repository-api without --admin-token on {self.host} would let anyone who reaches the port "
+                    f"load and unload models: give --admin-token, bind a loopback address, or pass --insecure-admin")
         if bool(self.tls_cert) != bool(self.tls_key):
             return "--tls-cert and --tls-key go together"
         if self.tls_ca and not self.tls_cert:

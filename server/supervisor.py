@@ -13,8 +13,11 @@ It then supervises:
 * a worker that dies is replaced, after a back-off that doubles while replacements die young
   (0.5 s up to 10 s), and the death is logged with its exit status; the replacement loads the models
   and regions the cluster has now (see server/core/coordinator.py) and takes connections only once warm;
-* more than ``MAX_DEATHS`` deaths within ``DEATH_WINDOW_S`` (or any death before the cluster was first
-  up) stops every worker and exits 1: a server whose workers keep dying should not pretend to serve;
+* a death before the cluster was first up stops every worker and exits 1 (a model or setting that cannot
+  serve); after that the supervisor never gives up, so that no client can take the server down by killing
+  workers: more than ``MAX_DEATHS`` deaths within ``DEATH_WINDOW_S`` mark it degraded (the ``up`` file goes,
+  so every worker answers not ready: the server reports itself unhealthy) while it keeps replacing workers
+  with back-off; once every worker has stayed up ``STABLE_S`` it is ready again;
 * SIGTERM or SIGINT is forwarded to every worker, which drains like a single server
   (``--grace-period-s``); workers still running after the grace period and 10 s more are killed.
 """
@@ -34,7 +37,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.core.runfolder import RUN_DIR_ENV, WORKER_ENV, RunFolder, reuse_port_socket
+from server.core.runfolder import PREFIX, RUN_DIR_ENV, WORKER_ENV, RunFolder, remove_stale, reuse_port_socket
 from server.settings import Settings
 
 logger = logging.getLogger("foldserve.supervisor")
@@ -75,23 +78,32 @@ def _reserve(host: str, port: int) -> tuple[int, socket.socket | None]:
 class Supervisor:
     def __init__(self, settings: Settings) -> None:
         self.n = settings.worker_count()
-        self.run = RunFolder(Path(tempfile.mkdtemp(prefix="foldserve-run-")))
+        for stale in remove_stale(Path(tempfile.gettempdir())):
+            logger.warning("removed %s, left by a supervisor that was killed", stale)
+        self.run = RunFolder(Path(tempfile.mkdtemp(prefix=PREFIX)))
         http_port, self._http_hold = _reserve(settings.host, settings.http_port)
         grpc_port, self._grpc_hold = _reserve(settings.host, settings.grpc_port)
         threads = settings.intra_op_threads or max(1, (os.cpu_count() or 1) // self.n)
         self.settings = settings.model_copy(update={"http_port": http_port, "grpc_port": grpc_port,
                                                     "intra_op_threads": threads})
-        self.run.create(self.settings.model_dump_json())
+        self.run.create()
         self.slots = [Slot(i) for i in range(self.n)]
         self.stopping = False
         self.up = False
+        self.degraded_since: float | None = None
 
     # --- workers --------------------------------------------------------------------------------
 
     def spawn(self, slot: Slot) -> None:
         env = {**os.environ, RUN_DIR_ENV: str(self.run.root), WORKER_ENV: str(slot.index),
                MULTIPROC_ENV: str(self.run.metrics)}
-        slot.proc = subprocess.Popen([sys.executable, "-m", "server.worker"], env=env, preexec_fn=_die_with_parent)
+        slot.proc = subprocess.Popen([sys.executable, "-m", "server.worker"], env=env, preexec_fn=_die_with_parent,
+                                     stdin=subprocess.PIPE, text=True)
+        try:      # the settings (tokens inside) through a pipe, never a file
+            slot.proc.stdin.write(self.settings.model_dump_json())
+            slot.proc.stdin.close()
+        except BrokenPipeError:
+            pass      # it died at once: the loop sees it
         slot.started, slot.restart_at = time.monotonic(), None
         logger.info("worker %d started (pid %d)", slot.index, slot.proc.pid)
 
@@ -113,14 +125,30 @@ class Supervisor:
             return f"worker {slot.index} died while starting ({how}); see its log above"
         slot.deaths = [t for t in slot.deaths if now - t < DEATH_WINDOW_S] + [now]
         recent = sum(len([t for t in s.deaths if now - t < DEATH_WINDOW_S]) for s in self.slots)
+        if recent > MAX_DEATHS and self.degraded_since is None:
+            logger.error("workers keep dying (%d deaths in %g s, the last: worker %d, %s): not ready until every "
+                         "worker stays up %g s; replacing them with back-off", recent, DEATH_WINDOW_S, slot.index,
+                         how, STABLE_S)
+            with contextlib.suppress(FileNotFoundError):
+                self.run.up.unlink()
         if recent > MAX_DEATHS:
-            return f"workers keep dying ({recent} deaths in {DEATH_WINDOW_S:g} s, the last: worker {slot.index}, {how})"
+            self.degraded_since = now
         slot.backoff = BACKOFF_S[0] if now - slot.started > STABLE_S else min(slot.backoff * 2, BACKOFF_S[1])
         slot.restart_at = now + slot.backoff
         logger.error("worker %d (pid %d) died (%s); replacing it in %.1f s", slot.index, slot.proc.pid, how,
                      slot.backoff)
         slot.proc = None
         return None
+
+    def _check_recovered(self) -> None:
+        """Degraded: ready again once every worker is running and none has died for STABLE_S."""
+        now = time.monotonic()
+        if self.degraded_since is None or now - self.degraded_since < STABLE_S:
+            return
+        if all(s.proc is not None and s.proc.poll() is None and self.run.ready_pid(s.index) for s in self.slots):
+            self.run.up.touch()
+            self.degraded_since = None
+            logger.warning("every worker has stayed up %g s: ready again", STABLE_S)
 
     def _check_up(self) -> None:
         records = []
@@ -160,6 +188,8 @@ class Supervisor:
                         self.spawn(slot)
                 if not self.up and failure is None:
                     self._check_up()
+                elif self.degraded_since is not None:
+                    self._check_recovered()
             if failure:
                 logger.error("%s: stopping every worker", failure)
             code = self.shutdown()

@@ -154,7 +154,6 @@ class ClusterCoordinator(Coordinator):  # long class: one method per operation, 
         self.synced_gen = 0
         self._pending: dict[str, Any] = {}
         self._peer = PeerServer(index, self.apply)
-        self._up = False
 
     def identity(self) -> dict[str, Any]:
         return {"worker": self.index, "pid": os.getpid()}
@@ -190,10 +189,9 @@ class ClusterCoordinator(Coordinator):  # long class: one method per operation, 
             self.run.socket(self.index).unlink()
 
     def up(self) -> bool:
-        """Every worker of the first start has been ready (the supervisor's ``up`` file)."""
-        if not self._up:
-            self._up = self.run.up.exists()
-        return self._up
+        """Every worker of the first start has been ready and the supervisor does not report the cluster
+        degraded (its ``up`` file; read on every readiness probe, since it can go away)."""
+        return self.run.up.exists()
 
     @contextlib.asynccontextmanager
     async def lock(self) -> AsyncIterator[None]:

@@ -52,7 +52,7 @@ class DataPlane:
         self.metrics = metrics or Metrics()
         self.repository = ModelRepository(settings.repository)
         self.registry = ModelRegistry(self.repository, settings, self.metrics)
-        self.shm = SystemSharedMemory()
+        self.shm = SystemSharedMemory(settings.max_shm_regions)
         self.coordinator = coordinator or LocalCoordinator()
         self.coordinator.attach(self)
         self._ready = False

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from foldserve.datatypes import lookup, numpy_dtype
-from foldserve.entry import MODEL_FILE, read_precision
+from foldserve.entry import MODEL_FILE, PRECISION_FILE, VERIFICATION_FILE, read_precision
 from foldserve.errors import EntryError, ModelNotReady, UnsupportedDataType
 from foldserve.model_config import ModelConfig
 from foldserve.protocol import model_config_pb2 as mc
@@ -50,6 +50,9 @@ def build_version(repo: ModelRepository, name: str, version: int, config: ModelC
     onnx_path = vdir / (config.default_model_filename or MODEL_FILE)
     if not onnx_path.is_file():
         raise ModelNotReady(f"{onnx_path.name} is missing in version {version}")
+    for path in (onnx_path, vdir / VERIFICATION_FILE, vdir / PRECISION_FILE):   # no file from outside the repository
+        if path.exists() or path.is_symlink():
+            repo.inside(path, f"version {version}")
     check_onnx(onnx_path, vdir)
     verification = read_verification(vdir, onnx_path.name)
     if not verification.passed and not settings.allow_unverified:
@@ -197,6 +200,9 @@ def _warmup_feeds(spec: ModelSpec, w: Any, model_dir: Path, rng: np.random.Gener
             path = model_dir / "warmup" / name
             if "/" in name or name in ("", ".", "..") or not path.is_file():
                 raise ModelNotReady(f"{where}: input {t.name!r}: no file {name!r} in the model's warmup/ folder")
+            if model_dir.resolve() not in path.resolve().parents:
+                raise ModelNotReady(f"{where}: input {t.name!r}: {name!r} leads outside the model folder (a symbolic "
+                                    f"link); refusing to read it")
             data = path.read_bytes()
             n = int(np.prod(shape)) * dtype.itemsize
             if len(data) != n:

@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from foldserve.entry import (
+    LABELS_FILE,
     MODEL_FILE,
+    PREPROCESS_FILE,
     VERIFICATION_FILE,
     digest_mismatches,
     read_labels,
@@ -106,6 +108,16 @@ class ModelRepository:
             raise InvalidInput(f"model name {name!r} is not valid")
         return path
 
+    def inside(self, path: Path, what: str) -> Path:
+        """``path`` when it (followed through any symbolic link) stays inside the repository; ModelNotReady
+        otherwise: no file from outside it (a link to /etc/shadow as labels.txt) may reach a client."""
+        root, real = self.root.resolve(), Path(path).resolve()
+        if real != root and root not in real.parents:
+            raise ModelNotReady(f"{what}: {Path(path).name} leads outside the model repository (a symbolic link to "
+                                f"{'an absolute path' if Path(path).is_symlink() else 'elsewhere'}); refusing to read "
+                                f"it")
+        return Path(path)
+
     def has(self, name: str) -> bool:
         return is_valid_model_name(name) and (self.root / name / CONFIG_FILE).is_file()
 
@@ -113,6 +125,7 @@ class ModelRepository:
         model_dir = self.model_dir(name)
         if not (model_dir / CONFIG_FILE).is_file():
             raise ModelNotFound(f"model {name!r} is not in the repository (no {name}/{CONFIG_FILE})")
+        self.inside(model_dir / CONFIG_FILE, f"model {name!r}")
         return read_servable_config(model_dir)
 
     def versions(self, name: str) -> list[int]:
@@ -125,10 +138,17 @@ class ModelRepository:
         return self.model_dir(name) / str(version)
 
     def labels(self, name: str, version: int) -> list[str]:
-        return read_labels(self.model_dir(name), self.version_dir(name, version))
+        model_dir, vdir = self.model_dir(name), self.version_dir(name, version)
+        for candidate in (vdir / LABELS_FILE, model_dir / LABELS_FILE):
+            if candidate.exists() or candidate.is_symlink():
+                self.inside(candidate, f"model {name!r} version {version}")
+        return read_labels(model_dir, vdir)
 
     def preprocess(self, name: str, version: int) -> dict[str, Any] | None:
         """The version's preprocess.json in its JSON form (served as metadata as it is), or None."""
+        path = self.version_dir(name, version) / PREPROCESS_FILE
+        if path.exists() or path.is_symlink():
+            self.inside(path, f"model {name!r} version {version}")
         try:
             record = read_preprocess(self.version_dir(name, version))
         except EntryError as exc:

@@ -1,7 +1,8 @@
 """The run folder several worker processes share (what the supervisor needs, and nothing heavy: it is used
 before any gRPC or onnxruntime object may exist), and the SO_REUSEPORT listening socket.
 
-The folder is private (mode 0700): ``settings.json`` (mode 0600: tokens inside), ``state.json`` (the cluster
+The folder is private (mode 0700): ``supervisor.pid`` (so that a later start can tell a folder whose supervisor was
+killed and remove it), ``state.json`` (the cluster
 state, :class:`server.core.cluster_state.ClusterState`), ``cluster.lock``, ``ready/INDEX`` per ready worker,
 ``up`` once every worker of the first start was ready, ``wINDEX.sock`` (each worker's control socket) and
 ``metrics/`` (prometheus_client's multiprocess files).
@@ -25,7 +26,7 @@ class RunFolder:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        self.settings = self.root / "settings.json"
+        self.pid = self.root / "supervisor.pid"
         self.state = self.root / "state.json"
         self.lock = self.root / "cluster.lock"
         self.up = self.root / "up"
@@ -37,13 +38,12 @@ class RunFolder:
     def ready(self, index: int) -> Path:
         return self.root / "ready" / str(index)
 
-    def create(self, settings_json: str) -> None:
+    def create(self) -> None:
+        """The folder's files; the settings (tokens inside) go to each worker's standard input, never here."""
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         (self.root / "ready").mkdir(mode=0o700, exist_ok=True)
         self.metrics.mkdir(mode=0o700, exist_ok=True)
-        fd = os.open(self.settings, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # tokens inside
-        with os.fdopen(fd, "w") as fh:
-            fh.write(settings_json)
+        self.pid.write_text(str(os.getpid()))
         self.write_state(ClusterState())
 
     def read_state(self) -> ClusterState:
@@ -57,6 +57,33 @@ class RunFolder:
             return int(json.loads(self.ready(index).read_text())["pid"])
         except (OSError, ValueError, KeyError, TypeError):
             return None
+
+
+PREFIX = "foldserve-run-"
+
+
+def remove_stale(parent: Path) -> list[Path]:
+    """Run folders under ``parent`` left by a supervisor that was killed (its pid is gone), of this user only."""
+    import shutil
+
+    removed = []
+    for d in Path(parent).glob(f"{PREFIX}*"):
+        try:
+            if d.is_symlink() or not d.is_dir() or d.stat().st_uid != os.getuid():
+                continue
+            pid = int((d / "supervisor.pid").read_text())
+        except (OSError, ValueError):
+            continue                 # not ours to judge (no pid file: being created, or another tool's)
+        try:
+            os.kill(pid, 0)
+            continue                 # its supervisor is alive
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    return removed
 
 
 def reuse_port_socket(host: str, port: int, listen: bool = True) -> _socket.socket:

@@ -3,16 +3,19 @@
 A client creates an object with ``shm_open`` (``tritonclient.utils.shared_memory`` does), registers
 ``(name, key, offset, byte_size)``, then names the region in an input's or output's parameters
 (``shared_memory_region``, ``shared_memory_offset``, ``shared_memory_byte_size``) instead of sending
-the bytes. Inputs are read from the mapping without a copy; outputs are written into it.
+the bytes.
 
-Only objects under ``/dev/shm`` are opened, by key (one path component, no links), never created and
-never unlinked: the client owns them. A region is mapped read-only when it is registered; it is opened
-read/write only when a request first writes an output into it. Unregistering closes both mappings.
+Only regular files under ``/dev/shm`` are opened, by key (one path component, no links, never a FIFO or a
+device: checked before and after a non-blocking open, so nothing can make the event loop wait), never
+created and never unlinked: the client owns them. The bytes are read with ``preadv`` into the request's
+own buffer and written with ``pwrite``, never through a memory mapping: the client can truncate its object
+at any time, and a mapped page past the new end would kill the process with SIGBUS; a read that comes up
+short is a 400 naming the region. Regions that name one object share one descriptor, and at most
+``max_regions`` regions exist at once (RESOURCE_EXHAUSTED / 429 past it).
 """
 from __future__ import annotations
 
 import logging
-import mmap
 import os
 import re
 import stat
@@ -21,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from foldserve.errors import AlreadyExists, InvalidInput
+from foldserve.errors import AlreadyExists, InvalidInput, LimitExceeded
 from server.core.types import ShmRef
 
 logger = logging.getLogger(__name__)
@@ -33,6 +36,26 @@ CUDA_SHM_UNSUPPORTED = ("CUDA shared memory is not supported by this server; use
                         "(SystemSharedMemoryRegister, /v2/systemsharedmemory, perf_analyzer --shared-memory system)")
 NAME_RULE = "1-256 printable ASCII characters"
 _NAME = re.compile(r"[\x21-\x7e][\x20-\x7e]{0,255}")
+DEFAULT_MAX_REGIONS = 256
+
+
+@dataclass
+class SharedObject:
+    """One opened shared-memory object, shared by every region that names it."""
+
+    ident: tuple[int, int]            # (st_dev, st_ino)
+    key: str
+    fd: int                           # read-only
+    wfd: int | None = None            # read/write, opened when an output is first written
+    refs: int = 0
+
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def close(self) -> None:
+        for fd in (self.fd, self.wfd):
+            if fd is not None:
+                os.close(fd)
 
 
 @dataclass
@@ -41,13 +64,15 @@ class Region:
     key: str
     offset: int                 # of the region within the shared-memory object
     byte_size: int
-    path: Path
-    readable: mmap.mmap
-    writable: mmap.mmap | None = None
+    obj: SharedObject
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def status(self) -> dict[str, object]:
         return {"name": self.name, "key": self.key, "offset": self.offset, "byte_size": self.byte_size}
+
+    def shrank(self, what: str, end: int) -> InvalidInput:
+        return InvalidInput(f"{what}: shared-memory region {self.name!r} is smaller than when it was registered: "
+                            f"its object {self.key!r} has {self.obj.size()} bytes now, the request needs {end}")
 
 
 def check_region_name(name: object) -> str:
@@ -64,9 +89,25 @@ def _path(key: str) -> Path:
     return SHM_ROOT / m.group(1)
 
 
-def _map(path: Path, key: str, offset: int, byte_size: int, write: bool) -> mmap.mmap:
-    """The object's pages covering [offset, offset + byte_size), checked against its size."""
-    flags = (os.O_RDWR if write else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a directory"), (stat.S_ISLNK, "a symbolic link"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _open(path: Path, key: str, write: bool) -> tuple[int, os.stat_result]:
+    """A descriptor of the regular file at ``path``; anything else is refused before any wait (O_NONBLOCK: a FIFO
+    never blocks the open; O_NOFOLLOW: no link is followed; the type is checked before and after)."""
+    try:
+        before = os.lstat(path)
+    except FileNotFoundError:
+        raise InvalidInput(f"shared-memory key {key!r}: no such object in {SHM_ROOT}") from None
+    if not stat.S_ISREG(before.st_mode):
+        raise InvalidInput(f"shared-memory key {key!r} is {_kind(before.st_mode)}, not a shared-memory object")
+    flags = (os.O_RDWR if write else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
     try:
         fd = os.open(path, flags)
     except FileNotFoundError:
@@ -74,38 +115,20 @@ def _map(path: Path, key: str, offset: int, byte_size: int, write: bool) -> mmap
     except OSError as exc:
         raise InvalidInput(f"shared-memory key {key!r}: cannot open it "
                            f"{'read/write' if write else 'read-only'} ({exc.strerror})") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise InvalidInput(f"shared-memory key {key!r} is not a shared-memory object")
-        if offset + byte_size > st.st_size:
-            raise InvalidInput(f"shared-memory key {key!r}: offset {offset} + byte_size {byte_size} runs past the end "
-                               f"of the object ({st.st_size} bytes)")
-        if byte_size == 0:
-            raise InvalidInput(f"shared-memory key {key!r}: byte_size must be > 0")
-        return mmap.mmap(fd, offset + byte_size, mmap.MAP_SHARED,
-                         mmap.PROT_READ | (mmap.PROT_WRITE if write else 0))
-    finally:
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != (before.st_dev, before.st_ino):
         os.close(fd)
-
-
-def _close(m: mmap.mmap | None) -> bool:
-    """Unmap; False while a request still holds a view of it (the caller retries later)."""
-    if m is None:
-        return True
-    try:
-        m.close()
-    except BufferError:
-        return False
-    return True
+        raise InvalidInput(f"shared-memory key {key!r} changed while it was opened; register it again")
+    return fd, st
 
 
 class SystemSharedMemory:
     """The registered regions of one server process (every worker holds the same set: see coordinator.py)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_regions: int = DEFAULT_MAX_REGIONS) -> None:
+        self.max_regions = max_regions
         self._regions: dict[str, Region] = {}
-        self._retired: list[mmap.mmap] = []     # unregistered while a request still read from them
+        self._objects: dict[tuple[int, int], SharedObject] = {}
         self._lock = threading.Lock()
 
     def register(self, name: str, key: str, offset: int, byte_size: int) -> None:
@@ -113,10 +136,24 @@ class SystemSharedMemory:
         for what, v in (("offset", offset), ("byte_size", byte_size)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 0 or v >= 1 << 62:
                 raise InvalidInput(f"shared-memory region {name!r}: {what} must be a non-negative integer, got {v!r}")
+        if byte_size == 0:
+            raise InvalidInput(f"shared-memory key {key!r}: byte_size must be > 0")
         path = _path(key)
         with self._lock:
             self.check_new(name)
-            self._regions[name] = Region(name, key, offset, byte_size, path, _map(path, key, offset, byte_size, False))
+            fd, st = _open(path, key, write=False)
+            if offset + byte_size > st.st_size:
+                os.close(fd)
+                raise InvalidInput(f"shared-memory key {key!r}: offset {offset} + byte_size {byte_size} runs past the "
+                                   f"end of the object ({st.st_size} bytes)")
+            ident = (st.st_dev, st.st_ino)
+            obj = self._objects.get(ident)
+            if obj is None:
+                obj = self._objects[ident] = SharedObject(ident, key, fd)
+            else:
+                os.close(fd)                  # one descriptor per object, whatever the number of regions
+            obj.refs += 1
+            self._regions[name] = Region(name, key, offset, byte_size, obj)
         logger.info("registered shared-memory region %r (key %s, offset %d, %d bytes)", name, key, offset, byte_size)
 
     def unregister(self, name: str = "") -> list[str]:
@@ -125,14 +162,11 @@ class SystemSharedMemory:
         with self._lock:
             names = [name] if name else list(self._regions)
             gone = [self._regions.pop(n) for n in names if n in self._regions]
-            maps = self._retired + [m for r in gone for m in (r.readable, r.writable) if m is not None]
-            busy = [m for m in maps if not _close(m)]
-            if busy:  # views kept alive only by reference cycles (a failed request's traceback)
-                import gc
-
-                gc.collect()
-                busy = [m for m in busy if not _close(m)]
-            self._retired = busy
+            for r in gone:
+                r.obj.refs -= 1
+                if r.obj.refs == 0:
+                    del self._objects[r.obj.ident]
+                    r.obj.close()
         return [r.name for r in gone]
 
     def status(self, name: str = "") -> list[dict[str, object]]:
@@ -146,10 +180,18 @@ class SystemSharedMemory:
     def names(self) -> set[str]:
         return set(self._regions)
 
+    def open_objects(self) -> int:
+        """Descriptors held (one per distinct object)."""
+        return len(self._objects)
+
     def check_new(self, name: str) -> None:
-        """AlreadyExists when ``name`` is registered (Triton refuses a second registration of a name)."""
+        """AlreadyExists when ``name`` is registered (Triton refuses a second registration of a name);
+        LimitExceeded when ``max_regions`` are."""
         if name in self._regions:
             raise AlreadyExists(f"shared-memory region {name!r} is already registered (unregister it first)")
+        if len(self._regions) >= self.max_regions:
+            raise LimitExceeded(f"shared-memory region {name!r}: {len(self._regions)} regions are registered, the "
+                                f"most this server holds (--max-shm-regions); unregister some first")
 
     def _region(self, ref: ShmRef, what: str) -> Region:
         region = self._regions.get(ref.region)
@@ -161,21 +203,43 @@ class SystemSharedMemory:
         return region
 
     def read(self, ref: ShmRef, what: str) -> memoryview:
-        """A read-only view of the referenced bytes (no copy)."""
+        """The referenced bytes, read into a buffer of the request's own (a truncated object is a 400, never a
+        fault)."""
         region = self._region(ref, what)
         start = region.offset + ref.offset
-        return memoryview(region.readable)[start:start + ref.byte_size]
+        buf = bytearray(ref.byte_size)
+        try:
+            got = os.preadv(region.obj.fd, [buf], start) if ref.byte_size else 0
+        except OSError as exc:
+            raise InvalidInput(f"{what}: shared-memory region {ref.region!r} cannot be read ({exc.strerror})") from None
+        if got < ref.byte_size:
+            raise region.shrank(what, start + ref.byte_size)
+        return memoryview(buf)
 
     def write(self, ref: ShmRef, data: bytes | memoryview, what: str) -> None:
         region = self._region(ref, what)
         if len(data) > ref.byte_size:
             raise InvalidInput(f"{what}: {len(data)} bytes do not fit the {ref.byte_size} bytes given by "
                                f"shared_memory_byte_size in region {ref.region!r}")
+        start = region.offset + ref.offset
         with region.lock:
-            if region.writable is None:
-                region.writable = _map(region.path, region.key, region.offset, region.byte_size, True)
-            start = region.offset + ref.offset
-            region.writable[start:start + len(data)] = data
+            obj = region.obj
+            if obj.wfd is None:
+                wfd, st = _open(_path(obj.key), obj.key, write=True)
+                if (st.st_dev, st.st_ino) != obj.ident:
+                    os.close(wfd)
+                    raise InvalidInput(f"{what}: shared-memory key {obj.key!r} names another object than when region "
+                                       f"{ref.region!r} was registered; register it again")
+                obj.wfd = wfd
+            if obj.size() < start + len(data):       # never grow a client's object behind its back
+                raise region.shrank(what, start + len(data))
+            try:
+                written = os.pwrite(obj.wfd, data, start)
+            except OSError as exc:
+                raise InvalidInput(f"{what}: shared-memory region {ref.region!r} cannot be written "
+                                   f"({exc.strerror})") from None
+            if written < len(data):
+                raise region.shrank(what, start + len(data))
 
     def close(self) -> None:
         self.unregister()

@@ -59,6 +59,9 @@ def _decode(t: InferInput, dtype: np.dtype) -> np.ndarray:
     if t.values is None:
         raise InvalidInput(f"input {t.name!r}: no data (give 'data', typed contents, raw_input_contents or a "
                            f"binary_data_size)")
+    if not isinstance(t.values, (list, tuple)) and not hasattr(t.values, "__len__"):
+        raise InvalidInput(f"input {t.name!r}: data must be an array of {n} elements, got a "
+                           f"{type(t.values).__name__}")
     if not isinstance(t.values, (list, tuple)) and len(t.values) != n:
         # protobuf's typed contents are flat: count before converting (64 MiB of decompressed fp32_contents
         # for a 4096-element input must not become a 16M-element Python array first)

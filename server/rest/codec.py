@@ -99,6 +99,9 @@ def _parse_input(i: int, t: Any, binary: memoryview, offset: int) -> tuple[Infer
         inp.raw = binary[offset:offset + size]
         offset += size
     elif "data" in t:
+        if not isinstance(t["data"], list):
+            raise InvalidInput(f"input {name!r}: data must be a JSON array of the tensor's elements (flat or nested), "
+                               f"got {type(t['data']).__name__}")
         inp.values = t["data"]
     return inp, offset
 

@@ -384,7 +384,8 @@ def test_repository_api_is_off_by_default_and_token_protected(repository, tmp_pa
     (["--auth-token", ""], "--auth-token is empty"),
     (["--repository-api", "--auth-token", "t0k"], "no --admin-token"),
     (["--tls-ca", "ca.pem"], "--tls-ca (require client certificates) needs --tls-cert"),
-], ids=["empty-token", "open-repository-api", "ca-without-cert"])
+    (["--repository-api", "--host", "0.0.0.0"], "--repository-api without --admin-token on 0.0.0.0"),
+], ids=["empty-token", "open-repository-api", "ca-without-cert", "open-admin-on-the-network"])
 def test_settings_that_would_fail_open_are_refused_at_start(repository, flags, expected):
     proc = run_cli("serve", "--repository", str(repository), "--http-port", "0", "--grpc-port", "0", *flags,
                    timeout=60)

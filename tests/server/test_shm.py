@@ -63,6 +63,14 @@ def _infer_shm(transport, client, model, x, in_region, out_region, in_offset=0, 
 
 
 def _maps(pid: int, key: str) -> bool:
+    """The server holds the object: an open descriptor of it (or a mapping of it)."""
+    target = f"/dev/shm/{key.lstrip('/')}"
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            if os.readlink(fd) == target:
+                return True
+        except OSError:
+            continue
     return key.lstrip("/") in Path(f"/proc/{pid}/maps").read_text()
 
 
@@ -98,7 +106,7 @@ def test_round_trip_in_and_out_of_shared_memory(server, reference_session, regio
     finally:
         client.unregister_system_shared_memory(in_name)
         client.unregister_system_shared_memory(out_name)
-    # unregistered: the server holds no mapping of either object any more
+    # unregistered: the server holds neither object any more (no descriptor, no mapping)
     assert not _maps(server.proc.pid, in_key) and not _maps(server.proc.pid, out_key)
     status = client.get_system_shared_memory_status()
     assert len(status.regions if transport == "grpc" else status) == 0
