@@ -13,7 +13,7 @@ import sys
 
 import uvicorn
 
-from foldserve.errors import ConfigError
+from foldserve.errors import ConfigError, WorkerUnavailable
 from server.core.coordinator import Coordinator, LocalCoordinator
 from server.core.dataplane import DataPlane
 from server.core.runfolder import reuse_port_socket
@@ -106,6 +106,9 @@ async def start_http(settings: Settings, dp: DataPlane, reuse_port: bool) -> tup
     return http, http_task, http_port
 
 
+EXIT_NOT_JOINED = 3      # a worker that could not serve what its cluster serves: the supervisor replaces it
+
+
 async def serve(settings: Settings, coordinator: Coordinator | None = None) -> int:  # long function: the lifecycle
     problem = settings.fail_open()
     if problem:  # the CLI refuses these in one line; a programmatic start must not fail open either
@@ -114,7 +117,12 @@ async def serve(settings: Settings, coordinator: Coordinator | None = None) -> i
     rate_limit_repeated_logs()
     coordinator = coordinator or LocalCoordinator()
     dp = DataPlane(settings, coordinator=coordinator)
-    await dp.start()
+    try:
+        await dp.start()
+    except WorkerUnavailable as exc:   # a worker that cannot serve what the rest of the cluster serves
+        logger.error("%s", exc)
+        await dp.stop()
+        return EXIT_NOT_JOINED
     grpc_server, grpc_port, health = build_grpc_server(settings, dp, reuse_port=coordinator.shared_ports)
     await grpc_server.start()
     await set_health(health, True)
@@ -127,7 +135,15 @@ async def serve(settings: Settings, coordinator: Coordinator | None = None) -> i
         loop.add_signal_handler(sig, stop.set)
     ready = [f"{m.name}:{m.version}" for m in dp.repository_index(ready_only=True)]
     scheme = "https" if settings.tls_cert else "http"
-    await coordinator.join()
+    try:
+        await coordinator.join()
+    except WorkerUnavailable as exc:
+        logger.error("%s", exc)
+        await asyncio.gather(grpc_server.stop(0), return_exceptions=True)
+        http.should_exit = True
+        await asyncio.gather(http_task, return_exceptions=True)
+        await dp.stop()
+        return EXIT_NOT_JOINED
     gauges = asyncio.create_task(refresh_gauges(dp)) if coordinator.shared_ports else None
     event = "worker serving" if coordinator.shared_ports else "serving"
     print(json.dumps({"event": event, "grpc": f"{settings.host}:{grpc_port}",

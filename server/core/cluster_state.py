@@ -25,3 +25,20 @@ class ClusterState(Record):
     models: list[str] | None = None                         # None: what the repository has (the first start)
     loads: dict[str, int] = field(default_factory=dict)     # model -> the gen of its last (re)load
     shm: dict[str, Region] = field(default_factory=dict)
+    # model -> version -> SHA-256 of the bytes served: a replacement serves exactly these or does not join
+    served: dict[str, dict[str, str]] | None = None
+
+    def pins(self) -> dict[str, dict[int, str]] | None:
+        if self.served is None:
+            return None
+        return {m: {int(v): d for v, d in versions.items()} for m, versions in self.served.items()}
+
+    def pin(self, served: dict[str, dict[int, str]], names: list[str] | None = None) -> None:
+        """Record what is served now (of ``names`` only, the others as they were)."""
+        current = dict(self.served or {})
+        for name in names if names is not None else list(served):
+            if name in served:
+                current[name] = {str(v): d for v, d in served[name].items()}
+            else:
+                current.pop(name, None)
+        self.served = current

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from foldserve.atomic import write_json
-from foldserve.errors import FoldserveError, ModelNotFound
+from foldserve.errors import FoldserveError, ModelNotFound, ModelNotReady, WorkerUnavailable
 from server.core.cluster_state import ClusterState, Region
 from server.core.peer import (
     GONE,
@@ -164,9 +164,25 @@ class ClusterCoordinator(Coordinator):  # long class: one method per operation, 
         """The models and regions every other worker has (a replacement worker joins a running cluster)."""
         state = self.run.read_state()
         self.synced_gen = state.gen
-        await self.dp.registry.load_all(state.models)
+        await self.dp.registry.load_all(state.models, pins=state.pins())
+        self._check_pins(state)             # before the ports are bound: a worker that differs never takes a call
         await self._peer.start(self.run.socket(self.index))
         self.sync_regions(state)
+
+    def _check_pins(self, state: ClusterState) -> None:
+        """This worker serves exactly the versions and bytes the cluster serves, or it does not join."""
+        want = state.pins()
+        if want is None:
+            return
+        mine = self.dp.registry.served()
+        if mine != want:
+            names = sorted(n for n in set(mine) | set(want) if mine.get(n) != want.get(n))
+            raise WorkerUnavailable(f"worker {self.index} cannot serve what the cluster serves for {names} (versions "
+                                    f"or bytes differ: {self._why(names)}); it does not join")
+
+    def _why(self, names: list[str]) -> str:
+        reasons = {e.name: e.reason for e in self.dp.repository_index() if e.reason}
+        return "; ".join(f"{n}: {reasons.get(n, 'not loaded')}" for n in names)[:600]
 
     async def join(self) -> None:
         """Catch up with changes made while this worker was loading, then count as ready (under the lock,
@@ -175,6 +191,12 @@ class ClusterCoordinator(Coordinator):  # long class: one method per operation, 
             state = self.run.read_state()
             if state.gen != self.synced_gen:
                 await self._sync(state)
+            if state.served is None:          # the first worker of the first start to join pins what it serves
+                state.pin(self.dp.registry.served())
+                self._commit_state(state)
+            elif self.dp.registry.served() != state.pins():   # a first start raced a change on disk: catch up
+                await self._sync(state)
+                self._check_pins(state)
             write_json(self.run.ready(self.index), {"pid": os.getpid(), "models": [
                 f"{m.name}:{m.version}" for m in self.dp.repository_index(ready_only=True)]})
 
@@ -206,7 +228,19 @@ class ClusterCoordinator(Coordinator):  # long class: one method per operation, 
 
     async def _sync(self, state: ClusterState) -> None:
         registry = self.dp.registry
-        if state.models is not None:
+        pins = state.pins()
+        if pins is not None:               # exactly the pinned versions and bytes
+            served = registry.served()
+            for name in sorted(set(served) - set(pins)):
+                with contextlib.suppress(ModelNotFound):
+                    await registry.unload(name)
+            for name, versions in sorted(pins.items()):
+                if served.get(name) != versions:
+                    try:
+                        await registry.load(name, versions)
+                    except FoldserveError as exc:
+                        logger.error("worker %d: catching up on %s failed: %s", self.index, name, exc)
+        elif state.models is not None:
             have = set(registry.loaded_names())
             for name in sorted(have - set(state.models)):
                 with contextlib.suppress(ModelNotFound):
@@ -246,7 +280,8 @@ class ClusterCoordinator(Coordinator):  # long class: one method per operation, 
         """Execute one operation on this worker's data plane."""
         registry, shm = self.dp.registry, self.dp.shm
         if isinstance(message, Prepare):
-            self._pending[message.txn] = await registry.prepare(message.model)
+            prepared = self._pending[message.txn] = await registry.prepare(message.model)
+            return {str(v): lv.digest for v, lv in sorted(prepared.versions.items())}
         elif isinstance(message, Commit):
             registry.commit(self._pending.pop(message.txn))
         elif isinstance(message, Abort):
@@ -283,13 +318,17 @@ class ClusterCoordinator(Coordinator):  # long class: one method per operation, 
         async with self.lock():
             txn = uuid.uuid4().hex
             results = await self.everyone(Prepare(name, txn), LOAD_TIMEOUT_S)
-            failures = [r for r in results if isinstance(r, BaseException)]
+            failures: list[BaseException] = [r for r in results if isinstance(r, BaseException)]
+            if not failures and any(r != results[0] for r in results):
+                failures = [ModelNotReady(f"model {name!r} failed to load: the workers read different versions or "
+                                          f"bytes (the repository changed during the load); load it again")]
             if failures:
                 await self.everyone(Abort(name, txn, str(failures[0])))
                 raise failures[0]
             committed = await self.everyone(Commit(txn))
             state = self.run.read_state()
             state.models = self.dp.registry.loaded_names()
+            state.pin(self.dp.registry.served(), [name])
             self._commit_state(state, loaded=(name,))
             _raise_first(committed)
 
@@ -301,6 +340,8 @@ class ClusterCoordinator(Coordinator):  # long class: one method per operation, 
             results = await self.everyone(Unload(name), LOAD_TIMEOUT_S)
             state = self.run.read_state()
             state.models = self.dp.registry.loaded_names()
+            if state.served is not None:
+                state.pin(self.dp.registry.served(), [name])
             self._commit_state(state)
             _raise_first(results)
 

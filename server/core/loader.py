@@ -42,6 +42,8 @@ class LoadedVersion:
     precision: PrecisionInfo
     request_bytes_limit: int          # the largest request this model can need (REST bodies are cut there)
     request_elements_limit: int       # the most tensor elements a request can carry (JSON numbers past it: 413)
+    digest: str = ""                  # SHA-256 over the bytes served (model file and external data): what a
+                                      # cluster pins, so that every worker serves the very same bytes
 
 
 def build_version(repo: ModelRepository, name: str, version: int, config: ModelConfig, settings: Settings,
@@ -53,13 +55,14 @@ def build_version(repo: ModelRepository, name: str, version: int, config: ModelC
     for path in (onnx_path, vdir / VERIFICATION_FILE, vdir / PRECISION_FILE):   # no file from outside the repository
         if path.exists() or path.is_symlink():
             repo.inside(path, f"version {version}")
-    check_onnx(onnx_path, vdir)
-    verification = read_verification(vdir, onnx_path.name)
+    files = read_model_bytes(onnx_path, vdir)      # read once: what is hashed is what onnxruntime loads
+    verification = read_verification(vdir, onnx_path.name, files.digests())
     if not verification.passed and not settings.allow_unverified:
         raise ModelNotReady(f"verification did not pass ({verification.reason or 'failed'}); "
                             f"re-run `foldserve verify` or start with --allow-unverified")
     s = settings
-    runtime = OnnxModel(onnx_path, provider=s.provider, device_id=s.device_id, intra_op_threads=s.intra_op_threads,
+    runtime = OnnxModel(files.model, external=files.external, label=onnx_path.name, provider=s.provider,
+                        device_id=s.device_id, intra_op_threads=s.intra_op_threads,
                         inter_op_threads=s.inter_op_threads, io_binding=s.io_binding, spin=s.spin)
     cfg = ModelConfig()
     cfg.CopyFrom(config)
@@ -90,28 +93,66 @@ def build_version(repo: ModelRepository, name: str, version: int, config: ModelC
         scheduler.run_estimate_s = warmup(spec, runtime, repo.model_dir(name))
     return LoadedVersion(name, version, spec, runtime, scheduler, stats, verification, preprocess, precision,
                          request_bytes_limit(spec, s.max_elements, s.max_request_bytes),
-                         request_elements_limit(spec, s.max_elements))
+                         request_elements_limit(spec, s.max_elements), files.digest())
 
 
-def check_onnx(path: Path, vdir: Path) -> None:
-    """onnx.checker before onnxruntime sees the file; external data must stay inside the version folder."""
+@dataclass(frozen=True)
+class ModelBytes:
+    """A version's served model as read from disk, once: the bytes that are hashed against verification.json are
+    the bytes onnxruntime loads (a file swapped in between can never be served as verified)."""
+
+    name: str                        # the model file's name in the version folder
+    model: bytes
+    external: dict[str, bytes]       # external data: location (relative to the version folder) -> bytes
+
+    def digests(self) -> dict[str, str]:
+        return {self.name: _sha256(self.model), **{loc: _sha256(b) for loc, b in self.external.items()}}
+
+    def digest(self) -> str:
+        """One SHA-256 over every file's (name and digest): equal only for the same bytes under the same names."""
+        return _sha256("\n".join(f"{n} {d}" for n, d in sorted(self.digests().items())).encode())
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_model_bytes(path: Path, vdir: Path) -> ModelBytes:
+    """The model file and its external data, each read once and checked (onnx.checker, external data inside the
+    version folder) on those bytes; every problem is a ModelNotReady."""
     import onnx
 
     try:
-        model = onnx.load(str(path), load_external_data=False)
-        for t in model.graph.initializer:
-            if t.data_location == onnx.TensorProto.EXTERNAL:
-                loc = next((e.value for e in t.external_data if e.key == "location"), "")
-                target = (vdir / loc).resolve()
-                if Path(loc).is_absolute() or vdir.resolve() not in target.parents:
-                    raise ModelNotReady(f"{path.name}: external data {loc!r} points outside the model folder")
-        onnx.checker.check_model(str(path))
+        data = path.read_bytes()
+        model = onnx.load_from_string(data)
+        external: dict[str, bytes] = {}
+        inlined = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+        for t in inlined:
+            info = {e.key: e.value for e in t.external_data}
+            loc = info.get("location", "")
+            target = (vdir / loc).resolve()
+            if not loc or Path(loc).is_absolute() or vdir.resolve() not in target.parents:
+                raise ModelNotReady(f"{path.name}: external data {loc!r} points outside the model folder")
+            if loc not in external:
+                external[loc] = target.read_bytes()
+            start, length = int(info.get("offset", 0)), info.get("length")
+            blob = external[loc]
+            end = start + int(length) if length is not None else len(blob)
+            if end > len(blob):
+                raise ModelNotReady(f"{path.name}: external data {loc!r} is shorter than tensor {t.name!r} needs")
+            # the checker reads external data from files: check a copy with the bytes that will be loaded inlined
+            t.raw_data, t.data_location = blob[start:end], onnx.TensorProto.DEFAULT
+            del t.external_data[:]
+        onnx.checker.check_model(model)
     except ModelNotReady:
         raise
-    except Exception as exc:  # checker/decoder errors of many types
+    except Exception as exc:  # decoder/checker/OS errors of many types
         first = first_line(exc, 300) if str(exc).strip() else ""
         raise ModelNotReady(f"{path.name} is not a valid ONNX model ({type(exc).__name__}: "
                             f"{first.replace(str(vdir.resolve()), '.').replace(str(vdir), '.')})") from None
+    return ModelBytes(path.name, data, external)
 
 
 def check_spec_matches_model(spec: ModelSpec, runtime: OnnxModel) -> None:

@@ -23,6 +23,10 @@ from server.settings import Settings
 logger = logging.getLogger(__name__)
 
 
+#: model -> version -> SHA-256 of the bytes served (what every worker of a cluster serves)
+Pins = dict[str, dict[int, str]]
+
+
 @dataclass
 class ModelState:
     name: str
@@ -52,23 +56,29 @@ class ModelRegistry:
 
     # --- load / unload ---------------------------------------------------------------------------
 
-    async def load_all(self, names: list[str] | None = None) -> None:
-        """Load ``names`` (default: --models, else every model in the repository); failures are logged."""
+    async def load_all(self, names: list[str] | None = None, pins: Pins | None = None) -> None:
+        """Load ``names`` (default: --models, else every model in the repository; with ``pins``, the pinned
+        models); failures are logged."""
+        if pins is not None:
+            names = sorted(pins)
         for name in names if names is not None else self.settings.models or self.repository.names():
             try:
-                await self.load(name)
+                await self.load(name, pins.get(name) if pins is not None else None)
             except FoldserveError as exc:
                 logger.error("model %s not loaded: %s", name, exc)
 
-    async def load(self, name: str) -> ModelState:
-        """Load (or reload) every version the policy selects; on failure the old versions keep serving."""
+    async def load(self, name: str, pins: dict[int, str] | None = None) -> ModelState:
+        """Load (or reload) every version the policy selects (``pins``: exactly these versions, with exactly
+        these bytes); on failure the old versions keep serving."""
         async with self._locks.setdefault(name, asyncio.Lock()):
-            prepared = await self.prepare(name)
+            prepared = await self.prepare(name, pins)
             return self.commit(prepared)
 
-    async def prepare(self, name: str) -> Prepared:
+    async def prepare(self, name: str, pins: dict[int, str] | None = None) -> Prepared:
         """Build every version the policy selects (sessions created, warmed up) without serving them yet. On
-        failure the index says why and the old versions keep serving (:class:`ModelNotReady`)."""
+        failure the index says why and the old versions keep serving (:class:`ModelNotReady`). With ``pins``
+        (version -> SHA-256 of its served bytes: what the rest of a cluster serves) exactly those versions are
+        built, each from exactly those bytes, or the prepare fails."""
         check_model_name(name)
         if not self.repository.has(name):
             raise ModelNotFound(f"model {name!r} is not in the repository (no {name}/config.pbtxt)")
@@ -76,7 +86,13 @@ class ModelRegistry:
         if not state.versions:
             state.state = "LOADING"
         try:
-            new, reasons = await asyncio.get_running_loop().run_in_executor(None, self._build, name)
+            new, reasons = await asyncio.get_running_loop().run_in_executor(None, self._build, name, pins)
+            if pins is not None and set(new) != set(pins):
+                for lv in new.values():
+                    await lv.scheduler.close(0)
+                missing = {v: reasons.get(v, "not built") for v in sorted(set(pins) - set(new))}
+                detail = "; ".join(f"version {v}: {r}" for v, r in missing.items())
+                raise ModelNotReady(f"cannot serve what the cluster serves ({detail})")
             if not new:
                 detail = "; ".join(f"version {v}: {r}" for v, r in sorted(reasons.items())) or "no versions"
                 state.version_reasons = reasons
@@ -117,14 +133,24 @@ class ModelRegistry:
     def loaded_names(self) -> list[str]:
         return sorted(n for n, s in self._models.items() if s.versions)
 
-    def _build(self, name: str) -> tuple[dict[int, LoadedVersion], dict[int, str]]:
+    def served(self) -> Pins:
+        """model -> version -> SHA-256 of the bytes each loaded version serves."""
+        return {n: {v: lv.digest for v, lv in s.versions.items()} for n, s in self._models.items() if s.versions}
+
+    def _build(self, name: str, pins: dict[int, str] | None = None
+               ) -> tuple[dict[int, LoadedVersion], dict[int, str]]:
         config = self.repository.config(name)
-        chosen = select_versions(self.repository.versions(name), version_policy(config))
+        chosen = (sorted(pins) if pins is not None
+                  else select_versions(self.repository.versions(name), version_policy(config)))
         versions: dict[int, LoadedVersion] = {}
         reasons: dict[int, str] = {}
         for v in chosen:
             try:
-                versions[v] = build_version(self.repository, name, v, config, self.settings, self.metrics)
+                lv = build_version(self.repository, name, v, config, self.settings, self.metrics)
+                if pins is not None and lv.digest != pins[v]:
+                    raise ModelNotReady(f"its bytes on disk (SHA-256 {lv.digest[:12]}...) differ from what the "
+                                        f"cluster serves ({pins[v][:12]}...): the files changed since it was loaded")
+                versions[v] = lv
             except FoldserveError as exc:
                 reasons[v] = str(exc)
                 logger.error("model %s version %d: %s", name, v, exc)

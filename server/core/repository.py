@@ -59,9 +59,12 @@ class VerificationSummary:
         return asdict(self)
 
 
-def read_verification(version_dir: Path, model_file: str = MODEL_FILE) -> VerificationSummary:
+def read_verification(version_dir: Path, model_file: str = MODEL_FILE,
+                      loaded: dict[str, str] | None = None) -> VerificationSummary:
     """The version's verification, which counts only for the bytes it verified: every file it recorded a
-    SHA-256 for must still have it (perturbed weights are never served as verified)."""
+    SHA-256 for must still have it (perturbed weights are never served as verified). ``loaded`` gives the
+    SHA-256 of the bytes that will really be served (the model file and its external data, as read once):
+    those are compared, not the files as they are on disk by now."""
     path = version_dir / VERIFICATION_FILE
     if not path.is_file():
         return VerificationSummary(False, "no verification.json (run `foldserve verify`)")
@@ -80,7 +83,9 @@ def read_verification(version_dir: Path, model_file: str = MODEL_FILE) -> Verifi
     if model_file not in files:
         return VerificationSummary(False, f"verification.json records no SHA-256 of {model_file} (written by an "
                                           f"older foldserve?): re-run `foldserve verify`")
-    changed = digest_mismatches(version_dir, files)
+    loaded = loaded or {}
+    changed = sorted({n for n, d in loaded.items() if files.get(n) != d} |
+                     set(digest_mismatches(version_dir, {n: d for n, d in files.items() if n not in loaded})))
     if changed:
         shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
         return VerificationSummary(False, f"{shown} changed since verification (SHA-256 differs from "

@@ -76,7 +76,7 @@ class OnnxModel:
 
     def __init__(self, path: Path | bytes, *, provider: str = "auto", device_id: int = 0, intra_op_threads: int = 0,
                  inter_op_threads: int = 0, io_binding: bool = True, spin: bool = True,
-                 optimization: str = "all") -> None:
+                 optimization: str = "all", external: dict[str, bytes] | None = None, label: str = "") -> None:
         import onnxruntime as ort
 
         if provider in ("auto", "cuda") and gpu_count() > 0:
@@ -98,8 +98,12 @@ class OnnxModel:
         if not spin:
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        if external:   # the model's external data, as read (and hashed) by the loader: onnxruntime opens no file
+            self._external = [np.frombuffer(b, np.uint8) for b in external.values()]
+            opts.add_external_initializers_from_files_in_memory(list(external), self._external,
+                                                                [len(b) for b in external.values()])
         providers = choose_providers(provider, device_id)
-        label = "model" if isinstance(path, bytes) else Path(path).name
+        label = label or ("model" if isinstance(path, bytes) else Path(path).name)
         try:
             self.session = ort.InferenceSession(path if isinstance(path, bytes) else str(path), sess_options=opts,
                                                 providers=providers)
