@@ -18,6 +18,8 @@ It then supervises:
   workers: more than ``MAX_DEATHS`` deaths within ``DEATH_WINDOW_S`` mark it degraded (the ``up`` file goes,
   so every worker answers not ready: the server reports itself unhealthy) while it keeps replacing workers
   with back-off; once every worker has stayed up ``STABLE_S`` it is ready again;
+* every ready worker is pinged over its control socket every ``HEARTBEAT_S``; one that misses ``MISSES``
+  pings in a row (stopped, hung, deadlocked) is killed and so replaced like a dead one;
 * SIGTERM or SIGINT is forwarded to every worker, which drains like a single server
   (``--grace-period-s``); workers still running after the grace period and 10 s more are killed.
 """
@@ -33,10 +35,12 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from server.core.peer import PING_LINE, PING_TIMEOUT_S
 from server.core.runfolder import PREFIX, RUN_DIR_ENV, WORKER_ENV, RunFolder, remove_stale, reuse_port_socket
 from server.settings import Settings
 
@@ -47,6 +51,8 @@ DEATH_WINDOW_S = 60.0
 BACKOFF_S = (0.5, 10.0)          # first delay, most
 STABLE_S = 30.0                  # a worker that lived this long resets its back-off
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+HEARTBEAT_S = 2.0                # between pings of one worker
+MISSES = 3                       # pings in a row without an answer (PING_TIMEOUT_S each) make a worker hung
 
 
 @dataclass
@@ -57,6 +63,19 @@ class Slot:
     restart_at: float | None = None
     backoff: float = BACKOFF_S[0]
     deaths: list[float] = field(default_factory=list)
+    missed: int = 0                  # heartbeats in a row without an answer
+
+
+def _ping(path: Path, timeout_s: float) -> bool:
+    """One heartbeat: the worker answers a ping line on its control socket within ``timeout_s``."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout_s)
+            s.connect(str(path))
+            s.sendall(PING_LINE)
+            return s.recv(4096).startswith(b'{"ok": true')
+    except OSError:
+        return False
 
 
 def _die_with_parent() -> None:
@@ -104,7 +123,7 @@ class Supervisor:
             slot.proc.stdin.close()
         except BrokenPipeError:
             pass      # it died at once: the loop sees it
-        slot.started, slot.restart_at = time.monotonic(), None
+        slot.started, slot.restart_at, slot.missed = time.monotonic(), None, 0
         logger.info("worker %d started (pid %d)", slot.index, slot.proc.pid)
 
     def _forget(self, slot: Slot) -> None:
@@ -139,6 +158,24 @@ class Supervisor:
                      slot.backoff)
         slot.proc = None
         return None
+
+    def _heartbeat(self) -> None:
+        """Ping every ready worker; kill one that stopped answering (the loop then replaces it as a dead one)."""
+        while not self.stopping:
+            time.sleep(HEARTBEAT_S)
+            for slot in self.slots:
+                proc = slot.proc
+                if proc is None or proc.poll() is not None or self.run.ready_pid(slot.index) != proc.pid:
+                    continue                  # not started, dead, or not yet joined: nothing to ask
+                if _ping(self.run.socket(slot.index), PING_TIMEOUT_S):
+                    slot.missed = 0
+                    continue
+                slot.missed += 1
+                if slot.missed >= MISSES and proc.poll() is None:
+                    logger.error("worker %d (pid %d) stopped answering (%d heartbeats missed): killing it", slot.index,
+                                 proc.pid, slot.missed)
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.kill()
 
     def _check_recovered(self) -> None:
         """Degraded: ready again once every worker is running and none has died for STABLE_S."""
@@ -177,6 +214,7 @@ class Supervisor:
         signal.signal(signal.SIGINT, stop)
         for slot in self.slots:
             self.spawn(slot)
+        threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
         failure = None
         try:
             while not self.stopping and failure is None:

@@ -41,6 +41,7 @@ from server.core.peer import (
     Commit,
     Message,
     PeerServer,
+    Ping,
     Prepare,
     ShmRegister,
     ShmUnregister,
@@ -57,7 +58,7 @@ from server.core.types import IndexEntry
 logger = logging.getLogger(__name__)
 
 LOAD_TIMEOUT_S = 600.0       # building and warming a model in every worker
-CALL_TIMEOUT_S = 30.0        # any other operation
+CALL_TIMEOUT_S = 5.0         # any other operation (a hung worker fails it in seconds, releasing the lock)
 
 T = TypeVar("T")
 
@@ -298,6 +299,8 @@ class ClusterCoordinator(Coordinator):  # long class: one method per operation, 
             shm.register(message.name, message.key, message.offset, message.byte_size)
         elif isinstance(message, ShmUnregister):
             shm.unregister(message.name)
+        elif isinstance(message, Ping):
+            return "pong"
         else:
             raise FoldserveError(f"unhandled cluster operation {message.OP.value}")
         return None

@@ -34,6 +34,7 @@ class ClusterOp(enum.Enum):
     STATS = "stats"                      # this worker's statistics
     SHM_REGISTER = "shm_register"
     SHM_UNREGISTER = "shm_unregister"
+    PING = "ping"                        # liveness: the supervisor's heartbeat, and a long call's watchdog
 
 
 @dataclass
@@ -90,8 +91,16 @@ class ShmUnregister(Message):
     name: str = ""
 
 
+@dataclass
+class Ping(Message):
+    OP = ClusterOp.PING
+
+
 MESSAGES: dict[ClusterOp, type[Message]] = {cls.OP: cls for cls in (Prepare, Commit, Abort, Unload, Stats,
-                                                                   ShmRegister, ShmUnregister)}
+                                                                   ShmRegister, ShmUnregister, Ping)}
+PING_LINE = json.dumps({"op": ClusterOp.PING.value, "args": {}}).encode() + b"\n"
+#: a worker that does not answer a ping within this long has stopped answering (hung, stopped, swapping)
+PING_TIMEOUT_S = 3.0
 
 Handler = Callable[[Message], Awaitable[Any]]
 
@@ -159,8 +168,25 @@ class PeerServer:
             writer.close()
 
 
+async def ping(path: Path, timeout_s: float = PING_TIMEOUT_S) -> bool:
+    """Whether the worker at ``path`` answers at all within ``timeout_s`` (on a connection of its own)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            reader, writer = await asyncio.open_unix_connection(str(path))
+            try:
+                writer.write(PING_LINE)
+                await writer.drain()
+                return bool(await reader.readline())
+            finally:
+                writer.close()
+    except (OSError, TimeoutError):
+        return False
+
+
 async def call(path: Path, index: int, message: Message, timeout_s: float) -> Any:
-    """Send ``message`` to the worker listening at ``path``; its result, GONE, or the error it raised."""
+    """Send ``message`` to the worker listening at ``path``; its result, GONE, or the error it raised. While the
+    answer takes long (a load), the worker is pinged every PING_TIMEOUT_S: one that stops answering fails the
+    call in seconds, not at ``timeout_s``."""
     try:
         reader, writer = await asyncio.open_unix_connection(str(path), limit=LINE_LIMIT)
     except (FileNotFoundError, ConnectionError):
@@ -169,7 +195,16 @@ async def call(path: Path, index: int, message: Message, timeout_s: float) -> An
         writer.write(json.dumps({"op": message.OP.value, "args": encode(message)}).encode() + b"\n")
         async with asyncio.timeout(timeout_s):
             await writer.drain()
-            line = await reader.readline()
+            answer = asyncio.ensure_future(reader.readline())
+            while True:
+                done, _ = await asyncio.wait({answer}, timeout=PING_TIMEOUT_S)
+                if done:
+                    line = answer.result()
+                    break
+                if not await ping(path):
+                    answer.cancel()
+                    raise WorkerUnavailable(f"worker {index} stopped answering during {message.OP.value} (no "
+                                            f"answer to a ping within {PING_TIMEOUT_S:g} s)")
     except TimeoutError:
         raise WorkerUnavailable(f"worker {index} did not answer {message.OP.value} within {timeout_s:g} s") from None
     except ConnectionError:

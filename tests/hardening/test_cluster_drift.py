@@ -10,6 +10,7 @@ import signal
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -79,3 +80,46 @@ def test_a_replacement_that_cannot_load_the_pinned_bytes_does_not_join(repositor
         answers = [_infer(srv.http) for _ in range(12)]
         assert {code for code, _ in answers} == {200}, answers        # only the survivor takes connections
         assert survivor in _listeners(srv.http_port) and srv.proc.poll() is None
+
+
+def _post(http: str, path: str, timeout: float = 120) -> tuple[int, str]:
+    req = urllib.request.Request(f"http://{http}{path}", data=b"{}", method="POST",
+                                 headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_a_stopped_worker_fails_cluster_operations_in_seconds_and_is_replaced(repository, tmp_path):
+    """SIGSTOP one of two workers: a repository load fails in seconds (it held the cluster lock for over 100 s,
+    its timeout was 600 s), the supervisor's heartbeat kills and replaces the worker within 30 s, and then every
+    fresh connection is served again."""
+    repo = tmp_path / "repo"
+    shutil.copytree(repository / "digits", repo / "digits")
+    with ServerProcess(repo, "--workers", "2", "--repository-api") as srv:
+        survivor, victim = srv.info["pids"]
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            try:         # coordinated by the survivor it fails in seconds; on the stopped worker's port it ends
+                outcome = _post(srv.http, "/v2/repository/models/digits/load", timeout=60)[0]   # with that worker
+            except OSError as exc:
+                outcome = type(exc).__name__
+            assert time.monotonic() - t0 < 30, outcome         # not the 600 s load timeout
+            deadline = t0 + 30
+            while Path(f"/proc/{victim}").exists() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert not Path(f"/proc/{victim}").exists(), srv.log()[-2000:]      # killed by the heartbeat in 30 s
+            assert "stopped answering" in srv.log(), srv.log()[-2000:]
+        finally:
+            if Path(f"/proc/{victim}").exists():
+                os.kill(victim, signal.SIGKILL)
+        deadline = time.time() + 60
+        while len(_listeners(srv.http_port) - {srv.proc.pid}) < 2 and time.time() < deadline:
+            time.sleep(0.2)
+        assert survivor in _listeners(srv.http_port)
+        answers = [_infer(srv.http)[0] for _ in range(12)]
+        assert set(answers) == {200}, answers
+        assert _post(srv.http, "/v2/repository/models/digits/load")[0] == 200   # the lock was released
