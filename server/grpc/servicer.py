@@ -241,6 +241,10 @@ def build_grpc_server(settings: Settings, dataplane: DataPlane,
         ("grpc.max_connection_idle_ms", int(settings.idle_timeout_s * 1000)),
         ("grpc.max_connection_age_ms", GRPC_CONNECTION_AGE_MS),
         ("grpc.max_connection_age_grace_ms", int(settings.body_timeout_s * 1000)),
+        # a connection that has not finished its handshake within the header timeout is dropped (grpc core
+        # cannot close idle connections to make room at its cap, as the REST side does: this and the idle
+        # limit are what free the slots of connections held open by a client that sends nothing)
+        ("grpc.server_handshake_timeout_ms", int(settings.header_timeout_s * 1000)),
     ])
     server.add_generic_rpc_handlers((_service_handler(InferenceServicer(settings, dataplane)),))
     health_servicer = health.aio.HealthServicer()

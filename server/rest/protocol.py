@@ -1,7 +1,10 @@
 """The HTTP/1.1 connection protocol: uvicorn's httptools protocol with the limits it lacks.
 
-* a cap on open connections (``--max-connections``, below the process's file-descriptor limit): past it a
-  new connection gets ``503`` and is closed at once, so unfinished connections cannot exhaust the fds;
+* a cap on open connections (``--max-connections``, below the process's file-descriptor limit). At the cap
+  a new connection is served by closing the oldest idle one (no request in flight and none begun: a kept-alive
+  connection between requests, or one that never sent a byte), as nginx and HAProxy do; only when every
+  connection is busy does the new one get ``503`` and close at once. Held-open idle connections therefore
+  never lock a new client out, and unfinished connections cannot exhaust the fds;
 * a header size limit (``--max-header-bytes``, ``431``): bytes are fed to the parser only up to the limit
   while a request's headers are incomplete, so a 100 MB header is never buffered;
 * a header timeout (``--header-timeout-s``, ``408``, like nginx's ``client_header_timeout``): a request's
@@ -32,12 +35,26 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._header_bytes = 0
         self._in_headers = True
+        self._busy = False                   # a request begun and not yet answered
         super().connection_made(transport)
-        self._header_started = self.loop.time()
+        self._header_started = self._idle_since = self.loop.time()
         if len(self.connections) > self.max_connections:
-            self._refuse(503, f"the server is at its connection limit ({self.max_connections}); retry later")
-            return
+            victim = self._oldest_idle()
+            if victim is None:
+                self._refuse(503, f"the server is at its connection limit ({self.max_connections}) with every "
+                                  f"connection busy; retry later")
+                return
+            victim.transport.close()         # the oldest idle connection makes room for this one
         self._schedule_sweep()
+
+    def _oldest_idle(self) -> GuardedHttpProtocol | None:
+        idle = [c for c in self.connections if isinstance(c, GuardedHttpProtocol) and c is not self and not c._busy
+                and not c.transport.is_closing()]
+        return min(idle, key=lambda c: c._idle_since, default=None)
+
+    def on_response_complete(self) -> None:
+        self._busy, self._idle_since = False, self.loop.time()
+        super().on_response_complete()
 
     def data_received(self, data: bytes) -> None:
         if self._in_headers:
@@ -57,6 +74,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().data_received(data)
 
     def on_message_begin(self) -> None:
+        self._busy = True
         super().on_message_begin()
         if not self._in_headers:            # the next request on a kept-alive connection
             self._in_headers, self._header_bytes = True, 0

@@ -1,0 +1,74 @@
+"""Item 3 of the third review: connection slots held by clients that send nothing. 4,096 idle keep-alive REST
+connections (one public health request each) gave every new REST client 503 for 60 s, and 4,096 idle TCP
+connections to the gRPC port made every new gRPC client UNAVAILABLE for the whole attack. Here at a cap of 32."""
+from __future__ import annotations
+
+import socket
+import time
+import urllib.request
+
+import grpc
+import pytest
+from tritonclient.grpc import service_pb2 as tpb
+from tritonclient.grpc import service_pb2_grpc as tpb_grpc
+
+from tests.server.conftest import ServerProcess
+
+pytestmark = [pytest.mark.hardening, pytest.mark.subprocess]
+CAP = 32
+
+
+def _keep_alive_after_one_request(port: int) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(b"GET /v2/health/live HTTP/1.1\r\nhost: x\r\n\r\n")
+    assert s.recv(4096).startswith(b"HTTP/1.1 200")
+    return s
+
+
+@pytest.mark.parametrize("token", [None, "t0k"], ids=["open", "with-token"])
+def test_idle_rest_connections_at_the_cap_make_room_for_a_new_client(hardening_repo, token):
+    flags = ["--max-connections", str(CAP), *(["--auth-token", token] if token else [])]
+    with ServerProcess(hardening_repo, *flags) as srv:
+        held = [_keep_alive_after_one_request(srv.http_port) for _ in range(CAP)]
+        held += [socket.create_connection(("127.0.0.1", srv.http_port)) for _ in range(CAP)]  # never send
+        try:
+            for _ in range(10):              # each new client is served: the oldest idle connection makes room
+                with urllib.request.urlopen(f"http://{srv.http}/v2/health/ready", timeout=5) as r:
+                    assert r.status == 200
+            closed = 0
+            for s in held:
+                s.settimeout(0.2)
+                try:
+                    closed += s.recv(1) == b""
+                except (TimeoutError, ConnectionResetError):
+                    pass
+            assert closed >= CAP, closed     # the oldest idle ones were closed, not the new clients refused
+        finally:
+            for s in held:
+                s.close()
+
+
+@pytest.mark.parametrize("preface", [b"", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"], ids=["raw", "http2-preface"])
+def test_grpc_connections_that_never_finish_their_handshake_free_their_slot(hardening_repo, preface):
+    """grpc core cannot close idle connections to make room at its cap; a connection that does not finish its
+    handshake within --header-timeout-s is dropped, so a new client is served seconds later, not never."""
+    with ServerProcess(hardening_repo, "--max-connections", str(CAP), "--header-timeout-s", "2") as srv:
+        held = []
+        for _ in range(CAP + 8):
+            s = socket.create_connection(("127.0.0.1", srv.grpc_port))
+            if preface:
+                s.sendall(preface)
+            held.append(s)
+        try:
+            t0, served = time.monotonic(), None
+            while time.monotonic() - t0 < 20 and served is None:
+                try:
+                    with grpc.insecure_channel(srv.grpc) as ch:
+                        tpb_grpc.GRPCInferenceServiceStub(ch).ServerLive(tpb.ServerLiveRequest(), timeout=2)
+                    served = time.monotonic() - t0
+                except grpc.RpcError:
+                    pass
+            assert served is not None and served < 10, served
+        finally:
+            for s in held:
+                s.close()
