@@ -37,6 +37,7 @@ from server.settings import Settings
 
 logger = logging.getLogger(__name__)
 
+SMALL_MESSAGE = 1 << 20
 EXTENSIONS = ["classification", "binary_tensor_data", "model_repository", "model_configuration",
               "statistics", "schedule_policy", "system_shared_memory"]
 
@@ -96,6 +97,15 @@ class DataPlane:
     def refresh_gauges(self) -> None:
         """Publish this worker's gauges (with several workers, another one may render the metrics)."""
         self.metrics.set_gauges(self._queue_lengths(), self._inflight)
+
+    def largest_message(self, model: str | None = None) -> int:
+        """The largest gRPC message (decompressed) a request to ``model`` can need: its loaded versions' largest,
+        every loaded model's when the name is not known, 1 MiB for anything else (those calls are small; an
+        unknown or unloaded model is refused anyway)."""
+        versions = self.registry.ready_versions()
+        if model is not None:
+            versions = [lv for lv in versions if lv.name == model]
+        return max([SMALL_MESSAGE, *(lv.grpc_message_limit for lv in versions)])
 
     def _queue_lengths(self) -> dict[tuple[str, str], int]:
         return {(lv.name, str(lv.version)): lv.scheduler.queue_length for lv in self.registry.ready_versions()}

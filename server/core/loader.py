@@ -23,7 +23,7 @@ from server.core.runtime import OnnxModel
 from server.core.scheduler import Scheduler
 from server.core.stats import Metrics, ModelStats
 from server.core.types import ModelSpec
-from server.core.validation import request_bytes_limit, request_elements_limit
+from server.core.validation import grpc_message_limit, request_bytes_limit, request_elements_limit
 from server.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ class LoadedVersion:
     precision: PrecisionInfo
     request_bytes_limit: int          # the largest request this model can need (REST bodies are cut there)
     request_elements_limit: int       # the most tensor elements a request can carry (JSON numbers past it: 413)
+    grpc_message_limit: int = 0       # the largest gRPC message (decompressed) this model can need
     digest: str = ""                  # SHA-256 over the bytes served (model file and external data): what a
                                       # cluster pins, so that every worker serves the very same bytes
 
@@ -93,7 +94,8 @@ def build_version(repo: ModelRepository, name: str, version: int, config: ModelC
         scheduler.run_estimate_s = warmup(spec, runtime, repo.model_dir(name))
     return LoadedVersion(name, version, spec, runtime, scheduler, stats, verification, preprocess, precision,
                          request_bytes_limit(spec, s.max_elements, s.max_request_bytes),
-                         request_elements_limit(spec, s.max_elements), files.digest())
+                         request_elements_limit(spec, s.max_elements),
+                         grpc_message_limit(spec, s.max_elements, s.max_request_bytes), files.digest())
 
 
 @dataclass(frozen=True)

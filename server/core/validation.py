@@ -139,6 +139,21 @@ def request_elements_limit(model: ModelSpec, max_elements: int) -> int:
     return total
 
 
+PROTO_BYTES_PER_ELEMENT = 10       # the longest packed varint (int64 contents); raw contents need at most 8
+
+
+def grpc_message_limit(model: ModelSpec, max_elements: int, max_request_bytes: int) -> int:
+    """The most bytes a gRPC request to this model can need, decompressed: a message past it is refused
+    before protobuf parses it (a 62 KB gzip message inflating to 64 MB no longer costs its parse)."""
+    total = BODY_OVERHEAD
+    for t in model.inputs:
+        dims = ([model.max_batch_size] if model.max_batch_size > 0 else []) + list(t.dims)
+        if t.datatype == "BYTES" or any(d < 0 for d in dims):
+            return max_request_bytes
+        total += min(math.prod(dims), max_elements) * PROTO_BYTES_PER_ELEMENT
+    return min(total, max_request_bytes)
+
+
 def request_bytes_limit(model: ModelSpec, max_elements: int, max_request_bytes: int) -> int:
     """The most bytes a request to this model can need, decoded (JSON numbers or binary tensors): a REST
     body, compressed or not, is refused past it before it is parsed (no parse or decompression

@@ -421,10 +421,64 @@ def test_compressed_grpc_contents_far_beyond_the_shape_are_refused_before_conver
                 tpb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(req, timeout=60)
         done.set()
         watcher.join(5)
-        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "elements" in e.value.details()
-        # the message itself (64 MiB, decompressed and parsed by grpc/protobuf) is unavoidable; converting its
-        # 16M values to an array first peaked at +900 MB
+        # refused before protobuf parses it: larger than the largest request of the loaded models (item 4 of the
+        # third review); converting its 16M values to an array first had peaked at +900 MB
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "decompressed" in e.value.details()
         assert peak[0] - before < 450, f"peak RSS +{peak[0] - before:.0f} MB: the contents were converted first"
+        # within that bound, typed contents beyond the shape are still counted before any conversion
+        small = tpb.ModelInferRequest(model_name=MODEL)
+        small.inputs.add(name="input", datatype="FP32", shape=[1, 1, 8, 8]).contents.fp32_contents.extend(
+            np.zeros(20000, np.float32))
+        with grpc.insecure_channel(srv.grpc) as ch, pytest.raises(grpc.RpcError) as e:
+            tpb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(small, timeout=60)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "elements" in e.value.details()
+        _grpc_ok(srv.grpc)
+
+
+def test_compressed_messages_beyond_every_model_give_their_memory_back(repo):
+    """A 62 KB gzip message inflating to 64 MB, 9 times in a row, then 8 at once: RSS went 347 -> 910 MB and
+    stayed there, and 8 in parallel peaked at 1.57 GB. Each is refused before it is parsed and the memory is
+    handed back."""
+    req = tpb.ModelInferRequest(model_name=MODEL)
+    req.inputs.add(name="input", datatype="FP32", shape=[1, 1, 8, 8]).contents.fp32_contents.extend(
+        np.zeros((16 << 20) - 1024, np.float32))
+
+    def call() -> grpc.StatusCode:
+        with grpc.insecure_channel(srv.grpc, options=[("grpc.max_send_message_length", 128 << 20)],
+                                   compression=grpc.Compression.Gzip) as ch:
+            try:
+                tpb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(req, timeout=60)
+            except grpc.RpcError as exc:
+                return exc.code()
+        return grpc.StatusCode.OK
+
+    with ServerProcess(repo) as srv:
+        pid = srv.proc.pid
+        before = rss_mb(pid)
+        assert {call() for _ in range(9)} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+        time.sleep(1)
+        after_sequential = rss_mb(pid)
+        peak, done = [after_sequential], threading.Event()
+
+        def watch() -> None:
+            while not done.is_set():
+                peak[0] = max(peak[0], rss_mb(pid))
+                time.sleep(0.005)
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        codes: list[grpc.StatusCode] = []
+        threads = [threading.Thread(target=lambda: codes.append(call())) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        done.set()
+        watcher.join(5)
+        time.sleep(1)
+        assert set(codes) == {grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+        assert after_sequential - before < 150, f"+{after_sequential - before:.0f} MB kept after 9 messages"
+        assert peak[0] - before < 1000, f"8 at once peaked at +{peak[0] - before:.0f} MB"
+        assert rss_mb(pid) - before < 150, f"+{rss_mb(pid) - before:.0f} MB kept after 8 at once"
         _grpc_ok(srv.grpc)
 
 
