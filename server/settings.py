@@ -78,6 +78,9 @@ class Settings(BaseSettings):
                                   description="largest REST request header block (431 past it)")
     header_timeout_s: float = Field(10.0, gt=0, description="a REST request's headers must arrive within this "
                                                              "time (408), like nginx's client_header_timeout")
+    max_model_memory_mb: int = Field(
+        0, ge=0, description="what loading one version may cost: memory grown by building and warming it, and the "
+                             "largest tensor its graph computes from constants (0: max(1024, 8 x the model's MB))")
     max_shm_regions: int = Field(256, ge=1, le=65536,
                                  description="system shared-memory regions registered at once (RESOURCE_EXHAUSTED / "
                                              "429 past it); regions naming one object share one descriptor")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ import numpy as np
 
 from foldserve.datatypes import lookup, numpy_dtype
 from foldserve.entry import MODEL_FILE, PRECISION_FILE, VERIFICATION_FILE, read_precision
-from foldserve.errors import EntryError, ModelNotReady, UnsupportedDataType
+from foldserve.errors import EntryError, FoldserveError, ModelNotReady, UnsupportedDataType
 from foldserve.model_config import ModelConfig
 from foldserve.protocol import model_config_pb2 as mc
 from foldserve.records import PrecisionInfo, first_line
@@ -57,6 +58,9 @@ def build_version(repo: ModelRepository, name: str, version: int, config: ModelC
         if path.exists() or path.is_symlink():
             repo.inside(path, f"version {version}")
     files = read_model_bytes(onnx_path, vdir)      # read once: what is hashed is what onnxruntime loads
+    budget = load_budget(files, settings)
+    check_static_sizes(files, budget)
+    rss_before = rss_bytes()
     verification = read_verification(vdir, onnx_path.name, files.digests())
     if not verification.passed and not settings.allow_unverified:
         raise ModelNotReady(f"verification did not pass ({verification.reason or 'failed'}); "
@@ -90,8 +94,13 @@ def build_version(repo: ModelRepository, name: str, version: int, config: ModelC
     scheduler = Scheduler(f"{name}:{version}", runtime.run, max_batch_size=spec.max_batch_size, max_delay_s=delay,
                           max_queue=s.max_queue_size, instances=spec.instances, stats=stats, metrics=metrics,
                           eager=s.batch_policy == "eager")
+    check_batch_bound(spec, s.max_elements)
     if s.warmup:
-        scheduler.run_estimate_s = warmup(spec, runtime, repo.model_dir(name))
+        scheduler.run_estimate_s = warmup(spec, runtime, repo.model_dir(name), s.max_elements)
+    grown = rss_bytes() - rss_before
+    if grown > budget:
+        raise ModelNotReady(f"building and warming version {version} grew memory by {grown >> 20} MB, more than "
+                            f"the {budget >> 20} MB a load may cost (--max-model-memory-mb)")
     return LoadedVersion(name, version, spec, runtime, scheduler, stats, verification, preprocess, precision,
                          request_bytes_limit(spec, s.max_elements, s.max_request_bytes),
                          request_elements_limit(spec, s.max_elements),
@@ -157,6 +166,64 @@ def read_model_bytes(path: Path, vdir: Path) -> ModelBytes:
     return ModelBytes(path.name, data, external)
 
 
+def load_budget(files: ModelBytes, settings: Settings) -> int:
+    """Bytes one version's load may cost: --max-model-memory-mb, else max(1 GiB, 8 x the model's bytes)."""
+    if settings.max_model_memory_mb:
+        return settings.max_model_memory_mb << 20
+    size = len(files.model) + sum(len(b) for b in files.external.values())
+    return max(1 << 30, 8 * size)
+
+
+def rss_bytes() -> int:
+    """This process's resident memory (what a load grows)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def check_static_sizes(files: ModelBytes, budget: int) -> None:
+    """Refuse a graph that computes a tensor of a known shape beyond the budget (an 8 KB file whose
+    ConstantOfShape makes 1.6 GB), before onnxruntime folds it into memory."""
+    import onnx
+
+    from foldserve.datatypes import lookup
+
+    try:
+        model = onnx.load_from_string(files.model)
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # shape inference gives up on some valid graphs: onnxruntime still checks them
+        return
+    for vi in (*inferred.graph.value_info, *inferred.graph.output):
+        t = vi.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim]
+        if not dims or min(dims) < 0:
+            continue
+        try:
+            dtype = lookup(t.elem_type, "onnx").numpy
+        except FoldserveError:
+            continue
+        itemsize = dtype.itemsize if dtype is not None else 8
+        size = int(np.prod(dims, dtype=np.float64)) * itemsize
+        if size > budget:
+            raise ModelNotReady(f"{files.name}: tensor {vi.name!r} of shape {dims} would take {size >> 20} MB, more "
+                                f"than the {budget >> 20} MB a load may cost (--max-model-memory-mb)")
+
+
+def check_batch_bound(spec: ModelSpec, max_elements: int) -> None:
+    """A max_batch_size whose full batch no request could carry (more elements than --max-elements)."""
+    if spec.max_batch_size <= 0:
+        return
+    for t in spec.inputs:
+        if any(d < 0 for d in t.dims):
+            continue
+        n = spec.max_batch_size * int(np.prod(t.dims, dtype=np.float64))
+        if n > max_elements:
+            raise ModelNotReady(f"max_batch_size {spec.max_batch_size} makes input {t.name!r} {n} elements at a full "
+                                f"batch, more than --max-elements {max_elements}: lower max_batch_size")
+
+
 def check_spec_matches_model(spec: ModelSpec, runtime: OnnxModel) -> None:
     names = {t.name for t in runtime.inputs}
     for t in spec.inputs:
@@ -172,7 +239,7 @@ def check_spec_matches_model(spec: ModelSpec, runtime: OnnxModel) -> None:
             raise ModelNotReady(f"config.pbtxt output {t.name!r} is not an output of the ONNX model ({sorted(outs)})")
 
 
-def warmup(spec: ModelSpec, runtime: OnnxModel, model_dir: Path) -> float:
+def warmup(spec: ModelSpec, runtime: OnnxModel, model_dir: Path, max_elements: int = 1 << 62) -> float:
     """Run the config's ``model_warmup`` entries (Triton's model warm-up: batch size, zero / random / file
     inputs, count) before the version is served; a failing entry fails the load. Without entries, one
     batch-1 run of zeros. Returns the per-sample run time of the fastest batch-1 run (seconds), which lets
@@ -190,7 +257,7 @@ def warmup(spec: ModelSpec, runtime: OnnxModel, model_dir: Path) -> float:
     rng = np.random.default_rng(0)
     for w in entries:
         try:
-            feeds = _warmup_feeds(spec, w, model_dir, rng)
+            feeds = _warmup_feeds(spec, w, model_dir, rng, max_elements)
             per_sample = _timed_runs(runtime, feeds, max(1, w.count), max(1, w.batch_size))
         except ModelNotReady:
             raise
@@ -218,8 +285,9 @@ def _zero_feeds(spec: ModelSpec) -> dict[str, np.ndarray]:
             for t in spec.inputs}
 
 
-def _warmup_feeds(spec: ModelSpec, w: Any, model_dir: Path, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """One warm-up entry's inputs, checked against the model like a request."""
+def _warmup_feeds(spec: ModelSpec, w: Any, model_dir: Path, rng: np.random.Generator,
+                  max_elements: int = 1 << 62) -> dict[str, np.ndarray]:
+    """One warm-up entry's inputs, checked against the model like a request (sizes too, before allocating)."""
     where = f"model_warmup {w.name!r}"
     if spec.max_batch_size > 0 and not 1 <= w.batch_size <= spec.max_batch_size:
         raise ModelNotReady(f"{where}: batch_size {w.batch_size} must be 1..max_batch_size {spec.max_batch_size}")
@@ -237,6 +305,10 @@ def _warmup_feeds(spec: ModelSpec, w: Any, model_dir: Path, rng: np.random.Gener
             raise ModelNotReady(f"{where}: input {t.name!r} is {mc.DataType.Name(item.data_type)} {dims}, "
                                 f"the model's is {want} {list(t.dims)}")
         shape = ([w.batch_size] if spec.max_batch_size > 0 else []) + dims
+        n_elements = int(np.prod(shape, dtype=np.float64))
+        if n_elements > max_elements:
+            raise ModelNotReady(f"{where}: input {t.name!r} of shape {shape} has {n_elements} elements, more than "
+                                f"--max-elements {max_elements}")
         kind = item.WhichOneof("input_data_type")
         if kind == "input_data_file":
             name = item.input_data_file
