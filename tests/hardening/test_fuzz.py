@@ -267,10 +267,10 @@ def test_request_size_limits(hserver):
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-def test_schemathesis_against_our_openapi_document(hserver):
+def test_schemathesis_against_our_openapi_document(hserver, tmp_path):
     st_bin = Path(sys.executable).parent / "schemathesis"
     proc = subprocess.run([str(st_bin), "run", f"http://{hserver.http}/openapi.json", "--checks", "not_a_server_error",
                            "-n", "200" if FULL else "25", "--no-color", "--generation-deterministic"],
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=900, cwd=tmp_path)   # its cache goes there
     assert proc.returncode == 0, proc.stdout[-4000:]
     assert hserver.proc.poll() is None
