@@ -57,6 +57,9 @@ class Settings(BaseSettings):
 
     allow_unverified: bool = Field(False, description="serve versions whose verification failed or is missing")
     strict: bool = Field(False, description="refuse to start when the repository holds no model (default: warn)")
+    strict_readiness: bool = Field(True, description="the server is ready only while every model it was asked to "
+                                                     "load serves (Triton's strict readiness); off: ready once "
+                                                     "started, whatever failed to load")
     repository_api: bool = Field(False, description="enable the repository load/unload API")
     admin_token: str | None = Field(None, description="bearer token the repository API requires")
     auth_token: str | None = Field(None, description="bearer token inference requires (off when unset)")

@@ -86,7 +86,9 @@ class DataPlane:
         return True  # answering at all is liveness
 
     def ready(self) -> bool:
-        return self._ready and self.coordinator.up()
+        if not (self._ready and self.coordinator.up()):
+            return False
+        return not (self.settings.strict_readiness and self.registry.unready_requested())
 
     def metadata(self) -> ServerMetadata:
         return ServerMetadata("foldserve", __version__, list(EXTENSIONS))

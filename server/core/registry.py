@@ -53,6 +53,9 @@ class ModelRegistry:
         self._models: dict[str, ModelState] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._closing: set[asyncio.Task[None]] = set()    # old versions draining after a swap
+        # models the server was started to serve, or loaded since, and not unloaded (a failed load of a new
+        # model through the repository API does not count: it must not take a serving server out of rotation)
+        self._requested: set[str] = set()
 
     # --- load / unload ---------------------------------------------------------------------------
 
@@ -62,6 +65,8 @@ class ModelRegistry:
         if pins is not None:
             names = sorted(pins)
         for name in names if names is not None else self.settings.models or self.repository.names():
+            if self.repository.has(name):
+                self._requested.add(name)      # what the server was started to serve: strict readiness waits for it
             try:
                 await self.load(name, pins.get(name) if pins is not None else None)
             except FoldserveError as exc:
@@ -109,6 +114,7 @@ class ModelRegistry:
         for lv in prepared.versions.values():
             lv.scheduler.start()
         state.versions = prepared.versions  # the swap: requests from now on use the new versions
+        self._requested.add(prepared.name)
         state.version_reasons = prepared.reasons
         state.state, state.reason = "READY", ""
         logger.info("model %s ready: versions %s", prepared.name, sorted(prepared.versions))
@@ -159,8 +165,13 @@ class ModelRegistry:
                 reasons[v] = f"failed to load ({type(exc).__name__}; see the server log)"
         return versions, reasons
 
+    def unready_requested(self) -> list[str]:
+        """Models asked for that serve no version now (a failed first load): what strict readiness waits for."""
+        return sorted(n for n in self._requested if not (n in self._models and self._models[n].versions))
+
     async def unload(self, name: str) -> None:
         check_model_name(name)
+        self._requested.discard(name)
         state = self._models.get(name)
         if state is None or not state.versions:
             raise ModelNotFound(f"model {name!r} is not loaded")

@@ -24,6 +24,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from server.settings import Settings
 
+EVICT_GRACE_S = 1.0       # a silent new connection is not closed for another before it had this long to send
 REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large", 503: b"Service Unavailable"}
 
 
@@ -36,6 +37,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._header_bytes = 0
         self._in_headers = True
         self._busy = False                   # a request begun and not yet answered
+        self._served = False                 # at least one response sent (a kept-alive connection)
         super().connection_made(transport)
         self._header_started = self._idle_since = self.loop.time()
         if len(self.connections) > self.max_connections:
@@ -48,12 +50,15 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._schedule_sweep()
 
     def _oldest_idle(self) -> GuardedHttpProtocol | None:
+        """The idle connection to close for a new one: kept alive after a response, or silent for longer than
+        EVICT_GRACE_S (a connection accepted a moment ago has not had time to send its request)."""
+        now = self.loop.time()
         idle = [c for c in self.connections if isinstance(c, GuardedHttpProtocol) and c is not self and not c._busy
-                and not c.transport.is_closing()]
+                and (c._served or now - c._idle_since > EVICT_GRACE_S) and not c.transport.is_closing()]
         return min(idle, key=lambda c: c._idle_since, default=None)
 
     def on_response_complete(self) -> None:
-        self._busy, self._idle_since = False, self.loop.time()
+        self._busy, self._served, self._idle_since = False, True, self.loop.time()
         super().on_response_complete()
 
     def data_received(self, data: bytes) -> None:

@@ -31,6 +31,7 @@ def test_idle_rest_connections_at_the_cap_make_room_for_a_new_client(hardening_r
     with ServerProcess(hardening_repo, *flags) as srv:
         held = [_keep_alive_after_one_request(srv.http_port) for _ in range(CAP)]
         held += [socket.create_connection(("127.0.0.1", srv.http_port)) for _ in range(CAP)]  # never send
+        time.sleep(1.5)     # past the grace a silent new connection gets to send its request (EVICT_GRACE_S)
         try:
             for _ in range(10):              # each new client is served: the oldest idle connection makes room
                 with urllib.request.urlopen(f"http://{srv.http}/v2/health/ready", timeout=5) as r:
