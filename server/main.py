@@ -14,6 +14,7 @@ import sys
 import uvicorn
 
 from foldserve.errors import ConfigError, WorkerUnavailable
+from server.core.admission import Admission
 from server.core.coordinator import Coordinator, LocalCoordinator
 from server.core.dataplane import DataPlane
 from server.core.runfolder import reuse_port_socket
@@ -79,7 +80,8 @@ async def refresh_gauges(dp: DataPlane, every_s: float = 1.0) -> None:
 
 async def start_http(settings: Settings, dp: DataPlane, reuse_port: bool) -> tuple[uvicorn.Server, asyncio.Task, int]:
     """uvicorn on the REST port (shared with the other workers when ``reuse_port``); returns once bound."""
-    app = create_app(settings, dp)
+    admission = Admission(settings.concurrency_limit(), dp.monitor)
+    app = create_app(settings, dp, admission)
     ssl = {}
     if settings.tls_cert:
         import ssl as _ssl
@@ -91,7 +93,7 @@ async def start_http(settings: Settings, dp: DataPlane, reuse_port: bool) -> tup
     config = uvicorn.Config(app, host=settings.host, port=settings.http_port, log_level="warning", access_log=False,
                             lifespan="off", timeout_graceful_shutdown=max(int(settings.grace_period_s), 1),
                             limit_concurrency=None, timeout_keep_alive=max(1, int(settings.idle_timeout_s)),
-                            http=protocol_class(settings, settings.connection_limit()), **ssl)
+                            http=protocol_class(settings, settings.connection_limit(), admission), **ssl)
     http = uvicorn.Server(config)
     http.install_signal_handlers = lambda: None  # type: ignore[attr-defined]  # we handle signals below
     sockets = [reuse_port_socket(settings.host, settings.http_port)] if reuse_port else None

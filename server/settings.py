@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     max_concurrent_requests: int = Field(
         0, ge=0, description="requests handled at once per transport before RESOURCE_EXHAUSTED / 429 "
                              "(0: max_queue_size + 64)")
+    shed_lag_ms: float = Field(100.0, ge=0, description="answer new inference requests 429 / RESOURCE_EXHAUSTED at "
+                                                        "once while the event loop runs this late (a burst drains "
+                                                        "at the cost of refusals; 0: off)")
     request_timeout_s: float = Field(30.0, gt=0, description="a request waiting longer fails with DEADLINE_EXCEEDED")
     warmup: bool = Field(True, description="run each model over its batch sizes at load")
 

@@ -2,28 +2,86 @@
 transport, against a limit; past it a request is answered at once (RESOURCE_EXHAUSTED / 429) instead of
 queueing without bound.
 
+Both transports run on one event loop, and a burst (thousands of requests at once) queues in front of it
+before any request is counted: a well-behaved client's request then waits behind the whole burst. The
+:class:`LoopMonitor` measures how late the loop runs a timer; while it runs later than ``--shed-lag-ms``
+new inference requests are answered at once (the REST transport even before routing), so that a burst
+drains at the cost of a refusal, not of a request, and admitted clients keep their latency.
+
 A slot is taken only when the request is complete (the body read, the message received) and authenticated,
 so clients that open calls and send nothing, or send slowly, never hold one; health, liveness and metadata
 never take one.
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from foldserve.errors import QueueFull
+
+TICK_S = 0.01
+
+
+@dataclass
+class LoopMonitor:
+    """How late the event loop runs: a timer every TICK_S; ``overloaded`` while the last lateness passed
+    ``lag_s`` (and for HOLD ticks after it, so that shedding does not flap)."""
+
+    lag_s: float
+    lag: float = 0.0
+    hold_until: float = 0.0
+    _task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    HOLD_S = 0.1
+
+    def start(self) -> None:
+        if self.lag_s > 0 and self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            t = loop.time()
+            await asyncio.sleep(TICK_S)
+            self.lag = loop.time() - t - TICK_S
+            if self.lag > self.lag_s:
+                self.hold_until = loop.time() + self.HOLD_S
+
+    def overloaded(self) -> bool:
+        return self._task is not None and (self.lag > self.lag_s or
+                                           asyncio.get_running_loop().time() < self.hold_until)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
 
 
 @dataclass
 class Admission:
     limit: int
+    monitor: LoopMonitor | None = None
     active: int = 0
+
+    def refusal(self) -> str | None:
+        """Why a new inference request would be refused now, or None."""
+        if self.active >= self.limit:
+            return f"server busy: {self.active} requests in flight (limit {self.limit}); retry later"
+        if self.monitor is not None and self.monitor.overloaded():
+            return (f"server overloaded: its event loop runs {self.monitor.lag * 1000:.0f} ms late (--shed-lag-ms "
+                    f"{self.monitor.lag_s * 1000:g}); retry later")
+        return None
 
     @contextmanager
     def slot(self) -> Iterator[None]:
-        if self.active >= self.limit:
-            raise QueueFull(f"server busy: {self.active} requests in flight (limit {self.limit}); retry later")
+        why = self.refusal()
+        if why:
+            raise QueueFull(why)
         self.active += 1
         try:
             yield

@@ -16,6 +16,7 @@ from foldserve import __version__
 from foldserve.datatypes import raw_bytes
 from foldserve.errors import FoldserveError, InvalidInput, PermissionDenied, ServerNotReady
 from foldserve.model_config import ModelConfig
+from server.core.admission import LoopMonitor
 from server.core.coordinator import Coordinator, LocalCoordinator
 from server.core.loader import LoadedVersion
 from server.core.registry import ModelRegistry
@@ -54,6 +55,7 @@ class DataPlane:
         self.repository = ModelRepository(settings.repository)
         self.registry = ModelRegistry(self.repository, settings, self.metrics)
         self.shm = SystemSharedMemory(settings.max_shm_regions)
+        self.monitor = LoopMonitor(settings.shed_lag_ms / 1000)      # both transports' admission read it
         self.coordinator = coordinator or LocalCoordinator()
         self.coordinator.attach(self)
         self._ready = False
@@ -63,6 +65,7 @@ class DataPlane:
 
     async def start(self) -> None:
         await self.coordinator.start()
+        self.monitor.start()
         self._ready = True
 
     def begin_shutdown(self) -> None:
@@ -79,6 +82,7 @@ class DataPlane:
     async def stop(self) -> None:
         self._ready = False
         await self.coordinator.close()
+        await self.monitor.stop()
         await self.registry.close()
         self.shm.close()
 

@@ -134,7 +134,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.settings = settings
         self.dp = dataplane
         # taken once a call's message has arrived and its token checked: idle calls never hold a slot
-        self.admission = Admission(settings.concurrency_limit())
+        self.admission = Admission(settings.concurrency_limit(), dataplane.monitor)
 
     @_rpc(Op.SERVER_LIVE)
     async def ServerLive(self, request, context):

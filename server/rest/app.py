@@ -78,7 +78,7 @@ def _add_offline_docs(app: FastAPI) -> None:
                                    swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png")
 
 
-def create_app(settings: Settings, dataplane: DataPlane) -> FastAPI:
+def create_app(settings: Settings, dataplane: DataPlane, admission: Admission | None = None) -> FastAPI:
     app = FastAPI(title="foldserve", version=__version__, default_response_class=ORJSONResponse,
                   description="KServe v2 / Open Inference Protocol REST API for BN-folded ONNX models",
                   exception_handlers=EXCEPTION_HANDLERS, docs_url=None, redoc_url=None,
@@ -86,7 +86,7 @@ def create_app(settings: Settings, dataplane: DataPlane) -> FastAPI:
     _add_offline_docs(app)
     app.state.dataplane = dataplane
     app.state.settings = settings
-    app.state.admission = Admission(settings.concurrency_limit())
+    app.state.admission = admission or Admission(settings.concurrency_limit(), dataplane.monitor)
     for router in ROUTERS:
         app.include_router(router)
     return app

@@ -22,44 +22,71 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from server.core.admission import Admission
 from server.settings import Settings
 
 EVICT_GRACE_S = 1.0       # a silent new connection is not closed for another before it had this long to send
-REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large", 503: b"Service Unavailable"}
+REASONS = {408: b"Request Timeout", 429: b"Too Many Requests", 431: b"Request Header Fields Too Large",
+           503: b"Service Unavailable"}
 
 
 class GuardedHttpProtocol(HttpToolsProtocol):
     max_connections = 4096
     max_header_bytes = 16 * 1024
     header_timeout_s = 10.0
+    admission: Admission | None = None       # the REST transport's: inference is shed before routing when full
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._shed = False
         self._header_bytes = 0
         self._in_headers = True
-        self._busy = False                   # a request begun and not yet answered
-        self._served = False                 # at least one response sent (a kept-alive connection)
         super().connection_made(transport)
-        self._header_started = self._idle_since = self.loop.time()
+        self._header_started = self.loop.time()
+        idle = self._idle_sets()
         if len(self.connections) > self.max_connections:
-            victim = self._oldest_idle()
+            victim = self._oldest_idle(idle)
             if victim is None:
                 self._refuse(503, f"the server is at its connection limit ({self.max_connections}) with every "
                                   f"connection busy; retry later")
                 return
+            victim._not_idle()
             victim.transport.close()         # the oldest idle connection makes room for this one
+        idle[0][self] = self._header_started
         self._schedule_sweep()
 
-    def _oldest_idle(self) -> GuardedHttpProtocol | None:
-        """The idle connection to close for a new one: kept alive after a response, or silent for longer than
-        EVICT_GRACE_S (a connection accepted a moment ago has not had time to send its request)."""
-        now = self.loop.time()
-        idle = [c for c in self.connections if isinstance(c, GuardedHttpProtocol) and c is not self and not c._busy
-                and (c._served or now - c._idle_since > EVICT_GRACE_S) and not c.transport.is_closing()]
-        return min(idle, key=lambda c: c._idle_since, default=None)
+    # Idle connections in two insertion-ordered sets per server (oldest first), so that finding the one to close
+    # at the cap costs O(1) even when thousands of connections arrive at once: kept alive after a response (any
+    # may go), and silent since they were accepted (they may go only after EVICT_GRACE_S: a connection accepted a
+    # moment ago has not had time to send its request).
+    def _idle_sets(self) -> tuple[dict[GuardedHttpProtocol, float], dict[GuardedHttpProtocol, float]]:
+        state = self.server_state
+        sets = getattr(state, "_foldserve_idle", None)
+        if sets is None:
+            sets = state._foldserve_idle = ({}, {})  # type: ignore[attr-defined]
+        return sets  # type: ignore[no-any-return]
+
+    def _oldest_idle(self, idle: tuple[dict[GuardedHttpProtocol, float], dict[GuardedHttpProtocol, float]]
+                     ) -> GuardedHttpProtocol | None:
+        silent, kept = idle
+        for conn in kept:
+            return conn
+        for conn, since in silent.items():
+            return conn if self.loop.time() - since > EVICT_GRACE_S else None
+        return None
+
+    def _not_idle(self) -> None:
+        silent, kept = self._idle_sets()
+        silent.pop(self, None)
+        kept.pop(self, None)
 
     def on_response_complete(self) -> None:
-        self._busy, self._served, self._idle_since = False, True, self.loop.time()
+        self._not_idle()
+        self._idle_sets()[1][self] = self.loop.time()     # kept alive: the newest idle connection
         super().on_response_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._not_idle()
+        super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if self._in_headers:
@@ -79,7 +106,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().data_received(data)
 
     def on_message_begin(self) -> None:
-        self._busy = True
+        self._not_idle()                     # a request begun: busy until its response is complete
         super().on_message_begin()
         if not self._in_headers:            # the next request on a kept-alive connection
             self._in_headers, self._header_bytes = True, 0
@@ -87,7 +114,20 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._in_headers = False
+        why = self.admission.refusal() if self.admission is not None else None
+        if why and self.parser.get_method() == b"POST" and self.url.split(b"?", 1)[0].endswith(b"/infer"):
+            self._shed = True
+            self._refuse(429, why)           # shed before routing, parsing or reading the body
+            return
         super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if not self._shed:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if not self._shed:
+            super().on_message_complete()
 
     # One sweep per server every fraction of the timeout instead of a timer per request (cheaper at high rates).
     def _schedule_sweep(self) -> None:
@@ -117,8 +157,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-def protocol_class(settings: Settings, max_connections: int) -> type[GuardedHttpProtocol]:
+def protocol_class(settings: Settings, max_connections: int,
+                   admission: Admission | None = None) -> type[GuardedHttpProtocol]:
     """The protocol class with this server's limits (uvicorn instantiates it per connection)."""
     attrs: dict[str, Any] = {"max_connections": max_connections, "max_header_bytes": settings.max_header_bytes,
-                             "header_timeout_s": settings.header_timeout_s}
+                             "header_timeout_s": settings.header_timeout_s, "admission": admission}
     return type("FoldserveHttpProtocol", (GuardedHttpProtocol,), attrs)
