@@ -14,7 +14,15 @@ import numpy as np
 
 from foldserve import __version__
 from foldserve.datatypes import raw_bytes
-from foldserve.errors import FoldserveError, InvalidInput, PermissionDenied, ServerNotReady
+from foldserve.errors import (
+    FoldserveError,
+    InvalidInput,
+    LimitExceeded,
+    PermissionDenied,
+    QueueFull,
+    RequestTimeout,
+    ServerNotReady,
+)
 from foldserve.model_config import ModelConfig
 from server.core.admission import LoopMonitor
 from server.core.coordinator import Coordinator, LocalCoordinator
@@ -227,15 +235,18 @@ class DataPlane:
             if lv.spec.max_batch_size == 0:
                 batch = 1
             wanted = [o.name for o in req.outputs] or [t.name for t in lv.spec.outputs]
-            results, queued = await lv.scheduler.infer(feeds, wanted, batch, self.settings.request_timeout_s)
+            results, queued, compute = await lv.scheduler.infer(feeds, wanted, batch, self.settings.request_timeout_s)
             outputs = self._outputs(lv, req, wanted, results)
-            lv.stats.record_request(True, int((time.perf_counter() - t0) * 1e9), int(queued * 1e9), batch)
+            total_ns = int((time.perf_counter() - t0) * 1e9)
+            lv.stats.record_request(True, total_ns, int(queued * 1e9), batch, compute)
+            self.metrics.succeeded(lv.name, str(lv.version), batch, total_ns, int(queued * 1e9), compute)
             return InferResponse(req.model_name, str(lv.version), req.id, outputs)
         except BaseException as exc:
             code = (exc.grpc_status if isinstance(exc, FoldserveError)
                     else "CANCELLED" if isinstance(exc, asyncio.CancelledError) else "INTERNAL")
             if lv is not None:
                 lv.stats.record_request(False, int((time.perf_counter() - t0) * 1e9), 0, batch)
+                self.metrics.failed(lv.name, str(lv.version), failure_reason(exc))
             raise
         finally:
             self._inflight -= 1
@@ -261,6 +272,18 @@ class DataPlane:
                 out.shm = ro.shm
             outputs.append(out)
         return outputs
+
+
+def failure_reason(exc: BaseException) -> str:
+    """Triton's ``reason`` label of nv_inference_request_failure: REJECTED (shed: queue full, overloaded, timed out
+    in the queue), CANCELED (the client went away), BACKEND (the model's execution failed), OTHER."""
+    if isinstance(exc, asyncio.CancelledError):
+        return "CANCELED"
+    if isinstance(exc, (QueueFull, RequestTimeout, LimitExceeded)):
+        return "REJECTED"
+    if isinstance(exc, FoldserveError):
+        return "OTHER"
+    return "BACKEND"
 
 
 def _classification(name: str, arr: np.ndarray, k: int, labels: list[str], batched: bool) -> InferOutput:

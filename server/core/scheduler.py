@@ -33,8 +33,13 @@ class _Pending:
     feeds: dict[str, np.ndarray]
     outputs: list[str]
     batch: int
-    future: asyncio.Future[tuple[list[np.ndarray], float]]
+    future: asyncio.Future[Outcome]
     enqueued: float
+
+
+#: the outputs of one request, the seconds it queued, and the (input, infer, output) nanoseconds of the execution
+#: that computed it: Triton attributes a batched execution's compute time to every request in it
+Outcome = tuple[list[np.ndarray], float, tuple[int, int, int]]
 
 
 class Scheduler:
@@ -94,8 +99,8 @@ class Scheduler:
     # --- requests -------------------------------------------------------------------------------
 
     async def infer(self, feeds: dict[str, np.ndarray], outputs: list[str], batch: int,
-                    timeout_s: float) -> tuple[list[np.ndarray], float]:
-        """Run one request; returns (outputs, seconds spent queued)."""
+                    timeout_s: float) -> Outcome:
+        """Run one request; returns (outputs, seconds spent queued, compute nanoseconds of its execution)."""
         if self._closed:
             raise ModelNotReady(f"model {self.name} is being unloaded")
         if self.batching:
@@ -103,7 +108,7 @@ class Scheduler:
         return await self._infer_direct(feeds, outputs, batch, timeout_s)
 
     async def _infer_direct(self, feeds: dict[str, np.ndarray], outputs: list[str], batch: int,
-                            timeout_s: float) -> tuple[list[np.ndarray], float]:
+                            timeout_s: float) -> Outcome:
         if self._waiting >= self.max_queue:
             raise QueueFull(f"model {self.name}: {self._waiting} requests already waiting (max_queue_size "
                             f"{self.max_queue}); retry later")
@@ -121,17 +126,17 @@ class Scheduler:
             if self._inflight == 1 and batch * self.run_estimate_s <= INLINE_MAX_S:
                 # a tiny run with nothing else executing: the hand-off to a worker thread and back costs
                 # more than the run itself blocks the event loop
-                result = self._execute(feeds, outputs, batch)
+                result, infer_ns = self._execute(feeds, outputs, batch)
             else:
                 loop = asyncio.get_running_loop()
-                result = await loop.run_in_executor(self.executor, self._execute, feeds, outputs, batch)
+                result, infer_ns = await loop.run_in_executor(self.executor, self._execute, feeds, outputs, batch)
         finally:
             self._inflight -= 1
             self._direct_slots.release()
-        return result, queued
+        return result, queued, (0, infer_ns, 0)
 
     async def _infer_batched(self, feeds: dict[str, np.ndarray], outputs: list[str], batch: int,
-                             timeout_s: float) -> tuple[list[np.ndarray], float]:
+                             timeout_s: float) -> Outcome:
         if len(self._queue) >= self.max_queue:
             raise QueueFull(f"model {self.name}: queue full ({len(self._queue)} requests waiting, "
                             f"max_queue_size {self.max_queue}); retry later")
@@ -144,13 +149,15 @@ class Scheduler:
         except asyncio.TimeoutError:
             raise RequestTimeout(f"model {self.name}: no result within {timeout_s:g} s") from None
 
-    def _execute(self, feeds: dict[str, np.ndarray], outputs: list[str], batch: int) -> list[np.ndarray]:
+    def _execute(self, feeds: dict[str, np.ndarray], outputs: list[str], batch: int,
+                 input_ns: int = 0) -> tuple[list[np.ndarray], int]:
+        """One model execution; returns its outputs and its compute (infer) nanoseconds."""
         t0 = time.perf_counter_ns()
         result = self._run(feeds, outputs)
-        t1 = time.perf_counter_ns()
-        self.stats.record_execution(batch, 0, t1 - t0, 0)
-        self.metrics.executed(self.name, batch)
-        return result
+        infer_ns = time.perf_counter_ns() - t0
+        self.stats.record_execution(batch, input_ns, infer_ns, 0)
+        self.metrics.executed(self.name, batch, self.stats.name, self.stats.version)
+        return result, infer_ns
 
     # --- the batcher -----------------------------------------------------------------------------
 
@@ -196,10 +203,12 @@ class Scheduler:
                 self.metrics.queued(self.name, start - p.enqueued)
             self._inflight += 1
             try:
+                t_in = time.perf_counter_ns()
                 if len(batch) == 1:
                     feeds = batch[0].feeds
                 else:
                     feeds = {k: np.concatenate([p.feeds[k] for p in batch]) for k in batch[0].feeds}
+                input_ns = time.perf_counter_ns() - t_in
                 total = sum(p.batch for p in batch)
                 try:
                     self._mean_batch = 0.9 * self._mean_batch + 0.1 * len(batch)
@@ -208,21 +217,25 @@ class Scheduler:
                         # light load (recent batches all held one request) and a tiny run: the hand-off to a
                         # thread and back costs more than the run blocks the event loop (as in _infer_direct);
                         # under load, batches grow and runs go to the thread again
-                        results = self._execute(feeds, batch[0].outputs, total)
+                        results, infer_ns = self._execute(feeds, batch[0].outputs, total, input_ns)
                     else:
-                        results = await loop.run_in_executor(self.executor, self._execute, feeds, batch[0].outputs,
-                                                             total)
+                        results, infer_ns = await loop.run_in_executor(self.executor, self._execute, feeds,
+                                                                       batch[0].outputs, total, input_ns)
                 except Exception as exc:  # an execution error fails exactly the requests in this batch
                     for p in batch:
                         if not p.future.done():
                             p.future.set_exception(exc)
                     continue
                 offset = 0
+                t_out = time.perf_counter_ns()
+                parts = []
                 for p in batch:
-                    part = [r[offset:offset + p.batch] for r in results]
+                    parts.append([r[offset:offset + p.batch] for r in results])
                     offset += p.batch
+                output_ns = time.perf_counter_ns() - t_out
+                for p, part in zip(batch, parts, strict=True):
                     if not p.future.done():
-                        p.future.set_result((part, start - p.enqueued))
+                        p.future.set_result((part, start - p.enqueued, (input_ns, infer_ns, output_ns)))
             finally:
                 self._inflight -= 1
                 # drop this batch's arrays before waiting for the next one: inputs may be views of a

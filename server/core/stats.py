@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,21 +41,25 @@ class ModelStats:
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def record_execution(self, batch_size: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
+        """One model execution: the execution count and the per-batch-size statistics."""
         with self.lock:
             self.execution_count += 1
-            self.compute_input.add(input_ns)
-            self.compute_infer.add(infer_ns)
-            self.compute_output.add(output_ns)
             b = self.batch.setdefault(batch_size, [Duration(), Duration(), Duration()])
             b[0].add(input_ns)
             b[1].add(infer_ns)
             b[2].add(output_ns)
 
-    def record_request(self, ok: bool, total_ns: int, queue_ns: int, batch_size: int) -> None:
+    def record_request(self, ok: bool, total_ns: int, queue_ns: int, batch_size: int,
+                       compute: tuple[int, int, int] = (0, 0, 0)) -> None:
+        """One request. As Triton times them, its compute input / infer / output are those of the execution that
+        computed it: a batched execution's time counts once for every request in the batch."""
         with self.lock:
             if ok:
                 self.success.add(total_ns)
                 self.queue.add(queue_ns)
+                self.compute_input.add(compute[0])
+                self.compute_infer.add(compute[1])
+                self.compute_output.add(compute[2])
                 self.inference_count += batch_size
                 self.last_inference_ms = int(time.time() * 1000)
             else:
@@ -106,6 +111,63 @@ class ModelStats:
             }
 
 
+def triton_text(families: dict[str, Any], cpu: dict[str, float]) -> bytes:
+    """Triton's families in Prometheus text: counters named as Triton names them (no _total), then the pending
+    gauge and the CPU gauges."""
+    lines: list[str] = []
+
+    def family(name: str, doc: str, kind: str, samples: list[tuple[dict[str, str], float]]) -> None:
+        lines.extend([f"# HELP {name} {doc}", f"# TYPE {name} {kind}"])
+        for labels, value in samples:
+            text = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+            lines.append(f"{name}{{{text}}} {value:.17g}" if text else f"{name} {value:.17g}")
+
+    for key, (name, doc) in TRITON_COUNTERS.items():
+        f = families.get(key)
+        samples = [(dict(s.labels), s.value) for s in (f.samples if f else []) if s.name.endswith("_total")]
+        family(name, doc, "counter", samples)
+    pending = families.get("pending")
+    family(TRITON_PENDING[0], TRITON_PENDING[1], "gauge",
+           [(dict(s.labels), s.value) for s in (pending.samples if pending else [])])
+    for name, doc in (("nv_cpu_utilization", "CPU utilization rate [0.0 - 1.0]"),
+                      ("nv_cpu_memory_total_bytes", "CPU total memory (RAM), in bytes"),
+                      ("nv_cpu_memory_used_bytes", "CPU used memory (RAM), in bytes")):
+        if name in cpu:
+            family(name, doc, "gauge", [({}, cpu[name])])
+    return ("\n".join(lines) + "\n").encode()
+
+
+def cpu_sampler() -> Callable[[], dict[str, float]]:
+    """A function giving Triton's CPU gauges from /proc: utilisation since the previous call (all cores), total
+    and used memory (used = total - available)."""
+    last: list[tuple[int, int]] = []
+
+    def times() -> tuple[int, int]:
+        with open("/proc/stat") as fh:
+            values = [int(v) for v in fh.readline().split()[1:]]
+        idle = values[3] + (values[4] if len(values) > 4 else 0)
+        return sum(values), idle
+
+    def sample() -> dict[str, float]:
+        out: dict[str, float] = {}
+        try:
+            total, idle = times()
+            d_total, d_idle = (total - last[0][0], idle - last[0][1]) if last else (0, 0)
+            out["nv_cpu_utilization"] = max(0.0, min(1.0, 1 - d_idle / d_total)) if d_total > 0 else 0.0
+            last[:] = [(total, idle)]
+            mem = {}
+            with open("/proc/meminfo") as fh:
+                for line in fh:
+                    key, _, rest = line.partition(":")
+                    mem[key] = int(rest.split()[0]) * 1024
+            out["nv_cpu_memory_total_bytes"] = float(mem["MemTotal"])
+            out["nv_cpu_memory_used_bytes"] = float(mem["MemTotal"] - mem.get("MemAvailable", mem.get("MemFree", 0)))
+        except (OSError, ValueError, KeyError, IndexError):
+            pass
+        return out
+    return sample
+
+
 def merge_stats(parts: list[list[ModelStats]]) -> list[ModelStats]:
     """Statistics of several worker processes, summed per (model, version)."""
     merged: dict[tuple[str, str], ModelStats] = {}
@@ -125,6 +187,38 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+TRITON_PREFIX = "foldserve_triton_"
+#: Triton's inference metric families (docs/user_guide/metrics.md): exposed under their Triton names, with
+#: Triton's units and labels, so that its Grafana dashboards, alerts and autoscaling rules read this server
+TRITON_COUNTERS = {
+    "request_success": ("nv_inference_request_success", "Number of successful inference requests, all batch sizes"),
+    "request_failure": ("nv_inference_request_failure", "Number of failed inference requests, all batch sizes"),
+    "count": ("nv_inference_count", "Number of inferences performed (a batch of n counts n)"),
+    "exec_count": ("nv_inference_exec_count", "Number of model executions performed"),
+    "request_duration_us": ("nv_inference_request_duration_us",
+                            "Cumulative inference request duration in microseconds"),
+    "queue_duration_us": ("nv_inference_queue_duration_us", "Cumulative inference queuing duration in microseconds"),
+    "compute_input_duration_us": ("nv_inference_compute_input_duration_us",
+                                  "Cumulative compute input duration in microseconds"),
+    "compute_infer_duration_us": ("nv_inference_compute_infer_duration_us",
+                                  "Cumulative compute inference duration in microseconds"),
+    "compute_output_duration_us": ("nv_inference_compute_output_duration_us",
+                                   "Cumulative inference compute output duration in microseconds"),
+}
+TRITON_PENDING = ("nv_inference_pending_request_count",
+                  "Instantaneous number of pending requests awaiting execution per-model.")
+
+
+class _Families:
+    """A fixed list of metric families, as a collector (what generate_latest reads)."""
+
+    def __init__(self, families: list[Any]) -> None:
+        self.families = families
+
+    def collect(self) -> list[Any]:
+        return self.families
 
 
 class Metrics:
@@ -156,6 +250,14 @@ class Metrics:
                                   ["model", "version"], registry=r, multiprocess_mode="livesum")
         self.inflight = Gauge("foldserve_inflight_requests", "Inference requests being handled.", registry=r,
                               multiprocess_mode="livesum")
+        # Triton's families, kept under internal names (prometheus_client would add _total to a counter's name;
+        # Triton's have none) and renamed when rendered
+        self.triton = {key: Counter(TRITON_PREFIX + key, doc, ["model", "version", "reason"] if key == "request_failure"
+                                    else ["model", "version"], registry=r)
+                       for key, (_, doc) in TRITON_COUNTERS.items()}
+        self.pending = Gauge(TRITON_PREFIX + "pending", TRITON_PENDING[1], ["model", "version"], registry=r,
+                             multiprocess_mode="livesum")
+        self._cpu = cpu_sampler()
         self._queue_labels: set[tuple[str, str]] = set()
 
     def request(self, model: str, protocol: str, code: str, seconds: float) -> None:
@@ -164,22 +266,39 @@ class Metrics:
             self.failures.labels(model, protocol).inc()
         self.latency.labels(model, protocol).observe(seconds)
 
+    def succeeded(self, model: str, version: str, batch: int, total_ns: int, queue_ns: int,
+                  compute: tuple[int, int, int]) -> None:
+        t = self.triton
+        t["request_success"].labels(model, version).inc()
+        t["count"].labels(model, version).inc(batch)
+        for key, ns in (("request_duration_us", total_ns), ("queue_duration_us", queue_ns),
+                        ("compute_input_duration_us", compute[0]), ("compute_infer_duration_us", compute[1]),
+                        ("compute_output_duration_us", compute[2])):
+            t[key].labels(model, version).inc(ns // 1000)
+
+    def failed(self, model: str, version: str, reason: str) -> None:
+        self.triton["request_failure"].labels(model, version, reason).inc()
+
     def queued(self, model: str, seconds: float) -> None:
         self.queue_time.labels(model).observe(seconds)
 
-    def executed(self, model: str, batch_size: int) -> None:
+    def executed(self, model: str, batch_size: int, name: str = "", version: str = "") -> None:
         self.batch_size.labels(model).observe(batch_size)
+        if name:
+            self.triton["exec_count"].labels(name, version).inc()
 
     def set_gauges(self, queue_lengths: dict[tuple[str, str], int], inflight: int) -> None:
         """The gauges from current values (versions unloaded since the last call drop to 0 / disappear)."""
         for labels in self._queue_labels - set(queue_lengths):
-            if self.multiprocess:   # other workers' files keep the label: report 0, not a stale value
-                self.queue_length.labels(*labels).set(0)
-            else:
-                self.queue_length.remove(*labels)
+            for gauge in (self.queue_length, self.pending):
+                if self.multiprocess:   # other workers' files keep the label: report 0, not a stale value
+                    gauge.labels(*labels).set(0)
+                else:
+                    gauge.remove(*labels)
         self._queue_labels = set(queue_lengths)
         for (model, version), n in queue_lengths.items():
             self.queue_length.labels(model, version).set(n)
+            self.pending.labels(model, version).set(n)
         self.inflight.set(inflight)
 
     def render(self, queue_lengths: dict[tuple[str, str], int], inflight: int) -> bytes:
@@ -187,10 +306,14 @@ class Metrics:
         from prometheus_client import CollectorRegistry, generate_latest
 
         self.set_gauges(queue_lengths, inflight)
-        if not self.multiprocess:
-            return generate_latest(self.registry)
-        from prometheus_client.multiprocess import MultiProcessCollector
+        if self.multiprocess:
+            from prometheus_client.multiprocess import MultiProcessCollector
 
-        registry = CollectorRegistry()
-        MultiProcessCollector(registry)
-        return generate_latest(registry)
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+            families = list(registry.collect())
+        else:
+            families = list(self.registry.collect())
+        ours = [f for f in families if not f.name.startswith(TRITON_PREFIX)]
+        triton = {f.name[len(TRITON_PREFIX):]: f for f in families if f.name.startswith(TRITON_PREFIX)}
+        return generate_latest(_Families(ours)) + triton_text(triton, self._cpu())
