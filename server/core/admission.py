@@ -27,15 +27,18 @@ TICK_S = 0.01
 
 @dataclass
 class LoopMonitor:
-    """How late the event loop runs: a timer every TICK_S; ``overloaded`` while the last lateness passed
-    ``lag_s`` (and for HOLD ticks after it, so that shedding does not flap)."""
+    """How late the event loop runs: a timer every TICK_S. ``overloaded`` once LATE_TICKS ticks in a row ran
+    later than ``lag_s`` (a backlog, not one slow callback: a 64 MB message or a collection alone never sheds)
+    and for HOLD_S after the last of them, so that shedding does not flap."""
 
     lag_s: float
     lag: float = 0.0
+    late: int = 0
     hold_until: float = 0.0
     _task: asyncio.Task[None] | None = field(default=None, repr=False)
 
     HOLD_S = 0.1
+    LATE_TICKS = 3
 
     def start(self) -> None:
         if self.lag_s > 0 and self._task is None:
@@ -47,11 +50,12 @@ class LoopMonitor:
             t = loop.time()
             await asyncio.sleep(TICK_S)
             self.lag = loop.time() - t - TICK_S
-            if self.lag > self.lag_s:
+            self.late = self.late + 1 if self.lag > self.lag_s else 0
+            if self.late >= self.LATE_TICKS:
                 self.hold_until = loop.time() + self.HOLD_S
 
     def overloaded(self) -> bool:
-        return self._task is not None and (self.lag > self.lag_s or
+        return self._task is not None and (self.late >= self.LATE_TICKS or
                                            asyncio.get_running_loop().time() < self.hold_until)
 
     async def stop(self) -> None:

@@ -113,8 +113,8 @@ def _rpc(op: Op) -> Callable:
         async def handler(self: InferenceServicer, request: Any, context: grpc.aio.ServicerContext):
             try:
                 if isinstance(request, BadRequest):
-                    if request.size >= TRIM_BYTES:
-                        release_memory()
+                    if request.size >= TRIM_BYTES:      # off the event loop: it can take a while
+                        await asyncio.get_running_loop().run_in_executor(None, release_memory)
                     raise request.error
                 _authorize(context, op, self.settings)
                 return await fn(self, request, context)

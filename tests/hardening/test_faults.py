@@ -148,7 +148,9 @@ def test_broken_model_files_make_only_that_model_unavailable(hardening_repo, tmp
         cfg.write_text(cfg.read_text().replace('name: "digits"', f'name: "{name}"'))
     with ServerProcess(repo) as srv:
         c = tgrpc.InferenceServerClient(srv.grpc)
-        assert c.is_server_ready() and c.is_model_ready("digits")
+        # strict readiness (Triton's): the server is not ready while models it was to serve failed, but only the
+        # broken ones are unavailable; the sound one is ready and serves
+        assert not c.is_server_ready() and c.is_model_ready("digits")
         index = {m["name"]: m for m in c.get_model_repository_index(as_json=True)["models"]}
         assert "model.onnx is missing" in index["missing"]["reason"]
         assert "not a valid ONNX model" in index["corrupt"]["reason"]
