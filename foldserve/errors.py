@@ -125,6 +125,14 @@ class LimitExceeded(FoldserveError):
     grpc_status = "RESOURCE_EXHAUSTED"
 
 
+class ClientGone(FoldserveError):
+    """The client went away (closed its connection, cancelled its call) before its answer: the request was
+    dropped, and never executed if it was still queued."""
+
+    http_status = 499                    # nginx's "client closed request": nobody reads it
+    grpc_status = "CANCELLED"
+
+
 class RequestTimeout(FoldserveError):
     """The request waited longer than its timeout."""
 

@@ -15,6 +15,7 @@ import numpy as np
 from foldserve import __version__
 from foldserve.datatypes import raw_bytes
 from foldserve.errors import (
+    ClientGone,
     FoldserveError,
     InvalidInput,
     LimitExceeded,
@@ -277,7 +278,7 @@ class DataPlane:
 def failure_reason(exc: BaseException) -> str:
     """Triton's ``reason`` label of nv_inference_request_failure: REJECTED (shed: queue full, overloaded, timed out
     in the queue), CANCELED (the client went away), BACKEND (the model's execution failed), OTHER."""
-    if isinstance(exc, asyncio.CancelledError):
+    if isinstance(exc, (asyncio.CancelledError, ClientGone)):
         return "CANCELED"
     if isinstance(exc, (QueueFull, RequestTimeout, LimitExceeded)):
         return "REJECTED"

@@ -7,19 +7,22 @@ Literal paths are registered before parameterised ones (``/v2/models/stats`` bef
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
-from foldserve.errors import BodyTimeout, InvalidInput, NotSupported, PayloadTooLarge
+from foldserve.errors import BodyTimeout, ClientGone, InvalidInput, NotSupported, PayloadTooLarge
 from server.core.auth import Op, authorize
 from server.core.dataplane import DataPlane
 from server.core.shm import CUDA_SHM_UNSUPPORTED
 from server.rest.codec import HEADER, decompress, encode_infer_response, error_response, parse_infer_request
 from server.settings import Settings
+
+T = TypeVar("T")
 
 # --- documentation models (the infer body is parsed by hand for speed; these describe it) -------------
 
@@ -141,6 +144,32 @@ async def model_stats(model: str, request: Request, version: str = "") -> Any:
     return {"model_stats": await _dp(request).statistics(model, version)}
 
 
+async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """``work``, cancelled if the client closes its connection first (a queued request is then dropped before it
+    executes, counted as CANCELED): ClientGone instead of its result."""
+    task = asyncio.current_task()
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        gone = True
+        if task is not None:
+            task.cancel()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if not gone or task is None:
+            raise
+        task.uncancel()
+        raise ClientGone("the client closed its connection before the answer") from None
+    finally:
+        watcher.cancel()
+
+
 async def read_body(request: Request, limit: int, timeout_s: float | None = None) -> bytes:
     """The body, refused before it is read in full when it is larger than ``limit`` bytes (decoded), and
     when it has not arrived within ``timeout_s`` (408)."""
@@ -182,7 +211,7 @@ async def infer(model: str, request: Request, version: str = "") -> Response:
     body = await read_body(request, lv.request_bytes_limit, settings.body_timeout_s)
     with admission.slot():
         req = parse_infer_request(model, version, body, request.headers.get(HEADER), lv.request_elements_limit)
-        resp = await _dp(request).infer(req, "http")
+        resp = await until_disconnected(request, _dp(request).infer(req, "http"))
     payload, header_len = encode_infer_response(resp, bool(req.parameters.get("binary_data_output")))
     if header_len is None:
         return Response(payload, media_type="application/json")
