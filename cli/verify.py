@@ -28,6 +28,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.entry:
         raise ConfigError("verify needs REPO/NAME/VERSION (with --server HOST:PORT: the local entry to compare "
                           "the served model against)")
+    from foldserve.entry import split_entry_path
+
+    split_entry_path(Path(args.entry))         # a model folder gets the version to name
     if args.server:
         from folding.live import verify_live
 

@@ -186,6 +186,13 @@ class UserKind(SourceKind):
         finish_reference(reference, record, opts, path.name, rename_output=self.rename_output)
         record.truth_dtype = self.truth_dtype()
         folded, onnx_report = fold_onnx(reference)
+        if onnx_report.bn_before == 0:
+            note = (f"{path.name} has no BatchNormalization node, so there is nothing to fold: if torch.onnx.export "
+                    f"wrote it, the exporter fused BN already (torch 2.13's default dynamo exporter does, and so "
+                    f"does the TorchScript one with constant folding); export with dynamo=False, "
+                    f"do_constant_folding=False to keep BN, or bring the .pt2 / TorchScript program")
+            onnx_report.warnings.append(note)
+            logger.warning("%s", note)
         labels = read_labels_file(labels_file, folded, record) if labels_file else []
         preprocess = Preprocess(input_name=record.input_name, output_name=record.output_name,
                                 input_shape=record.input_shape, normalization=record.normalization,
@@ -270,6 +277,7 @@ class ProgramKind(UserKind):
         input_name, dims = self.input_signature(program, opts, path.name)
         shape = resolve_shape(dims[1:], opts.input_shape, f"{path.name} input {input_name!r}")
         example = torch.randn([dims[0] or 2, *shape])
+        self._check_runs(program, example, path.name, opts)
         try:
             model = self.export(program, example, input_name)
         except ConfigError:
@@ -281,6 +289,27 @@ class ProgramKind(UserKind):
 
     def open(self, vdir: Path, record: SourceRecord) -> SourceModel:
         return ProgramSource(vdir, record, self)
+
+    def _check_runs(self, program: Any, example: torch.Tensor, name: str, opts: Options) -> None:
+        """Run the program once on the example before exporting it: an input shape it does not take is one
+        line naming the shape (the exporter's own error is a page of TorchScript IR)."""
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.module(program)(example)
+        except Exception as exc:  # the program's own error: a shape, a dtype, a missing op
+            shape = ",".join(map(str, example.shape[1:]))
+            flag = f" (--input-shape {shape})" if opts.input_shape else ""
+            raise ConfigError(f"{name}: the program does not run on input of shape {list(example.shape)}{flag}: "
+                              f"{_telling_line(exc)}") from None
+
+
+def _telling_line(exc: BaseException) -> str:
+    """The line of a (TorchScript) error that says what went wrong: the last 'SomethingError: ...' line, else the
+    last non-empty one."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    said = [ln for ln in lines if ln.split(":", 1)[0].endswith("Error") and ":" in ln]
+    return first_line(said[-1] if said else (lines[-1] if lines else type(exc).__name__), 300)
 
 
 class Pt2Kind(ProgramKind):

@@ -8,6 +8,7 @@ answer at all becomes :class:`~foldserve.errors.ServerUnreachable` (exit code 2,
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
@@ -100,15 +101,41 @@ class GrpcClient:
     def _call(self, method: str, request: Any) -> Any:
         grpc = self._grpc
         if not self._connected:
-            try:
-                grpc.channel_ready_future(self._channel).result(timeout=min(self.timeout, 10.0))
-            except grpc.FutureTimeoutError:
-                raise ServerUnreachable(f"cannot reach a gRPC server at {self.address}") from None
+            self._wait_ready(min(self.timeout, 10.0))
             self._connected = True
         try:
             return getattr(self._stub, method)(request, metadata=self._md, timeout=self.timeout)
         except grpc.RpcError as exc:
             raise _error(exc.code().name, exc.details() or "", self.address) from None
+
+    def _wait_ready(self, timeout: float) -> None:
+        """Until the channel is ready; an HTTP/1 server on that port is named at its first refusal (a gRPC
+        client aimed at the REST port), anything else after ``timeout``."""
+        import threading
+
+        grpc = self._grpc
+        changed, state = threading.Event(), [None]
+
+        def seen(s: Any) -> None:
+            state[0] = s
+            changed.set()
+
+        self._channel.subscribe(seen, try_to_connect=True)
+        deadline = time.monotonic() + timeout
+        try:
+            probed = False
+            while state[0] != grpc.ChannelConnectivity.READY and time.monotonic() < deadline:
+                changed.wait(max(0.0, deadline - time.monotonic()))
+                changed.clear()
+                if state[0] == grpc.ChannelConnectivity.TRANSIENT_FAILURE and not probed:
+                    probed = True
+                    if _speaks_http(self.address):
+                        raise ServerUnreachable(f"{self.address} is an HTTP port (it answers HTTP/1.1, not gRPC): "
+                                                f"use http://{self.address}, or the server's gRPC port")
+        finally:
+            self._channel.unsubscribe(seen)
+        if state[0] != grpc.ChannelConnectivity.READY:
+            raise ServerUnreachable(f"cannot reach a gRPC server at {self.address}")
 
     def metadata(self, model: str, version: str = "") -> ModelMetadata:
         r = self._call("ModelMetadata", self._pb.ModelMetadataRequest(name=model, version=version))
@@ -221,6 +248,19 @@ def _decode_parameters(params: Mapping[str, str]) -> dict[str, Any]:
         except ValueError:
             out[k] = v
     return out
+
+
+def _speaks_http(address: str, timeout: float = 2.0) -> bool:
+    """Whether an HTTP/1 server answers at HOST:PORT."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout) as s:
+            s.sendall(b"GET /v2/health/live HTTP/1.1\r\nhost: foldserve\r\nconnection: close\r\n\r\n")
+            return s.recv(16).startswith(b"HTTP/1.")
+    except (OSError, ValueError):
+        return False
 
 
 def _tensor_metadata(t: dict[str, Any]) -> TensorMetadata:

@@ -121,5 +121,9 @@ def split_entry_path(path: Path) -> tuple[Path, str, int]:
     """REPO/NAME/VERSION -> (REPO, NAME, VERSION); EntryError when the last part is not a version."""
     path = Path(path)
     if not is_version_folder(path.name):
+        versions = version_numbers(path)
+        if versions:      # a model folder: name one of its versions
+            raise EntryError(f"{path}: a model folder, not a version; verify one of its versions, e.g. "
+                             f"{path / str(versions[-1])}")
         raise EntryError(f"{path}: expected a version folder REPO/NAME/VERSION (e.g. model_repository/digits/1)")
     return path.parent.parent, path.parent.name, int(path.name)

@@ -244,3 +244,49 @@ def test_a_full_disk_during_fold_is_one_line_and_leaves_the_repository_untouched
                           "digits", code=1)
     assert "disk is full" in err and "unchanged" in err
     assert sorted(str(p.relative_to(repo)) for p in repo.rglob("*")) == before
+
+
+# --- what a new user hits on the way (each one line and the right exit code) ------------------------------
+
+def _one_line(proc, code: int, *words: str) -> None:
+    err = proc.stderr.strip()
+    assert proc.returncode == code, (proc.returncode, proc.stdout[-1000:], err[-2000:])
+    assert len(err.splitlines()) == 1 and all(w in err for w in words), err
+
+
+def test_verify_of_a_model_folder_names_its_version(repository):
+    _one_line(run_cli("verify", str(repository / "digits")), 2, "a model folder", str(repository / "digits" / "1"))
+
+
+def test_fold_of_a_directory_says_it_is_a_directory(tmp_path):
+    _one_line(run_cli("fold", str(tmp_path), "--repository", str(tmp_path / "repo")), 2, "a directory")
+
+
+def test_infer_aimed_at_the_http_port_without_http_says_so(repository, tmp_path):
+    from tests.server.conftest import ServerProcess, digits_batch
+
+    np.save(tmp_path / "x.npy", digits_batch(1))
+    with ServerProcess(repository) as srv:
+        _one_line(run_cli("infer", "--url", srv.http, "--model", "digits", str(tmp_path / "x.npy"), timeout=60), 2,
+                  "is an HTTP port", f"http://{srv.http}")
+
+
+def test_torchscript_with_a_wrong_input_shape_says_the_shape_is_wrong(tmp_path):
+    import torch
+
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8)).eval()
+    torch.jit.save(torch.jit.script(m), str(tmp_path / "net.pt"))
+    _one_line(run_cli("fold", str(tmp_path / "net.pt"), "--repository", str(tmp_path / "repo"), "--input-shape",
+                      "1,16,16"), 2, "does not run on input of shape [2, 1, 16, 16]", "--input-shape 1,16,16",
+              "expected input[2, 1, 16, 16] to have 3 channels")
+
+
+def test_an_onnx_file_without_batchnorm_gets_a_warning_saying_why(tmp_path):
+    import torch
+
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU()).eval()
+    torch.onnx.export(m, (torch.randn(2, 3, 8, 8),), str(tmp_path / "fused.onnx"), dynamo=False,
+                      input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "b"}, "y": {0: "b"}})
+    proc = run_cli("fold", str(tmp_path / "fused.onnx"), "--repository", str(tmp_path / "repo"), "--batch-sizes", "2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "no BatchNormalization node" in proc.stdout and "dynamo=False, do_constant_folding=False" in proc.stdout
