@@ -42,6 +42,20 @@ class _Pending:
 Outcome = tuple[list[np.ndarray], float, tuple[int, int, int]]
 
 
+def _deliver(batch: list[_Pending], results: list[np.ndarray], start: float, input_ns: int, infer_ns: int) -> None:
+    """Each request's slice of a batched execution's outputs, with the execution's compute times (Triton's)."""
+    offset = 0
+    t_out = time.perf_counter_ns()
+    parts = []
+    for p in batch:
+        parts.append([r[offset:offset + p.batch] for r in results])
+        offset += p.batch
+    output_ns = time.perf_counter_ns() - t_out
+    for p, part in zip(batch, parts, strict=True):
+        if not p.future.done():
+            p.future.set_result((part, start - p.enqueued, (input_ns, infer_ns, output_ns)))
+
+
 class Scheduler:
     def __init__(self, name: str, run: RunFn, *, max_batch_size: int, max_delay_s: float | None,
                  max_queue: int, instances: int, stats: ModelStats, metrics: Metrics, eager: bool = False) -> None:
@@ -226,18 +240,9 @@ class Scheduler:
                         if not p.future.done():
                             p.future.set_exception(exc)
                     continue
-                offset = 0
-                t_out = time.perf_counter_ns()
-                parts = []
-                for p in batch:
-                    parts.append([r[offset:offset + p.batch] for r in results])
-                    offset += p.batch
-                output_ns = time.perf_counter_ns() - t_out
-                for p, part in zip(batch, parts, strict=True):
-                    if not p.future.done():
-                        p.future.set_result((part, start - p.enqueued, (input_ns, infer_ns, output_ns)))
+                _deliver(batch, results, start, input_ns, infer_ns)
             finally:
                 self._inflight -= 1
                 # drop this batch's arrays before waiting for the next one: inputs may be views of a
                 # shared-memory region that the client unregisters next
-                batch = feeds = results = p = part = None  # type: ignore[assignment]
+                batch = feeds = results = p = None  # type: ignore[assignment]
