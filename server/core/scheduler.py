@@ -112,6 +112,11 @@ class Scheduler:
 
     # --- requests -------------------------------------------------------------------------------
 
+    @property
+    def may_wait(self) -> bool:
+        """Requests wait for a batch window here (a client that leaves meanwhile is worth noticing)."""
+        return self.batching and not self.eager and (self.max_delay_s or 0) > 0
+
     async def infer(self, feeds: dict[str, np.ndarray], outputs: list[str], batch: int,
                     timeout_s: float) -> Outcome:
         """Run one request; returns (outputs, seconds spent queued, compute nanoseconds of its execution)."""
