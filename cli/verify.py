@@ -28,9 +28,12 @@ def run(args: argparse.Namespace) -> int:
     if not args.entry:
         raise ConfigError("verify needs REPO/NAME/VERSION (with --server HOST:PORT: the local entry to compare "
                           "the served model against)")
-    from foldserve.entry import split_entry_path
+    from foldserve.entry import split_entry_path, version_numbers
+    from foldserve.names import is_version_folder
 
-    split_entry_path(Path(args.entry))         # a model folder gets the version to name
+    entry = Path(args.entry)
+    if not is_version_folder(entry.name) and version_numbers(entry):
+        split_entry_path(entry)                # a model folder: the error names a version to verify
     if args.server:
         from folding.live import verify_live
 
