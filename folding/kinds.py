@@ -274,6 +274,7 @@ class ProgramKind(UserKind):
         """The program as ONNX with BatchNormalization kept (no exporter-side fusion) and a dynamic batch axis
         where the program has one."""
         program = self.load(path)
+        self.check_eval(program, path.name)
         input_name, dims = self.input_signature(program, opts, path.name)
         shape = resolve_shape(dims[1:], opts.input_shape, f"{path.name} input {input_name!r}")
         example = torch.randn([dims[0] or 2, *shape])
@@ -289,6 +290,9 @@ class ProgramKind(UserKind):
 
     def open(self, vdir: Path, record: SourceRecord) -> SourceModel:
         return ProgramSource(vdir, record, self)
+
+    def check_eval(self, program: Any, name: str) -> None:
+        """Refuse a program whose batch norms use batch statistics (exported in training mode), before any work."""
 
     def _check_runs(self, program: Any, example: torch.Tensor, name: str, opts: Options) -> None:
         """Run the program once on the example before exporting it: an input shape it does not take is one
@@ -337,6 +341,17 @@ class Pt2Kind(ProgramKind):
 
     def count_bns(self, program: Any) -> int:
         return sum(1 for n in program.graph.nodes if n.op == "call_function" and "batch_norm" in str(n.target))
+
+    def check_eval(self, program: Any, name: str) -> None:
+        # aten.batch_norm(input, weight, bias, running_mean, running_var, training, ...); the functional
+        # "legit" variants without "no_training" are the training-mode forms
+        training = [n.name for n in program.graph.nodes if n.op == "call_function" and "batch_norm" in str(n.target)
+                    and (("legit" in str(n.target) and "no_training" not in str(n.target))
+                         or (len(n.args) > 5 and n.args[5] is True))]
+        if training:
+            raise FoldError(f"{name}: a torch.export program exported in training mode ({len(training)} batch norms "
+                            f"use batch statistics, e.g. {training[0]}): its folded form could never match; export it "
+                            f"after model.eval()")
 
     def export(self, program: Any, example: torch.Tensor, input_name: str) -> onnx.ModelProto:
         return export_dynamo(program)

@@ -290,3 +290,14 @@ def test_an_onnx_file_without_batchnorm_gets_a_warning_saying_why(tmp_path):
     proc = run_cli("fold", str(tmp_path / "fused.onnx"), "--repository", str(tmp_path / "repo"), "--batch-sizes", "2")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "no BatchNormalization node" in proc.stdout and "dynamo=False, do_constant_folding=False" in proc.stdout
+
+
+def test_a_training_mode_pt2_is_refused_before_any_work(tmp_path):
+    """It used to fold, then fail verification with max_rel 3.6 and no diagnosis."""
+    import torch
+
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8)).train()
+    torch.export.save(torch.export.export(m, (torch.randn(2, 3, 8, 8),)), str(tmp_path / "train.pt2"))
+    _one_line(run_cli("fold", str(tmp_path / "train.pt2"), "--repository", str(tmp_path / "repo")), 2,
+              "exported in training mode", "model.eval()")
+    assert not (tmp_path / "repo" / "train").exists()
