@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import torch
 
@@ -53,7 +54,44 @@ def export_dynamo(program: Any) -> onnx.ModelProto:
     fold_constants(onnx_program.model)
     remove_unused_nodes(onnx_program.model)
     model: onnx.ModelProto = onnx_ir.serde.serialize_model(onnx_program.model)
+    repair_zero_biases(model)
     return model
+
+
+def repair_zero_biases(model: onnx.ModelProto) -> int:
+    """The dynamo exporter writes a convolution without bias (``Conv3d(bias=False)``) with a bias of
+    ``Expand(0, [C, 2])``, which constant folding turns into a [C, 2] zero tensor that onnxruntime refuses
+    ("bias must be a 1D tensor of size output_channels"). Such an all-zero bias becomes zeros of shape [C]
+    (exact); returns how many were repaired."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    uses: dict[str, int] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    repaired = 0
+    for n in model.graph.node:
+        if n.op_type not in ("Conv", "ConvTranspose") or len(n.input) < 3 or n.input[2] not in inits \
+                or n.input[1] not in inits:
+            continue
+        weight, bias = inits[n.input[1]], numpy_helper.to_array(inits[n.input[2]])
+        group = next((a.i for a in n.attribute if a.name == "group"), 1)
+        channels = weight.dims[0] if n.op_type == "Conv" else weight.dims[1] * group
+        if (bias.ndim == 1 and bias.shape[0] == channels) or bias.any():
+            continue
+        name = n.input[2] if uses.get(n.input[2], 0) == 1 else f"{n.input[2]}__bias{repaired}"
+        fixed = numpy_helper.from_array(np.zeros(channels, bias.dtype), name)
+        if name == n.input[2]:
+            inits[name].CopyFrom(fixed)
+            stale = [vi for vi in model.graph.value_info if vi.name == name]   # its old [C, 2] shape
+            for vi in stale:
+                model.graph.value_info.remove(vi)
+        else:
+            model.graph.initializer.append(fixed)
+            n.input[2] = name
+        repaired += 1
+    return repaired
 
 
 def count_bn_nodes(model: onnx.ModelProto) -> int:

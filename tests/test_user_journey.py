@@ -301,3 +301,20 @@ def test_a_training_mode_pt2_is_refused_before_any_work(tmp_path):
     _one_line(run_cli("fold", str(tmp_path / "train.pt2"), "--repository", str(tmp_path / "repo")), 2,
               "exported in training mode", "model.eval()")
     assert not (tmp_path / "repo" / "train").exists()
+
+
+def test_a_pt2_with_a_biasless_conv3d_folds_and_verifies(tmp_path):
+    """torch's dynamo exporter writes Conv3d(bias=False)'s bias as Expand(0, [C, 2]): a [C, 2] tensor that
+    onnxruntime refuses. It used to crash with a traceback at verification."""
+    import onnx
+    import torch
+
+    m = torch.nn.Sequential(torch.nn.Conv3d(2, 4, 3, bias=False), torch.nn.BatchNorm3d(4)).eval()
+    bn = m[1]
+    bn.running_mean.normal_(0, 0.2)
+    bn.running_var.uniform_(0.5, 2)
+    torch.export.save(torch.export.export(m, (torch.randn(2, 2, 6, 6, 6),)), str(tmp_path / "c3.pt2"))
+    proc = run_cli("fold", str(tmp_path / "c3.pt2"), "--repository", str(tmp_path / "repo"), "--batch-sizes", "2")
+    assert proc.returncode == 0 and "PASSED" in proc.stdout, proc.stdout[-1500:] + proc.stderr[-1500:]
+    served = onnx.load(str(tmp_path / "repo" / "c3" / "1" / "model.onnx"))
+    assert not any(n.op_type == "BatchNormalization" for n in served.graph.node)
