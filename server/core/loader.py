@@ -57,11 +57,9 @@ def build_version(repo: ModelRepository, name: str, version: int, config: ModelC
     for path in (onnx_path, vdir / VERIFICATION_FILE, vdir / PRECISION_FILE):   # no file from outside the repository
         if path.exists() or path.is_symlink():
             repo.inside(path, f"version {version}")
-    files = read_model_bytes(onnx_path, vdir)      # read once: what is hashed is what onnxruntime loads
-    budget = load_budget(files, settings)
-    check_static_sizes(files, budget)
+    files = read_model_bytes(onnx_path, vdir, settings.max_model_memory_mb)   # what is hashed is what is loaded
     rss_before = rss_bytes()
-    verification = read_verification(vdir, onnx_path.name, files.digests())
+    verification = read_verification(vdir, onnx_path.name, files.digests)
     if not verification.passed and not settings.allow_unverified:
         raise ModelNotReady(f"verification did not pass ({verification.reason or 'failed'}); "
                             f"re-run `foldserve verify` or start with --allow-unverified")
@@ -98,9 +96,9 @@ def build_version(repo: ModelRepository, name: str, version: int, config: ModelC
     if s.warmup:
         scheduler.run_estimate_s = warmup(spec, runtime, repo.model_dir(name), s.max_elements)
     grown = rss_bytes() - rss_before
-    if grown > budget:
+    if grown > files.budget:
         raise ModelNotReady(f"building and warming version {version} grew memory by {grown >> 20} MB, more than "
-                            f"the {budget >> 20} MB a load may cost (--max-model-memory-mb)")
+                            f"the {files.budget >> 20} MB a load may cost (--max-model-memory-mb)")
     return LoadedVersion(name, version, spec, runtime, scheduler, stats, verification, preprocess, precision,
                          request_bytes_limit(spec, s.max_elements, s.max_request_bytes),
                          request_elements_limit(spec, s.max_elements),
@@ -115,13 +113,12 @@ class ModelBytes:
     name: str                        # the model file's name in the version folder
     model: bytes
     external: dict[str, bytes]       # external data: location (relative to the version folder) -> bytes
-
-    def digests(self) -> dict[str, str]:
-        return {self.name: _sha256(self.model), **{loc: _sha256(b) for loc, b in self.external.items()}}
+    digests: dict[str, str]          # SHA-256 of each of those files, computed once
+    budget: int                      # bytes this version's load may cost (--max-model-memory-mb)
 
     def digest(self) -> str:
         """One SHA-256 over every file's (name and digest): equal only for the same bytes under the same names."""
-        return _sha256("\n".join(f"{n} {d}" for n, d in sorted(self.digests().items())).encode())
+        return _sha256("\n".join(f"{n} {d}" for n, d in sorted(self.digests.items())).encode())
 
 
 def _sha256(data: bytes) -> str:
@@ -130,9 +127,10 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def read_model_bytes(path: Path, vdir: Path) -> ModelBytes:
-    """The model file and its external data, each read once and checked (onnx.checker, external data inside the
-    version folder) on those bytes; every problem is a ModelNotReady."""
+def read_model_bytes(path: Path, vdir: Path, max_model_memory_mb: int = 0) -> ModelBytes:
+    """The model file and its external data, each read once, hashed and checked on those bytes (onnx.checker,
+    external data inside the version folder, no tensor of known shape beyond the load budget); every problem
+    is a ModelNotReady."""
     import onnx
 
     try:
@@ -157,21 +155,17 @@ def read_model_bytes(path: Path, vdir: Path) -> ModelBytes:
             t.raw_data, t.data_location = blob[start:end], onnx.TensorProto.DEFAULT
             del t.external_data[:]
         onnx.checker.check_model(model)
+        size = len(data) + sum(len(b) for b in external.values())
+        budget = max_model_memory_mb << 20 if max_model_memory_mb else max(1 << 30, 8 * size)
+        check_static_sizes(model, path.name, budget)
     except ModelNotReady:
         raise
     except Exception as exc:  # decoder/checker/OS errors of many types
         first = first_line(exc, 300) if str(exc).strip() else ""
         raise ModelNotReady(f"{path.name} is not a valid ONNX model ({type(exc).__name__}: "
                             f"{first.replace(str(vdir.resolve()), '.').replace(str(vdir), '.')})") from None
-    return ModelBytes(path.name, data, external)
-
-
-def load_budget(files: ModelBytes, settings: Settings) -> int:
-    """Bytes one version's load may cost: --max-model-memory-mb, else max(1 GiB, 8 x the model's bytes)."""
-    if settings.max_model_memory_mb:
-        return settings.max_model_memory_mb << 20
-    size = len(files.model) + sum(len(b) for b in files.external.values())
-    return max(1 << 30, 8 * size)
+    digests = {path.name: _sha256(data), **{loc: _sha256(b) for loc, b in external.items()}}
+    return ModelBytes(path.name, data, external, digests, budget)
 
 
 def rss_bytes() -> int:
@@ -183,15 +177,15 @@ def rss_bytes() -> int:
         return 0
 
 
-def check_static_sizes(files: ModelBytes, budget: int) -> None:
+def check_static_sizes(model: Any, name: str, budget: int) -> None:
     """Refuse a graph that computes a tensor of a known shape beyond the budget (an 8 KB file whose
-    ConstantOfShape makes 1.6 GB), before onnxruntime folds it into memory."""
+    ConstantOfShape makes 1.6 GB, as the budget's default is max(1 GiB, 8 x the model's bytes)), before
+    onnxruntime folds it into memory."""
     import onnx
 
     from foldserve.datatypes import lookup
 
     try:
-        model = onnx.load_from_string(files.model)
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:  # shape inference gives up on some valid graphs: onnxruntime still checks them
         return
@@ -207,7 +201,7 @@ def check_static_sizes(files: ModelBytes, budget: int) -> None:
         itemsize = dtype.itemsize if dtype is not None else 8
         size = int(np.prod(dims, dtype=np.float64)) * itemsize
         if size > budget:
-            raise ModelNotReady(f"{files.name}: tensor {vi.name!r} of shape {dims} would take {size >> 20} MB, more "
+            raise ModelNotReady(f"{name}: tensor {vi.name!r} of shape {dims} would take {size >> 20} MB, more "
                                 f"than the {budget >> 20} MB a load may cost (--max-model-memory-mb)")
 
 

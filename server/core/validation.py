@@ -145,23 +145,23 @@ PROTO_BYTES_PER_ELEMENT = 10       # the longest packed varint (int64 contents);
 def grpc_message_limit(model: ModelSpec, max_elements: int, max_request_bytes: int) -> int:
     """The most bytes a gRPC request to this model can need, decompressed: a message past it is refused
     before protobuf parses it (a 62 KB gzip message inflating to 64 MB no longer costs its parse)."""
-    total = BODY_OVERHEAD
-    for t in model.inputs:
-        dims = ([model.max_batch_size] if model.max_batch_size > 0 else []) + list(t.dims)
-        if t.datatype == "BYTES" or any(d < 0 for d in dims):
-            return max_request_bytes
-        total += min(math.prod(dims), max_elements) * PROTO_BYTES_PER_ELEMENT
-    return min(total, max_request_bytes)
+    return _largest_request(model, max_elements, max_request_bytes, PROTO_BYTES_PER_ELEMENT)
 
 
 def request_bytes_limit(model: ModelSpec, max_elements: int, max_request_bytes: int) -> int:
     """The most bytes a request to this model can need, decoded (JSON numbers or binary tensors): a REST
     body, compressed or not, is refused past it before it is parsed (no parse or decompression
     amplification). Variable-size inputs (BYTES, -1 dims) leave only the server-wide limit."""
+    return _largest_request(model, max_elements, max_request_bytes, JSON_BYTES_PER_ELEMENT)
+
+
+def _largest_request(model: ModelSpec, max_elements: int, max_request_bytes: int, bytes_per_element: int) -> int:
+    """A full batch of every input at ``bytes_per_element``, plus the overhead; the server-wide limit where a
+    size is variable."""
     total = BODY_OVERHEAD
     for t in model.inputs:
         dims = ([model.max_batch_size] if model.max_batch_size > 0 else []) + list(t.dims)
         if t.datatype == "BYTES" or any(d < 0 for d in dims):
             return max_request_bytes
-        total += min(math.prod(dims), max_elements) * JSON_BYTES_PER_ELEMENT
+        total += min(math.prod(dims), max_elements) * bytes_per_element
     return min(total, max_request_bytes)
