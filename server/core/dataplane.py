@@ -117,10 +117,8 @@ class DataPlane:
         """The largest gRPC message (decompressed) a request to ``model`` can need: its loaded versions' largest,
         every loaded model's when the name is not known, 1 MiB for anything else (those calls are small; an
         unknown or unloaded model is refused anyway)."""
-        versions = self.registry.ready_versions()
-        if model is not None:
-            versions = [lv for lv in versions if lv.name == model]
-        return max([SMALL_MESSAGE, *(lv.grpc_message_limit for lv in versions)])
+        r = self.registry
+        return max(SMALL_MESSAGE, r.largest_message if model is None else r.message_limits.get(model, 0))
 
     def _queue_lengths(self) -> dict[tuple[str, str], int]:
         return {(lv.name, str(lv.version)): lv.scheduler.queue_length for lv in self.registry.ready_versions()}

@@ -56,6 +56,8 @@ class ModelRegistry:
         # models the server was started to serve, or loaded since, and not unloaded (a failed load of a new
         # model through the repository API does not count: it must not take a serving server out of rotation)
         self._requested: set[str] = set()
+        self.message_limits: dict[str, int] = {}      # model -> its largest gRPC message (see _refresh_limits)
+        self.largest_message = 0
 
     # --- load / unload ---------------------------------------------------------------------------
 
@@ -114,6 +116,7 @@ class ModelRegistry:
         for lv in prepared.versions.values():
             lv.scheduler.start()
         state.versions = prepared.versions  # the swap: requests from now on use the new versions
+        self._refresh_limits()
         self._requested.add(prepared.name)
         state.version_reasons = prepared.reasons
         state.state, state.reason = "READY", ""
@@ -165,6 +168,13 @@ class ModelRegistry:
                 reasons[v] = f"failed to load ({type(exc).__name__}; see the server log)"
         return versions, reasons
 
+    def _refresh_limits(self) -> None:
+        """The largest gRPC message each loaded model (and any of them) can need: read per request, so computed
+        when the loaded versions change, not on the hot path."""
+        limits = {n: max(lv.grpc_message_limit for lv in s.versions.values())
+                  for n, s in self._models.items() if s.versions}
+        self.message_limits, self.largest_message = limits, max(limits.values(), default=0)
+
     def unready_requested(self) -> list[str]:
         """Models asked for that serve no version now (a failed first load): what strict readiness waits for."""
         return sorted(n for n in self._requested if not (n in self._models and self._models[n].versions))
@@ -180,6 +190,7 @@ class ModelRegistry:
             if not old:
                 raise ModelNotFound(f"model {name!r} is not loaded")
             state.versions = {}
+            self._refresh_limits()
             state.state, state.reason = "UNAVAILABLE", "unloaded"
         await asyncio.gather(*(lv.scheduler.close(self.settings.grace_period_s) for lv in old.values()))
         logger.info("model %s unloaded", name)
