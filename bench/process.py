@@ -1,8 +1,8 @@
 """A server as a real subprocess, shared by the tests and the benchmark: started, waited for until it prints its
 ready line, and stopped (SIGTERM, then SIGKILL after a grace period) when the ``with`` block ends.
 
-``ServerProcess.foldserve(repository, *flags)`` starts ``foldserve serve`` on two free ports; the plain
-constructor starts any command (a load generator, a peer server) that prints a line containing a token.
+``FoldserveProcess(repository, *flags)`` starts ``foldserve serve`` on two free ports; ``ServerProcess`` starts
+any command (a load generator, a peer server) that prints a line containing a token.
 """
 from __future__ import annotations
 
@@ -45,17 +45,6 @@ class ServerProcess:
             self.info: dict[str, Any] = json.loads(self.line) if self.line.startswith("{") else {}
         except ValueError:
             self.info = {}
-
-    @classmethod
-    def foldserve(cls, repository: Path, *extra: str, env: dict[str, str] | None = None,
-                  preexec_fn: Callable[[], Any] | None = None, timeout: float = 90) -> ServerProcess:
-        """``foldserve serve`` on free ports (``http``/``grpc`` are their HOST:PORT)."""
-        http_port, grpc_port = free_port(), free_port()
-        cmd = [str(BIN / "foldserve"), "serve", "--repository", str(repository), "--http-port", str(http_port),
-               "--grpc-port", str(grpc_port), *extra]
-        srv = cls(cmd, '"serving"', timeout=timeout, env=env, preexec_fn=preexec_fn)
-        srv.set_ports(http_port, grpc_port)
-        return srv
 
     def set_ports(self, http_port: int, grpc_port: int) -> None:
         self.http_port, self.grpc_port = http_port, grpc_port
@@ -108,3 +97,15 @@ class ServerProcess:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+class FoldserveProcess(ServerProcess):
+    """``foldserve serve --repository REPO *extra`` on two free ports (``http``/``grpc`` are their HOST:PORT)."""
+
+    def __init__(self, repository: Path, *extra: str, env: dict[str, str] | None = None,
+                 preexec_fn: Callable[[], Any] | None = None, timeout: float = 90, log_level: str | None = None) -> None:
+        http_port, grpc_port = free_port(), free_port()
+        self.set_ports(http_port, grpc_port)
+        cmd = [str(BIN / "foldserve"), *(["--log-level", log_level] if log_level else []), "serve", "--repository",
+               str(repository), "--http-port", str(http_port), "--grpc-port", str(grpc_port), *extra]
+        super().__init__(cmd, '"serving"', timeout=timeout, env=env, preexec_fn=preexec_fn)

@@ -38,7 +38,7 @@ from bench.loadgen import (
     http_sender_factory,
     percentile,
 )
-from bench.process import ServerProcess
+from bench.process import FoldserveProcess, ServerProcess
 from foldserve.atomic import write_json, write_text
 from foldserve.entry import INPUT_NAME
 
@@ -189,11 +189,9 @@ def bench_floors(payload_bytes: int, concurrencies: list[int], n: int) -> dict[s
 
 def start_server(repo: Path, batching: bool, extra: list[str] | None = None) -> tuple[ServerProcess, int, int]:
     """Our server in its own process (the load generator runs in this one)."""
-    hport, gport = free_port(), free_port()
-    cmd = [sys.executable, "-m", "cli.main", "--log-level", "WARNING", "serve", "--repository", str(repo),
-           "--http-port", str(hport), "--grpc-port", str(gport), "--batching" if batching else "--no-batching",
-           *(extra or [])]
-    return ServerProcess(cmd, '"serving"'), hport, gport
+    srv = FoldserveProcess(repo, "--batching" if batching else "--no-batching", *(extra or []), log_level="WARNING",
+                           timeout=120)
+    return srv, srv.http_port, srv.grpc_port
 
 
 def bench_server(repo: Path, model: str, x: np.ndarray, concurrencies: list[int], n: int) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -75,6 +76,18 @@ def hserver(hardening_repo):
                         "--max-elements", str(1 << 20), "--max-queue-size", "64")
     yield srv
     srv.stop()
+
+
+def post_json(http: str, path: str, doc: dict | bytes | None = None, timeout: float = 60) -> tuple[int, str]:
+    """POST a JSON document (or these bytes; ``{}`` by default) to HOST:PORT; (status, body text)."""
+    data = doc if isinstance(doc, bytes) else json.dumps(doc if doc is not None else {}).encode()
+    req = urllib.request.Request(f"http://{http}{path}", data=data, method="POST",
+                                 headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
 
 
 def rss_mb(pid: int) -> float:

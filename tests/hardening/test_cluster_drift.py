@@ -17,6 +17,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from tests.hardening.conftest import post_json
 from tests.server.conftest import ServerProcess, digits_batch
 from tests.server.test_workers import _listeners
 
@@ -82,16 +83,6 @@ def test_a_replacement_that_cannot_load_the_pinned_bytes_does_not_join(repositor
         assert survivor in _listeners(srv.http_port) and srv.proc.poll() is None
 
 
-def _post(http: str, path: str, timeout: float = 120) -> tuple[int, str]:
-    req = urllib.request.Request(f"http://{http}{path}", data=b"{}", method="POST",
-                                 headers={"content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-
-
 def test_a_stopped_worker_fails_cluster_operations_in_seconds_and_is_replaced(repository, tmp_path):
     """SIGSTOP one of two workers: a repository load fails in seconds (it held the cluster lock for over 100 s,
     its timeout was 600 s), the supervisor's heartbeat kills and replaces the worker within 30 s, and then every
@@ -104,7 +95,7 @@ def test_a_stopped_worker_fails_cluster_operations_in_seconds_and_is_replaced(re
         try:
             t0 = time.monotonic()
             try:         # coordinated by the survivor it fails in seconds; on the stopped worker's port it ends
-                outcome = _post(srv.http, "/v2/repository/models/digits/load", timeout=60)[0]   # with that worker
+                outcome = post_json(srv.http, "/v2/repository/models/digits/load", timeout=60)[0]   # with that worker
             except OSError as exc:
                 outcome = type(exc).__name__
             assert time.monotonic() - t0 < 30, outcome         # not the 600 s load timeout
@@ -122,4 +113,4 @@ def test_a_stopped_worker_fails_cluster_operations_in_seconds_and_is_replaced(re
         assert survivor in _listeners(srv.http_port)
         answers = [_infer(srv.http)[0] for _ in range(12)]
         assert set(answers) == {200}, answers
-        assert _post(srv.http, "/v2/repository/models/digits/load")[0] == 200   # the lock was released
+        assert post_json(srv.http, "/v2/repository/models/digits/load")[0] == 200   # the lock was released

@@ -7,28 +7,16 @@ import json
 import os
 import shutil
 import threading
-import urllib.error
-import urllib.request
 
 import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
 
-from tests.hardening.conftest import FULL
+from tests.hardening.conftest import FULL, post_json
 from tests.server.conftest import ServerProcess, digits_batch
 
 pytestmark = [pytest.mark.hardening, pytest.mark.subprocess]
-
-
-def _post(http: str, path: str, doc: dict | None = None) -> tuple[int, str]:
-    req = urllib.request.Request(f"http://{http}{path}", data=json.dumps(doc or {}).encode(), method="POST",
-                                 headers={"content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
 
 
 def test_reloads_while_the_file_is_swapped_never_serve_perturbed_bytes_as_verified(repository, tmp_path):
@@ -63,9 +51,9 @@ def test_reloads_while_the_file_is_swapped_never_serve_perturbed_bytes_as_verifi
         loads = {"ok": 0, "refused": 0}
         try:
             for _ in range(60 if FULL else 30):
-                code, text = _post(srv.http, "/v2/repository/models/digits/load")
+                code, text = post_json(srv.http, "/v2/repository/models/digits/load")
                 loads["ok" if code == 200 else "refused"] += 1
-                code, text = _post(srv.http, "/v2/models/digits/infer", body)
+                code, text = post_json(srv.http, "/v2/models/digits/infer", body)
                 assert code == 200, text                       # a refused reload leaves the old version serving
                 got = np.asarray(json.loads(text)["outputs"][0]["data"], np.float32).reshape(expected.shape)
                 np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
@@ -74,4 +62,4 @@ def test_reloads_while_the_file_is_swapped_never_serve_perturbed_bytes_as_verifi
             swapper.join(10)
         model_path.write_bytes(good)
         assert loads["refused"] > 0 and loads["ok"] > 0, loads    # the swaps really raced the reloads
-        assert _post(srv.http, "/v2/repository/models/digits/load")[0] == 200
+        assert post_json(srv.http, "/v2/repository/models/digits/load")[0] == 200

@@ -15,25 +15,16 @@ from pathlib import Path
 import pytest
 
 from server.settings import Settings
+from tests.hardening.conftest import post_json
 from tests.server.conftest import ServerProcess
 
 pytestmark = [pytest.mark.hardening, pytest.mark.subprocess]
 
 
-def _post(http: str, path: str, body: bytes, timeout: float = 10) -> tuple[int, str]:
-    req = urllib.request.Request(f"http://{http}{path}", data=body, method="POST",
-                                 headers={"content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-
-
 @pytest.mark.parametrize("data", [1.0, True, "1", {"a": 1}, None], ids=["float", "bool", "string", "object", "null"])
 def test_scalar_or_object_json_data_is_a_400_naming_the_field(hserver, data):
     body = json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": data}]})
-    code, text = _post(hserver.http, "/v2/models/digits/infer", body.encode())
+    code, text = post_json(hserver.http, "/v2/models/digits/infer", body.encode())
     assert code == 400, text
     assert "'input'" in text and "data" in text and "Traceback" not in text, text
 
@@ -59,7 +50,7 @@ def test_a_labels_file_linked_out_of_the_repository_never_reaches_a_client(repos
         body = json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32",
                                        "data": [0.0] * 64}],
                            "outputs": [{"name": "output", "parameters": {"classification": 3}}]}).encode()
-        code, text = _post(srv.http, "/v2/models/digits/infer", body)
+        code, text = post_json(srv.http, "/v2/models/digits/infer", body)
         assert code != 200 and "secret-line" not in text, text
         assert "secret-line" not in srv.log()
 

@@ -2,7 +2,6 @@
 object truncated after registration, and registrations without bound. Each one froze or killed a worker before."""
 from __future__ import annotations
 
-import json
 import os
 import time
 import urllib.error
@@ -17,19 +16,10 @@ import tritonclient.utils.shared_memory as tritonshm
 from tritonclient.grpc import service_pb2 as tpb
 from tritonclient.grpc import service_pb2_grpc as tpb_grpc
 
+from tests.hardening.conftest import post_json
 from tests.server.conftest import ServerProcess, digits_batch
 
 pytestmark = [pytest.mark.hardening, pytest.mark.subprocess]
-
-
-def _post(http: str, path: str, doc: dict, timeout: float = 10) -> tuple[int, str]:
-    req = urllib.request.Request(f"http://{http}{path}", data=json.dumps(doc).encode(), method="POST",
-                                 headers={"content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
 
 
 def _get(http: str, path: str, timeout: float = 10) -> int:
@@ -48,7 +38,7 @@ def _healthy(srv) -> None:
 
 
 def _shm_infer(http: str, region: str, x: np.ndarray) -> tuple[int, str]:
-    return _post(http, "/v2/models/digits/infer", {"inputs": [{
+    return post_json(http, "/v2/models/digits/infer", {"inputs": [{
         "name": "input", "shape": list(x.shape), "datatype": "FP32",
         "parameters": {"shared_memory_region": region, "shared_memory_byte_size": x.nbytes}}]})
 
@@ -70,7 +60,7 @@ def fifo():
 def test_a_fifo_as_key_is_refused_at_once_on_both_transports(shm_server, fifo):
     """Opening a FIFO for reading blocks until a writer comes: the event loop (health included) froze."""
     t0 = time.monotonic()
-    code, body = _post(shm_server.http, "/v2/systemsharedmemory/region/f/register",
+    code, body = post_json(shm_server.http, "/v2/systemsharedmemory/region/f/register",
                        {"key": fifo.name, "offset": 0, "byte_size": 16})
     assert code == 400 and "FIFO" in body, body
     with grpc.insecure_channel(shm_server.grpc) as ch, pytest.raises(grpc.RpcError) as err:
@@ -86,7 +76,7 @@ def _truncated_region(http: str, x: np.ndarray) -> tuple[str, object]:
     name, key = f"r_{tag}", f"/foldserve_trunc_{tag}"
     handle = tritonshm.create_shared_memory_region(name, key, x.nbytes)
     tritonshm.set_shared_memory_region(handle, [x])
-    code, body = _post(http, f"/v2/systemsharedmemory/region/{name}/register",
+    code, body = post_json(http, f"/v2/systemsharedmemory/region/{name}/register",
                        {"key": key, "offset": 0, "byte_size": x.nbytes})
     assert code == 200, body
     os.truncate(f"/dev/shm{key}", 0)             # the client shrinks its object behind the server's back
@@ -132,13 +122,13 @@ def test_regions_are_bounded_and_one_object_holds_one_descriptor(shm_server):
     handle = tritonshm.create_shared_memory_region("many", key, x.nbytes)
     try:
         for i in range(8):
-            code, body = _post(shm_server.http, f"/v2/systemsharedmemory/region/n{i}/register",
+            code, body = post_json(shm_server.http, f"/v2/systemsharedmemory/region/n{i}/register",
                                {"key": key, "offset": 0, "byte_size": x.nbytes})
             assert code == 200, body
         fds = [p for p in Path(f"/proc/{shm_server.proc.pid}/fd").iterdir()
                if os.path.realpath(p) == f"/dev/shm{key}"]
         assert len(fds) == 1, fds                     # eight regions, one descriptor
-        code, body = _post(shm_server.http, "/v2/systemsharedmemory/region/n8/register",
+        code, body = post_json(shm_server.http, "/v2/systemsharedmemory/region/n8/register",
                            {"key": key, "offset": 0, "byte_size": x.nbytes})
         assert code == 429 and "--max-shm-regions" in body, body
         with grpc.insecure_channel(shm_server.grpc) as ch, pytest.raises(grpc.RpcError) as err:
@@ -146,7 +136,7 @@ def test_regions_are_bounded_and_one_object_holds_one_descriptor(shm_server):
                 tpb.SystemSharedMemoryRegisterRequest(name="n9", key=key, offset=0, byte_size=x.nbytes), timeout=10)
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         _healthy(shm_server)
-        assert _post(shm_server.http, "/v2/systemsharedmemory/unregister", {})[0] == 200
+        assert post_json(shm_server.http, "/v2/systemsharedmemory/unregister", {})[0] == 200
         assert not [p for p in Path(f"/proc/{shm_server.proc.pid}/fd").iterdir()
                     if os.path.realpath(p) == f"/dev/shm{key}"]
     finally:

@@ -6,25 +6,15 @@ The test process talks to the server with tritonclient. It never imports our gen
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from bench.loadgen import free_port
-from bench.process import ServerProcess as BenchServerProcess
-from tests.conftest import BIN
+from bench.loadgen import free_port  # noqa: F401  (tests import it from here)
+from bench.process import FoldserveProcess
 
-
-class ServerProcess(BenchServerProcess):
-    """``foldserve serve`` on free ports, as a real process (bench.process.ServerProcess); a context manager."""
-
-    def __init__(self, repository: Path, *extra: str, env: dict | None = None, preexec_fn=None) -> None:
-        http_port, grpc_port = free_port(), free_port()
-        cmd = [str(BIN / "foldserve"), "serve", "--repository", str(repository), "--http-port", str(http_port),
-               "--grpc-port", str(grpc_port), *extra]
-        self.set_ports(http_port, grpc_port)
-        super().__init__(cmd, '"serving"', timeout=90, env=env, preexec_fn=preexec_fn)
+#: ``foldserve serve`` on free ports, as a real process; a context manager (shared with the benchmark)
+ServerProcess = FoldserveProcess
 
 
 @pytest.fixture(scope="module")
