@@ -15,6 +15,6 @@ def __getattr__(name: str):
         from folding.torch_fold import fold_module
         return fold_module
     if name == "fold_onnx":
-        from folding.onnx_fold import fold_onnx
+        from folding.onnx_passes import fold_onnx
         return fold_onnx
     raise AttributeError(name)

@@ -18,8 +18,8 @@ import onnx
 from folding.calibration import calibration_samples
 from folding.install import check_compatible, check_model_name, check_version, install, model_precision, write_failure
 from folding.kinds import Prepared, SourceKind, detect_kind
-from folding.onnx_fold import fold_onnx
 from folding.onnx_io import has_external_data, save_model, save_with_external_data
+from folding.onnx_passes import fold_onnx
 from folding.precision import check_precision_options, to_precision
 from folding.programs import Options
 from folding.source import example_input

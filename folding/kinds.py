@@ -29,8 +29,8 @@ import numpy as np
 import onnx
 import torch
 
-from folding.onnx_fold import fold_onnx
 from folding.onnx_io import check_bn_kept, export_dynamo, export_torchscript
+from folding.onnx_passes import fold_onnx
 from folding.programs import EXPECTED, Options, finish_reference, load_onnx_file, resolve_shape
 from folding.source import CheckpointSource, OnnxSource, ProgramSource, SourceModel, example_input, training_samples
 from folding.torch_fold import fold_module
@@ -186,7 +186,7 @@ class UserKind(SourceKind):
         finish_reference(reference, record, opts, path.name, rename_output=self.rename_output)
         record.truth_dtype = self.truth_dtype()
         folded, onnx_report = fold_onnx(reference)
-        if onnx_report.bn_before == 0:
+        if onnx_report.bn_before == 0 and not (onnx_report.affines or onnx_report.merges):
             note = (f"{path.name} has no BatchNormalization node, so there is nothing to fold: if torch.onnx.export "
                     f"wrote it, the exporter fused BN already (torch 2.13's default dynamo exporter does, and so "
                     f"does the TorchScript one with constant folding); export with dynamo=False, "

@@ -1,4 +1,5 @@
-"""Fold BatchNormalization nodes of any ONNX graph into the producer before them.
+"""The BN pass: fold BatchNormalization nodes of any ONNX graph into the layer next to them (the whole
+pipeline, with constant folding, affine maps and branch merges, is :func:`folding.onnx_passes.fold_onnx`).
 
 Patterns (producer -> BatchNormalization): the rows of ``OnnxFoldPass.RULES`` (at the end of this module),
 one rule per producer type, each knowing where the output channel is:
@@ -17,7 +18,6 @@ The folded producer takes over the BN's output name, so graph outputs and downst
 """
 from __future__ import annotations
 
-import copy
 import logging
 from collections import Counter
 from collections.abc import Callable
@@ -28,9 +28,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from folding.fold_math import BNParams, fold_backward, fold_forward
-from folding.rules import BACKWARD, FORWARD, NONLINEARITIES, Plan, Rule, Skip, run_pass
-from foldserve.errors import FoldError
-from foldserve.records import FoldReport
+from folding.rules import BACKWARD, FORWARD, NONLINEARITIES, Plan, Rule, Skip
 
 logger = logging.getLogger(__name__)
 
@@ -74,21 +72,23 @@ class _Graph:
         self.producer = {o: n for n in self.g.node for o in n.output if o}
         self.graph_outputs = {o.name for o in self.g.output}
         self.uses = _input_uses(self.g.node)
-        self.ranks = self._infer_ranks()
+        self.dims: dict[str, list[int | None]] = self._infer_dims()
+        self.ranks = {name: len(d) for name, d in self.dims.items()}
         self.used_names = set(self.inits) | set(self.producer) | {i.name for i in self.g.input}
         self.used_names |= {n.name for n in self.g.node}
 
-    def _infer_ranks(self) -> dict[str, int]:
+    def _infer_dims(self) -> dict[str, list[int | None]]:
+        """Each tensor's inferred dimensions (None where symbolic); absent where its rank is unknown."""
         try:
             inferred = onnx.shape_inference.infer_shapes(self.model, strict_mode=False)
         except Exception:  # shape inference is a help, not a requirement
             return {}
-        ranks = {}
+        dims = {}
         for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
             t = vi.type.tensor_type
             if t.HasField("shape"):
-                ranks[vi.name] = len(t.shape.dim)
-        return ranks
+                dims[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+        return dims
 
     def array(self, name: str, depth: int = 0) -> np.ndarray | None:
         """The constant value of tensor ``name``: an initializer, a Constant, or Identity/Transpose of one."""
@@ -167,6 +167,9 @@ class OnnxFoldPass(_Graph):
     def bn_name(self, bn: onnx.NodeProto) -> str:
         return bn.name or bn.output[0]
 
+    def bn_type(self, bn: onnx.NodeProto) -> str:
+        return "BatchNormalization"
+
     def check_bn(self, bn: onnx.NodeProto) -> BNParams | Skip:
         reason = _bn_reason(self, bn, self.opset)
         if reason is not None:
@@ -210,6 +213,11 @@ class OnnxFoldPass(_Graph):
             return f"input comes from {prod.op_type} {prod.name!r}{kind}, which cannot absorb a BN"
         return f"no exact forward target: next is {node.op_type} {node.name!r}"
 
+    def pads_ok_forward(self, params: BNParams) -> bool:
+        """Whether a forward fold into a zero-padded Conv is exact (only for a map without shift; kept off for BN
+        so that both BN passes make the same choice)."""
+        return False
+
     def remove_bn(self, bn: onnx.NodeProto) -> None:
         self.removed_inputs += list(bn.input[1:5])
         self.g.node.remove(bn)
@@ -221,7 +229,7 @@ class OnnxFoldPass(_Graph):
 
 def _plan(p: OnnxFoldPass, bn, node, direction: str, w2, b2, writes: list, attrs: list = (), **site) -> Plan:
     name = node.name or node.output[0]
-    return Plan(p.bn_name(bn), name, direction, node.op_type, "BatchNormalization", w2, b2,
+    return Plan(p.bn_name(bn), name, direction, node.op_type, p.bn_type(bn), w2, b2,
                 site={"bn": bn, "node": node, "writes": writes, "attrs": list(attrs), **site},
                 tensor=bn.output[0] if direction == BACKWARD else node.output[0])
 
@@ -316,7 +324,7 @@ def _match_forward_conv(p: OnnxFoldPass, bn, c, params: BNParams) -> Plan | Skip
     pads = _attr(c, "pads", None) or []
     auto = _attr(c, "auto_pad", b"NOTSET")
     auto = auto.decode() if isinstance(auto, bytes) else auto
-    if any(pads) or auto in ("SAME_UPPER", "SAME_LOWER"):
+    if (any(pads) or auto in ("SAME_UPPER", "SAME_LOWER")) and not p.pads_ok_forward(params):
         return Skip(f"no exact forward target: Conv {c.name!r} zero-pads its input (pads={list(pads)}, "
                     f"auto_pad={auto}), so a forward fold is not exact at the borders")
     found = _conv_constants(p, c, "no exact forward target: ")
@@ -411,28 +419,6 @@ def _bn_reason(gr: _Graph, bn: onnx.NodeProto, opset: int) -> str | None:
     if any(gr.uses[o] or o in gr.graph_outputs for o in bn.output[1:] if o):
         return "BN's training outputs (running mean/var) are used"
     return None
-
-
-def fold_onnx(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FoldReport]:
-    """Return ``(folded, report)``: a new ModelProto with every foldable BatchNormalization folded.
-
-    Backward folds (into the producer) come first; a BN that cannot fold backwards is folded forwards
-    into a following Conv without padding, Gemm or MatMul when that is exact.
-    """
-    if not isinstance(model, onnx.ModelProto):
-        raise FoldError(f"fold_onnx takes an onnx.ModelProto, got {type(model).__name__}")
-    out = copy.deepcopy(model)
-    p = OnnxFoldPass(out)
-    report = FoldReport(bn_before=len(p.batchnorms()), nodes_before=len(out.graph.node),
-                        params_before=sum(int(np.prod(t.dims)) for t in out.graph.initializer))
-    run_pass(p, report)
-    _remove_dead_constants(out)
-    _drop_unused_initializers(out, p.removed_inputs)
-    report.bn_after = sum(n.op_type == "BatchNormalization" for n in out.graph.node)
-    report.nodes_after = len(out.graph.node)
-    report.params_after = sum(int(np.prod(t.dims)) for t in out.graph.initializer)
-    logger.info("fold_onnx: %s", report.summary())
-    return out, report
 
 
 def _take_over_output(out: onnx.ModelProto, gr: _Graph, bn: onnx.NodeProto, prod: onnx.NodeProto,

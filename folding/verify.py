@@ -142,7 +142,8 @@ def localize(reference: onnx.ModelProto, served: onnx.ModelProto, folded: list[F
              tol: Tolerance) -> list[dict[str, Any]]:
     """Compare each fold site's tensor (same name in both graphs) in the reference's topological order."""
     order = {o: i for i, n in enumerate(reference.graph.node) for o in n.output}
-    sites = sorted((s for s in folded if s.tensor in order), key=lambda s: order[s.tensor])
+    computed = {o for n in served.graph.node for o in n.output}   # a fold site a later merge absorbed is gone
+    sites = sorted((s for s in folded if s.tensor in order and s.tensor in computed), key=lambda s: order[s.tensor])
     if not sites:
         return []
     elem = served.graph.input[0].type.tensor_type.elem_type
@@ -324,7 +325,7 @@ def verify_entry(version_dir: str | Path, opts: VerifyOptions | None = None) -> 
     x_loc = bx[:source.record.batch or len(bx)]
     if opts.localize and not results["served_onnx"].passed:
         sites = (localize_layers(reference, served, x_loc, PRECISION_GATES[precision.precision].layer_jump)
-                 if precision.reduced else localize(reference, served, fold_report.folded, x_loc, tol))
+                 if precision.reduced else localize(reference, served, fold_report.sites(), x_loc, tol))
     first_bad = next((s for s in sites if not s["passed"]), None)
     failure = _failure(results, invariance, first_bad, gate_failure)
     report = VerificationReport(

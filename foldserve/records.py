@@ -233,8 +233,26 @@ class SkippedBN(Record):
 
 
 @dataclass
+class MergedBranches(Record):
+    """Parallel branches over one tensor, summed by Add, merged into one Conv (structural re-parameterisation)."""
+
+    into: str              # the Conv that now computes the sum
+    sum: str               # the Add at the top of the sum, whose output tensor the Conv takes over
+    branches: list[str]    # each branch, e.g. "Conv 'b1' 3x3", "BatchNormalization 'bn' (identity)", "identity"
+    tensor: str = ""       # the sum's tensor, same name in the unfolded and folded graph
+
+
+@dataclass
+class SkippedMerge(Record):
+    sum: str
+    reason: str
+
+
+@dataclass
 class FoldReport(Record):
-    """What one folding pass did: folded pairs, BNs left in place with the reason, warnings, counts."""
+    """What one folding pass did: folded pairs, BNs left in place with the reason, warnings, counts; for ONNX
+    also constant subgraphs evaluated, per-channel affine maps (constant Mul/Add/Sub/Div next to a layer)
+    folded and left, and branches merged and left."""
 
     folded: list[FoldedPair] = field(default_factory=list)
     skipped: list[SkippedBN] = field(default_factory=list)
@@ -245,11 +263,35 @@ class FoldReport(Record):
     params_after: int = 0
     nodes_before: int = 0
     nodes_after: int = 0
+    constants_folded: int = 0
+    affines: list[FoldedPair] = field(default_factory=list)
+    affines_skipped: list[SkippedBN] = field(default_factory=list)
+    affine_before: int = 0     # affine nodes next to a layer before folding, and left after
+    affine_after: int = 0
+    merges: list[MergedBranches] = field(default_factory=list)
+    merges_skipped: list[SkippedMerge] = field(default_factory=list)
+    conv_before: int = 0
+    conv_after: int = 0
 
     def summary(self) -> str:
-        return (f"folded {len(self.folded)} BN ({self.bn_before} -> {self.bn_after} left), "
+        text = (f"folded {len(self.folded)} BN ({self.bn_before} -> {self.bn_after} left), "
                 f"skipped {len(self.skipped)}, {len(self.warnings)} warning(s); "
                 f"parameters {self.params_before} -> {self.params_after}")
+        if self.affine_before:
+            text += (f"; affine Mul/Add/Sub/Div next to a layer: {self.affine_before} -> {self.affine_after} "
+                     f"({len(self.affines)} folded, {len(self.affines_skipped)} left)")
+        if self.merges or self.merges_skipped:
+            text += (f"; branches merged: {len(self.merges)} sums ({len(self.merges_skipped)} left), Conv "
+                     f"{self.conv_before} -> {self.conv_after}")
+        if self.constants_folded:
+            text += f"; {self.constants_folded} constant node(s) evaluated"
+        return text
+
+    def sites(self) -> list[FoldedPair]:
+        """Every place the pass changed (BN folds, affine folds, merges as direction "merge"), each with the
+        tensor both graphs compute there: what localisation compares."""
+        merges = [FoldedPair(m.sum, m.into, "merge", "Conv", "Add", m.tensor) for m in self.merges]
+        return [*self.folded, *self.affines, *merges]
 
 
 @dataclass
@@ -257,6 +299,7 @@ class EntryFoldReport(Record):
     """A version's fold_report.json: the ONNX pass (what is served) and the torch.fx pass (checkpoints)."""
 
     VERSION_FIELD: ClassVar[str | None] = "format_version"
+    VERSION: ClassVar[int] = 2    # 2: affine folds, branch merges, constants evaluated (1 reads as none of them)
 
     onnx: FoldReport
     torch: FoldReport | None = None

@@ -176,3 +176,124 @@ class ResidualNet(nn.Module):
 def residual_net(seed: int = 0) -> ResidualNet:
     torch.manual_seed(seed)
     return randomize_bn(ResidualNet(), seed)
+
+
+# --- frozen BN and re-parameterisable branches (issue 22) ----------------------------------------------
+
+class FrozenBatchNorm2d(nn.Module):
+    """torchvision.ops.FrozenBatchNorm2d: fixed statistics as buffers, computed as ``x * scale + bias``."""
+
+    def __init__(self, n: int, eps: float = 1e-5, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed + n)
+        self.register_buffer("weight", torch.rand(n, generator=g) + 0.5)
+        self.register_buffer("bias", torch.randn(n, generator=g) * 0.2)
+        self.register_buffer("running_mean", torch.randn(n, generator=g) * 0.5)
+        self.register_buffer("running_var", torch.rand(n, generator=g) * 1.5 + 0.25)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.weight.reshape(1, -1, 1, 1), self.bias.reshape(1, -1, 1, 1)
+        rv, rm = self.running_var.reshape(1, -1, 1, 1), self.running_mean.reshape(1, -1, 1, 1)
+        scale = w * (rv + self.eps).rsqrt()
+        return x * scale + (b - rm * scale)
+
+
+class FrozenNet(nn.Module):
+    """A detection-style backbone with frozen BN: Conv -> FrozenBN, grouped, a grouped ConvTranspose, a head."""
+
+    frozen = 4
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.f1 = nn.Conv2d(3, 8, 3, 2, 1, bias=False), FrozenBatchNorm2d(8, seed=1)
+        self.c2, self.f2 = nn.Conv2d(8, 8, 3, 1, 1, groups=4, bias=False), FrozenBatchNorm2d(8, seed=2)
+        self.c3, self.f3 = nn.Conv2d(8, 16, 1, bias=False), FrozenBatchNorm2d(16, seed=3)
+        self.up, self.f4 = nn.ConvTranspose2d(16, 8, 2, 2, groups=2), FrozenBatchNorm2d(8, seed=4)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.f1(self.c1(x)))
+        x = torch.relu(self.f2(self.c2(x)) + x)
+        x = torch.relu(self.f3(self.c3(x)))
+        x = self.f4(self.up(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def _conv_bn(cin: int, cout: int, k: int | tuple[int, int], stride: int, pad: int | tuple[int, int],
+             groups: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, pad, groups=groups, bias=False), nn.BatchNorm2d(cout))
+
+
+class RepVGGBlock(nn.Module):
+    """RepVGG's training-time block: 3x3 conv+BN + 1x1 conv+BN (+ identity BN when shapes allow)."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.rbr_dense, self.rbr_1x1 = _conv_bn(cin, cout, 3, stride, 1), _conv_bn(cin, cout, 1, stride, 0)
+        self.rbr_identity = nn.BatchNorm2d(cin) if cin == cout and stride == 1 else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.rbr_dense(x) + self.rbr_1x1(x)
+        return torch.relu(y if self.rbr_identity is None else y + self.rbr_identity(x))
+
+
+class MobileOneBlock(nn.Module):
+    """MobileOne's training-time block: k over-parameterised kxk conv+BN branches, a 1x1 "scale" conv+BN
+    (for k > 1), an identity BN when shapes allow; depthwise (groups = channels) or pointwise."""
+
+    def __init__(self, cin: int, cout: int, k: int, stride: int, groups: int, branches: int = 3) -> None:
+        super().__init__()
+        self.rbr_conv = nn.ModuleList(_conv_bn(cin, cout, k, stride, k // 2, groups) for _ in range(branches))
+        self.rbr_scale = _conv_bn(cin, cout, 1, stride, 0, groups) if k > 1 else None
+        self.rbr_skip = nn.BatchNorm2d(cout) if cin == cout and stride == 1 else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.rbr_conv[0](x)
+        for conv in self.rbr_conv[1:]:
+            y = y + conv(x)
+        if self.rbr_scale is not None:
+            y = y + self.rbr_scale(x)
+        if self.rbr_skip is not None:
+            y = y + self.rbr_skip(x)
+        return torch.relu(y)
+
+
+class ACBlock(nn.Module):
+    """ACNet's asymmetric convolution block: 3x3 + 1x3 + 3x1, each with BN."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.square = _conv_bn(c, c, 3, 1, 1)
+        self.hor, self.ver = _conv_bn(c, c, (1, 3), 1, (0, 1)), _conv_bn(c, c, (3, 1), 1, (1, 0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.square(x) + self.hor(x) + self.ver(x))
+
+
+class RepNet(nn.Module):
+    """Training-time branches: RepVGG (stride 2 and 1), MobileOne (depthwise + pointwise, stride 1 and 2) and
+    ACNet blocks; ``deploy_convs`` is the Conv count of its deploy form (one per block)."""
+
+    deploy_convs = 7
+
+    def __init__(self, width: int = 8, classes: int = 10) -> None:
+        super().__init__()
+        w = width
+        self.stages = nn.Sequential(
+            RepVGGBlock(3, w, 2), RepVGGBlock(w, w),
+            MobileOneBlock(w, w, 3, 1, w), MobileOneBlock(w, 2 * w, 1, 1, 1),
+            MobileOneBlock(2 * w, 2 * w, 3, 2, 2 * w), MobileOneBlock(2 * w, 2 * w, 1, 1, 1),
+            ACBlock(2 * w))
+        self.head = nn.Linear(2 * w, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stages(x).mean((2, 3)))
+
+
+def frozen_net() -> FrozenNet:
+    return FrozenNet().eval()
+
+
+def rep_net(width: int = 8) -> RepNet:
+    return randomize_bn(RepNet(width))

@@ -1,0 +1,207 @@
+"""Fold per-channel affine maps (constant Mul / Add / Sub / Div) into the layer next to them.
+
+A frozen BatchNorm (torchvision's ``FrozenBatchNorm2d``, DETR, every torchvision detection backbone) computes
+``x * scale + bias`` and is exported as ``Conv -> Mul -> Add`` with per-channel constants; a layer scale, a
+fixed normalisation or a ``x / 2`` is the same map. A maximal chain of such nodes is one *affine site*
+``y = s * x + t`` (s, t per channel, composed in float64) and folds exactly like a BN with mean 0, var 1,
+eps 0 (``s / sqrt(1) = s`` exactly), through the same rules as BatchNormalization: backward into the
+producer (Conv, ConvTranspose group-aware, Gemm, MatMul + bias), forward into the consumer.
+
+The check that makes this exact, and that onnxslim and onnxruntime's ConvAddFusion got wrong: every
+constant must broadcast on the channel axis (axis 1 of the data, the output channel of every rule's
+layer) and nowhere else. A ``(C,)`` constant next to an NCHW Conv broadcasts on the *width* axis, so it is
+reported as left with that reason. A site that only scales (t = 0) may fold forward into a zero-padded
+Conv, since a scaled zero is still zero.
+
+Sites are the chains next to a layer with a constant weight; other Mul / Add nodes are not this pass's
+business and are not reported.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from folding.fold_math import BNParams
+from folding.onnx_fold import OnnxFoldPass
+from folding.rules import Skip
+
+STEP_OPS = ("Mul", "Add", "Sub", "Div")
+LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+CHANNEL_AXIS = 1
+
+
+@dataclass
+class Step:
+    """One node of a chain: ``op`` with constant ``const`` (float64); ``reverse`` for ``c - x``."""
+
+    node: onnx.NodeProto
+    op: str
+    const: np.ndarray
+    const_name: str
+    reverse: bool = False
+
+
+@dataclass
+class AffineSite:
+    """A chain of steps read as one node by the BN rules (``input[0]`` in, ``output[0]`` out)."""
+
+    steps: list[Step]
+    input: list[str] = field(default_factory=list)
+    output: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.input = [self.data_input(self.steps[0].node), *(s.const_name for s in self.steps)]
+        self.output = [self.steps[-1].node.output[0]]
+
+    @staticmethod
+    def data_input(node: onnx.NodeProto) -> str:
+        return next(i for i in node.input if i)
+
+    @property
+    def name(self) -> str:
+        return self.steps[0].node.name or self.steps[0].node.output[0]
+
+    @property
+    def op_type(self) -> str:
+        return "+".join(s.op for s in self.steps)
+
+
+class OnnxAffinePass(OnnxFoldPass):
+    """The BN rules over affine sites instead of BatchNormalization nodes."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        super().__init__(model)
+        self.sites = self._find_sites()
+
+    # --- discovery ----------------------------------------------------------------------------------------
+
+    def _step(self, node: onnx.NodeProto, data: str | None = None) -> Step | None:
+        """``node`` as a step over a non-constant tensor (``data`` when given), or None."""
+        if node.op_type not in STEP_OPS or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+            return None
+        consts = [self.array(i) for i in node.input]
+        for k in (0, 1):
+            other = node.input[1 - k]
+            c = consts[k]
+            if c is None or consts[1 - k] is not None or (data is not None and other != data):
+                continue
+            if c.dtype.kind != "f":
+                return None
+            if k == 0 and node.op_type == "Div":       # c / x is not affine
+                return None
+            reverse = k == 0 and node.op_type == "Sub"
+            return Step(node, node.op_type, c.astype(np.float64), node.input[k], reverse=reverse)
+        return None
+
+    def _single_consumer(self, tensor: str) -> onnx.NodeProto | None:
+        if tensor in self.graph_outputs or self.uses[tensor] != 1:
+            return None
+        return next((n for n in self.g.node if tensor in n.input), None)
+
+    def _is_layer(self, node: onnx.NodeProto | None) -> bool:
+        if node is None or node.op_type not in LAYERS:
+            return False
+        return len(node.input) > 1 and self.array(node.input[1]) is not None
+
+    def _find_sites(self) -> list[AffineSite]:
+        taken: set[int] = set()
+        sites = []
+        for node in self.g.node:
+            if id(node) in taken:
+                continue
+            first = self._step(node)
+            if first is None:
+                continue
+            data = AffineSite.data_input(first.node)
+            producer = self.producer.get(data)
+            if node.op_type == "Add" and producer is not None and producer.op_type == "MatMul":
+                continue                              # MatMul + bias is the layer itself
+            steps = [first]
+            while True:
+                nxt = self._single_consumer(steps[-1].node.output[0])
+                step = None if nxt is None else self._step(nxt, steps[-1].node.output[0])
+                if step is None:
+                    break
+                steps.append(step)
+            taken.update(id(s.node) for s in steps)
+            consumer = self._single_consumer(steps[-1].node.output[0])
+            if self._is_layer(producer) or self._is_layer(consumer):
+                sites.append(AffineSite(steps))
+        return sites
+
+    # --- the FoldPass interface -----------------------------------------------------------------------------
+
+    def batchnorms(self) -> list[AffineSite]:  # type: ignore[override]
+        return list(self.sites)
+
+    def bn_name(self, bn: AffineSite) -> str:  # type: ignore[override]
+        return bn.name
+
+    def bn_type(self, bn: AffineSite) -> str:  # type: ignore[override]
+        return bn.op_type
+
+    def step_count(self) -> int:
+        return sum(len(s.steps) for s in self.sites)
+
+    def check_bn(self, bn: AffineSite) -> BNParams | Skip:  # type: ignore[override]
+        data = bn.input[0]
+        dims = self.dims.get(data)
+        if dims is None:
+            if any(s.const.size > 1 for s in bn.steps):
+                return Skip(f"the rank of {data!r} is unknown, so it cannot be checked that the constants "
+                            f"broadcast on the channel axis")
+        channels = dims[CHANNEL_AXIS] if dims is not None and len(dims) > CHANNEL_AXIS else None
+        for s in bn.steps:
+            reason = _broadcast_reason(s, dims)
+            if reason:
+                return Skip(reason)
+            size = s.const.size
+            if size > 1:
+                if channels is not None and size != channels:
+                    return Skip(f"{s.op} {s.node.name!r}: constant has {size} values, the data has {channels} channels")
+                channels = size
+        if channels is None:
+            return Skip(f"the channel count of {data!r} is unknown")
+        scale, shift = np.ones(channels), np.zeros(channels)
+        for s in bn.steps:
+            c = np.broadcast_to(s.const.reshape(-1), (channels,))
+            if s.op == "Mul":
+                scale, shift = scale * c, shift * c
+            elif s.op == "Div":
+                scale, shift = scale / c, shift / c
+            elif s.op == "Add":
+                shift = shift + c
+            elif s.reverse:                            # c - y
+                scale, shift = -scale, c - shift
+            else:
+                shift = shift - c
+        return BNParams.create(np.zeros(channels), np.ones(channels), scale, shift, 0.0)
+
+    def pads_ok_forward(self, params: BNParams) -> bool:
+        return not np.any(params.shift)
+
+    def remove_bn(self, bn: AffineSite) -> None:  # type: ignore[override]
+        self.removed_inputs += [s.const_name for s in bn.steps]
+        for s in bn.steps:
+            self.g.node.remove(s.node)
+            for i in s.node.input:
+                self.uses[i] -= 1
+
+
+def _broadcast_reason(step: Step, dims: list[int | None] | None) -> str | None:
+    """Why ``step``'s constant does not broadcast on the channel axis only (None when it does)."""
+    shape = list(step.const.shape)
+    if step.const.size == 1:
+        return None if dims is None or len(shape) <= len(dims) else (
+            f"{step.op} {step.node.name!r}: constant of shape {shape} has a higher rank than the data")
+    assert dims is not None
+    if len(shape) > len(dims):
+        return f"{step.op} {step.node.name!r}: constant of shape {shape} has a higher rank than the data ({len(dims)})"
+    aligned = [1] * (len(dims) - len(shape)) + shape
+    axes = [a for a, d in enumerate(aligned) if d != 1]
+    if axes != [CHANNEL_AXIS]:
+        return (f"{step.op} {step.node.name!r}: constant of shape {shape} broadcasts on axis {axes} of a rank-"
+                f"{len(dims)} tensor, not on the channel axis {CHANNEL_AXIS} alone")
+    return None

@@ -1,0 +1,189 @@
+"""Constant folding, a pass of its own that runs before the BN / affine / branch passes.
+
+A frozen BatchNorm exported without the exporter's constant folding computes its per-channel scale at run
+time from initializers (``Reshape`` the weight, ``Add`` eps to the variance, ``Sqrt``, ``Reciprocal`` or
+``Pow(-0.5)``, ``Mul``, ``Sub``); the affine pass can only fold a scale that is a constant. This pass
+evaluates every node whose inputs are all constants and whose operator is in :data:`EVALUATORS`, in float64
+for floating tensors, and writes each value that a remaining node (or a graph output) reads as one new
+initializer, cast once to the tensor's declared type. Nodes it does not know are left alone; so is anything
+whose value would exceed :data:`MAX_ELEMENTS` (an ``Expand`` to a huge zero tensor is cheaper computed).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+MAX_ELEMENTS = 1 << 22
+
+
+@dataclass
+class Value:
+    """A constant: its value (float64 for floating tensors, until written) and its declared numpy dtype."""
+
+    array: np.ndarray
+    dtype: np.dtype
+
+    @classmethod
+    def of(cls, a: np.ndarray) -> Value:
+        a = np.asarray(a)
+        return cls(a.astype(np.float64) if a.dtype.kind == "f" else a, a.dtype)
+
+    def final(self) -> np.ndarray:
+        return np.asarray(self.array).astype(self.dtype)
+
+
+def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _axes(node: onnx.NodeProto, args: list[Value]) -> list[int] | None:
+    """Squeeze / Unsqueeze axes: an attribute before opset 13, the second input after."""
+    if len(args) > 1:
+        return [int(v) for v in args[1].array.reshape(-1)]
+    axes = _attr(node, "axes", None)
+    return None if axes is None else [int(v) for v in axes]
+
+
+def _binary(fn: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Callable:
+    def run(node: onnx.NodeProto, args: list[Value]) -> Value | None:
+        a, b = args
+        if a.dtype != b.dtype:
+            return None
+        if a.dtype.kind in "iu" and fn is np.divide:
+            return Value(np.trunc(a.array / b.array).astype(a.dtype), a.dtype)
+        return Value(fn(a.array, b.array), a.dtype)
+    return run
+
+
+def _unary(fn: Callable[[np.ndarray], np.ndarray]) -> Callable:
+    def run(node: onnx.NodeProto, args: list[Value]) -> Value | None:
+        (a,) = args
+        if a.dtype.kind != "f":
+            return None
+        return Value(fn(a.array), a.dtype)
+    return run
+
+
+def _reshape(node: onnx.NodeProto, args: list[Value]) -> Value | None:
+    a, shape = args
+    dims = [int(d) for d in shape.array.reshape(-1)]
+    if not int(_attr(node, "allowzero", 0)):
+        dims = [a.array.shape[i] if d == 0 else d for i, d in enumerate(dims)]
+    return Value(a.array.reshape(dims), a.dtype)
+
+
+def _unsqueeze(node: onnx.NodeProto, args: list[Value]) -> Value | None:
+    axes = _axes(node, args)
+    if axes is None:
+        return None
+    rank = args[0].array.ndim + len(axes)
+    return Value(np.expand_dims(args[0].array, tuple(a % rank for a in axes)), args[0].dtype)
+
+
+def _squeeze(node: onnx.NodeProto, args: list[Value]) -> Value | None:
+    axes = _axes(node, args)
+    a = args[0].array
+    return Value(np.squeeze(a) if axes is None else np.squeeze(a, tuple(x % a.ndim for x in axes)), args[0].dtype)
+
+
+def _cast(node: onnx.NodeProto, args: list[Value]) -> Value | None:
+    to = helper.tensor_dtype_to_np_dtype(int(_attr(node, "to", 0)))
+    (a,) = args
+    if to.kind == "f":
+        return Value(a.array.astype(np.float64), np.dtype(to))
+    if to.kind in "iub":
+        return Value(a.array.astype(to), np.dtype(to))
+    return None
+
+
+def _transpose(node: onnx.NodeProto, args: list[Value]) -> Value | None:
+    perm = _attr(node, "perm", None)
+    return Value(np.transpose(args[0].array, perm), args[0].dtype)
+
+
+def _concat(node: onnx.NodeProto, args: list[Value]) -> Value | None:
+    if len({a.dtype for a in args}) != 1:
+        return None
+    return Value(np.concatenate([a.array for a in args], axis=int(_attr(node, "axis", 0))), args[0].dtype)
+
+
+def _expand(node: onnx.NodeProto, args: list[Value]) -> Value | None:
+    a, shape = args
+    target = np.broadcast_shapes(a.array.shape, tuple(int(d) for d in shape.array.reshape(-1)))
+    return Value(np.broadcast_to(a.array, target).copy(), a.dtype)
+
+
+def _pow(node: onnx.NodeProto, args: list[Value]) -> Value | None:
+    a, b = args
+    if a.dtype.kind != "f":
+        return None
+    return Value(np.power(a.array, b.array.astype(np.float64)), a.dtype)
+
+
+#: operator -> evaluator(node, constant inputs) -> Value, or None to leave the node alone
+EVALUATORS: dict[str, Callable[[onnx.NodeProto, list[Value]], Value | None]] = {
+    "Add": _binary(np.add), "Sub": _binary(np.subtract), "Mul": _binary(np.multiply), "Div": _binary(np.divide),
+    "Pow": _pow, "Sqrt": _unary(np.sqrt), "Reciprocal": _unary(np.reciprocal), "Neg": _unary(np.negative),
+    "Reshape": _reshape, "Unsqueeze": _unsqueeze, "Squeeze": _squeeze, "Cast": _cast, "Transpose": _transpose,
+    "Concat": _concat, "Expand": _expand, "Identity": lambda node, args: args[0],
+}
+
+
+def _constant_node(node: onnx.NodeProto) -> np.ndarray | None:
+    value = _attr(node, "value", None)
+    return None if value is None else numpy_helper.to_array(value)
+
+
+def fold_constants(model: onnx.ModelProto) -> int:
+    """Evaluate constant subgraphs of ``model`` in place; returns how many nodes were folded away."""
+    g = model.graph
+    overridable = {i.name for i in g.input}      # an initializer that is also a graph input can be fed
+    known: dict[str, Value] = {t.name: Value.of(numpy_helper.to_array(t)) for t in g.initializer
+                               if t.name not in overridable}
+    outputs = {o.name for o in g.output}         # a graph output stays computed by a node
+    folded: list[onnx.NodeProto] = []
+    for node in g.node:
+        if node.op_type == "Constant" and not node.domain:
+            value = _constant_node(node)
+            if value is not None:
+                known[node.output[0]] = Value.of(value)
+            continue
+        evaluate = EVALUATORS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        if evaluate is None or len(node.output) != 1 or not node.input:
+            continue
+        if "" in node.input or not all(i in known for i in node.input) or node.output[0] in outputs:
+            continue
+        try:
+            with np.errstate(all="ignore"):       # inf / nan are what onnxruntime would compute too
+                result = evaluate(node, [known[i] for i in node.input])
+        except (ValueError, TypeError, IndexError):   # an ill-formed constant subgraph: onnxruntime reports it
+            result = None
+        if result is None or result.array.size > MAX_ELEMENTS:
+            continue
+        known[node.output[0]] = result
+        folded.append(node)
+    if not folded:
+        return 0
+    gone = {id(n) for n in folded}
+    remaining = [n for n in g.node if id(n) not in gone]
+    read: set[str] = set()
+    for n in remaining:
+        read.update(n.input)
+        for a in n.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                read.update(i for sn in sub.node for i in sn.input)
+    for n in folded:
+        out = n.output[0]
+        if out in read:
+            g.initializer.append(numpy_helper.from_array(known[out].final(), out))
+    del g.node[:]
+    g.node.extend(remaining)
+    return len(folded)

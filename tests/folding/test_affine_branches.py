@@ -1,0 +1,257 @@
+"""Per-channel affine folding (frozen BN as Mul/Add), constant folding, and re-parameterised branches merged
+into one Conv (RepVGG / MobileOne / ACNet): exact, reported, verified, localised, served."""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from folding.onnx_passes import fold_onnx
+from folding.source import ort_session
+from tests.conftest import run_cli
+from tests.zoo import FrozenNet, RepNet, frozen_net, rep_net
+
+HW = 32
+
+
+def _export(model: torch.nn.Module, *, constant_folding: bool = False) -> onnx.ModelProto:
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(2, 3, HW, HW),), buf, dynamo=False, opset_version=17,
+                          do_constant_folding=constant_folding, input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "b"}, "y": {0: "b"}})
+    return onnx.load_from_string(buf.getvalue())
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    sess = ort_session(model.SerializeToString(), "disable", "cpu")
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+def _torch64(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+    import copy
+
+    with torch.no_grad():
+        return copy.deepcopy(model).double()(torch.from_numpy(x).double()).numpy()
+
+
+def _assert_close_to_scale(served: np.ndarray, truth: np.ndarray, rel: float = 1e-5) -> None:
+    scale = float(np.abs(truth).max())
+    err = float(np.abs(served - truth).max())
+    assert err <= rel * scale, f"differs from torch's unfolded output by {err:.3g} (scale {scale:.3g})"
+
+
+def _ops(model: onnx.ModelProto) -> Counter:
+    return Counter(n.op_type for n in model.graph.node)
+
+
+X = np.random.default_rng(0).normal(size=(3, 3, HW, HW)).astype(np.float32)
+
+
+@pytest.mark.parametrize("constant_folding", [False, True])
+def test_frozen_bn_mul_add_folds_into_every_layer(constant_folding):
+    """Conv, grouped Conv and grouped ConvTranspose followed by FrozenBatchNorm2d: no per-channel Mul/Add left,
+    the output equals torch's; without the exporter's constant folding the scale is a constant subgraph first."""
+    model = frozen_net()
+    folded, report = fold_onnx(_export(model, constant_folding=constant_folding))
+    ops = _ops(folded)
+    assert ops["Mul"] == ops["Add"] == ops["Sub"] == 0, ops
+    assert len(report.affines) == FrozenNet.frozen and not report.affines_skipped
+    assert report.affine_before == 2 * FrozenNet.frozen and report.affine_after == 0
+    assert {a.producer_type for a in report.affines} == {"Conv", "ConvTranspose"}
+    assert all(a.bn_type == "Mul+Add" and a.direction == "backward" for a in report.affines)
+    assert (report.constants_folded > 0) == (not constant_folding)
+    _assert_close_to_scale(_run(folded, X), _torch64(model, X))
+
+
+def _conv_then_const(op: str, const: np.ndarray, *, pads: int = 1, before: bool = False, group: int = 1
+                     ) -> onnx.ModelProto:
+    """x -> Conv(8 -> 8, 3x3) -> op(const), or x -> op(const) -> Conv with ``before``."""
+    rng = np.random.default_rng(1)
+    w = numpy_helper.from_array(rng.normal(size=(8, 8 // group, 3, 3)).astype(np.float32), "W")
+    b = numpy_helper.from_array(rng.normal(size=8).astype(np.float32), "B")
+    c = numpy_helper.from_array(const.astype(np.float32), "C")
+    conv_in, op_in = ("t", "x") if before else ("x", "t")
+    nodes = [helper.make_node("Conv", [conv_in, "W", "B"], ["t" if not before else "y"], name="conv",
+                              pads=[pads] * 4, group=group),
+             helper.make_node(op, [op_in, "C"], ["y" if not before else "t"], name="affine")]
+    if before:
+        nodes.reverse()
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w, b, c])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+XS = np.random.default_rng(2).normal(size=(2, 8, 8, 8)).astype(np.float32)
+
+
+def test_a_constant_that_broadcasts_on_another_axis_is_left_with_the_reason():
+    """A (C,) constant after an NCHW Conv multiplies along the width, not the channels: folding it into the
+    conv's output channels would be wrong (what onnxslim does); it is left, named, and the output is kept."""
+    model = _conv_then_const("Mul", np.linspace(0.5, 2.0, 8))
+    folded, report = fold_onnx(model)
+    assert not report.affines and len(report.affines_skipped) == 1
+    assert "broadcasts on axis [3]" in report.affines_skipped[0].reason
+    assert report.affine_before == report.affine_after == 1
+    np.testing.assert_array_equal(_run(folded, XS), _run(model, XS))
+
+
+@pytest.mark.parametrize("op,const,group", [
+    ("Mul", np.linspace(0.5, 2.0, 8).reshape(8, 1, 1), 1),
+    ("Div", np.linspace(0.5, 2.0, 8).reshape(1, 8, 1, 1), 1),
+    ("Add", np.linspace(-1, 1, 8).reshape(8, 1, 1), 4),        # ORT#12498: ConvAddFusion was wrong with groups
+    ("Sub", np.linspace(-1, 1, 8).reshape(8, 1, 1), 2),
+    ("Mul", np.array(0.25), 1),                                  # a scalar is per channel too
+])
+def test_per_channel_mul_add_sub_div_fold_backward_group_aware(op, const, group):
+    model = _conv_then_const(op, const, group=group)
+    folded, report = fold_onnx(model)
+    assert [n.op_type for n in folded.graph.node] == ["Conv"], report.affines_skipped
+    assert report.affines[0].into == "conv" and report.affines[0].bn_type == op
+    _assert_close_to_scale(_run(folded, XS), _run(model, XS).astype(np.float64))
+
+
+def test_forward_fold_is_exact_or_left_at_padded_borders():
+    """Before a Conv: a pure scale folds forward even into a padded Conv (a scaled zero is zero); a shift does
+    not (the padded border would see 0 instead of the shift) and is left with that reason; without padding
+    it folds."""
+    scale = _conv_then_const("Mul", np.linspace(0.5, 2, 8).reshape(8, 1, 1), before=True)
+    folded, report = fold_onnx(scale)
+    assert [n.op_type for n in folded.graph.node] == ["Conv"] and report.affines[0].direction == "forward"
+    _assert_close_to_scale(_run(folded, XS), _run(scale, XS).astype(np.float64))
+
+    shift = _conv_then_const("Sub", np.linspace(-1, 1, 8).reshape(8, 1, 1), before=True)
+    folded, report = fold_onnx(shift)
+    assert not report.affines and "zero-pads its input" in report.affines_skipped[0].reason
+    unpadded = _conv_then_const("Sub", np.linspace(-1, 1, 8).reshape(8, 1, 1), before=True, pads=0)
+    folded, report = fold_onnx(unpadded)
+    assert [n.op_type for n in folded.graph.node] == ["Conv"]
+    _assert_close_to_scale(_run(folded, XS), _run(unpadded, XS).astype(np.float64))
+
+
+def test_repvgg_mobileone_acnet_branches_merge_into_the_deploy_form():
+    model = rep_net()
+    reference = _export(model)
+    folded, report = fold_onnx(reference)
+    ops = _ops(folded)
+    assert ops["BatchNormalization"] == 0 and ops["Add"] == 0 and ops["Conv"] == RepNet.deploy_convs, ops
+    assert report.conv_before == _ops(reference)["Conv"] and report.conv_after == RepNet.deploy_convs
+    assert len(report.merges) == RepNet.deploy_convs and not report.merges_skipped and not report.skipped
+    kinds = [" ".join(m.branches) for m in report.merges]
+    assert any("3x3" in k and "1x1" in k and "(identity)" in k for k in kinds)       # RepVGG / MobileOne
+    assert any("1x3" in k and "3x1" in k for k in kinds)                              # ACNet
+    _assert_close_to_scale(_run(folded, X), _torch64(model, X))
+
+
+def _two_branches(pads_b: list[int], stride: int = 1, identity: bool = False) -> onnx.ModelProto:
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.normal(size=(8, 8, 3, 3)).astype(np.float32), "Wa"),
+             numpy_helper.from_array(rng.normal(size=(8, 8, 3, 3)).astype(np.float32), "Wb")]
+    nodes = [helper.make_node("Conv", ["x", "Wa"], ["a"], name="a", pads=[1, 1, 1, 1], strides=[stride] * 2),
+             helper.make_node("Conv", ["x", "Wb"], ["b"], name="b", pads=pads_b, strides=[stride] * 2),
+             helper.make_node("Add", ["a", "b"], ["s"], name="sum")]
+    out = "s"
+    if identity:
+        nodes.append(helper.make_node("Add", ["s", "x"], ["y"], name="sum2"))
+        out = "y"
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8, 8, 8])],
+                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_branches_that_do_not_line_up_are_left_with_the_reason():
+    """3x3 with pads 1 + 3x3 with pads (0, 0, 2, 2): the same output shape, shifted by one pixel."""
+    model = _two_branches([0, 0, 2, 2])
+    folded, report = fold_onnx(model)
+    assert not report.merges and "padding does not line the branches up" in report.merges_skipped[0].reason
+    np.testing.assert_array_equal(_run(folded, XS), _run(model, XS))
+    exact = _two_branches([1, 1, 1, 1], identity=True)
+    folded, report = fold_onnx(exact)
+    assert [n.op_type for n in folded.graph.node] == ["Conv"] and len(report.merges[0].branches) == 3
+    _assert_close_to_scale(_run(folded, XS), _run(exact, XS).astype(np.float64))
+
+
+# --- end to end: fold -> verified entry -> served ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def rep_repo(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("rep")
+    models = {"rep_onnx": rep_net(), "frozen_pt2": frozen_net(), "rep_pt2": rep_net()}
+    repo = tmp / "repo"
+    for name, m in models.items():
+        x = torch.randn(2, 3, HW, HW)
+        if name.endswith("pt2"):
+            src = tmp / f"{name}.pt2"
+            ep = torch.export.export(m, (x,), dynamic_shapes=({0: torch.export.Dim("batch", max=1024)},))
+            torch.export.save(ep, str(src))
+        else:
+            src = tmp / f"{name}.onnx"
+            onnx.save(_export(m), str(src))
+        proc = run_cli("fold", str(src), "--repository", str(repo), "--name", name, "--batch-sizes", "1,4")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "merged" in proc.stdout or "Mul+Add" in proc.stdout
+    return {"repo": repo, "models": models}
+
+
+def test_entries_are_verified_and_served_over_grpc_like_torch(rep_repo):
+    import tritonclient.grpc as tgrpc
+
+    from tests.server.conftest import ServerProcess
+
+    for name in rep_repo["models"]:
+        vdir = rep_repo["repo"] / name / "1"
+        assert json.loads((vdir / "verification.json").read_text())["passed"]
+        ops = _ops(onnx.load(str(vdir / "model.onnx")))
+        assert ops["BatchNormalization"] == ops["Mul"] == 0, (name, ops)
+        if name.startswith("rep"):
+            assert ops["Conv"] == RepNet.deploy_convs
+    x = np.random.default_rng(4).normal(size=(5, 3, HW, HW)).astype(np.float32)
+    with ServerProcess(rep_repo["repo"]) as srv:
+        client = tgrpc.InferenceServerClient(srv.grpc)
+        for name, model in rep_repo["models"].items():
+            meta = client.get_model_metadata(name, as_json=True)
+            inp = tgrpc.InferInput(meta["inputs"][0]["name"], list(x.shape), "FP32")
+            inp.set_data_from_numpy(x)
+            out = meta["outputs"][0]["name"]
+            served = client.infer(name, [inp], outputs=[tgrpc.InferRequestedOutput(out)]).as_numpy(out)
+            _assert_close_to_scale(served, _torch64(model, x), rel=1e-4)
+        client.close()
+
+
+def test_a_bad_merge_is_caught_and_localised(rep_repo, tmp_path):
+    """Perturb one merged Conv in the served file: verification fails and names that merge."""
+    from folding.verify import VerifyOptions, verify_entry
+
+    vdir = tmp_path / "rep_pt2" / "1"
+    shutil.copytree(rep_repo["repo"] / "rep_pt2" / "1", vdir)
+    merges = json.loads((vdir / "fold_report.json").read_text())["onnx"]["merges"]
+    target = merges[3]
+    m = onnx.load(str(vdir / "model.onnx"))
+    node = next(n for n in m.graph.node if n.name == target["into"])
+    t = next(i for i in m.graph.initializer if i.name == node.input[1])
+    t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * 1.05, t.name))
+    onnx.save(m, str(vdir / "model.onnx"))
+    report = verify_entry(vdir, VerifyOptions(batch_sizes=(2,), write=False))
+    assert not report.passed and report.candidates["unfolded_torch"].passed
+    assert report.localization.first_failing_layer == target["into"]
+    assert report.localization.first_failing_bn == target["sum"]
+
+
+def test_fold_report_of_version_1_still_reads(tmp_path: Path):
+    """Entries folded before affine folds and merges existed (format 1) load unchanged."""
+    from foldserve.records import EntryFoldReport, read_record
+
+    f = tmp_path / "fold_report.json"
+    f.write_text(json.dumps({"format_version": 1, "onnx": {"folded": [], "skipped": [], "bn_before": 2}}))
+    report = read_record(EntryFoldReport, f)
+    assert report.onnx.bn_before == 2 and report.onnx.merges == [] and report.onnx.affines == []
