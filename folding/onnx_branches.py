@@ -74,22 +74,21 @@ class BranchPass(OnnxFoldPass):
         adds = [n for n in self.g.node if n.op_type == "Add" and n.domain in ("", "ai.onnx") and len(n.input) == 2
                 and all(self.array(i) is None for i in n.input)]
         add_ids = {id(n) for n in adds}
-        inner = {id(n) for n in adds if self._sole_reader_is_add(n.output[0], add_ids)}
-        out = []
-        for top in adds:
-            if id(top) in inner:
-                continue
-            tree, leaves, stack = [top], [], list(top.input)[::-1]
-            while stack:
-                t = stack.pop()
-                p = self.producer.get(t)
-                if p is not None and id(p) in inner:
-                    tree.append(p)
-                    stack.extend(list(p.input)[::-1])
-                else:
-                    leaves.append(t)
-            out.append((top, tree, leaves))
-        return out
+        self.inner = {id(n) for n in adds if self._sole_reader_is_add(n.output[0], add_ids)}
+        return [(top, *self.subtree(top)) for top in adds if id(top) not in self.inner]
+
+    def subtree(self, top: onnx.NodeProto) -> tuple[list[onnx.NodeProto], list[str]]:
+        """The Adds under ``top`` (itself first) and the leaves they sum, left to right."""
+        tree, leaves, stack = [top], [], list(top.input)[::-1]
+        while stack:
+            t = stack.pop()
+            p = self.producer.get(t)
+            if p is not None and id(p) in self.inner:
+                tree.append(p)
+                stack.extend(list(p.input)[::-1])
+            else:
+                leaves.append(t)
+        return tree, leaves
 
     def _sole_reader_is_add(self, tensor: str, add_ids: set[int]) -> bool:
         if tensor in self.graph_outputs or self.uses[tensor] != 1:
@@ -252,19 +251,43 @@ def apply(p: BranchPass, m: Merge) -> None:
 
 def merge_branches(model: onnx.ModelProto) -> tuple[list[MergedBranches], list[SkippedMerge], list[str]]:
     """Merge every sum of parallel branches in ``model`` (in place): (merged, left with reasons, initializers
-    that may now be unused)."""
+    that may now be unused). A sum that also adds other tensors (a residual around a re-parameterised block,
+    as in RepGhost) merges the largest part of it that is a sum over one tensor."""
     p = BranchPass(model)
     merged, skipped, removed = [], [], []
     for top, adds, leaves in p.sums():
         plan = match(p, top, adds, leaves)
-        if plan is None:
-            continue
-        name = top.name or top.output[0]
         if isinstance(plan, Skip):
-            skipped.append(SkippedMerge(name, plan.reason))
-            continue
-        apply(p, plan)
-        removed += plan.removed
-        merged.append(MergedBranches(plan.into.name or plan.into.output[0], name,
-                                     [b.describe() for b in plan.branches], top.output[0]))
+            parts = [m for m in (match(p, a, *p.subtree(a)) for a in _largest_first(p, adds[1:]))
+                     if isinstance(m, Merge)]
+            chosen = _disjoint(parts)
+            if chosen:
+                plans: list[Merge | Skip | None] = list(chosen)
+            else:
+                skipped.append(SkippedMerge(top.name or top.output[0], plan.reason))
+                continue
+        else:
+            plans = [plan]
+        for m in plans:
+            if isinstance(m, Merge):
+                apply(p, m)
+                removed += m.removed
+                merged.append(MergedBranches(m.into.name or m.into.output[0], m.top.name or m.top.output[0],
+                                             [b.describe() for b in m.branches], m.top.output[0]))
     return merged, skipped, removed
+
+
+def _largest_first(p: BranchPass, adds: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+    return sorted(adds, key=lambda a: -len(p.subtree(a)[1]))
+
+
+def _disjoint(plans: list[Merge]) -> list[Merge]:
+    """The plans, largest first, without those whose Adds another chosen plan already covers."""
+    chosen: list[Merge] = []
+    taken: set[int] = set()
+    for m in plans:
+        ids = {id(a) for a in m.adds}
+        if not ids & taken:
+            chosen.append(m)
+            taken |= ids
+    return chosen

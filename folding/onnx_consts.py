@@ -187,3 +187,50 @@ def fold_constants(model: onnx.ModelProto) -> int:
     del g.node[:]
     g.node.extend(remaining)
     return len(folded)
+
+
+def drop_neutral(model: onnx.ModelProto) -> int:
+    """Remove ``x + 0``, ``x - 0``, ``x * 1`` and ``x / 1`` with a one-element constant that cannot change the
+    shape (timm's MobileOne blocks start their sum from ``0 + identity``, which hides the sum of branches);
+    returns how many nodes were removed. Readers of the removed output read ``x`` instead; a graph output
+    is kept."""
+    g = model.graph
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        ranks = {vi.name: len(vi.type.tensor_type.shape.dim) for vi in [*inferred.graph.value_info, *g.input]
+                 if vi.type.tensor_type.HasField("shape")}
+    except Exception:  # shape inference is a help: without it only rank-0 constants qualify
+        ranks = {}
+    consts: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in g.initializer
+                                     if t.name not in {i.name for i in g.input}}
+    for n in g.node:
+        if n.op_type == "Constant" and _constant_node(n) is not None:
+            consts[n.output[0]] = _constant_node(n)  # type: ignore[assignment]
+    outputs = {o.name for o in g.output}
+    neutral = {"Add": 0.0, "Sub": 0.0, "Mul": 1.0, "Div": 1.0}
+    rename: dict[str, str] = {}
+    gone: list[onnx.NodeProto] = []
+    for n in g.node:
+        if n.op_type not in neutral or n.domain not in ("", "ai.onnx") or len(n.input) != 2:
+            continue
+        positions = (1,) if n.op_type in ("Sub", "Div") else (1, 0)
+        for k in positions:
+            c, data = consts.get(n.input[k]), n.input[1 - k]
+            if c is None or data in consts or c.size != 1 or n.output[0] in outputs:
+                continue
+            if not (c.ndim == 0 or c.ndim <= ranks.get(data, -1)) or float(c.reshape(-1)[0]) != neutral[n.op_type]:
+                continue
+            rename[n.output[0]] = rename.get(data, data)
+            gone.append(n)
+            break
+    if not gone:
+        return 0
+    for n in g.node:
+        for i, name in enumerate(n.input):
+            if name in rename:
+                n.input[i] = rename[name]
+    ids = {id(n) for n in gone}
+    kept = [n for n in g.node if id(n) not in ids]
+    del g.node[:]
+    g.node.extend(kept)
+    return len(gone)

@@ -1,7 +1,8 @@
 """The ONNX fold, pass by pass: what ``fold`` serves is ``fold_onnx(reference)``.
 
 1. constant folding (:mod:`folding.onnx_consts`): constant subgraphs become initializers, so a frozen BN
-   exported without the exporter's constant folding has a constant per-channel scale;
+   exported without the exporter's constant folding has a constant per-channel scale; ``x + 0`` and ``x * 1``
+   go;
 2. BatchNormalization (:mod:`folding.onnx_fold`): into the producer, else forward into the consumer;
 3. affine maps (:mod:`folding.onnx_affine`): per-channel constant Mul / Add / Sub / Div, by the same rules;
 4. branch merges (:mod:`folding.onnx_branches`): sums of parallel Conv / BN-identity / identity branches over
@@ -20,7 +21,7 @@ import onnx
 
 from folding.onnx_affine import OnnxAffinePass
 from folding.onnx_branches import merge_branches
-from folding.onnx_consts import fold_constants
+from folding.onnx_consts import drop_neutral, fold_constants
 from folding.onnx_fold import OnnxFoldPass, _drop_unused_initializers, _remove_dead_constants
 from folding.rules import run_pass
 from foldserve.errors import FoldError
@@ -47,7 +48,7 @@ def fold_onnx(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FoldReport]:
     out = copy.deepcopy(model)
     report = FoldReport(bn_before=_count(out, "BatchNormalization"), nodes_before=len(out.graph.node),
                         params_before=_params(out), conv_before=_count(out, "Conv"))
-    report.constants_folded = fold_constants(out)
+    report.constants_folded = fold_constants(out) + drop_neutral(out)
     for round_ in range(MAX_ROUNDS):
         bn = OnnxFoldPass(out)
         bn_report = run_pass(bn, FoldReport())

@@ -284,7 +284,7 @@ class FoldReport(Record):
             text += (f"; branches merged: {len(self.merges)} sums ({len(self.merges_skipped)} left), Conv "
                      f"{self.conv_before} -> {self.conv_after}")
         if self.constants_folded:
-            text += f"; {self.constants_folded} constant node(s) evaluated"
+            text += f"; {self.constants_folded} constant node(s) evaluated or dropped as no-ops"
         return text
 
     def sites(self) -> list[FoldedPair]:

@@ -297,3 +297,23 @@ def frozen_net() -> FrozenNet:
 
 def rep_net(width: int = 8) -> RepNet:
     return randomize_bn(RepNet(width))
+
+
+# --- models from torchvision and timm ----------------------------------------------------------------------
+
+def library(name: str):
+    """Import ``torchvision`` or ``timm``. PyPI's torchvision is a CUDA build whose import fails against our CPU
+    torch unless its two custom ops are defined first (../shared/NOTES.md); timm imports torchvision."""
+    import importlib
+
+    try:
+        torch.ops.torchvision.nms  # noqa: B018 (defined already)
+    except (AttributeError, RuntimeError):
+        lib = torch.library.Library("torchvision", "DEF")
+        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        _LIBS.append(lib)
+    return importlib.import_module(name)
+
+
+_LIBS: list = []     # keeps the op library alive

@@ -255,3 +255,25 @@ def test_fold_report_of_version_1_still_reads(tmp_path: Path):
     f.write_text(json.dumps({"format_version": 1, "onnx": {"folded": [], "skipped": [], "bn_before": 2}}))
     report = read_record(EntryFoldReport, f)
     assert report.onnx.bn_before == 2 and report.onnx.merges == [] and report.onnx.affines == []
+
+
+def test_a_sum_started_from_zero_still_merges():
+    """timm's MobileOne computes ``0 + identity(x) + conv(x)``: the ``+ 0`` goes first, then the branches merge."""
+    rng = np.random.default_rng(5)
+    c = 8
+    inits = [numpy_helper.from_array(rng.normal(size=(c, 1, 3, 3)).astype(np.float32), "W"),
+             numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+             *(numpy_helper.from_array(v.astype(np.float32), n) for n, v in (
+                 ("g", rng.uniform(0.5, 1.5, c)), ("b", rng.normal(size=c)), ("m", rng.normal(size=c)),
+                 ("v", rng.uniform(0.2, 2, c))))]
+    nodes = [helper.make_node("BatchNormalization", ["x", "g", "b", "m", "v"], ["id"], name="identity"),
+             helper.make_node("Add", ["zero", "id"], ["start"], name="start"),
+             helper.make_node("Conv", ["x", "W"], ["conv"], name="dw", pads=[1] * 4, group=c),
+             helper.make_node("Add", ["start", "conv"], ["y"], name="sum")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", c, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    folded, report = fold_onnx(model)
+    assert [n.op_type for n in folded.graph.node] == ["Conv"] and report.constants_folded == 1
+    assert sorted(report.merges[0].branches) == ["BatchNormalization 'identity' (identity)", "Conv 'dw' 3x3"]
+    _assert_close_to_scale(_run(folded, XS), _run(model, XS).astype(np.float64))
