@@ -250,13 +250,13 @@ class ProgramSource(SourceModel):
         super().__init__(vdir, record)
         self.kind = kind                     # a folding.kinds.ProgramKind: loads the program, makes modules
         path = vdir / kind.source_file
-        self.module = kind.module(kind.load(path))
-        self.module64, self.truth_dtype = self._float64(kind.module(kind.load(path)))
+        self.module = kind.module(kind.load(path))       # loaded once: a large program takes seconds to load
+        self.module64, self.truth_dtype = self._float64(self.module)
 
     def _float64(self, module: Any) -> tuple[Any, str]:
-        """The program in float64 when it runs so (constants of a fixed dtype in the graph may prevent it)."""
+        """A float64 copy of the program when it runs so (constants of a fixed dtype in the graph may prevent it)."""
         try:
-            module = module.to(torch.float64)
+            module = copy.deepcopy(module).to(torch.float64)
             probe = random_input(self.record.input_shape, self.record.normalization, self.record.batch or 2, 0,
                                  np.float64)
             with torch.no_grad():
