@@ -26,14 +26,24 @@ import torch
 from foldserve.datatypes import lookup
 from foldserve.entry import REFERENCE_FILE, SOURCE_FILE
 from foldserve.errors import CheckpointError, DataError
-from foldserve.records import CheckpointMeta, SourceRecord, first_line
+from foldserve.records import CheckpointMeta, InputRecord, SourceRecord, first_line
 from trainer.checkpoint import load_checkpoint
 from trainer.data import BUILTIN
 
 logger = logging.getLogger(__name__)
 
-Run = Callable[[np.ndarray], np.ndarray]
-InputSets = dict[str, tuple[np.ndarray, "np.ndarray | None"]]
+Feed = dict[str, np.ndarray]            # input name -> batch
+Outputs = dict[str, np.ndarray]         # output name -> batch, in the model's output order
+Run = Callable[[Feed], Outputs]
+InputSets = dict[str, tuple[Feed, "np.ndarray | None"]]
+
+
+def feed_len(feed: Feed) -> int:
+    return len(next(iter(feed.values())))
+
+
+def feed_slice(feed: Feed, start: int, stop: int) -> Feed:
+    return {k: v[start:stop] for k, v in feed.items()}
 
 
 def ort_session(path_or_bytes: Any, optimization: str = "all", provider: str = "cpu"):
@@ -68,31 +78,68 @@ def random_input(shape: list[int], norm: dict[str, list[float]] | None, batch: i
 
 def model_input_dtype(model: onnx.ModelProto) -> np.dtype:
     """The numpy dtype of the model's first input (an unknown type is an error, not float32)."""
-    t = model.graph.input[0]
-    return lookup(t.type.tensor_type.elem_type, "onnx", f"model input {t.name!r}").numpy
+    return model_input_dtypes(model)[model.graph.input[0].name]
+
+
+def model_input_dtypes(model: onnx.ModelProto) -> dict[str, np.dtype]:
+    """The numpy dtype of each of the model's inputs (initializers listed as inputs excluded)."""
+    inits = {t.name for t in model.graph.initializer}
+    out: dict[str, np.dtype] = {}
+    for t in model.graph.input:
+        if t.name not in inits:
+            dtype = lookup(t.type.tensor_type.elem_type, "onnx", f"model input {t.name!r}").numpy
+            assert dtype is not None
+            out[t.name] = dtype
+    return out
+
+
+def random_feed(inputs: list[InputRecord], batch: int, seed: int, dtypes: Any) -> Feed:
+    """Random draws for every input (the first input's draws are what a one-input model always got)."""
+    return {r.name: random_input(r.shape, r.normalization, batch, seed + 7919 * k,
+                                 dtypes.get(r.name, np.float32) if isinstance(dtypes, dict) else dtypes)
+            for k, r in enumerate(inputs)}
 
 
 def load_samples(path: str | Path, input_shape: list[int], limit: int,
                  dtype: Any) -> tuple[np.ndarray, np.ndarray | None]:
-    """``--data FILE.npz``: array ``x`` [N, *input_shape] and optional ``y`` [N] (class indices)."""
+    """``--data FILE.npz`` of a one-input model: array ``x`` [N, *input_shape] and optional ``y`` [N]."""
+    feed, y = load_feed(path, [InputRecord("x", list(input_shape))], limit, dtype)
+    return feed["x"], y
+
+
+def load_feed(path: str | Path, inputs: list[InputRecord], limit: int, dtypes: Any) -> tuple[Feed, np.ndarray | None]:
+    """``--data FILE.npz``: one array per input name (``x`` for the only input), each [N, *shape], and an optional
+    ``y`` [N] of class indices."""
     path = Path(path)
+    want = ["x"] if len(inputs) == 1 else [r.name for r in inputs]
+    expected = ", ".join(f"{n} [N, {', '.join(map(str, r.shape))}]" for n, r in zip(want, inputs, strict=True))
     try:
         with np.load(path, allow_pickle=False) as z:
-            if "x" not in z.files:
-                raise DataError(f"--data {path.name}: no array named 'x' (it has {z.files}); expected x [N, "
-                                f"{', '.join(map(str, input_shape))}] and optional y [N]")
-            x, y = z["x"], (z["y"] if "y" in z.files else None)
+            names = {n: n for n in want}
+            if len(inputs) == 1 and "x" not in z.files and inputs[0].name in z.files:
+                names = {"x": inputs[0].name}
+            missing = [n for n in want if names[n] not in z.files]
+            if missing:
+                raise DataError(f"--data {path.name}: no array named {missing[0]!r} (it has {z.files}); expected "
+                                f"{expected} and optional y [N]")
+            arrays = {n: z[names[n]] for n in want}
+            y = z["y"] if "y" in z.files else None
     except DataError:
         raise
     except Exception as exc:  # missing, not an npz, pickled objects
         raise DataError(f"--data {path.name}: not a readable .npz of arrays ({type(exc).__name__}: {exc})") from None
-    if x.ndim != 1 + len(input_shape) or list(x.shape[1:]) != list(input_shape) or len(x) == 0:
-        raise DataError(f"--data {path.name}: x has shape {list(x.shape)}; the model takes [N, "
-                        f"{', '.join(map(str, input_shape))}]")
-    if y is not None and (y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer)):
-        raise DataError(f"--data {path.name}: y must be {len(x)} integer class indices, got {y.dtype} {list(y.shape)}")
-    n = min(len(x), limit)
-    return x[:n].astype(dtype), (None if y is None else y[:n].astype(np.int64))
+    count = len(arrays[want[0]])
+    for n, r in zip(want, inputs, strict=True):
+        a = arrays[n]
+        if a.ndim != 1 + len(r.shape) or list(a.shape[1:]) != list(r.shape) or len(a) == 0 or len(a) != count:
+            raise DataError(f"--data {path.name}: {n} has shape {list(a.shape)}; the model takes [{count or 'N'}, "
+                            f"{', '.join(map(str, r.shape))}]")
+    if y is not None and (y.ndim != 1 or len(y) != count or not np.issubdtype(y.dtype, np.integer)):
+        raise DataError(f"--data {path.name}: y must be {count} integer class indices, got {y.dtype} {list(y.shape)}")
+    k = min(count, limit)
+    feed = {r.name: arrays[n][:k].astype(dtypes.get(r.name, np.float32) if isinstance(dtypes, dict) else dtypes)
+            for n, r in zip(want, inputs, strict=True)}
+    return feed, (None if y is None else y[:k].astype(np.int64))
 
 
 def _reload_dataset(meta: CheckpointMeta) -> Any:
@@ -131,23 +178,35 @@ def training_samples(meta: CheckpointMeta, limit: int, seed: int = 0) -> np.ndar
 
 
 def input_sets(meta: CheckpointMeta, batch_sizes: tuple[int, ...], seed: int = 0,
-               max_validation: int = 512) -> InputSets:
+               max_validation: int = 512, input_name: str = "input") -> InputSets:
     sets: InputSets = {}
     for i, b in enumerate(batch_sizes):
-        sets[f"random_b{b}"] = (example_input(meta, b, seed=seed + i).numpy(), None)
+        sets[f"random_b{b}"] = ({input_name: example_input(meta, b, seed=seed + i).numpy()}, None)
     val = validation_set(meta, max_validation)
     if val is not None:
-        sets["validation"] = val
+        sets["validation"] = ({input_name: val[0]}, val[1])
     return sets
 
 
 def chunked(run: Run, batch: int) -> Run:
     """A model with a fixed batch axis of ``batch`` run on any multiple of it."""
-    def go(x: np.ndarray) -> np.ndarray:
-        if len(x) == batch:
-            return run(x)
-        return np.concatenate([run(x[i:i + batch]) for i in range(0, len(x), batch)])
+    def go(feed: Feed) -> Outputs:
+        n = feed_len(feed)
+        if n == batch:
+            return run(feed)
+        parts = [run(feed_slice(feed, i, i + batch)) for i in range(0, n, batch)]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     return go
+
+
+def flatten_outputs(out: Any) -> list[Any]:
+    """A torch program's result as its list of tensors, in the order the ONNX export writes them (dicts by
+    insertion order, tuples and lists in order, nested ones depth first)."""
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in flatten_outputs(v)]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in flatten_outputs(v)]
+    return [out]
 
 
 # --- the sources ---------------------------------------------------------------------------------------
@@ -169,7 +228,27 @@ class SourceModel:
     def batched(self) -> bool:
         return self.record.batch is None
 
-    def truth(self, x: np.ndarray) -> np.ndarray:
+    @property
+    def input_names(self) -> list[str]:
+        return [r.name for r in self.record.input_records()]
+
+    @property
+    def output_names(self) -> list[str]:
+        return self.record.output_names()
+
+    @property
+    def accuracy_output(self) -> str | None:
+        """The output that labels are compared with (a classification model's only output, or the named one)."""
+        if self.record.accuracy_output:
+            return self.record.accuracy_output
+        return self.output_names[0] if self.task == "classification" and len(self.output_names) == 1 else None
+
+    def named(self, values: list[np.ndarray]) -> Outputs:
+        if len(values) != len(self.output_names):
+            raise DataError(f"the source model returned {len(values)} outputs, the entry has {self.output_names}")
+        return dict(zip(self.output_names, values, strict=True))
+
+    def truth(self, feed: Feed) -> Outputs:
         raise NotImplementedError
 
     def candidates(self) -> dict[str, Run]:
@@ -179,8 +258,8 @@ class SourceModel:
     def reference_onnx(self) -> Run:
         """reference.onnx in onnxruntime with optimisations off (the server's runtime class, on the CPU)."""
         sess = ort_session(self.vdir / REFERENCE_FILE, "disable", "cpu")
-        name = sess.get_inputs()[0].name
-        return lambda x: sess.run(None, {name: x})[0]
+        names = [o.name for o in sess.get_outputs()]
+        return lambda feed: dict(zip(names, sess.run(None, feed), strict=True))
 
     def input_sets(self, batch_sizes: tuple[int, ...], seed: int = 0, max_validation: int = 512,
                    dtype: Any = np.float32) -> InputSets:
@@ -189,20 +268,21 @@ class SourceModel:
         sets: InputSets = {}
         for i, b in enumerate(sizes):
             sets[f"random_b{b}" if self.batched else f"random_{i}"] = (
-                random_input(r.input_shape, r.normalization, b, seed + i, dtype), None)
+                random_feed(r.input_records(), b, seed + i, dtype), None)
         if r.data:
             if not Path(r.data).is_file():
                 logger.warning("--data %s of this entry is gone: verifying on random inputs only", Path(r.data).name)
             else:
-                x, y = load_samples(r.data, r.input_shape, max_validation + r.data_skip, dtype)
-                x, y = x[r.data_skip:], (None if y is None else y[r.data_skip:])
+                feed, y = load_feed(r.data, r.input_records(), max_validation + r.data_skip, dtype)
+                n = feed_len(feed)
+                feed, y = feed_slice(feed, r.data_skip, n), (None if y is None else y[r.data_skip:])
                 if not self.batched:
-                    n = len(x) - len(x) % r.batch
+                    n = feed_len(feed) - feed_len(feed) % r.batch
                     if n == 0:
                         logger.warning("--data has fewer samples than the model's fixed batch of %d", r.batch)
                         return sets
-                    x, y = x[:n], (None if y is None else y[:n])
-                sets["validation"] = (x, y)
+                    feed, y = feed_slice(feed, 0, n), (None if y is None else y[:n])
+                sets["validation"] = (feed, y)
         return sets
 
     def fit(self, run: Run) -> Run:
@@ -221,22 +301,25 @@ class CheckpointSource(SourceModel):
         self.model64 = copy.deepcopy(self.model).double()
         record.task = self.meta.task
 
-    def truth(self, x: np.ndarray) -> np.ndarray:
+    def _x(self, feed: Feed) -> np.ndarray:
+        return feed[self.input_names[0]]
+
+    def truth(self, feed: Feed) -> Outputs:
         with torch.no_grad():
-            return self.model64(torch.from_numpy(x).double()).numpy()
+            return self.named([self.model64(torch.from_numpy(self._x(feed)).double()).numpy()])
 
     def candidates(self) -> dict[str, Run]:
         from folding.torch_fold import fold_module
 
         folded, _ = fold_module(self.model)
         ref = self.reference_onnx()
-        return {"unfolded_torch": lambda x: _torch_run(self.model, x),
-                "folded_torch": lambda x: _torch_run(folded, x),
-                "reference_onnx": lambda x: ref(x.astype(np.float32))}
+        return {"unfolded_torch": lambda f: self.named([_torch_run(self.model, self._x(f))]),
+                "folded_torch": lambda f: self.named([_torch_run(folded, self._x(f))]),
+                "reference_onnx": lambda f: ref(_float32(f))}
 
     def input_sets(self, batch_sizes: tuple[int, ...], seed: int = 0, max_validation: int = 512,
                    dtype: Any = np.float32) -> InputSets:
-        sets = input_sets(self.meta, batch_sizes, seed, max_validation)
+        sets = input_sets(self.meta, batch_sizes, seed, max_validation, self.input_names[0])
         if self.record.data:
             sets.update({k: v for k, v in super().input_sets((), seed, max_validation, dtype).items()
                          if k == "validation"})
@@ -257,38 +340,46 @@ class ProgramSource(SourceModel):
         """A float64 copy of the program when it runs so (constants of a fixed dtype in the graph may prevent it)."""
         try:
             module = copy.deepcopy(module).to(torch.float64)
-            probe = random_input(self.record.input_shape, self.record.normalization, self.record.batch or 2, 0,
-                                 np.float64)
+            probe = random_feed(self.record.input_records(), self.record.batch or 2, 0, np.float64)
             with torch.no_grad():
-                out = module(torch.from_numpy(self._normalize(probe)))
-            if out.dtype != torch.float64:
-                raise TypeError(f"output is {out.dtype}")
+                outs = flatten_outputs(module(*self._tensors(probe, np.float64)))
+            if any(o.dtype != torch.float64 for o in outs if o.is_floating_point()):
+                raise TypeError(f"outputs are {sorted({str(o.dtype) for o in outs})}")
             return module, "float64"
         except Exception as exc:  # the float32 program is the truth then, and the report says so
             logger.warning("%s does not run in float64 (%s): the float32 program is the reference",
                            self.record.original, first_line(exc, 120))
             return None, "float32"
 
-    def _normalize(self, x: np.ndarray) -> np.ndarray:
-        norm = self.record.normalization
-        if not norm:
-            return x
-        view = [1, -1] + [1] * (x.ndim - 2)
-        mean = np.asarray(norm["mean"], np.float64).reshape(view)
-        std = np.asarray(norm["std"], np.float64).reshape(view)
-        return ((x.astype(np.float64) - mean) / std).astype(x.dtype)
+    def _tensors(self, feed: Feed, dtype: Any) -> list[torch.Tensor]:
+        """The program's arguments: each input normalised as declared, floats in ``dtype``, in input order."""
+        out = []
+        for r in self.record.input_records():
+            x = feed[r.name]
+            if np.issubdtype(x.dtype, np.floating):
+                x = x.astype(dtype)
+                if r.normalization:
+                    view = [1, -1] + [1] * (x.ndim - 2)
+                    mean = np.asarray(r.normalization["mean"], np.float64).reshape(view)
+                    std = np.asarray(r.normalization["std"], np.float64).reshape(view)
+                    x = ((x.astype(np.float64) - mean) / std).astype(dtype)
+            out.append(torch.from_numpy(np.ascontiguousarray(x)))
+        return out
 
-    def truth(self, x: np.ndarray) -> np.ndarray:
-        if self.module64 is None:
-            run32 = self.fit(lambda b: _torch_run(self.module, self._normalize(b.astype(np.float32))))
-            return run32(x).astype(np.float64)
+    def _run(self, module: Any, feed: Feed, dtype: Any) -> Outputs:
         with torch.no_grad():
-            return self.fit(lambda b: self.module64(torch.from_numpy(self._normalize(b.astype(np.float64)))).numpy())(x)
+            return self.named([o.numpy() for o in flatten_outputs(module(*self._tensors(feed, dtype)))])
+
+    def truth(self, feed: Feed) -> Outputs:
+        if self.module64 is None:
+            run32 = self.fit(lambda f: self._run(self.module, f, np.float32))
+            return {k: v.astype(np.float64) for k, v in run32(feed).items()}
+        return self.fit(lambda f: self._run(self.module64, f, np.float64))(feed)
 
     def candidates(self) -> dict[str, Run]:
         ref = self.reference_onnx()
-        return {"unfolded_torch": lambda x: _torch_run(self.module, self._normalize(x.astype(np.float32))),
-                "reference_onnx": lambda x: ref(x.astype(np.float32))}
+        return {"unfolded_torch": lambda f: self._run(self.module, f, np.float32),
+                "reference_onnx": lambda f: ref(_float32(f))}
 
 
 class OnnxSource(SourceModel):
@@ -298,8 +389,12 @@ class OnnxSource(SourceModel):
         super().__init__(vdir, record)
         self._ref = self.reference_onnx()
 
-    def truth(self, x: np.ndarray) -> np.ndarray:
-        return self.fit(self._ref)(x).astype(np.float64)
+    def truth(self, feed: Feed) -> Outputs:
+        return {k: v.astype(np.float64) for k, v in self.fit(self._ref)(feed).items()}
+
+
+def _float32(feed: Feed) -> Feed:
+    return {k: v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v for k, v in feed.items()}
 
 
 def _torch_run(model: Any, x: np.ndarray) -> np.ndarray:

@@ -31,7 +31,16 @@ import numpy as np
 import onnx
 
 from folding.fold_math import FP16_MAX, BNParams
-from folding.source import SourceModel, model_input_dtype, ort_session
+from folding.source import (
+    Feed,
+    Outputs,
+    SourceModel,
+    feed_len,
+    feed_slice,
+    model_input_dtype,
+    model_input_dtypes,
+    ort_session,
+)
 from folding.tolerances import PRECISION_GATES, Comparison, Tolerance, compare, tolerance_for
 from foldserve.entry import (
     FOLD_REPORT_FILE,
@@ -64,7 +73,7 @@ from server.core.runtime import OnnxModel
 
 logger = logging.getLogger(__name__)
 
-Run = Callable[[np.ndarray], np.ndarray]
+Run = Callable[[Feed], Outputs]
 
 
 @dataclass
@@ -83,11 +92,11 @@ class VerifyOptions:
 
 # --- onnxruntime: always through the server's OnnxModel ---------------------------------------------------
 
-def served_runner(path: Path, opts: VerifyOptions) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
+def served_runner(path: Path, opts: VerifyOptions) -> tuple[Run, str]:
     """Run ``model.onnx`` exactly as the server will: its OnnxModel with the server's defaults."""
     model = OnnxModel(path, provider=opts.provider, optimization=opts.optimization)
-    name = model.inputs[0].name
-    return (lambda x: model.run({name: x})[0]), model.provider
+    names = list(model.output_names)
+    return (lambda feed: dict(zip(names, model.run(feed), strict=True))), model.provider
 
 
 def _run(sess, x: np.ndarray) -> np.ndarray:
@@ -96,11 +105,13 @@ def _run(sess, x: np.ndarray) -> np.ndarray:
 
 # --- checks ----------------------------------------------------------------------------------------
 
-def batch_invariance(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, tol: Tolerance) -> Comparison:
-    """Each sample alone vs inside the batch: equal for eval-mode BN, different for batch statistics."""
-    together = run(x)
-    alone = np.concatenate([run(x[i:i + 1]) for i in range(len(x))])
-    return compare(alone, together, tol)
+def batch_invariance(run: Run, feed: Feed, tol: Tolerance) -> Comparison:
+    """Each sample alone vs inside the batch: equal for eval-mode BN, different for batch statistics (the
+    worst output of a model with several)."""
+    together = run(feed)
+    parts = [run(feed_slice(feed, i, i + 1)) for i in range(feed_len(feed))]
+    results = [compare(np.concatenate([p[k] for p in parts]), together[k], tol) for k in together]
+    return max(results, key=lambda c: (not c.passed, c.max_abs / max(c.bound, 1e-30)))
 
 
 def lint_statistics(reference: onnx.ModelProto, served: onnx.ModelProto) -> list[str]:
@@ -127,7 +138,7 @@ def lint_statistics(reference: onnx.ModelProto, served: onnx.ModelProto) -> list
 
 
 def _tensors(model: onnx.ModelProto, names: list[str], types: dict[str, int], default: int,
-             x: np.ndarray) -> list[np.ndarray]:
+             x: Feed) -> list[np.ndarray]:
     """The values of inner tensors ``names`` for input ``x``: the model with them as extra outputs (typed from
     ``types``, else ``default``), run with optimisations off so that none is fused away."""
     m = copy.deepcopy(model)
@@ -135,10 +146,11 @@ def _tensors(model: onnx.ModelProto, names: list[str], types: dict[str, int], de
     m.graph.output.extend(onnx.helper.make_tensor_value_info(n, types.get(n, default), None)
                           for n in names if n not in known)
     sess = ort_session(m.SerializeToString(), "disable", "cpu")
-    return sess.run(names, {sess.get_inputs()[0].name: x})
+    dtypes = model_input_dtypes(model)
+    return sess.run(names, {k: np.ascontiguousarray(v, dtype=dtypes.get(k, v.dtype)) for k, v in x.items()})
 
 
-def localize(reference: onnx.ModelProto, served: onnx.ModelProto, folded: list[FoldedPair], x: np.ndarray,
+def localize(reference: onnx.ModelProto, served: onnx.ModelProto, folded: list[FoldedPair], x: Feed,
              tol: Tolerance) -> list[dict[str, Any]]:
     """Compare each fold site's tensor (same name in both graphs) in the reference's topological order."""
     order = {o: i for i, n in enumerate(reference.graph.node) for o in n.output}
@@ -147,7 +159,7 @@ def localize(reference: onnx.ModelProto, served: onnx.ModelProto, folded: list[F
     if not sites:
         return []
     elem = served.graph.input[0].type.tensor_type.elem_type
-    names = [s.tensor for s in sites]
+    names = list(dict.fromkeys(s.tensor for s in sites))
     ref_out = dict(zip(names, _tensors(reference, names, {}, elem, x), strict=True))
     srv_out = dict(zip(names, _tensors(served, names, {}, elem, x), strict=True))
     results = []
@@ -157,7 +169,7 @@ def localize(reference: onnx.ModelProto, served: onnx.ModelProto, folded: list[F
     return results
 
 
-def localize_layers(reference: onnx.ModelProto, served: onnx.ModelProto, x: np.ndarray,
+def localize_layers(reference: onnx.ModelProto, served: onnx.ModelProto, x: Feed,
                     jump: float) -> list[dict[str, Any]]:
     """For fp16/int8: every float tensor both graphs compute (the converters keep tensor names), in the
     reference's order, with its error relative to the tensor's scale; ``passed`` is False from the first
@@ -225,33 +237,46 @@ def comparison_record(c: Comparison, out: np.ndarray | None = None, expected: np
 
 # --- the verifier ----------------------------------------------------------------------------------
 
-def _candidates(vdir: Path, source: SourceModel, opts: VerifyOptions, np_dtype: np.dtype):
+def _candidates(vdir: Path, source: SourceModel, opts: VerifyOptions, dtypes: dict[str, np.dtype]):
     served, provider = served_runner(vdir / MODEL_FILE, opts)
-    candidates: dict[str, Callable[[np.ndarray], np.ndarray]] = dict(source.candidates())
-    candidates["served_onnx"] = lambda x: served(np.ascontiguousarray(x, dtype=np_dtype))
+    candidates: dict[str, Run] = dict(source.candidates())
+    candidates["served_onnx"] = lambda feed: served(
+        {k: np.ascontiguousarray(v, dtype=dtypes.get(k, v.dtype)) for k, v in feed.items()})
     return {k: source.fit(run) for k, run in candidates.items()}, provider
 
 
-def _evaluate(candidates: dict[str, Run], sets: dict[str, tuple[np.ndarray, np.ndarray | None]], truth: Run,
-              tol: Tolerance, classification: bool, truth_name: str = "reference_float64",
+def record_key(set_name: str, output: str, outputs: list[str]) -> str:
+    """Where one output's comparison on one input set is recorded: the set's name for a one-output model,
+    ``set/output`` for each output of a model with several."""
+    return set_name if len(outputs) == 1 else f"{set_name}/{output}"
+
+
+def _evaluate(candidates: dict[str, Run], sets: dict[str, tuple[Feed, np.ndarray | None]], truth: Run,
+              tol: Tolerance, accuracy_output: str | None, truth_name: str = "reference_float64",
               served_tol: Tolerance | None = None) -> tuple[dict[str, CandidateResult], dict[str, float]]:
-    """Every candidate on every input set against the truth."""
+    """Every candidate on every input set against the truth, output by output (each against its own scale);
+    top-1 agreement and accuracy on ``accuracy_output`` (a classifier's logits)."""
     results = {name: CandidateResult() for name in candidates}
     accuracy: dict[str, float] = {}
     for set_name, (x, y) in sets.items():
         expected = truth(x)
+        outputs = list(expected)
         for name, run in candidates.items():
-            out = run(x)
-            c = compare(out, expected, served_tol if name == "served_onnx" and served_tol else
-                        tol if name != "unfolded_torch" else tolerance_for("float32"))
-            results[name].inputs[set_name] = comparison_record(c, *((out, expected) if classification else ()))
-            results[name].passed &= c.passed
-            if classification and y is not None:
-                accuracy[name] = float((out.argmax(1) == y).mean())
-        if classification and y is not None:
-            accuracy[truth_name] = float((expected.argmax(1) == y).mean())
+            got = run(x)
+            for out_name in outputs:
+                out, want = got[out_name], expected[out_name]
+                c = compare(out, want, served_tol if name == "served_onnx" and served_tol else
+                            tol if name != "unfolded_torch" else tolerance_for("float32"))
+                labelled = out_name == accuracy_output
+                results[name].inputs[record_key(set_name, out_name, outputs)] = comparison_record(
+                    c, *((out, want) if labelled else ()))
+                results[name].passed &= c.passed
+                if labelled and y is not None:
+                    accuracy[name] = float((out.argmax(1) == y).mean())
+        if accuracy_output and y is not None:
+            accuracy[truth_name] = float((expected[accuracy_output].argmax(1) == y).mean())
     for r in results.values():
-        _summarise(r, classification)
+        _summarise(r, accuracy_output is not None)
     return results, accuracy
 
 
@@ -303,13 +328,15 @@ def verify_entry(version_dir: str | Path, opts: VerifyOptions | None = None) -> 
     fold_report = read_fold_report(vdir).onnx
     precision = read_precision(vdir)
     np_dtype = model_input_dtype(served)
+    dtypes = model_input_dtypes(served)
     tol = tolerance_for(np_dtype.name, opts.rtol, opts.atol)
     served_tol = PRECISION_GATES[precision.precision].tolerance if precision.reduced else tol
-    candidates, provider = _candidates(vdir, source, opts, np_dtype)
-    sets = source.input_sets(opts.batch_sizes, opts.seed, opts.max_validation, np_dtype)
-    classification = source.task == "classification"
+    candidates, provider = _candidates(vdir, source, opts, dtypes)
+    sets = source.input_sets(opts.batch_sizes, opts.seed, opts.max_validation, dtypes)
+    classification = source.accuracy_output is not None
     truth_name = f"reference_{source.truth_dtype}"
-    results, accuracy = _evaluate(candidates, sets, source.truth, tol, classification, truth_name, served_tol)
+    results, accuracy = _evaluate(candidates, sets, source.truth, tol, source.accuracy_output, truth_name,
+                                  served_tol)
     gate, gate_failure = None, None
     if precision.reduced:
         served_result = results["served_onnx"]
@@ -322,7 +349,7 @@ def verify_entry(version_dir: str | Path, opts: VerifyOptions | None = None) -> 
                                                            served_tol if name == "served_onnx" else tol))
                   for name in ("reference_onnx", "served_onnx") if name in candidates and source.batched}
     sites: list[dict[str, Any]] = []
-    x_loc = bx[:source.record.batch or len(bx)]
+    x_loc = feed_slice(bx, 0, source.record.batch or feed_len(bx))
     if opts.localize and not results["served_onnx"].passed:
         sites = (localize_layers(reference, served, x_loc, PRECISION_GATES[precision.precision].layer_jump)
                  if precision.reduced else localize(reference, served, fold_report.sites(), x_loc, tol))
@@ -334,7 +361,8 @@ def verify_entry(version_dir: str | Path, opts: VerifyOptions | None = None) -> 
                               "dynamic" if source.batched else int(source.record.batch or 0)),
         tolerance=ToleranceRecord(tol.rtol, tol.atol, tol.rel_floor), provider=provider,
         optimization=opts.optimization, batch_sizes=list(opts.batch_sizes),
-        inputs={k: list(v[0].shape) for k, v in sets.items()}, candidates=results, accuracy=accuracy,
+        inputs={record_key(k, name, source.input_names): list(a.shape) for k, (feed, _) in sets.items()
+                for name, a in feed.items()}, candidates=results, accuracy=accuracy,
         batch_invariance=invariance,
         precision=VerifiedPrecision(**vars(precision), gate=gate),
         localization=Localization(first_bad["layer"] if first_bad else None,
@@ -375,9 +403,9 @@ def _passed(path: Path) -> bool:
         return False
 
 
-def example_input_batch(sets: dict[str, tuple[np.ndarray, Any]]) -> np.ndarray:
-    x = max((v[0] for v in sets.values()), key=len)
-    return x[:16]
+def example_input_batch(sets: dict[str, tuple[Feed, Any]]) -> Feed:
+    feed = max((v[0] for v in sets.values()), key=feed_len)
+    return feed_slice(feed, 0, 16)
 
 
 def summary_table(report: VerificationReport) -> str:  # long function: one line per part of the report

@@ -454,10 +454,22 @@ class Preprocess(Record):
 
 
 @dataclass
+class InputRecord(Record):
+    """One input of a folded model: its name, per-sample shape and declared normalisation."""
+
+    name: str
+    shape: list[int] = field(default_factory=list)
+    normalization: dict[str, list[float]] | None = None
+
+
+@dataclass
 class SourceRecord(Record):
-    """What a version was folded from, so that the verifier can rebuild the unfolded truth later."""
+    """What a version was folded from, so that the verifier can rebuild the unfolded truth later. The single
+    ``input_*`` / ``output_name`` fields describe the first input and output (all a model had before format
+    2); ``inputs`` and ``outputs`` list every one."""
 
     VERSION_FIELD: ClassVar[str | None] = "format_version"
+    VERSION: ClassVar[int] = 2    # 2: several inputs and outputs (1 reads as one of each)
 
     kind: str = "checkpoint"                                   # a source kind's name (folding.kinds)
     original: str = ""                                         # the file's name as the user gave it (no path)
@@ -471,6 +483,15 @@ class SourceRecord(Record):
     data_skip: int = 0                                         # the first N of them calibrated int8: not verified on
     task: str = "classification"
     truth_dtype: str = "float64"                               # what the unfolded program runs in as the truth
+    inputs: list[InputRecord] = field(default_factory=list)    # every input, in the model's order
+    outputs: list[str] = field(default_factory=list)           # every output, in the model's order
+    accuracy_output: str | None = None                         # the output labels are compared with (--data y)
+
+    def input_records(self) -> list[InputRecord]:
+        return self.inputs or [InputRecord(self.input_name, list(self.input_shape), self.normalization)]
+
+    def output_names(self) -> list[str]:
+        return self.outputs or [self.output_name]
 
 
 # --- the trainer checkpoint's metadata --------------------------------------------------------------------------
