@@ -33,16 +33,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                                             "as ready unless told to)")
     p.add_argument("--force", action="store_true", help="replace an existing version")
     g = p.add_argument_group("models brought from elsewhere (what a model may not say about itself)")
-    g.add_argument("--input-shape", help="per-sample input shape C,H,W where the model's is symbolic (TorchScript "
-                                         "records none)")
-    g.add_argument("--normalize", metavar="MEAN,..:STD,..", help="per-channel (x - mean) / std, baked into the "
-                                                                  "served model (clients send raw data)")
-    g.add_argument("--input-name", help="name the served input (default: the model's own)")
-    g.add_argument("--output-name", help="name the served output (default: the ONNX file's own, 'output' for a "
-                                         "torch program)")
+    g.add_argument("--input-shape", action="append", metavar="[NAME:]C,H,W",
+                   help="per-sample input shape where the model's is symbolic (TorchScript records none); with "
+                        "several inputs, once per input as NAME:C,H,W")
+    g.add_argument("--normalize", action="append", metavar="[NAME:]MEAN,..:STD,..",
+                   help="per-channel (x - mean) / std, baked into the served model (clients send raw data); with "
+                        "several inputs, NAME: says which")
+    g.add_argument("--input-name", metavar="NAME[,NAME..]",
+                   help="name the served inputs, in order (default: the model's own)")
+    g.add_argument("--output-name", metavar="NAME[,NAME..]",
+                   help="name the served outputs, in order (default: the ONNX file's own; for a torch program "
+                        "'output', its dict keys, or output_0, output_1, ...)")
+    g.add_argument("--accuracy-output", metavar="NAME",
+                   help="with several outputs: the classifier [batch, classes] whose accuracy --data's y measures")
     g.add_argument("--labels", help="class names, one a line (classification outputs [batch, classes])")
-    p.add_argument("--data", help="real samples for verification: .npz with x [N, ...] and optional y [N] "
-                                  "(class indices: accuracy is reported)")
+    p.add_argument("--data", help="real samples for verification: .npz with x [N, ...] (one array per input name "
+                                  "for a model with several) and optional y [N] (class indices: accuracy is "
+                                  "reported)")
     q = p.add_argument_group("precision (after the fold; the verifier gates fp16/int8 on top-1 agreement and accuracy)")
     q.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
                    help="fp16: float16 weights and activations, float32 inputs/outputs; int8: static QDQ "
@@ -67,12 +74,12 @@ def run(args: argparse.Namespace) -> int:
     if not args.model or not args.repository:
         raise ConfigError("fold needs MODEL and --repository DIR (or --onnx IN --out OUT)")
     from folding.export import FoldRequest, build_entry
-    from folding.programs import Options, parse_normalize, parse_shape
+    from folding.programs import Options, parse_normalizes, parse_shapes
     from folding.verify import summary_table
 
-    options = Options(input_shape=parse_shape(args.input_shape), normalize=parse_normalize(args.normalize),
+    options = Options(input_shape=parse_shapes(args.input_shape), normalize=parse_normalizes(args.normalize),
                       input_name=args.input_name, output_name=args.output_name, data=args.data,
-                      calibration_data=args.calibration_data)
+                      calibration_data=args.calibration_data, accuracy_output=args.accuracy_output)
     result = build_entry(FoldRequest(
         args.model, args.repository, args.name, args.version, max_batch_size=args.max_batch_size,
         max_queue_delay_us=args.max_queue_delay_us, verify=not args.no_verify, verify_options=verify_options(args),
@@ -94,7 +101,7 @@ def _fold_file(args: argparse.Namespace) -> int:
         raise ConfigError("--repository/--name/--version do not go with --onnx IN --out OUT (which writes one "
                           "file); fold MODEL --repository DIR instead")
     extra = [f for f, v in (("--data", args.data), ("--normalize", args.normalize), ("--labels", args.labels),
-                            ("--input-shape", args.input_shape),
+                            ("--input-shape", args.input_shape), ("--accuracy-output", args.accuracy_output),
                             ("--precision", args.precision != DEFAULT_PRECISION)) if v]
     if extra:
         raise ConfigError(f"{', '.join(extra)} go with MODEL --repository DIR (a verified entry), not with "

@@ -22,7 +22,11 @@ REQUIRES: tuple[str, ...] = ()
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("infer", help="send an image or .npy/.npz to a running server and print the answer")
-    p.add_argument("file", help="an image (png/jpg/...), .npy, or .npz (array 'x', the only array, or --key)")
+    p.add_argument("file", nargs="?", help="an image (png/jpg/...), .npy, or .npz (array 'x', the only array, or "
+                                           "--key) for a model with one input")
+    p.add_argument("--input", action="append", metavar="NAME=FILE", default=[],
+                   help="a model with several inputs: one file per input (repeat the flag); a .npz FILE holding one "
+                        "array per input name also works as the positional FILE")
     p.add_argument("--url", default="127.0.0.1:8001", help="server address: HOST:PORT (gRPC) or http://HOST:PORT")
     p.add_argument("--model", required=True)
     p.add_argument("--version", default="")
@@ -87,28 +91,63 @@ def load_input(path: str, shape: list[int], numpy_dtype: Any, key: str | None = 
     return np.ascontiguousarray(arr)
 
 
+def _feeds(args: argparse.Namespace, meta: Any, pre: Preprocess) -> dict[str, np.ndarray]:
+    """The request's inputs: FILE for a one-input model, --input NAME=FILE for each input, or one .npz holding
+    every input by name."""
+    from foldserve.datatypes import lookup
+
+    by_name = {t.name: t for t in meta.inputs}
+    given: dict[str, str] = {}
+    for item in args.input:
+        name, sep, file = item.partition("=")
+        if not sep or not file:
+            raise ConfigError(f"--input {item!r}: expected NAME=FILE")
+        if name not in by_name:
+            raise ConfigError(f"--input {item!r}: the model's inputs are {list(by_name)}")
+        given[name] = file
+    if args.file and given:
+        raise ConfigError("give FILE or --input NAME=FILE, not both")
+    if args.file and len(by_name) > 1:
+        p = Path(args.file)
+        if p.suffix != ".npz":
+            raise ConfigError(f"the model has inputs {list(by_name)}: pass --input NAME=FILE for each, or one .npz "
+                              f"with an array per input name")
+        return {name: load_input(args.file, t.shape, lookup(t.datatype).numpy, name, args.scale, pre)
+                for name, t in by_name.items()}
+    if args.file:
+        given = {meta.inputs[0].name: args.file}
+    missing = [n for n in by_name if n not in given]
+    if missing:
+        raise ConfigError(f"no data for input(s) {missing}: pass " +
+                          (" ".join(f"--input {n}=FILE" for n in missing) if given or len(by_name) > 1 else "FILE"))
+    return {name: load_input(file, by_name[name].shape, lookup(by_name[name].datatype).numpy,
+                             args.key if len(given) == 1 else None, args.scale, pre)
+            for name, file in given.items()}
+
+
 def run(args: argparse.Namespace) -> int:
     from foldserve.client import connect
-    from foldserve.datatypes import lookup
 
     client = connect(args.url, args.protocol, args.token)
     meta = client.metadata(args.model, args.version)
-    inp, out = meta.inputs[0], meta.outputs[0]
     raw = meta.parameters.get("foldserve_preprocess")
     pre = Preprocess.from_json(raw, "the served model's preprocessing record") if raw else Preprocess()
-    x = load_input(args.file, inp.shape, lookup(inp.datatype).numpy, args.key, args.scale, pre)
-    classify = pre.task == "classification" and not args.out
+    feeds = _feeds(args, meta, pre)
+    datatypes = {t.name: t.datatype for t in meta.inputs}
+    out = meta.outputs[0]
+    classify = pre.task == "classification" and not args.out and len(meta.outputs) == 1
     if classify:
         top = max(1, args.top)
-        result = client.infer(args.model, {inp.name: x}, version=args.version, datatypes={inp.name: inp.datatype},
+        n = len(next(iter(feeds.values())))
+        result = client.infer(args.model, feeds, version=args.version, datatypes=datatypes,
                               outputs=[out.name], classification=top)[out.name]
-        for i, row in enumerate(result.reshape(len(x), -1)):
+        for i, row in enumerate(result.reshape(n, -1)):
             print(f"sample {i}:")
             for entry in row:
                 score, idx, *label = entry.decode().split(":", 2)
                 print(f"  {label[0] if label else idx:>12}  class {idx:>4}  score {float(score):.4f}")
         return 0
-    outputs = client.infer(args.model, {inp.name: x}, version=args.version, datatypes={inp.name: inp.datatype})
+    outputs = client.infer(args.model, feeds, version=args.version, datatypes=datatypes)
     if args.out:
         if args.out.endswith(".npz"):
             np.savez(args.out, **outputs)

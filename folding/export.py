@@ -140,7 +140,7 @@ def _config(request: FoldRequest, name: str, model_dir: Path, version: int, prep
     inputs, outputs = tensor_specs(prepared.folded, batched=batched)
     config = make_config(name, inputs, outputs, max_batch_size=request.max_batch_size if batched else 0,
                          max_queue_delay_us=request.max_queue_delay_us,
-                         label_output=outputs[0].name if prepared.labels else None)
+                         label_output=(prepared.record.accuracy_output or outputs[0].name) if prepared.labels else None)
     config.parameters["foldserve_precision"].string_value = model_precision(model_dir, version, request.precision)
     return config
 
@@ -162,6 +162,9 @@ def build_entry(request: FoldRequest) -> EntryResult:
     model_dir = Path(request.repository) / name
     version_dir = model_dir / str(version)
     config = _config(request, name, model_dir, version, prepared)
+    if request.precision == "int8" and len(prepared.record.input_records()) > 1:
+        raise ConfigError(f"--precision int8 calibrates models with one input; this one has "
+                          f"{[r.name for r in prepared.record.input_records()]} (fp32 and fp16 serve it)")
     calibration, calibration_source = (calibration_samples(prepared, opts, request.calibration_samples)
                                        if request.precision == "int8" else (None, ""))
     served, precision_info = to_precision(prepared.folded, request.precision, calibration=calibration,

@@ -102,7 +102,8 @@ class CheckpointKind(SourceKind):
         if labels_file:
             raise ConfigError("--labels is for models brought from elsewhere: a checkpoint records its class names")
         for flag, value in (("--normalize", opts.normalize), ("--input-shape", opts.input_shape),
-                            ("--input-name", opts.input_name), ("--output-name", opts.output_name)):
+                            ("--input-name", opts.input_name), ("--output-name", opts.output_name),
+                            ("--accuracy-output", opts.accuracy_output)):
             if value:
                 raise ConfigError(f"{flag} is for models brought from elsewhere: a foldserve checkpoint records its "
                                   f"own input, names and normalisation")
@@ -171,19 +172,18 @@ def check_agreement(onnx_report: FoldReport, torch_report: FoldReport) -> None:
 class UserKind(SourceKind):
     """A model not made by foldserve: names, shapes and normalisation come from the model and the flags."""
 
-    rename_output: ClassVar[bool] = True     # torch programs' outputs are called "output"; ONNX keeps its own
-
     @abstractmethod
-    def reference(self, path: Path, opts: Options) -> tuple[onnx.ModelProto, bool]:
-        """The unfolded reference ONNX (BN kept) and whether it keeps its weights as external data."""
+    def reference(self, path: Path, opts: Options) -> tuple[onnx.ModelProto, bool, list[str] | None]:
+        """The unfolded reference ONNX (BN kept), whether it keeps its weights as external data, and the names
+        of its outputs (None: the file's own)."""
 
     def truth_dtype(self) -> str:
         return "float64"
 
     def prepare(self, path: Path, opts: Options, labels_file: str | None) -> Prepared:
         record = SourceRecord(kind=self.name, original=path.name, sha256=file_sha256(path))
-        reference, external = self.reference(path, opts)
-        finish_reference(reference, record, opts, path.name, rename_output=self.rename_output)
+        reference, external, output_names = self.reference(path, opts)
+        finish_reference(reference, record, opts, path.name, output_names=output_names)
         record.truth_dtype = self.truth_dtype()
         folded, onnx_report = fold_onnx(reference)
         if onnx_report.bn_before == 0 and not (onnx_report.affines or onnx_report.merges):
@@ -212,9 +212,8 @@ class OnnxKind(UserKind):
     name = "onnx"
     source_file = REFERENCE_FILE
     description = "an ONNX model (.onnx)"
-    rename_output = False
 
-    def reference(self, path: Path, opts: Options) -> tuple[onnx.ModelProto, bool]:
+    def reference(self, path: Path, opts: Options) -> tuple[onnx.ModelProto, bool, list[str] | None]:
         header = onnx.load(str(path), load_external_data=False)
         external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in header.graph.initializer)
         model = load_onnx_file(path, external=True)
@@ -222,7 +221,7 @@ class OnnxKind(UserKind):
             onnx.checker.check_model(model if not external else str(path))
         except onnx.checker.ValidationError as exc:
             raise CheckpointError(f"{path.name}: an invalid ONNX model ({first_line(exc, 200)})") from None
-        return model, external
+        return model, external, None
 
     def truth_dtype(self) -> str:
         return "float32"          # the file itself, run by onnxruntime with optimisations off
@@ -244,14 +243,15 @@ class ProgramKind(UserKind):
         """A fresh callable module of the program."""
 
     @abstractmethod
-    def input_signature(self, program: Any, opts: Options, name: str) -> tuple[str, list[int | None]]:
-        """(input name, dims with None where symbolic) of a one-input program."""
+    def input_signature(self, program: Any, opts: Options, name: str) -> list[tuple[str, list[int | None]]]:
+        """(input name, dims with None where symbolic) of each input, in order."""
 
     @abstractmethod
     def count_bns(self, program: Any) -> int: ...
 
     @abstractmethod
-    def export(self, program: Any, example: torch.Tensor, input_name: str) -> onnx.ModelProto: ...
+    def export(self, program: Any, examples: list[torch.Tensor], input_names: list[str],
+               output_names: list[str]) -> onnx.ModelProto: ...
 
     def load(self, path: Path) -> Any:
         """The program in eval mode; one line when it cannot load."""
@@ -270,23 +270,25 @@ class ProgramKind(UserKind):
         finally:
             export_log.setLevel(level)
 
-    def reference(self, path: Path, opts: Options) -> tuple[onnx.ModelProto, bool]:
+    def reference(self, path: Path, opts: Options) -> tuple[onnx.ModelProto, bool, list[str] | None]:
         """The program as ONNX with BatchNormalization kept (no exporter-side fusion) and a dynamic batch axis
-        where the program has one."""
+        where the program has one; its outputs named after what the program returns (dict keys)."""
         program = self.load(path)
         self.check_eval(program, path.name)
-        input_name, dims = self.input_signature(program, opts, path.name)
-        shape = resolve_shape(dims[1:], opts.input_shape, f"{path.name} input {input_name!r}")
-        example = torch.randn([dims[0] or 2, *shape])
-        self._check_runs(program, example, path.name, opts)
+        signature = self.input_signature(program, opts, path.name)
+        names = [n for n, _ in signature]
+        examples = [torch.randn([dims[0] or 2, *resolve_shape(
+            dims[1:], opts.for_input(opts.input_shape, name, names, "--input-shape"), f"{path.name} input {name!r}")])
+            for name, dims in signature]
+        output_names = program_output_names(self._check_runs(program, examples, path.name, opts), path.name)
         try:
-            model = self.export(program, example, input_name)
+            model = self.export(program, examples, names, output_names)
         except ConfigError:
             raise
         except Exception as exc:
             raise FoldError(f"{path.name}: the ONNX export failed ({type(exc).__name__}: {first_line(exc)})") from None
         check_bn_kept(model, self.count_bns(program), path.name)
-        return model, False
+        return model, False, output_names
 
     def open(self, vdir: Path, record: SourceRecord) -> SourceModel:
         return ProgramSource(vdir, record, self)
@@ -294,18 +296,45 @@ class ProgramKind(UserKind):
     def check_eval(self, program: Any, name: str) -> None:
         """Refuse a program whose batch norms use batch statistics (exported in training mode), before any work."""
 
-    def _check_runs(self, program: Any, example: torch.Tensor, name: str, opts: Options) -> None:
-        """Run the program once on the example before exporting it: an input shape it does not take is one
-        line naming the shape (the exporter's own error is a page of TorchScript IR)."""
+    def _check_runs(self, program: Any, examples: list[torch.Tensor], name: str, opts: Options) -> Any:
+        """Run the program once on the examples before exporting it (returns what it returns): an input shape it
+        does not take is one line naming the shape (the exporter's own error is a page of TorchScript IR)."""
         try:
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                self.module(program)(example)
+                return self.module(program)(*examples)
         except Exception as exc:  # the program's own error: a shape, a dtype, a missing op
-            shape = ",".join(map(str, example.shape[1:]))
-            flag = f" (--input-shape {shape})" if opts.input_shape else ""
-            raise ConfigError(f"{name}: the program does not run on input of shape {list(example.shape)}{flag}: "
+            shapes = " and ".join(str(list(e.shape)) for e in examples)
+            flag = (" (--input-shape " + " ".join(",".join(map(str, e.shape[1:])) for e in examples) + ")"
+                    if opts.input_shape else "")
+            raise ConfigError(f"{name}: the program does not run on input of shape {shapes}{flag}: "
                               f"{_telling_line(exc)}") from None
+
+
+def program_output_names(out: Any, what: str) -> list[str]:
+    """Names for what a program returns, in the order the ONNX export flattens it: ``output`` for one tensor,
+    dict keys (``key_sub`` when nested), ``output_0, output_1, ...`` for a tuple or list."""
+    if isinstance(out, torch.Tensor):
+        return [OUTPUT_NAME]
+    names: list[str] = []
+
+    def walk(value: Any, path: list[str]) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, [*path, str(k)])
+        elif isinstance(value, (tuple, list)):
+            for i, v in enumerate(value):
+                walk(v, [*path, str(i)])
+        elif isinstance(value, torch.Tensor):
+            name = "_".join(path)
+            names.append(name if name and not name[0].isdigit() else f"{OUTPUT_NAME}_{name}")
+        else:
+            raise ConfigError(f"{what}: the program returns a {type(value).__name__} at {'/'.join(path) or 'top'}; "
+                              f"foldserve serves tensors (return tensors, or a dict / tuple of them)")
+    walk(out, [])
+    if not names:
+        raise ConfigError(f"{what}: the program returns no tensor")
+    return names
 
 
 def _telling_line(exc: BaseException) -> str:
@@ -330,14 +359,18 @@ class Pt2Kind(ProgramKind):
         module: torch.nn.Module = program.module()     # checks shapes as exported
         return module
 
-    def input_signature(self, program: Any, opts: Options, name: str) -> tuple[str, list[int | None]]:
-        users = list(program.graph_signature.user_inputs)
-        if len(users) != 1:
-            raise ConfigError(f"{name}: a torch.export program with inputs {users}: foldserve folds models with "
-                              f"one input")
-        node = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == users[0])
-        val = node.meta.get("val")
-        return users[0], [int(d) if isinstance(d, int) or str(d).isdigit() else None for d in val.shape]
+    def input_signature(self, program: Any, opts: Options, name: str) -> list[tuple[str, list[int | None]]]:
+        out = []
+        for user in program.graph_signature.user_inputs:
+            node = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == user)
+            val = node.meta.get("val")
+            if not isinstance(val, torch.Tensor):
+                raise ConfigError(f"{name}: input {user!r} of the torch.export program is not a tensor "
+                                  f"({type(val).__name__}); foldserve serves tensor inputs")
+            out.append((user, [int(d) if isinstance(d, int) or str(d).isdigit() else None for d in val.shape]))
+        if not out:
+            raise ConfigError(f"{name}: a torch.export program without inputs")
+        return out
 
     def count_bns(self, program: Any) -> int:
         return sum(1 for n in program.graph.nodes if n.op == "call_function" and "batch_norm" in str(n.target))
@@ -353,7 +386,8 @@ class Pt2Kind(ProgramKind):
                             f"use batch statistics, e.g. {training[0]}): its folded form could never match; export it "
                             f"after model.eval()")
 
-    def export(self, program: Any, example: torch.Tensor, input_name: str) -> onnx.ModelProto:
+    def export(self, program: Any, examples: list[torch.Tensor], input_names: list[str],
+               output_names: list[str]) -> onnx.ModelProto:
         return export_dynamo(program)
 
 
@@ -372,22 +406,26 @@ class TorchScriptKind(ProgramKind):
         module: torch.nn.Module = program
         return module
 
-    def input_signature(self, program: Any, opts: Options, name: str) -> tuple[str, list[int | None]]:
+    def input_signature(self, program: Any, opts: Options, name: str) -> list[tuple[str, list[int | None]]]:
         args = [a.name for a in program.forward.schema.arguments][1:]
-        if len(args) != 1:
-            raise ConfigError(f"{name}: a TorchScript module whose forward takes {args}: foldserve folds models with "
-                              f"one input")
-        if not opts.input_shape:
-            raise ConfigError(f"{name}: a TorchScript file does not record its input shape: pass --input-shape "
-                              f"(per sample, without the batch axis), e.g. --input-shape 3,224,224")
-        return args[0], [None, *opts.input_shape]
+        out: list[tuple[str, list[int | None]]] = []
+        for arg in args:
+            shape = opts.for_input(opts.input_shape, arg, args, "--input-shape")
+            if not shape:
+                example = "3,224,224" if len(args) == 1 else " ".join(f"{a}:3,224,224" for a in args)
+                raise ConfigError(f"{name}: a TorchScript file does not record its input shapes: pass --input-shape "
+                                  f"(per sample, without the batch axis) for {args}, e.g. --input-shape "
+                                  f"{example.replace(' ', ' --input-shape ')}")
+            out.append((arg, [None, *shape]))
+        return out
 
     def count_bns(self, program: Any) -> int:
         return sum(1 for n in program.inlined_graph.nodes()
                    if n.kind() in ("aten::batch_norm", "aten::_batch_norm_impl_index"))
 
-    def export(self, program: Any, example: torch.Tensor, input_name: str) -> onnx.ModelProto:
-        return export_torchscript(program, example, input_name, OUTPUT_NAME, keep_bn=True)
+    def export(self, program: Any, examples: list[torch.Tensor], input_names: list[str],
+               output_names: list[str]) -> onnx.ModelProto:
+        return export_torchscript(program, examples, input_names, output_names, keep_bn=True)
 
 
 def _check_pt2_schema(path: Path) -> None:
@@ -423,10 +461,15 @@ def read_labels_file(labels_file: str, folded: onnx.ModelProto, record: SourceRe
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"--labels {Path(labels_file).name}: unreadable "
                           f"({getattr(exc, 'strerror', None) or exc})") from None
-    dims = [d.dim_value for d in folded.graph.output[0].type.tensor_type.shape.dim]
+    target = record.accuracy_output or record.output_name
+    if record.task != "classification":
+        raise ConfigError(f"--labels names classes, but the model's outputs are {record.output_names()}: with "
+                          f"several, say which one is the classifier with --accuracy-output NAME")
+    out = next(o for o in folded.graph.output if o.name == target)
+    dims = [d.dim_value for d in out.type.tensor_type.shape.dim]
     classes = dims[-1] if dims and dims[-1] > 0 else None
-    if record.task != "classification" or (classes is not None and classes != len(labels)):
-        raise ConfigError(f"--labels has {len(labels)} names; the model's output {record.output_name!r} has shape "
+    if classes is not None and classes != len(labels):
+        raise ConfigError(f"--labels has {len(labels)} names; the model's output {target!r} has shape "
                           f"{dims}: labels need an output [batch, {len(labels)}]")
     return labels
 

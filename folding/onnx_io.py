@@ -27,16 +27,19 @@ DYNAMO_OPSET = 18      # the dynamo exporter's lowest
 EXTERNAL_DATA_THRESHOLD = 1024
 
 
-def export_torchscript(module: Any, example: torch.Tensor, input_name: str, output_name: str, *,
-                       keep_bn: bool) -> onnx.ModelProto:
-    """TorchScript export with a dynamic batch axis. ``keep_bn`` turns constant folding off, which is what keeps
-    torch's exporter from folding Conv+BN on its own."""
+def export_torchscript(module: Any, example: torch.Tensor | list[torch.Tensor], input_name: str | list[str],
+                       output_name: str | list[str], *, keep_bn: bool) -> onnx.ModelProto:
+    """TorchScript export with a dynamic batch axis on every input and output. ``keep_bn`` turns constant folding
+    off, which is what keeps torch's exporter from folding Conv+BN on its own."""
+    examples = example if isinstance(example, list) else [example]
+    inputs = input_name if isinstance(input_name, list) else [input_name]
+    outputs = output_name if isinstance(output_name, list) else [output_name]
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, (example,), buf, dynamo=False, do_constant_folding=not keep_bn,
-                          input_names=[input_name], output_names=[output_name], opset_version=OPSET,
-                          dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}})
+        torch.onnx.export(module, tuple(examples), buf, dynamo=False, do_constant_folding=not keep_bn,
+                          input_names=inputs, output_names=outputs, opset_version=OPSET,
+                          dynamic_axes={n: {0: "batch"} for n in (*inputs, *outputs)})
     return onnx.load_from_string(buf.getvalue())
 
 

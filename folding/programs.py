@@ -10,30 +10,46 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 
 from foldserve.datatypes import lookup
-from foldserve.entry import OUTPUT_NAME
 from foldserve.errors import CheckpointError, ConfigError
-from foldserve.records import SourceRecord, first_line
+from foldserve.records import InputRecord, SourceRecord, first_line
 
 logger = logging.getLogger(__name__)
 EXPECTED = ("a foldserve checkpoint, an ONNX model (.onnx), a torch.export program (torch.export.save, .pt2) "
             "or a TorchScript file (torch.jit.save)")
 
 
+Norm = dict[str, list[float]]
+
+
 @dataclass
 class Options:
-    """What a model may not say about itself (flags of ``foldserve fold``)."""
+    """What a model may not say about itself (flags of ``foldserve fold``). ``input_shape`` and ``normalize`` are
+    by input name; the key ``""`` is the unnamed form (``--input-shape 3,224,224``), which means the only input."""
 
-    input_shape: list[int] | None = None
-    normalize: dict[str, list[float]] | None = None
-    input_name: str | None = None
-    output_name: str | None = None
+    input_shape: dict[str, list[int]] | None = None
+    normalize: dict[str, Norm] | None = None
+    input_name: str | None = None          # NAME or NAME,NAME,... (one per input, in order)
+    output_name: str | None = None         # NAME or NAME,NAME,... (one per output, in order)
     data: str | None = None
     calibration_data: str | None = None   # int8: calibrate on these samples instead of --data / training data
+    accuracy_output: str | None = None     # with several outputs: the classifier whose accuracy --data y measures
+
+    def for_input(self, table: dict[str, Any] | None, name: str, inputs: list[str], flag: str) -> Any:
+        """The value given for input ``name`` (the unnamed one where the model has one input)."""
+        if not table:
+            return None
+        unknown = sorted(set(table) - {"", *inputs})
+        if unknown:
+            raise ConfigError(f"{flag} names input {unknown[0]!r}; the model's inputs are {inputs}")
+        if "" in table and len(inputs) > 1:
+            raise ConfigError(f"{flag} without a name, but the model has inputs {inputs}: give NAME:... for each")
+        return table.get(name, table.get("") if len(inputs) == 1 else None)
 
 
 # --- reading ONNX -------------------------------------------------------------------------------------
@@ -63,7 +79,28 @@ def parse_shape(text: str | None, flag: str = "--input-shape") -> list[int] | No
     return dims
 
 
-def parse_normalize(text: str | None) -> dict[str, list[float]] | None:
+def _split_name(text: str, parts_without_name: int) -> tuple[str, str]:
+    """``NAME:rest`` -> (NAME, rest) when the text has one more ``:``-part than the unnamed form."""
+    if text.count(":") == parts_without_name:
+        name, rest = text.split(":", 1)
+        return name.strip(), rest
+    return "", text
+
+
+def parse_shapes(texts: list[str] | str | None) -> dict[str, list[int]] | None:
+    """``--input-shape [NAME:]C,H,W`` (repeatable: one per input of a model with several)."""
+    if not texts:
+        return None
+    out: dict[str, list[int]] = {}
+    for text in [texts] if isinstance(texts, str) else texts:
+        name, dims = _split_name(text, 1)
+        if name in out:
+            raise ConfigError(f"--input-shape given twice for {'input ' + repr(name) if name else 'the input'}")
+        out[name] = parse_shape(dims) or []
+    return out
+
+
+def parse_normalize(text: str | None) -> Norm | None:
     """``MEAN,..:STD,..`` -> {"mean": [...], "std": [...]} (one value per channel, or one for all)."""
     if not text:
         return None
@@ -72,11 +109,35 @@ def parse_normalize(text: str | None) -> dict[str, list[float]] | None:
         mean = [float(v) for v in mean_s.split(",")]
         std = [float(v) for v in std_s.split(",")]
     except ValueError:
-        raise ConfigError(f"--normalize {text!r}: expected MEAN,..:STD,.. e.g. 0.485,0.456,0.406:0.229,0.224,0.225"
-                          ) from None
+        raise ConfigError(f"--normalize {text!r}: expected [NAME:]MEAN,..:STD,.. e.g. "
+                          f"0.485,0.456,0.406:0.229,0.224,0.225") from None
     if len(mean) != len(std) or not all(np.isfinite(mean)) or not all(np.isfinite(s) and s > 0 for s in std):
         raise ConfigError(f"--normalize {text!r}: as many means as standard deviations, finite, std > 0")
     return {"mean": mean, "std": std}
+
+
+def parse_normalizes(texts: list[str] | str | None) -> dict[str, Norm] | None:
+    """``--normalize [NAME:]MEAN,..:STD,..`` (repeatable: one per input)."""
+    if not texts:
+        return None
+    out: dict[str, Norm] = {}
+    for text in [texts] if isinstance(texts, str) else texts:
+        name, rest = _split_name(text, 2)
+        if name in out:
+            raise ConfigError(f"--normalize given twice for {'input ' + repr(name) if name else 'the input'}")
+        out[name] = parse_normalize(rest) or {}
+    return out
+
+
+def parse_names(text: str | None, count: int, flag: str, what: str) -> list[str] | None:
+    """``--input-name`` / ``--output-name``: one name per tensor, comma-separated, in the model's order."""
+    if not text:
+        return None
+    names = [n.strip() for n in text.split(",")]
+    if len(names) != count or not all(names) or len(set(names)) != len(names):
+        raise ConfigError(f"{flag} {text!r}: the model has {count} {what}; give {count} distinct name(s), "
+                          f"comma-separated in order")
+    return names
 
 
 def resolve_shape(model_dims: list[int | None], given: list[int] | None, where: str) -> list[int]:
@@ -93,9 +154,9 @@ def resolve_shape(model_dims: list[int | None], given: list[int] | None, where: 
     return given
 
 
-def _check_normalization(norm: dict[str, list[float]] | None, shape: list[int]) -> None:
+def _check_normalization(norm: Norm | None, shape: list[int], name: str) -> None:
     if norm and len(norm["mean"]) not in (1, shape[0] if shape else 1):
-        raise ConfigError(f"--normalize has {len(norm['mean'])} values per statistic; the input has "
+        raise ConfigError(f"--normalize has {len(norm['mean'])} values per statistic; input {name!r} has "
                           f"{shape[0] if shape else 0} "
                           f"channels (axis 1): give one per channel or one for all")
 
@@ -117,11 +178,12 @@ def rename_tensor(model: onnx.ModelProto, old: str, new: str) -> None:
             vi.name = new
 
 
-def prepend_normalization(model: onnx.ModelProto, norm: dict[str, list[float]], rank: int) -> None:
+def prepend_normalization(model: onnx.ModelProto, norm: Norm, rank: int, name: str | None = None) -> None:
     """``input -> (input - mean) / std -> the model``, constants shaped [1, C, 1, ...] in the input's type."""
     g = model.graph
-    name = g.input[0].name
-    dtype = lookup(g.input[0].type.tensor_type.elem_type, "onnx", f"input {name!r}").numpy
+    vi = next(i for i in g.input if i.name == name) if name else g.input[0]
+    name = vi.name
+    dtype = lookup(vi.type.tensor_type.elem_type, "onnx", f"input {name!r}").numpy
     inner = f"{name}__normalized"
     for n in g.node:
         n.input[:] = [inner if i == name else i for i in n.input]
@@ -132,8 +194,9 @@ def prepend_normalization(model: onnx.ModelProto, norm: dict[str, list[float]], 
                                        f"{name}__std")
     g.initializer.extend([mean, std])
     centred = f"{name}__centred"
-    nodes = [onnx.helper.make_node("Sub", [name, mean.name], [centred], name="foldserve_normalize_sub"),
-             onnx.helper.make_node("Div", [centred, std.name], [inner], name="foldserve_normalize_div")]
+    suffix = "" if vi is g.input[0] else f"_{name}"
+    nodes = [onnx.helper.make_node("Sub", [name, mean.name], [centred], name=f"foldserve_normalize_sub{suffix}"),
+             onnx.helper.make_node("Div", [centred, std.name], [inner], name=f"foldserve_normalize_div{suffix}")]
     for i, n in enumerate(nodes):
         g.node.insert(i, n)
 
@@ -143,48 +206,90 @@ def _input_dims(vi: onnx.ValueInfoProto) -> list[int | None]:
             for d in vi.type.tensor_type.shape.dim]
 
 
-def _check_single_io(model: onnx.ModelProto, what: str) -> None:
-    """One input and one output; initializers listed as graph inputs (old exporters) become plain constants."""
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """The model's inputs; initializers listed as graph inputs (old exporters) become plain constants."""
     g = model.graph
     inits = {t.name for t in g.initializer}
     inputs = [i for i in g.input if i.name not in inits]
-    outputs = [o.name for o in g.output]
-    if len(inputs) != 1 or len(outputs) != 1:
-        raise ConfigError(f"{what} has inputs {[i.name for i in inputs]} and outputs {outputs}: foldserve folds "
-                          f"and verifies models with one input and one output")
     rest = [i for i in g.input if i.name in inits] if model.ir_version < 4 else []
     del g.input[:]
     g.input.extend(inputs + rest)
+    return inputs
 
 
+def _batch_axis(dims: dict[str, list[int | None]], what: str) -> int | None:
+    """The batch every input shares: None (dynamic) or the fixed N; inputs that disagree are refused."""
+    firsts = {name: d[0] for name, d in dims.items()}
+    if len(set(firsts.values())) > 1:
+        raise ConfigError(f"{what}: inputs disagree on the batch axis (first dimension): "
+                          f"{ {k: v if v is not None else '?' for k, v in firsts.items()} }; foldserve needs one batch "
+                          f"axis shared by every input (all dynamic, or all the same size)")
+    return next(iter(firsts.values()))
+
+
+# long function: every input, then every output, each named, shaped and checked in one place
 def finish_reference(reference: onnx.ModelProto, record: SourceRecord, opts: Options, what: str, *,
-                     rename_output: bool) -> None:
-    """Names, shape, batch axis and normalisation, common to every kind (``rename_output``: the output is
-    called ``output`` unless --output-name says otherwise; an ONNX file keeps its own)."""
-    _check_single_io(reference, what)
-    vi = reference.graph.input[0]
-    elem = vi.type.tensor_type.elem_type
-    dtype = lookup(elem, "onnx", f"{what} input {vi.name!r}").numpy
-    if not np.issubdtype(dtype, np.floating) and not opts.data:
-        raise ConfigError(f"{what} takes {dtype.name} input {vi.name!r}: random verification inputs need a float "
-                          f"input; pass real samples with --data FILE.npz")
-    dims = _input_dims(vi)
-    if not dims:
-        raise ConfigError(f"{what}: input {vi.name!r} has no shape; export it with a shape (batch first)")
-    record.batch = dims[0]                 # None: dynamic batch axis
-    record.input_shape = resolve_shape(dims[1:], opts.input_shape, f"{what} input {vi.name!r}")
-    if opts.input_name:
-        rename_tensor(reference, vi.name, opts.input_name)
-    if opts.output_name or rename_output:
-        rename_tensor(reference, reference.graph.output[0].name, opts.output_name or OUTPUT_NAME)
-    record.input_name = reference.graph.input[0].name
-    record.output_name = reference.graph.output[0].name
-    if opts.normalize:
-        if not np.issubdtype(dtype, np.floating):
-            raise ConfigError(f"--normalize needs a float input; {what}'s is {dtype.name}")
-        _check_normalization(opts.normalize, record.input_shape)
-        prepend_normalization(reference, opts.normalize, 1 + len(record.input_shape))
-        record.normalization = opts.normalize
-    out_rank = len(reference.graph.output[0].type.tensor_type.shape.dim)
-    record.task = "classification" if out_rank == 2 else "other"
+                     output_names: list[str] | None) -> None:
+    """Names, shapes, batch axis and normalisation of every input and output, common to every kind
+    (``output_names``: what a torch program calls its outputs; an ONNX file keeps its own; --output-name wins)."""
+    vis = graph_inputs(reference)
+    if not vis:
+        raise ConfigError(f"{what} has no inputs")
+    names = [vi.name for vi in vis]
+    dims: dict[str, list[int | None]] = {}
+    for vi in vis:
+        dtype = lookup(vi.type.tensor_type.elem_type, "onnx", f"{what} input {vi.name!r}").numpy
+        if not np.issubdtype(dtype, np.floating) and not opts.data:
+            raise ConfigError(f"{what} takes {dtype.name} input {vi.name!r}: random verification inputs need float "
+                              f"inputs; pass real samples with --data FILE.npz")
+        dims[vi.name] = _input_dims(vi)
+        if not dims[vi.name]:
+            raise ConfigError(f"{what}: input {vi.name!r} has no shape; export it with a shape (batch first)")
+    record.batch = _batch_axis(dims, what)                 # None: dynamic batch axis
+    inputs = []
+    for vi in vis:
+        shape = resolve_shape(dims[vi.name][1:], opts.for_input(opts.input_shape, vi.name, names, "--input-shape"),
+                              f"{what} input {vi.name!r}")
+        inputs.append(InputRecord(vi.name, shape))
+    renamed = parse_names(opts.input_name, len(vis), "--input-name", "input(s)")
+    norms = {r.name: opts.for_input(opts.normalize, r.name, names, "--normalize") for r in inputs}
+    outs = [o.name for o in reference.graph.output]
+    wanted = parse_names(opts.output_name, len(outs), "--output-name", "output(s)") or output_names
+    if wanted is not None and len(wanted) != len(outs):
+        raise ConfigError(f"{what} has {len(outs)} outputs, its program returns {len(wanted)}: pass --output-name")
+    if renamed:
+        for r, new in zip(inputs, renamed, strict=True):
+            rename_tensor(reference, r.name, new)
+            norms[new] = norms.pop(r.name)
+            r.name = new
+    if wanted:
+        for old, new in zip(outs, wanted, strict=True):
+            rename_tensor(reference, old, new)
+        outs = list(wanted)
+    numbered = [o for o in outs if o.isdigit()]
+    if numbered:
+        logger.warning("%s: outputs %s are numbers the exporter gave; name them with --output-name %s", what,
+                       numbered, ",".join(f"NAME{i}" for i in range(len(outs))))
+    for r in inputs:
+        norm = norms.get(r.name)
+        if norm:
+            vi = next(i for i in reference.graph.input if i.name == r.name)
+            if not np.issubdtype(lookup(vi.type.tensor_type.elem_type, "onnx", r.name).numpy, np.floating):
+                raise ConfigError(f"--normalize needs a float input; {what}'s {r.name!r} is not")
+            _check_normalization(norm, r.shape, r.name)
+            prepend_normalization(reference, norm, 1 + len(r.shape), r.name)
+            r.normalization = norm
+    record.inputs, record.outputs = inputs, outs
+    first = inputs[0]
+    record.input_name, record.input_shape, record.normalization = first.name, first.shape, first.normalization
+    record.output_name = outs[0]
+    ranks = {o.name: len(o.type.tensor_type.shape.dim) for o in reference.graph.output}
+    if opts.accuracy_output is not None:
+        if opts.accuracy_output not in ranks:
+            raise ConfigError(f"--accuracy-output {opts.accuracy_output!r}: the model's outputs are {outs}")
+        if ranks[opts.accuracy_output] != 2:
+            raise ConfigError(f"--accuracy-output {opts.accuracy_output!r} has rank {ranks[opts.accuracy_output]}; "
+                              f"accuracy needs class scores [batch, classes]")
+        record.accuracy_output = opts.accuracy_output
+    record.task = "classification" if (len(outs) == 1 and ranks[outs[0]] == 2) or record.accuracy_output else "other"
     record.data = str(Path(opts.data).resolve()) if opts.data else None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -339,7 +340,9 @@ class ProgramSource(SourceModel):
     def _float64(self, module: Any) -> tuple[Any, str]:
         """A float64 copy of the program when it runs so (constants of a fixed dtype in the graph may prevent it)."""
         try:
-            module = copy.deepcopy(module).to(torch.float64)
+            with warnings.catch_warnings():      # deepcopy of an unlifted program warns about its pytree specs
+                warnings.simplefilter("ignore")
+                module = copy.deepcopy(module).to(torch.float64)
             probe = random_feed(self.record.input_records(), self.record.batch or 2, 0, np.float64)
             with torch.no_grad():
                 outs = flatten_outputs(module(*self._tensors(probe, np.float64)))

@@ -288,8 +288,9 @@ def _summarise(r: CandidateResult, classification: bool) -> None:
     worst_set = max(per, key=lambda k: per[k].max_abs / max(per[k].bound, 1e-30))
     r.worst = Worst(worst_set, per[worst_set].worst_index)
     r.frac_over = max(v.frac_over for v in per.values())
-    if classification:
-        r.top1_agreement = min(v.top1_agreement or 0.0 for v in per.values())
+    labelled = [v.top1_agreement for v in per.values() if v.top1_agreement is not None]
+    if classification and labelled:
+        r.top1_agreement = min(labelled)
 
 
 def _failure(results: dict[str, CandidateResult], invariance: dict[str, ComparisonRecord],

@@ -317,3 +317,24 @@ def library(name: str):
 
 
 _LIBS: list = []     # keeps the op library alive
+
+
+class TwoTower(nn.Module):
+    """Two inputs (an image and a feature vector) and two outputs (class scores and an embedding), BN on both
+    towers (BatchNorm2d after convs, BatchNorm1d after a Linear)."""
+
+    def __init__(self, classes: int = 5, features: int = 6) -> None:
+        super().__init__()
+        self.image = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                                   nn.Conv2d(8, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.vector = nn.Sequential(nn.Linear(features, 16), nn.BatchNorm1d(16), nn.ReLU())
+        self.head = nn.Linear(32, classes)
+        self.embed = nn.Linear(32, 4)
+
+    def forward(self, image: torch.Tensor, vector: torch.Tensor):
+        z = torch.cat([self.image(image).mean((2, 3)), self.vector(vector)], dim=1)
+        return {"scores": self.head(z), "embedding": self.embed(z)}
+
+
+def two_tower() -> TwoTower:
+    return randomize_bn(TwoTower())
