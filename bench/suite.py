@@ -11,6 +11,8 @@ Sections (each in the JSON report; the Markdown table summarises them):
 * ``scaling``    Triton's perf_analyzer at concurrency 1/8/32/64 against 1 and 2 workers, with and without
                  system shared memory, on ResNet-20 and the 3x224x224 model; py-spy profiles under load.
 * ``gpu``        onnxruntime CUDA EP (skipped without a GPU).
+* ``reparam``    timm's MobileOne-S0 / RepVGG-A0: training form vs what ``fold`` serves (:mod:`bench.reparam`).
+* ``fold_stages`` ``foldserve fold`` of torchvision's ResNet-50 .pt2 per stage (export, fold, verify).
 * ``goals``      the issue's goals as ratios from this run, each with pass/fail.
 """
 from __future__ import annotations
@@ -39,6 +41,9 @@ from bench.loadgen import (
     percentile,
 )
 from bench.process import FoldserveProcess, ServerProcess
+from bench.reparam import bench_fold_stages, bench_reparam
+from bench.reparam import goals as reparam_goals
+from bench.reparam import markdown as reparam_markdown
 from foldserve.atomic import write_json, write_text
 from foldserve.entry import INPUT_NAME
 
@@ -610,6 +615,7 @@ def goals(r: dict[str, Any]) -> list[dict[str, Any]]:
     f = r["folding"]
     g.append({"goal": "fold a ResNet-50-sized model in < 2 s", "measured": f"{f['fold_module_s']:.2f} s (torch.fx), "
               f"{f['fold_onnx_s']:.2f} s (ONNX)", "limit": "2 s", "passed": max(f["fold_module_s"], f["fold_onnx_s"]) < 2})
+    g += reparam_goals(r)
     return g
 
 
@@ -702,6 +708,7 @@ def markdown(report: dict[str, Any]) -> str:
             if "inprocess_cuda_b32" in e:
                 lines.append(f"| {name} (CUDA) | | | | {e['inprocess_cuda_b32']['samples_per_s']:.0f} | "
                              f"{e['inprocess_cuda_b32']['p50_ms']:.2f} | | |")
+    lines += reparam_markdown(r)
     lines += ["", f"GPU: {json.dumps(r['gpu'])}"]
     return "\n".join(lines) + "\n"
 
@@ -763,6 +770,8 @@ def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
         report["scaling"] = bench_scaling(repo, quick, work)
         report["precision"] = bench_precision(work, quick)
         report["gpu"] = bench_gpu(r20)
+        report["reparam"] = bench_reparam(work, quick)
+        report["fold_stages"] = bench_fold_stages(work, quick)
         report["goals"] = goals(report)
         report["meta"]["wall_s"] = round(time.perf_counter() - t0, 1)
     finally:

@@ -10,20 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BN statistics and affine parameters (a freshly built net has mean 0, var 1)."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
-            m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.25)
-            if m.affine:
-                m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.data.copy_(torch.randn(n, generator=g) * 0.2)
-    return model.eval()
-
+from bench.libraries import library, randomize_bn  # noqa: F401 (tests import them from here)
 
 # --- ResNet-18 (torchvision.models.resnet18) ----------------------------------------------------------
 
@@ -297,26 +284,6 @@ def frozen_net() -> FrozenNet:
 
 def rep_net(width: int = 8) -> RepNet:
     return randomize_bn(RepNet(width))
-
-
-# --- models from torchvision and timm ----------------------------------------------------------------------
-
-def library(name: str):
-    """Import ``torchvision`` or ``timm``. PyPI's torchvision is a CUDA build whose import fails against our CPU
-    torch unless its two custom ops are defined first (../shared/NOTES.md); timm imports torchvision."""
-    import importlib
-
-    try:
-        torch.ops.torchvision.nms  # noqa: B018 (defined already)
-    except (AttributeError, RuntimeError):
-        lib = torch.library.Library("torchvision", "DEF")
-        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        _LIBS.append(lib)
-    return importlib.import_module(name)
-
-
-_LIBS: list = []     # keeps the op library alive
 
 
 class TwoTower(nn.Module):

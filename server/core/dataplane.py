@@ -19,6 +19,7 @@ from foldserve.errors import (
     FoldserveError,
     InvalidInput,
     LimitExceeded,
+    NotSupported,
     PermissionDenied,
     QueueFull,
     RequestTimeout,
@@ -30,7 +31,7 @@ from server.core.coordinator import Coordinator, LocalCoordinator
 from server.core.loader import LoadedVersion
 from server.core.registry import ModelRegistry
 from server.core.repository import ModelRepository, check_model_name
-from server.core.shm import SystemSharedMemory, check_region_name
+from server.core.shm import CUDA_SHM_UNSUPPORTED, SystemSharedMemory, check_region_name
 from server.core.stats import Metrics, ModelStats
 from server.core.types import (
     IndexEntry,
@@ -209,6 +210,22 @@ class DataPlane:
         if name:
             check_region_name(name)
         return self.shm.status(name)
+
+    # CUDA shared memory: never registered here (no CUDA device is used for tensors), so status lists nothing and
+    # unregistering is a no-op; clients such as tritonclient's examples begin with unregister_cuda_shared_memory()
+
+    def cuda_shm_status(self, name: str = "") -> list[dict[str, Any]]:
+        if name:
+            check_region_name(name)
+            raise InvalidInput(f"CUDA shared-memory region {name!r} is not registered")
+        return []
+
+    def cuda_shm_unregister(self, name: str = "") -> None:
+        if name:
+            check_region_name(name)
+
+    def cuda_shm_register(self, name: str) -> None:
+        raise NotSupported(f"failed to register CUDA shared-memory region {name!r}: {CUDA_SHM_UNSUPPORTED}")
 
     def _check_repository_api(self) -> None:
         if not self.settings.repository_api:

@@ -108,7 +108,11 @@ def validate_request(req: InferRequest, model: ModelSpec, max_elements: int) -> 
         raise InvalidInput(f"missing inputs {missing} for model {model.name!r}")
     if len(batches) > 1:
         raise InvalidInput(f"inputs disagree on the batch size: {sorted(batches)}")
+    requested: set[str] = set()
     for o in req.outputs:
+        if o.name in requested:
+            raise InvalidInput(f"output {o.name!r} is requested twice; request each output once")
+        requested.add(o.name)
         if model.output(o.name) is None:
             raise InvalidInput(f"unknown output {o.name!r} requested; model {model.name!r} has "
                                f"{[t.name for t in model.outputs]}")

@@ -16,13 +16,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from foldserve.errors import FoldserveError, InvalidInput, NotSupported, PayloadTooLarge, PermissionDenied
+from foldserve.errors import FoldserveError, InvalidInput, PayloadTooLarge, PermissionDenied
 from foldserve.protocol import grpc_service_pb2 as pb
 from foldserve.protocol import grpc_service_pb2_grpc as pb_grpc
 from server.core.admission import Admission
 from server.core.auth import Op, authorize
 from server.core.dataplane import DataPlane
-from server.core.shm import CUDA_SHM_UNSUPPORTED
 from server.grpc import converters as conv
 from server.settings import Settings
 
@@ -233,10 +232,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.SystemSharedMemoryUnregisterResponse()
 
     @_rpc(Op.CUDA_SHM)
-    async def _cuda_shared_memory(self, request, context):
-        raise NotSupported(CUDA_SHM_UNSUPPORTED)
+    async def CudaSharedMemoryStatus(self, request, context):
+        self.dp.cuda_shm_status(request.name)
+        return pb.CudaSharedMemoryStatusResponse()
 
-    CudaSharedMemoryStatus = CudaSharedMemoryRegister = CudaSharedMemoryUnregister = _cuda_shared_memory
+    @_rpc(Op.CUDA_SHM)
+    async def CudaSharedMemoryRegister(self, request, context):
+        self.dp.cuda_shm_register(request.name)
+
+    @_rpc(Op.CUDA_SHM)
+    async def CudaSharedMemoryUnregister(self, request, context):
+        self.dp.cuda_shm_unregister(request.name)
+        return pb.CudaSharedMemoryUnregisterResponse()
 
 
 def _credentials(settings: Settings) -> grpc.ServerCredentials | None:

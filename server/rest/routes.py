@@ -15,10 +15,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
-from foldserve.errors import BodyTimeout, ClientGone, InvalidInput, NotSupported, PayloadTooLarge
+from foldserve.errors import BodyTimeout, ClientGone, InvalidInput, PayloadTooLarge
 from server.core.auth import Op, authorize
 from server.core.dataplane import DataPlane
-from server.core.shm import CUDA_SHM_UNSUPPORTED
 from server.rest.codec import HEADER, decompress, encode_infer_response, error_response, parse_infer_request
 from server.settings import Settings
 
@@ -292,14 +291,29 @@ async def shm_unregister(request: Request, name: str = "") -> Response:
     return Response(status_code=200)
 
 
-@shared_memory.get("/v2/cudasharedmemory/status", include_in_schema=False)
-@shared_memory.get("/v2/cudasharedmemory/region/{name}/status", include_in_schema=False)
-@shared_memory.post("/v2/cudasharedmemory/region/{name}/register", include_in_schema=False)
-@shared_memory.post("/v2/cudasharedmemory/unregister", include_in_schema=False)
-@shared_memory.post("/v2/cudasharedmemory/region/{name}/unregister", include_in_schema=False)
-async def cuda_shm(request: Request, name: str = "") -> Response:
+@shared_memory.get("/v2/cudasharedmemory/status", summary="CUDA shared-memory regions (none: not offered)")
+@shared_memory.get("/v2/cudasharedmemory/region/{name}/status", summary="One CUDA region's status",
+                   responses=ERRORS)
+async def cuda_shm_status(request: Request, name: str = "") -> Any:
     authorize_request(request, Op.CUDA_SHM)
-    raise NotSupported(CUDA_SHM_UNSUPPORTED)
+    return _dp(request).cuda_shm_status(name)
+
+
+@shared_memory.post("/v2/cudasharedmemory/region/{name}/register", summary="Register a CUDA region (501 here)",
+                    responses={**ERRORS, 501: {"model": ErrorBody}})
+async def cuda_shm_register(request: Request, name: str) -> Response:
+    authorize_request(request, Op.CUDA_SHM)
+    _dp(request).cuda_shm_register(name)
+    return Response(status_code=200)
+
+
+@shared_memory.post("/v2/cudasharedmemory/unregister", summary="Unregister every CUDA region (none are registered)")
+@shared_memory.post("/v2/cudasharedmemory/region/{name}/unregister", summary="Unregister a CUDA region",
+                    responses=ERRORS)
+async def cuda_shm_unregister(request: Request, name: str = "") -> Response:
+    authorize_request(request, Op.CUDA_SHM)
+    _dp(request).cuda_shm_unregister(name)
+    return Response(status_code=200)
 
 
 ROUTERS = (health, models, repository, shared_memory)

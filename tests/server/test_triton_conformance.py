@@ -1,0 +1,89 @@
+"""Triton conformance (issue 25), each behaviour through tritonclient or raw HTTP: CUDA shared-memory calls on a
+server that offers none (tritonclient's system-shm examples begin with unregister_cuda_shared_memory()), the same
+output requested twice, a manually chunked request body."""
+from __future__ import annotations
+
+import http.client
+import json
+
+import numpy as np
+import pytest
+import tritonclient.grpc as tgrpc
+import tritonclient.http as thttp
+from tritonclient.utils import InferenceServerException
+
+from tests.server.conftest import digits_batch
+
+pytestmark = pytest.mark.subprocess
+
+
+def test_cuda_shared_memory_lists_nothing_unregisters_and_refuses_register_on_both_transports(server):
+    g = tgrpc.InferenceServerClient(server.grpc)
+    h = thttp.InferenceServerClient(server.http)
+    try:
+        g.unregister_cuda_shared_memory()               # all, then one: both succeed with nothing registered
+        g.unregister_cuda_shared_memory("region0")
+        h.unregister_cuda_shared_memory()
+        h.unregister_cuda_shared_memory("region0")
+        assert list(g.get_cuda_shared_memory_status().regions) == []
+        assert h.get_cuda_shared_memory_status() == []
+        for client in (g, h):
+            with pytest.raises(InferenceServerException, match="failed to register CUDA shared-memory region") as e:
+                client.register_cuda_shared_memory("r", b"\0" * 64, 0, 64)
+            assert "system shared memory" in str(e.value)
+        with pytest.raises(InferenceServerException, match="'nope' is not registered"):
+            g.get_cuda_shared_memory_status("nope")
+        # the system shared-memory calls that follow in tritonclient's examples still work
+        g.unregister_system_shared_memory()
+        assert list(g.get_system_shared_memory_status().regions) == []
+    finally:
+        g.close()
+        h.close()
+
+
+def _raw_post(address: str, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict]:
+    host, port = address.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.putrequest("POST", path)
+        for k, v in headers.items():
+            conn.putheader(k, v)
+        conn.endheaders()
+        conn.send(body)
+        r = conn.getresponse()
+        return r.status, json.loads(r.read() or b"{}")
+    finally:
+        conn.close()
+
+
+def _infer_doc(outputs: list[str]) -> dict:
+    x = digits_batch(1)
+    return {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}],
+            "outputs": [{"name": o} for o in outputs]}
+
+
+def test_the_same_output_requested_twice_is_a_400_naming_it(server):
+    body = json.dumps(_infer_doc(["output", "output"])).encode()
+    status, doc = _raw_post(server.http, "/v2/models/digits/infer", body,
+                            {"Content-Type": "application/json", "Content-Length": str(len(body))})
+    assert status == 400 and "'output' is requested twice" in doc["error"]
+    g = tgrpc.InferenceServerClient(server.grpc)
+    try:
+        x = digits_batch(1)
+        inp = tgrpc.InferInput("input", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        with pytest.raises(InferenceServerException, match="requested twice") as e:
+            g.infer("digits", [inp], outputs=[tgrpc.InferRequestedOutput("output")] * 2)
+        assert e.value.status() == "StatusCode.INVALID_ARGUMENT"
+    finally:
+        g.close()
+
+
+def test_a_manually_chunked_body_is_read(server):
+    body = json.dumps(_infer_doc(["output"])).encode()
+    chunked = b"".join(f"{len(body[i:i + 100]):x}\r\n".encode() + body[i:i + 100] + b"\r\n"
+                       for i in range(0, len(body), 100)) + b"0\r\n\r\n"
+    status, doc = _raw_post(server.http, "/v2/models/digits/infer", chunked,
+                            {"Content-Type": "application/json", "Transfer-Encoding": "chunked"})
+    assert status == 200, doc
+    assert np.asarray(doc["outputs"][0]["data"]).size == 10
