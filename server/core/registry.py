@@ -207,19 +207,22 @@ class ModelRegistry:
         check_model_name(name)
         v = check_version(version)
         state = self._models.get(name)
+        # Triton's words first (clients match on them), then ours
+        unknown = f"Request for unknown model: '{name}'"
         if state is None:
             if self.repository.has(name):
-                raise ModelNotReady(f"model {name!r} is not loaded")
-            raise ModelNotFound(f"unknown model {name!r}")
+                raise ModelNotReady(f"{unknown} has no available versions: model {name!r} is not loaded")
+            raise ModelNotFound(f"{unknown} is not found: no model {name!r} in the repository")
         if v is None:
             if not state.versions:
-                raise ModelNotReady(f"model {name!r} is not ready: {state.reason or state.state}")
+                raise ModelNotReady(f"{unknown} has no available versions: model {name!r} is not ready: "
+                                    f"{state.reason or state.state}")
             return state.versions[max(state.versions)]
         if v in state.versions:
             return state.versions[v]
         if v in state.version_reasons:
             raise ModelNotReady(f"model {name!r} version {v} is not ready: {state.version_reasons[v]}")
-        raise ModelNotFound(f"model {name!r} has no version {v} loaded (loaded: {sorted(state.versions) or 'none'})")
+        raise ModelNotFound(f"{unknown} version {v} is not found (loaded: {sorted(state.versions) or 'none'})")
 
     def loaded_versions(self, name: str) -> list[LoadedVersion]:
         """The loaded versions of ``name``, ascending (ModelNotFound / ModelNotReady as :meth:`get`)."""

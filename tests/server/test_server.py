@@ -167,9 +167,9 @@ def _grpc_error(fn) -> InferenceServerException:
 def test_grpc_error_cases(gclient, raw_stub):
     x = digits_batch(2)
     e = _grpc_error(lambda: gclient.infer("nope", [_ginput(x)]))
-    assert e.status() == "StatusCode.NOT_FOUND" and "unknown model 'nope'" in e.message()
+    assert e.status() == "StatusCode.NOT_FOUND" and "Request for unknown model: 'nope' is not found" in e.message()
     e = _grpc_error(lambda: gclient.infer(MODEL, [_ginput(x)], model_version="7"))
-    assert e.status() == "StatusCode.NOT_FOUND" and "no version 7" in e.message()
+    assert e.status() == "StatusCode.NOT_FOUND" and "Request for unknown model: 'digits' version 7 is not found" in e.message()
     e = _grpc_error(lambda: gclient.infer(MODEL, [_ginput(x, name="image")]))
     assert e.status() == "StatusCode.INVALID_ARGUMENT" and "unknown input 'image'" in e.message()
     e = _grpc_error(lambda: gclient.infer(MODEL, [_ginput(x.astype(np.float64), dtype="FP64")]))
@@ -452,7 +452,7 @@ def test_infer_cli_grpc_and_http(server):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("class") == 3 and "sample 0:" in proc.stdout
     proc = run_cli("infer", "--url", server.grpc, "--model", "nope", str(server.repo / "x.npy"))
-    assert proc.returncode == 2 and "unknown model 'nope'" in proc.stderr and len(proc.stderr.splitlines()) == 1
+    assert proc.returncode == 2 and "Request for unknown model: 'nope' is not found" in proc.stderr and len(proc.stderr.splitlines()) == 1
 
 
 def test_live_verification_against_the_running_server(server):
@@ -502,7 +502,7 @@ def test_model_stream_infer(server, reference_session):
         c.stop_stream()
     for i, x in enumerate(xs):
         np.testing.assert_allclose(got[str(i)], reference_session.run(None, {"input": x})[0], rtol=1e-5, atol=1e-5)
-    assert "unknown model 'nope'" in str(got["bad"])
+    assert "Request for unknown model: 'nope' is not found" in str(got["bad"])
 
 
 def test_docs_page_works_offline(server):

@@ -65,7 +65,7 @@ def test_unknown_model_errors_agree(clients):
     g, h = clients
     for call in ("get_model_metadata", "get_model_config", "get_inference_statistics"):
         gm, hm = _error(lambda: getattr(g, call)("nope")), _error(lambda: getattr(h, call)("nope"))
-        assert gm == hm and "unknown model 'nope'" in gm, (call, gm, hm)
+        assert gm == hm and "Request for unknown model: 'nope' is not found" in gm, (call, gm, hm)
 
 
 def test_statistics_of_all_models_and_of_one_agree(clients):
