@@ -48,3 +48,43 @@ def test_timm_training_form_folds_to_the_deploy_form(name):
         truth = copy.deepcopy(model).double()(torch.from_numpy(x).double()).numpy()
     err, scale = float(np.abs(served - truth).max()), float(np.abs(truth).max())
     assert err <= 1e-5 * scale, f"{name}: {err:.3g} against scale {scale:.3g}"
+
+
+def test_timm_training_form_pt2_becomes_a_verified_entry_served_like_torch(tmp_path):
+    """The acceptance path: timm's MobileOne-S0 and RepVGG-A0 saved as .pt2 -> `foldserve fold` -> a verified
+    entry with the deploy form's Conv count -> every output over gRPC within 1e-4 of torch's unfolded output."""
+    import tritonclient.grpc as tgrpc
+
+    from tests.conftest import run_cli
+    from tests.server.conftest import ServerProcess
+
+    timm = library("timm")
+    from timm.utils import reparameterize_model
+
+    repo = tmp_path / "repo"
+    models = {}
+    for name in ("mobileone_s0", "repvgg_a0"):
+        model = randomize_bn(timm.create_model(name, pretrained=False))
+        models[name] = model
+        deploy = _export(reparameterize_model(copy.deepcopy(model)), constant_folding=True)
+        ep = torch.export.export(model, (torch.randn(2, 3, HW, HW),),
+                                 dynamic_shapes=({0: torch.export.Dim("batch", max=64)},))
+        torch.export.save(ep, str(tmp_path / f"{name}.pt2"))
+        proc = run_cli("fold", str(tmp_path / f"{name}.pt2"), "--repository", str(repo), "--name", name,
+                       "--batch-sizes", "1,4", timeout=600)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        served = onnx.load(str(repo / name / "1" / "model.onnx"))
+        ops = Counter(n.op_type for n in served.graph.node)
+        assert ops["BatchNormalization"] == 0
+        assert ops["Conv"] <= Counter(n.op_type for n in deploy.graph.node)["Conv"], ops
+    x = np.random.default_rng(1).normal(size=(3, 3, HW, HW)).astype(np.float32)
+    with ServerProcess(repo) as srv:
+        client = tgrpc.InferenceServerClient(srv.grpc)
+        for name, model in models.items():
+            inp = tgrpc.InferInput("x", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x)
+            got = client.infer(name, [inp], outputs=[tgrpc.InferRequestedOutput("output")]).as_numpy("output")
+            with torch.no_grad():
+                truth = copy.deepcopy(model).double()(torch.from_numpy(x).double()).numpy()
+            assert float(np.abs(got - truth).max()) <= 1e-4 * float(np.abs(truth).max()), name
+        client.close()
