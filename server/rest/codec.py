@@ -16,10 +16,10 @@ import numpy as np
 import orjson
 from fastapi.responses import JSONResponse
 
-from foldserve.datatypes import raw_bytes
-from foldserve.errors import InvalidInput, PayloadTooLarge
+from foldserve.datatypes import numpy_dtype, raw_bytes
+from foldserve.errors import InvalidInput, PayloadTooLarge, UnsupportedDataType
 from server.core.shm import shm_ref
-from server.core.types import InferInput, InferRequest, InferResponse, RequestedOutput
+from server.core.types import InferInput, InferRequest, InferResponse, ModelSpec, RequestedOutput
 
 HEADER = "inference-header-content-length"
 
@@ -162,6 +162,34 @@ def parse_infer_request(model: str, version: str, body: bytes, header_length: st
         raise InvalidInput("'id' must be a string")
     params["binary_data_output"] = bool(params.get("binary_data_output", False))
     return InferRequest(model, version, rid, inputs, _parse_outputs(doc.get("outputs") or []), params)
+
+
+def parse_raw_request(model: str, version: str, body: bytes, spec: ModelSpec) -> InferRequest:
+    """Triton's raw binary request (``Inference-Header-Content-Length: 0``): the whole body is the one input's
+    little-endian bytes, its shape deduced from the model's (batch 1 where the model batches; at most one
+    dimension may be variable), every output returned as binary data."""
+    if len(spec.inputs) != 1:
+        raise InvalidInput(f"a raw binary request (Inference-Header-Content-Length: 0) carries one input; model "
+                           f"{model!r} has inputs {[t.name for t in spec.inputs]}: send the JSON header with them")
+    t = spec.inputs[0]
+    shape = ([1] if spec.max_batch_size > 0 else []) + list(t.dims)
+    variable = [i for i, d in enumerate(shape) if d < 0]
+    if len(variable) > 1:
+        raise InvalidInput(f"a raw binary request cannot deduce the shape of input {t.name!r} {shape}: it has "
+                           f"{len(variable)} variable dimensions (at most one); send the JSON header")
+    try:
+        itemsize = np.dtype(numpy_dtype(t.datatype, f"input {t.name!r}")).itemsize
+    except UnsupportedDataType as exc:
+        raise InvalidInput(f"a raw binary request cannot carry input {t.name!r}: {exc}") from None
+    fixed = int(np.prod([d for d in shape if d >= 0], dtype=np.int64))
+    if len(body) % itemsize or (len(body) // itemsize) % max(fixed, 1):
+        raise InvalidInput(f"a raw binary request of {len(body)} bytes does not fill input {t.name!r} of shape "
+                           f"{shape} with {t.datatype} ({itemsize} bytes per element)")
+    if variable:
+        shape[variable[0]] = (len(body) // itemsize) // max(fixed, 1)
+    inp = InferInput(t.name, t.datatype, shape)
+    inp.raw = memoryview(body)
+    return InferRequest(model, version, "", [inp], [], {"binary_data_output": True})
 
 
 def encode_infer_response(resp: InferResponse, binary_default: bool) -> tuple[bytes, int | None]:

@@ -18,7 +18,14 @@ from pydantic import BaseModel, Field
 from foldserve.errors import BodyTimeout, ClientGone, InvalidInput, PayloadTooLarge
 from server.core.auth import Op, authorize
 from server.core.dataplane import DataPlane
-from server.rest.codec import HEADER, decompress, encode_infer_response, error_response, parse_infer_request
+from server.rest.codec import (
+    HEADER,
+    decompress,
+    encode_infer_response,
+    error_response,
+    parse_infer_request,
+    parse_raw_request,
+)
 from server.settings import Settings
 
 T = TypeVar("T")
@@ -209,7 +216,9 @@ async def infer(model: str, request: Request, version: str = "") -> Response:
     lv = _dp(request).model(model, version)
     body = await read_body(request, lv.request_bytes_limit, settings.body_timeout_s)
     with admission.slot():
-        req = parse_infer_request(model, version, body, request.headers.get(HEADER), lv.request_elements_limit)
+        header = request.headers.get(HEADER)
+        req = (parse_raw_request(model, version, body, lv.spec) if header is not None and header.strip() == "0"
+               else parse_infer_request(model, version, body, header, lv.request_elements_limit))
         work = _dp(request).infer(req, "http")
         # where requests wait for a batch window, a client that leaves is dropped from the queue; elsewhere a
         # request is answered in the time the watch would cost (4-8% of a 0.6 ms round trip)

@@ -87,3 +87,51 @@ def test_a_manually_chunked_body_is_read(server):
                             {"Content-Type": "application/json", "Transfer-Encoding": "chunked"})
     assert status == 200, doc
     assert np.asarray(doc["outputs"][0]["data"]).size == 10
+
+
+def _raw_infer(address: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
+    host, port = address.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.request("POST", "/v2/models/digits/infer", body=body,
+                     headers={"Inference-Header-Content-Length": "0", "Content-Type": "application/octet-stream"})
+        r = conn.getresponse()
+        return r.status, dict(r.getheaders()), r.read()
+    finally:
+        conn.close()
+
+
+def test_a_raw_binary_request_is_the_one_inputs_bytes_and_answers_in_binary(server):
+    """Inference-Header-Content-Length: 0: the body is the input's raw bytes (batch 1), every output comes back
+    as binary; the answer equals the JSON request's."""
+    x = digits_batch(1)
+    status, headers, payload = _raw_infer(server.http, x.tobytes())
+    assert status == 200, payload[:300]
+    n = int({k.lower(): v for k, v in headers.items()}["inference-header-content-length"])
+    doc = json.loads(payload[:n])
+    out = doc["outputs"][0]
+    assert out["shape"] == [1, 10] and out["parameters"]["binary_data_size"] == 40
+    raw = np.frombuffer(payload[n:n + 40], dtype=np.float32)
+    body = json.dumps(_infer_doc(["output"])).encode()
+    status, js = _raw_post(server.http, "/v2/models/digits/infer", body,
+                           {"Content-Type": "application/json", "Content-Length": str(len(body))})
+    np.testing.assert_allclose(raw, np.asarray(js["outputs"][0]["data"], np.float32), rtol=1e-6)
+    status, _, payload = _raw_infer(server.http, x.tobytes()[:-4])
+    assert status == 400 and b"does not fill input 'input'" in payload
+
+
+def test_raw_binary_requests_that_cannot_be_deduced_are_named():
+    from foldserve.model_config import TensorSpec
+    from server.core.types import ModelSpec
+    from server.rest.codec import parse_raw_request
+
+    def spec(inputs: list[TensorSpec]) -> ModelSpec:
+        return ModelSpec("m", "onnxruntime_onnx", 8, inputs, [TensorSpec("y", "FP32", (3,))], None, {})
+
+    two = spec([TensorSpec("a", "FP32", (3,)), TensorSpec("b", "FP32", (3,))])
+    with pytest.raises(Exception, match=r"carries one input; model 'm' has inputs \['a', 'b'\]"):
+        parse_raw_request("m", "", b"\0" * 24, two)
+    with pytest.raises(Exception, match="2 variable dimensions"):
+        parse_raw_request("m", "", b"\0" * 24, spec([TensorSpec("a", "FP32", (-1, -1))]))
+    req = parse_raw_request("m", "", b"\0" * 24, spec([TensorSpec("a", "FP32", (2, -1))]))
+    assert req.inputs[0].shape == [1, 2, 3] and req.parameters["binary_data_output"] is True
