@@ -43,6 +43,7 @@ class Op(enum.Enum):
     SHM_REGISTER = "shm_register"
     SHM_UNREGISTER = "shm_unregister"
     CUDA_SHM = "cuda_shm"
+    LOGGING = "logging"
 
 
 ACCESS: dict[Op, Access] = {
@@ -52,7 +53,7 @@ ACCESS: dict[Op, Access] = {
     Op.DOCS: Access.METADATA, Op.SHM_STATUS: Access.METADATA,
     Op.INFER: Access.INFER, Op.SHM_REGISTER: Access.INFER, Op.SHM_UNREGISTER: Access.INFER,
     Op.CUDA_SHM: Access.INFER,
-    Op.LOAD: Access.ADMIN, Op.UNLOAD: Access.ADMIN,
+    Op.LOAD: Access.ADMIN, Op.UNLOAD: Access.ADMIN, Op.LOGGING: Access.ADMIN,
 }
 
 

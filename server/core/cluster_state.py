@@ -3,7 +3,7 @@ later (a replacement for one that died) loads the same models and registers the 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from foldserve.records import Record
 
@@ -27,6 +27,7 @@ class ClusterState(Record):
     shm: dict[str, Region] = field(default_factory=dict)
     # model -> version -> SHA-256 of the bytes served: a replacement serves exactly these or does not join
     served: dict[str, dict[str, str]] | None = None
+    log_settings: dict[str, Any] | None = None              # Triton's logging extension, as last set
 
     def pins(self) -> dict[str, dict[int, str]] | None:
         if self.served is None:

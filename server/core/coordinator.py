@@ -34,11 +34,14 @@ from typing import Any, Protocol, TypeVar
 
 from foldserve.atomic import write_json
 from foldserve.errors import FoldserveError, ModelNotFound, ModelNotReady, WorkerUnavailable
+from server.core import logsettings
 from server.core.cluster_state import ClusterState, Region
+from server.core.logsettings import LogSettings
 from server.core.peer import (
     GONE,
     Abort,
     Commit,
+    LogSettingsMessage,
     Message,
     PeerServer,
     Ping,
@@ -119,6 +122,9 @@ class Coordinator(ABC):
     @abstractmethod
     async def shm_unregister(self, name: str) -> None: ...
 
+    @abstractmethod
+    async def log_settings(self, settings: LogSettings) -> None: ...
+
 
 class LocalCoordinator(Coordinator):
     """One serving process: every operation is this process's own."""
@@ -140,6 +146,9 @@ class LocalCoordinator(Coordinator):
 
     async def shm_unregister(self, name: str) -> None:
         self.dp.shm.unregister(name)
+
+    async def log_settings(self, settings: LogSettings) -> None:
+        logsettings.apply(settings)
 
 
 class ClusterCoordinator(Coordinator):  # long class: one method per operation, both sides
@@ -169,6 +178,8 @@ class ClusterCoordinator(Coordinator):  # long class: one method per operation, 
         self._check_pins(state)             # before the ports are bound: a worker that differs never takes a call
         await self._peer.start(self.run.socket(self.index))
         self.sync_regions(state)
+        if state.log_settings:
+            logsettings.apply(logsettings.LogSettings(**state.log_settings))
 
     def _check_pins(self, state: ClusterState) -> None:
         """This worker serves exactly the versions and bytes the cluster serves, or it does not join."""
@@ -299,6 +310,8 @@ class ClusterCoordinator(Coordinator):  # long class: one method per operation, 
             shm.register(message.name, message.key, message.offset, message.byte_size)
         elif isinstance(message, ShmUnregister):
             shm.unregister(message.name)
+        elif isinstance(message, LogSettingsMessage):
+            logsettings.apply(logsettings.LogSettings(**message.settings))
         elif isinstance(message, Ping):
             return "pong"
         else:
@@ -371,6 +384,15 @@ class ClusterCoordinator(Coordinator):  # long class: one method per operation, 
             state = self.run.read_state()
             for n in ([name] if name else list(state.shm)):
                 state.shm.pop(n, None)
+            self._commit_state(state)
+            _raise_first(results)
+
+
+    async def log_settings(self, settings: LogSettings) -> None:
+        async with self.lock():
+            results = await self.everyone(LogSettingsMessage(settings.to_json()))
+            state = self.run.read_state()
+            state.log_settings = settings.to_json()
             self._commit_state(state)
             _raise_first(results)
 

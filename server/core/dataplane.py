@@ -26,6 +26,7 @@ from foldserve.errors import (
     ServerNotReady,
 )
 from foldserve.model_config import ModelConfig
+from server.core import logsettings
 from server.core.admission import LoopMonitor
 from server.core.coordinator import Coordinator, LocalCoordinator
 from server.core.loader import LoadedVersion
@@ -50,7 +51,7 @@ logger = logging.getLogger(__name__)
 
 SMALL_MESSAGE = 1 << 20
 EXTENSIONS = ["classification", "binary_tensor_data", "model_repository", "model_configuration",
-              "statistics", "schedule_policy", "system_shared_memory"]
+              "statistics", "schedule_policy", "system_shared_memory", "logging"]
 
 
 class DataPlane:
@@ -210,6 +211,18 @@ class DataPlane:
         if name:
             check_region_name(name)
         return self.shm.status(name)
+
+    # --- Triton's logging extension ------------------------------------------------------------------
+
+    def log_settings(self) -> dict[str, Any]:
+        return logsettings.current().to_json()
+
+    async def update_log_settings(self, updates: Any) -> dict[str, Any]:
+        """Check ``updates`` (Triton's setting names), apply them on every worker, return the settings now."""
+        settings = logsettings.merged(updates)
+        if updates:
+            await self.coordinator.log_settings(settings)
+        return logsettings.current().to_json()
 
     # CUDA shared memory: never registered here (no CUDA device is used for tensors), so status lists nothing and
     # unregistering is a no-op; clients such as tritonclient's examples begin with unregister_cuda_shared_memory()

@@ -34,6 +34,7 @@ class ClusterOp(enum.Enum):
     STATS = "stats"                      # this worker's statistics
     SHM_REGISTER = "shm_register"
     SHM_UNREGISTER = "shm_unregister"
+    LOG_SETTINGS = "log_settings"         # Triton's logging extension: every worker logs alike
     PING = "ping"                        # liveness: the supervisor's heartbeat, and a long call's watchdog
 
 
@@ -92,12 +93,19 @@ class ShmUnregister(Message):
 
 
 @dataclass
+class LogSettingsMessage(Message):
+    OP = ClusterOp.LOG_SETTINGS
+    settings: dict[str, Any]
+
+
+@dataclass
 class Ping(Message):
     OP = ClusterOp.PING
 
 
 MESSAGES: dict[ClusterOp, type[Message]] = {cls.OP: cls for cls in (Prepare, Commit, Abort, Unload, Stats,
-                                                                   ShmRegister, ShmUnregister, Ping)}
+                                                                   ShmRegister, ShmUnregister, LogSettingsMessage,
+                                                                   Ping)}
 PING_LINE = json.dumps({"op": ClusterOp.PING.value, "args": {}}).encode() + b"\n"
 #: a worker that does not answer a ping within this long has stopped answering (hung, stopped, swapping)
 PING_TIMEOUT_S = 3.0

@@ -231,6 +231,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         await self.dp.shm_unregister(request.name)
         return pb.SystemSharedMemoryUnregisterResponse()
 
+    @_rpc(Op.LOGGING)
+    async def LogSettings(self, request, context):
+        updates = {key: getattr(value, value.WhichOneof("parameter_choice") or "string_param")
+                   for key, value in request.settings.items()}
+        settings = await self.dp.update_log_settings(updates)
+        response = pb.LogSettingsResponse()
+        for key, value in settings.items():
+            slot = response.settings[key]
+            if isinstance(value, bool):
+                slot.bool_param = value
+            elif isinstance(value, int):
+                slot.uint32_param = value
+            else:
+                slot.string_param = str(value)
+        return response
+
     @_rpc(Op.CUDA_SHM)
     async def CudaSharedMemoryStatus(self, request, context):
         self.dp.cuda_shm_status(request.name)

@@ -325,4 +325,28 @@ async def cuda_shm_unregister(request: Request, name: str = "") -> Response:
     return Response(status_code=200)
 
 
-ROUTERS = (health, models, repository, shared_memory)
+# --- Triton's logging extension -------------------------------------------------------------------------
+
+logging_api = APIRouter(tags=["logging"])
+
+
+@logging_api.get("/v2/logging", summary="The server's log settings (Triton's logging extension)")
+async def log_settings(request: Request) -> Any:
+    authorize_request(request, Op.LOGGING)
+    return _dp(request).log_settings()
+
+
+@logging_api.post("/v2/logging", summary="Change log settings on every worker; returns them", responses=ERRORS)
+async def update_log_settings(request: Request) -> Any:
+    """Body: some of ``log_info``, ``log_warning``, ``log_error`` (bool), ``log_verbose_level`` (uint),
+    ``log_format`` ("default" or "ISO8601"), ``log_file`` ("" only)."""
+    authorize_request(request, Op.LOGGING)
+    body = await read_body(request, SMALL_BODY, _settings(request).body_timeout_s)
+    try:
+        doc = orjson.loads(body) if body.strip() else {}
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"log settings body is not valid JSON ({exc})") from None
+    return await _dp(request).update_log_settings(doc)
+
+
+ROUTERS = (health, models, repository, shared_memory, logging_api)

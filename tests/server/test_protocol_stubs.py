@@ -32,7 +32,8 @@ else:
     from tritonclient.grpc import service_pb2 as sp, model_config_pb2 as mc
 out = {}
 for m, names in ((sp, ["ModelInferRequest", "ModelInferResponse", "ModelMetadataResponse", "ModelStatistics",
-                       "InferStatistics", "RepositoryIndexResponse", "ServerMetadataResponse"]),
+                       "InferStatistics", "RepositoryIndexResponse", "ServerMetadataResponse", "LogSettingsRequest",
+                       "LogSettingsResponse"]),
                  (mc, ["ModelConfig", "ModelInput", "ModelOutput", "ModelDynamicBatching"])):
     for n in names:
         d = m.DESCRIPTOR.message_types_by_name[n]

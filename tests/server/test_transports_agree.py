@@ -113,3 +113,12 @@ def test_inference_agrees(clients):
     hbad = thttp.InferInput("input", [1, 1, 8, 7], "FP32")
     hbad.set_data_from_numpy(np.zeros((1, 1, 8, 7), np.float32))
     assert _error(lambda: g.infer("digits", [bad])) == _error(lambda: h.infer("digits", [hbad]))
+
+
+def test_log_settings_and_cuda_shared_memory_agree(clients):
+    g, h = clients
+    gs = {k: next(iter(v.values())) for k, v in g.get_log_settings(as_json=True)["settings"].items()}
+    assert gs == h.get_log_settings()
+    assert _error(lambda: g.update_log_settings({"nope": 1})) == _error(lambda: h.update_log_settings({"nope": 1}))
+    assert list(g.get_cuda_shared_memory_status().regions) == h.get_cuda_shared_memory_status() == []
+    assert _error(lambda: g.get_cuda_shared_memory_status("r")) == _error(lambda: h.get_cuda_shared_memory_status("r"))
