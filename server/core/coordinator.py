@@ -108,7 +108,8 @@ class Coordinator(ABC):
         return {}
 
     @abstractmethod
-    async def load(self, name: str) -> None: ...
+    async def load(self, name: str, config: str | None = None) -> None:
+        """Load or reload ``name`` everywhere; ``config``: a config override (JSON), else config.pbtxt."""
 
     @abstractmethod
     async def unload(self, name: str) -> None: ...
@@ -132,8 +133,8 @@ class LocalCoordinator(Coordinator):
     async def start(self) -> None:
         await self.dp.registry.load_all()
 
-    async def load(self, name: str) -> None:
-        await self.dp.registry.load(name)
+    async def load(self, name: str, config: str | None = None) -> None:
+        await self.dp.registry.load(name, override=config)
 
     async def unload(self, name: str) -> None:
         await self.dp.registry.unload(name)
@@ -174,6 +175,7 @@ class ClusterCoordinator(Coordinator):  # long class: one method per operation, 
         """The models and regions every other worker has (a replacement worker joins a running cluster)."""
         state = self.run.read_state()
         self.synced_gen = state.gen
+        self.dp.registry.overrides = dict(state.overrides)
         await self.dp.registry.load_all(state.models, pins=state.pins())
         self._check_pins(state)             # before the ports are bound: a worker that differs never takes a call
         await self._peer.start(self.run.socket(self.index))
@@ -240,6 +242,7 @@ class ClusterCoordinator(Coordinator):  # long class: one method per operation, 
 
     async def _sync(self, state: ClusterState) -> None:
         registry = self.dp.registry
+        registry.overrides = dict(state.overrides)
         pins = state.pins()
         if pins is not None:               # exactly the pinned versions and bytes
             served = registry.served()
@@ -292,7 +295,8 @@ class ClusterCoordinator(Coordinator):  # long class: one method per operation, 
         """Execute one operation on this worker's data plane."""
         registry, shm = self.dp.registry, self.dp.shm
         if isinstance(message, Prepare):
-            prepared = self._pending[message.txn] = await registry.prepare(message.model)
+            prepared = self._pending[message.txn] = await registry.prepare(message.model,
+                                                                            override=message.config or None)
             return {str(v): lv.digest for v, lv in sorted(prepared.versions.items())}
         elif isinstance(message, Commit):
             registry.commit(self._pending.pop(message.txn))
@@ -330,10 +334,10 @@ class ClusterCoordinator(Coordinator):  # long class: one method per operation, 
         results = await asyncio.gather(*calls, return_exceptions=True)
         return [r for r in results if r is not GONE]
 
-    async def load(self, name: str) -> None:
+    async def load(self, name: str, config: str | None = None) -> None:
         async with self.lock():
             txn = uuid.uuid4().hex
-            results = await self.everyone(Prepare(name, txn), LOAD_TIMEOUT_S)
+            results = await self.everyone(Prepare(name, txn, config or ""), LOAD_TIMEOUT_S)
             failures: list[BaseException] = [r for r in results if isinstance(r, BaseException)]
             if not failures and any(r != results[0] for r in results):
                 failures = [ModelNotReady(f"model {name!r} failed to load: the workers read different versions or "
@@ -345,6 +349,10 @@ class ClusterCoordinator(Coordinator):  # long class: one method per operation, 
             state = self.run.read_state()
             state.models = self.dp.registry.loaded_names()
             state.pin(self.dp.registry.served(), [name])
+            if config:
+                state.overrides[name] = config
+            else:
+                state.overrides.pop(name, None)
             self._commit_state(state, loaded=(name,))
             _raise_first(committed)
 

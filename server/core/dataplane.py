@@ -30,6 +30,7 @@ from server.core import logsettings
 from server.core.admission import LoopMonitor
 from server.core.coordinator import Coordinator, LocalCoordinator
 from server.core.loader import LoadedVersion
+from server.core.model_config import override_config
 from server.core.registry import ModelRegistry
 from server.core.repository import ModelRepository, check_model_name
 from server.core.shm import CUDA_SHM_UNSUPPORTED, SystemSharedMemory, check_region_name
@@ -184,12 +185,28 @@ class DataPlane:
         idx = self.registry.index()
         return [m for m in idx if m.state == "READY"] if ready_only else idx
 
-    async def load(self, name: str) -> None:
+    async def load(self, name: str, parameters: dict[str, Any] | None = None) -> None:
         """Load or reload; with several workers it answers once every worker swapped, or fails with the old
-        versions serving everywhere."""
+        versions serving everywhere. ``parameters`` (Triton's repository extension): ``config``, a ModelConfig in
+        JSON that replaces config.pbtxt until the next plain load; anything else is refused, named."""
         self._check_repository_api()
         check_model_name(name)
-        await self.coordinator.load(name)
+        config = None
+        for key, value in (parameters or {}).items():
+            if key == "config":
+                config = value
+            elif key.startswith("file:"):
+                raise InvalidInput(f"failed to load {name!r}: load parameter {key!r} (a model file sent with the "
+                                   f"request) is not supported: foldserve serves files folded and verified into the "
+                                   f"repository (foldserve fold)")
+            else:
+                raise InvalidInput(f"failed to load {name!r}: load parameter {key!r} is not supported (only "
+                                   f"'config')")
+        if config is not None:
+            if not self.repository.has(name):
+                self.registry.get(name)            # the right error for an unknown model
+            override_config(self.repository.config(name), config, name)    # checked before any work
+        await self.coordinator.load(name, config)
 
     async def unload(self, name: str) -> None:
         self._check_repository_api()

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from foldserve.datatypes import lookup
-from foldserve.errors import FoldserveError, ModelNotReady
+from foldserve.errors import FoldserveError, InvalidInput, ModelNotReady
 from foldserve.model_config import BACKEND, PLATFORM, ModelConfig, TensorSpec, read_config, tensors
 from foldserve.protocol import model_config_pb2 as mc
 from server.core.types import BatchingSpec, ModelSpec
@@ -26,6 +26,42 @@ def read_servable_config(model_dir: Path) -> ModelConfig:
     if (config.platform and config.platform != PLATFORM) or (config.backend and config.backend != BACKEND):
         raise ModelNotReady(f"{where}: platform {config.platform or config.backend!r} is not supported "
                             f"(foldserve serves {PLATFORM} models)")
+    return config
+
+
+def override_config(disk: ModelConfig, text: str, name: str) -> ModelConfig:
+    """Triton's load with a config override (``load_model(name, config=JSON)``): the JSON is a whole ModelConfig
+    that replaces ``config.pbtxt`` until the next plain load. Checked like a config from disk, and it may not
+    change the verified interface: inputs and outputs (where it names them) and whether the model batches.
+    Errors are 400s that say "failed to load" (Triton's words) and name what is wrong."""
+    from google.protobuf import json_format
+
+    head = f"failed to load {name!r}: config override"
+    if not isinstance(text, str) or not text.strip():
+        raise InvalidInput(f"{head}: expected a ModelConfig as a JSON string")
+    config = ModelConfig()
+    try:
+        json_format.Parse(text, config)
+    except json_format.ParseError as exc:
+        raise InvalidInput(f"{head} is not a ModelConfig in JSON: {str(exc).splitlines()[0][:300]}") from None
+    if config.name and config.name != name:
+        raise InvalidInput(f"{head} names model {config.name!r}")
+    config.name = name
+    if (config.platform and config.platform != PLATFORM) or (config.backend and config.backend != BACKEND):
+        raise InvalidInput(f"{head}: platform {config.platform or config.backend!r} is not supported (foldserve "
+                           f"serves {PLATFORM} models)")
+    if (config.max_batch_size > 0) != (disk.max_batch_size > 0):
+        raise InvalidInput(f"{head} changes the verified interface: max_batch_size {config.max_batch_size} "
+                           f"{'adds' if config.max_batch_size > 0 else 'removes'} the batch axis of "
+                           f"config.pbtxt's max_batch_size {disk.max_batch_size}")
+    for side, mine, theirs in (("inputs", config.input, disk.input), ("outputs", config.output, disk.output)):
+        if len(mine) and len(theirs) and tensors(mine, side) != tensors(theirs, side):
+            raise InvalidInput(f"{head} changes the verified interface: its {side} "
+                               f"{[(t.name, t.datatype, list(t.dims)) for t in tensors(mine, side)]} differ from "
+                               f"config.pbtxt's {[(t.name, t.datatype, list(t.dims)) for t in tensors(theirs, side)]}")
+    for key, value in disk.parameters.items():       # foldserve's own records (precision, ...) stay
+        if key.startswith("foldserve_") and key not in config.parameters:
+            config.parameters[key].CopyFrom(value)
     return config
 
 

@@ -48,6 +48,7 @@ class Prepare(Message):
     OP = ClusterOp.PREPARE
     model: str
     txn: str
+    config: str = ""            # a config override (JSON ModelConfig); "" is a plain load, which ends one
 
 
 @dataclass

@@ -13,8 +13,9 @@ import logging
 from dataclasses import dataclass, field
 
 from foldserve.errors import FoldserveError, ModelNotFound, ModelNotReady
+from foldserve.model_config import ModelConfig
 from server.core.loader import LoadedVersion, build_version
-from server.core.model_config import select_versions, version_policy
+from server.core.model_config import override_config, select_versions, version_policy
 from server.core.repository import ModelRepository, check_model_name, check_version
 from server.core.stats import Metrics
 from server.core.types import IndexEntry
@@ -36,6 +37,11 @@ class ModelState:
     version_reasons: dict[int, str] = field(default_factory=dict)
 
 
+#: ``prepare(..., override=KEEP)``: build with the config override the model has now (a catch-up, a restart);
+#: ``None`` is a plain load (config.pbtxt, which ends an override); a string is a new override
+KEEP = "keep the current override"
+
+
 @dataclass
 class Prepared:
     """Versions of one model built and warmed up, not yet served (the first phase of a load)."""
@@ -43,6 +49,7 @@ class Prepared:
     name: str
     versions: dict[int, LoadedVersion]
     reasons: dict[int, str]
+    override: str | None = KEEP
 
 
 class ModelRegistry:
@@ -58,6 +65,7 @@ class ModelRegistry:
         self._requested: set[str] = set()
         self.message_limits: dict[str, int] = {}      # model -> its largest gRPC message (see _refresh_limits)
         self.largest_message = 0
+        self.overrides: dict[str, str] = {}           # model -> the config override (JSON) it was loaded with
 
     # --- load / unload ---------------------------------------------------------------------------
 
@@ -74,14 +82,21 @@ class ModelRegistry:
             except FoldserveError as exc:
                 logger.error("model %s not loaded: %s", name, exc)
 
-    async def load(self, name: str, pins: dict[int, str] | None = None) -> ModelState:
+    async def load(self, name: str, pins: dict[int, str] | None = None, override: str | None = KEEP) -> ModelState:
         """Load (or reload) every version the policy selects (``pins``: exactly these versions, with exactly
-        these bytes); on failure the old versions keep serving."""
+        these bytes; ``override``: see :data:`KEEP`); on failure the old versions keep serving."""
         async with self._locks.setdefault(name, asyncio.Lock()):
-            prepared = await self.prepare(name, pins)
+            prepared = await self.prepare(name, pins, override)
             return self.commit(prepared)
 
-    async def prepare(self, name: str, pins: dict[int, str] | None = None) -> Prepared:
+    def config(self, name: str, override: str | None = KEEP) -> ModelConfig:
+        """The config a (re)load of ``name`` uses: config.pbtxt, or the override in force / given."""
+        disk = self.repository.config(name)
+        text = self.overrides.get(name) if override is KEEP else override
+        return override_config(disk, text, name) if text else disk
+
+    async def prepare(self, name: str, pins: dict[int, str] | None = None, override: str | None = KEEP
+                      ) -> Prepared:
         """Build every version the policy selects (sessions created, warmed up) without serving them yet. On
         failure the index says why and the old versions keep serving (:class:`ModelNotReady`). With ``pins``
         (version -> SHA-256 of its served bytes: what the rest of a cluster serves) exactly those versions are
@@ -93,7 +108,8 @@ class ModelRegistry:
         if not state.versions:
             state.state = "LOADING"
         try:
-            new, reasons = await asyncio.get_running_loop().run_in_executor(None, self._build, name, pins)
+            config = self.config(name, override)
+            new, reasons = await asyncio.get_running_loop().run_in_executor(None, self._build, name, pins, config)
             if pins is not None and set(new) != set(pins):
                 for lv in new.values():
                     await lv.scheduler.close(0)
@@ -107,7 +123,7 @@ class ModelRegistry:
         except FoldserveError as exc:
             self.fail(name, str(exc))
             raise ModelNotReady(f"model {name!r} failed to load: {exc}") from None
-        return Prepared(name, new, reasons)
+        return Prepared(name, new, reasons, override)
 
     def commit(self, prepared: Prepared) -> ModelState:
         """Serve the prepared versions: one assignment, then the replaced versions drain in the background."""
@@ -116,6 +132,11 @@ class ModelRegistry:
         for lv in prepared.versions.values():
             lv.scheduler.start()
         state.versions = prepared.versions  # the swap: requests from now on use the new versions
+        if prepared.override is not KEEP:
+            if prepared.override:
+                self.overrides[prepared.name] = prepared.override
+            else:
+                self.overrides.pop(prepared.name, None)
         self._refresh_limits()
         self._requested.add(prepared.name)
         state.version_reasons = prepared.reasons
@@ -146,9 +167,8 @@ class ModelRegistry:
         """model -> version -> SHA-256 of the bytes each loaded version serves."""
         return {n: {v: lv.digest for v, lv in s.versions.items()} for n, s in self._models.items() if s.versions}
 
-    def _build(self, name: str, pins: dict[int, str] | None = None
+    def _build(self, name: str, pins: dict[int, str] | None, config: ModelConfig
                ) -> tuple[dict[int, LoadedVersion], dict[int, str]]:
-        config = self.repository.config(name)
         chosen = (sorted(pins) if pins is not None
                   else select_versions(self.repository.versions(name), version_policy(config)))
         versions: dict[int, LoadedVersion] = {}
@@ -182,6 +202,7 @@ class ModelRegistry:
     async def unload(self, name: str) -> None:
         check_model_name(name)
         self._requested.discard(name)
+        self.overrides.pop(name, None)
         state = self._models.get(name)
         if state is None or not state.versions:
             raise ModelNotFound(f"model {name!r} is not loaded")

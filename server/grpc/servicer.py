@@ -16,7 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from foldserve.errors import FoldserveError, InvalidInput, PayloadTooLarge, PermissionDenied
+from foldserve.errors import FoldserveError, InvalidInput, PayloadTooLarge
 from foldserve.protocol import grpc_service_pb2 as pb
 from foldserve.protocol import grpc_service_pb2_grpc as pb_grpc
 from server.core.admission import Admission
@@ -205,9 +205,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_rpc(Op.LOAD)
     async def RepositoryModelLoad(self, request, context):
-        if request.parameters:
-            raise PermissionDenied("loading with parameters (config or file overrides) is not supported")
-        await self.dp.load(request.model_name)
+        params = {key: getattr(value, value.WhichOneof("parameter_choice") or "string_param")
+                  for key, value in request.parameters.items()}
+        await self.dp.load(request.model_name, params)
         return pb.RepositoryModelLoadResponse()
 
     @_rpc(Op.UNLOAD)

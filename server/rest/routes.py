@@ -251,8 +251,19 @@ async def repository_index(request: Request) -> Any:
 
 @repository.post("/v2/repository/models/{model}/load", summary="Load or reload a model", responses=ERRORS)
 async def load(model: str, request: Request) -> Response:
+    """Body (optional): ``{"parameters": {"config": "<ModelConfig as JSON>"}}`` (Triton's repository extension)."""
     authorize_request(request, Op.LOAD)
-    await _dp(request).load(model)
+    body = await read_body(request, LOAD_BODY, _settings(request).body_timeout_s)
+    params: Any = {}
+    if body.strip():
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidInput(f"failed to load {model!r}: the request body is not valid JSON ({exc})") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("parameters", {}), dict):
+            raise InvalidInput(f"failed to load {model!r}: the body must be a JSON object, its 'parameters' an object")
+        params = doc.get("parameters", {})
+    await _dp(request).load(model, params)
     return Response(status_code=200)
 
 
@@ -267,6 +278,7 @@ async def unload(model: str, request: Request) -> Response:
 
 shared_memory = APIRouter(tags=["shared memory"])
 SMALL_BODY = 64 * 1024
+LOAD_BODY = 1 << 20         # a config override; larger (model files sent with the request) is refused unread
 
 
 @shared_memory.get("/v2/systemsharedmemory/status", summary="Registered system shared-memory regions")

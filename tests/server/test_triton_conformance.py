@@ -135,3 +135,43 @@ def test_raw_binary_requests_that_cannot_be_deduced_are_named():
         parse_raw_request("m", "", b"\0" * 24, spec([TensorSpec("a", "FP32", (-1, -1))]))
     req = parse_raw_request("m", "", b"\0" * 24, spec([TensorSpec("a", "FP32", (2, -1))]))
     assert req.inputs[0].shape == [1, 2, 3] and req.parameters["binary_data_output"] is True
+
+
+def test_load_with_a_config_override_applies_it_until_the_next_plain_load(server):
+    """Triton's repository extension: load_model(name, config=JSON) (what Model Analyzer does)."""
+    h = thttp.InferenceServerClient(server.http)
+    g = tgrpc.InferenceServerClient(server.grpc)
+    try:
+        assert h.get_model_config("digits")["max_batch_size"] == 64
+        h.load_model("digits", config=json.dumps({"max_batch_size": 16, "dynamic_batching": {}}))
+        assert h.get_model_config("digits")["max_batch_size"] == 16
+        assert int(g.get_model_config("digits", as_json=True)["config"]["max_batch_size"]) == 16
+        x = digits_batch(20)                                   # past the override's batch limit now
+        inp = thttp.InferInput("input", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        with pytest.raises(InferenceServerException, match="16"):
+            h.infer("digits", [inp])
+        h.load_model("digits")                                 # a plain load: config.pbtxt again
+        assert h.get_model_config("digits")["max_batch_size"] == 64
+        g.load_model("digits", config=json.dumps({"max_batch_size": 8}))
+        assert h.get_model_config("digits")["max_batch_size"] == 8
+        for bad, words in (('{"max_batch_size": "many"}', "failed to load 'digits': config override is not a "
+                                                          "ModelConfig in JSON"),
+                           ('{"no_such_field": 1}', "is not a ModelConfig in JSON"),
+                           ('{"max_batch_size": 0}', "changes the verified interface"),
+                           ('{"input": [{"name": "image", "data_type": "TYPE_FP32", "dims": [1, 8, 8]}]}',
+                            "changes the verified interface"),
+                           ("not json", "is not a ModelConfig in JSON")):
+            for client in (h, g):
+                with pytest.raises(InferenceServerException, match="failed to load") as e:
+                    client.load_model("digits", config=bad)
+                assert words in str(e.value), (bad, str(e.value))
+            assert h.get_model_config("digits")["max_batch_size"] == 8       # the loaded version keeps serving
+        with pytest.raises(InferenceServerException, match="load parameter 'file:1/model.onnx'"):
+            h.load_model("digits", files={"file:1/model.onnx": b"\0" * 1024})
+        with pytest.raises(InferenceServerException, match="load parameter 'file:1/model.onnx'"):
+            g.load_model("digits", files={"file:1/model.onnx": b"\0" * 1024})
+    finally:
+        h.load_model("digits")
+        h.close()
+        g.close()

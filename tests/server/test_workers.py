@@ -273,3 +273,34 @@ def test_event_loop_is_uvloop_by_default_and_asyncio_on_request(cluster_repo):
         with ServerProcess(cluster_repo, *flag) as srv:
             assert _infer(srv.http)[0] == 200
             assert ("uvloop" in Path(f"/proc/{srv.proc.pid}/maps").read_text()) is expect
+
+
+def test_a_config_override_reaches_every_worker_and_a_replacement(cluster):
+    """load_model(name, config=JSON) is a two-phase load like any other: every worker serves the override, and a
+    worker that replaces a killed one starts with it (it is in the cluster state) until the next plain load."""
+    import tritonclient.http as thttp
+
+    def batch_limits() -> set[int]:
+        seen = set()
+        for _ in range(FRESH):
+            c = thttp.InferenceServerClient(cluster.http)
+            seen.add(c.get_model_config("digits")["max_batch_size"])
+            c.close()
+        return seen
+
+    h = thttp.InferenceServerClient(cluster.http)
+    h.load_model("digits", config=json.dumps({"max_batch_size": 16}))
+    assert batch_limits() == {16}
+    victim = cluster.info["pids"][1]
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        pids = _listeners(cluster.http_port)
+        if len(pids) == 2 and pids - set(cluster.info["pids"]):
+            break
+        time.sleep(0.2)
+    time.sleep(1.0)
+    assert batch_limits() == {16}
+    h.load_model("digits")
+    assert batch_limits() == {64}
+    h.close()
