@@ -39,8 +39,8 @@ def _check_shape(t: InferInput, spec: TensorSpec, model: ModelSpec, max_elements
                                f"{model.max_batch_size}")
     n = math.prod(t.shape)
     if n > max_elements:
-        raise PayloadTooLarge(f"input {t.name!r}: shape {t.shape} has {n} elements, more than the server's limit "
-                           f"of {max_elements}")
+        raise PayloadTooLarge(f"input {t.name!r}: shape {t.shape} causes total element count to exceed maximum "
+                              f"size of {max_elements} ({n} elements; --max-elements)")
     return batch
 
 

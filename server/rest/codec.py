@@ -61,6 +61,25 @@ def _typed(value: Any, kind: type, what: str) -> Any:
     return value
 
 
+MAX_JSON_DEPTH = 100      # Triton's limit, and its words when a request passes it
+
+
+def check_json_depth(doc: Any, limit: int = MAX_JSON_DEPTH) -> None:
+    """Refuse a document nested deeper than ``limit`` (objects and arrays). A list whose first and last
+    elements are scalars is a tensor's data and is not walked element by element (validation checks those)."""
+    stack: list[tuple[Any, int]] = [(doc, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            raise InvalidInput(f"JSON nesting depth exceeds maximum allowed limit ({limit})")
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values() if isinstance(v, (dict, list)))
+        elif isinstance(node, list) and node:
+            if not isinstance(node[0], (dict, list)) and not isinstance(node[-1], (dict, list)):
+                continue
+            stack.extend((v, depth + 1) for v in node if isinstance(v, (dict, list)))
+
+
 def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
     """(JSON part, binary part) of a body, by Inference-Header-Content-Length."""
     if header_length is None:
@@ -140,7 +159,10 @@ def parse_infer_request(model: str, version: str, body: bytes, header_length: st
     try:
         doc = orjson.loads(json_part)
     except orjson.JSONDecodeError as exc:
+        if "recursion" in str(exc):
+            raise InvalidInput(f"JSON nesting depth exceeds maximum allowed limit ({MAX_JSON_DEPTH})") from None
         raise InvalidInput(f"request body is not valid JSON ({exc})") from None
+    check_json_depth(doc)
     if not isinstance(doc, dict):
         raise InvalidInput("request body must be a JSON object with 'inputs'")
     inputs_doc = doc.get("inputs")

@@ -175,3 +175,32 @@ def test_load_with_a_config_override_applies_it_until_the_next_plain_load(server
         h.load_model("digits")
         h.close()
         g.close()
+
+
+def test_triton_words_for_json_nesting_and_the_element_count_limit(server):
+    deep = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": [0.0] * 64}],
+            "parameters": {"x": {}}}
+    node = deep["parameters"]["x"]
+    for _ in range(100):
+        node["y"] = {}
+        node = node["y"]
+    body = json.dumps(deep).encode()
+    status, doc = _raw_post(server.http, "/v2/models/digits/infer", body,
+                            {"Content-Type": "application/json", "Content-Length": str(len(body))})
+    assert status == 400 and doc["error"].startswith("JSON nesting depth exceeds maximum allowed limit (100)")
+    shallow = json.dumps(_infer_doc(["output"])).encode()          # nested data arrays are fine
+    status, _ = _raw_post(server.http, "/v2/models/digits/infer", shallow,
+                          {"Content-Type": "application/json", "Content-Length": str(len(shallow))})
+    assert status == 200
+
+
+def test_triton_words_for_the_element_count_limit():
+    from foldserve.model_config import TensorSpec
+    from server.core.types import InferInput, InferRequest, ModelSpec
+    from server.core.validation import validate_request
+
+    spec = ModelSpec("m", "onnxruntime_onnx", 64, [TensorSpec("x", "FP32", (1, 8, 8))],
+                     [TensorSpec("y", "FP32", (10,))], None, {})
+    req = InferRequest("m", inputs=[InferInput("x", "FP32", [4, 1, 8, 8], raw=b"\0" * 1024)])
+    with pytest.raises(Exception, match=r"causes total element count to exceed maximum size of 100 \(256 elements"):
+        validate_request(req, spec, max_elements=100)
