@@ -320,8 +320,7 @@ async def cuda_shm_status(request: Request, name: str = "") -> Any:
     return _dp(request).cuda_shm_status(name)
 
 
-@shared_memory.post("/v2/cudasharedmemory/region/{name}/register", summary="Register a CUDA region (501 here)",
-                    responses={**ERRORS, 501: {"model": ErrorBody}})
+@shared_memory.post("/v2/cudasharedmemory/region/{name}/register", include_in_schema=False)   # 501: not offered
 async def cuda_shm_register(request: Request, name: str) -> Response:
     authorize_request(request, Op.CUDA_SHM)
     _dp(request).cuda_shm_register(name)

@@ -159,8 +159,9 @@ def test_shared_memory_errors_name_the_region(server, regions, transport):
         fails(lambda: client.infer("digits", [inp], outputs=[out]), "'output'", "do not fit", code=bad)
         # a status query for an unknown region
         fails(lambda: client.get_system_shared_memory_status("never_registered"), "never_registered", code=bad)
-        # CUDA shared memory is refused plainly
-        fails(lambda: client.get_cuda_shared_memory_status(), "CUDA shared memory is not supported")
+        # CUDA shared memory: nothing is registered, and registering is refused plainly
+        fails(lambda: client.register_cuda_shared_memory("r", b"\0" * 64, 0, 64),
+              "CUDA shared memory is not supported")
     finally:
         client.unregister_system_shared_memory()   # all
     assert not _maps(server.proc.pid, key)
