@@ -118,6 +118,14 @@ class QueueFull(FoldserveError):
     grpc_status = "RESOURCE_EXHAUSTED"
 
 
+class QueueRejected(FoldserveError):
+    """The model's own queue policy (config.pbtxt's dynamic_batching.default_queue_policy) turned the request
+    away: its queue is at max_queue_size, or the request waited past its queue timeout. Triton's answer."""
+
+    http_status = 503
+    grpc_status = "UNAVAILABLE"
+
+
 class LimitExceeded(FoldserveError):
     """A server resource at its configured bound (shared-memory regions, ...): free some, or raise the limit."""
 

@@ -22,6 +22,7 @@ from foldserve.errors import (
     NotSupported,
     PermissionDenied,
     QueueFull,
+    QueueRejected,
     RequestTimeout,
     ServerNotReady,
 )
@@ -281,7 +282,10 @@ class DataPlane:
             if lv.spec.max_batch_size == 0:
                 batch = 1
             wanted = [o.name for o in req.outputs] or [t.name for t in lv.spec.outputs]
-            results, queued, compute = await lv.scheduler.infer(feeds, wanted, batch, self.settings.request_timeout_s)
+            priority, timeout_us = _queue_parameters(req.parameters)
+            lv.scheduler.check_parameters(priority, timeout_us)
+            results, queued, compute = await lv.scheduler.infer(feeds, wanted, batch, self.settings.request_timeout_s,
+                                                                priority, timeout_us)
             outputs = self._outputs(lv, req, wanted, results)
             total_ns = int((time.perf_counter() - t0) * 1e9)
             lv.stats.record_request(True, total_ns, int(queued * 1e9), batch, compute)
@@ -320,12 +324,23 @@ class DataPlane:
         return outputs
 
 
+def _queue_parameters(params: dict[str, Any]) -> tuple[int, int]:
+    """A request's Triton parameters ``priority`` and ``timeout`` (microseconds in the queue), 0 when absent."""
+    out = []
+    for key in ("priority", "timeout"):
+        value = params.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InvalidInput(f"request parameter {key!r} must be a non-negative integer, got {value!r}")
+        out.append(int(value))
+    return out[0], out[1]
+
+
 def failure_reason(exc: BaseException) -> str:
     """Triton's ``reason`` label of nv_inference_request_failure: REJECTED (shed: queue full, overloaded, timed out
     in the queue), CANCELED (the client went away), BACKEND (the model's execution failed), OTHER."""
     if isinstance(exc, (asyncio.CancelledError, ClientGone)):
         return "CANCELED"
-    if isinstance(exc, (QueueFull, RequestTimeout, LimitExceeded)):
+    if isinstance(exc, (QueueFull, QueueRejected, RequestTimeout, LimitExceeded)):
         return "REJECTED"
     if isinstance(exc, FoldserveError):
         return "OTHER"

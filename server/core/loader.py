@@ -91,7 +91,7 @@ def build_version(repo: ModelRepository, name: str, version: int, config: ModelC
     stats = ModelStats(name, str(version))
     scheduler = Scheduler(f"{name}:{version}", runtime.run, max_batch_size=spec.max_batch_size, max_delay_s=delay,
                           max_queue=s.max_queue_size, instances=spec.instances, stats=stats, metrics=metrics,
-                          eager=s.batch_policy == "eager")
+                          eager=s.batch_policy == "eager", policy=spec.batching)
     check_batch_bound(spec, s.max_elements)
     if s.warmup:
         scheduler.run_estimate_s = warmup(spec, runtime, repo.model_dir(name), s.max_elements)

@@ -4,6 +4,7 @@ session (as Triton's auto-complete does), the version policy.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,8 @@ from foldserve.errors import FoldserveError, InvalidInput, ModelNotReady
 from foldserve.model_config import BACKEND, PLATFORM, ModelConfig, TensorSpec, read_config, tensors
 from foldserve.protocol import model_config_pb2 as mc
 from server.core.types import BatchingSpec, ModelSpec
+
+logger = logging.getLogger(__name__)
 
 
 def read_servable_config(model_dir: Path) -> ModelConfig:
@@ -26,7 +29,58 @@ def read_servable_config(model_dir: Path) -> ModelConfig:
     if (config.platform and config.platform != PLATFORM) or (config.backend and config.backend != BACKEND):
         raise ModelNotReady(f"{where}: platform {config.platform or config.backend!r} is not supported "
                             f"(foldserve serves {PLATFORM} models)")
+    for warning in check_fields(config, where):
+        logger.warning("%s", warning)
     return config
+
+
+#: ModelConfig fields foldserve does not implement and cannot serve without being wrong: refused, named
+REFUSED = {"sequence_batching": "stateful sequence batching", "ensemble_scheduling": "ensembles",
+           "batch_input": "batch inputs (ragged batching)", "batch_output": "batch outputs (ragged batching)"}
+#: fields whose absence of effect changes no answer: the model loads, with a warning naming each
+IGNORED = {"optimization": "backend optimisation settings (onnxruntime runs with --optimization)",
+           "cc_model_filenames": "per-GPU model files", "metric_tags": "metric tags",
+           "model_operations": "model operations", "model_repository_agents": "repository agents",
+           "response_cache": "the response cache (every request is computed)", "model_metrics": "model metrics"}
+TENSOR_REFUSED = {"reshape": "reshape", "is_shape_tensor": "shape tensors", "allow_ragged_batch": "ragged batches",
+                  "optional": "optional inputs"}
+INSTANCE_IGNORED = ("kind", "gpus", "secondary_devices", "profile", "passive", "host_policy", "rate_limiter")
+
+
+def check_fields(config: ModelConfig, where: str) -> list[str]:
+    """Every field of Triton's ModelConfig parses; this says what foldserve does with the ones it does not
+    implement: raises :class:`ModelNotReady` naming the first it would have to get wrong, returns a warning per
+    field it ignores."""
+    set_fields = {f.name for f, _ in config.ListFields()}
+    for name, what in REFUSED.items():
+        if name in set_fields:
+            raise ModelNotReady(f"{where}: {name} ({what}) is not supported by foldserve")
+    if config.model_transaction_policy.decoupled:
+        raise ModelNotReady(f"{where}: model_transaction_policy.decoupled (several responses per request) is not "
+                            f"supported by foldserve")
+    for side, items in (("input", config.input), ("output", config.output)):
+        for t in items:
+            present = {f.name for f, _ in t.ListFields()}
+            for field_name, what in TENSOR_REFUSED.items():
+                if field_name in present:
+                    raise ModelNotReady(f"{where}: {side} {t.name!r}: {field_name} ({what}) is not supported by "
+                                        f"foldserve")
+    if config.default_model_filename not in ("", "model.onnx"):
+        raise ModelNotReady(f"{where}: default_model_filename {config.default_model_filename!r}: foldserve serves "
+                            f"each version's model.onnx (written by foldserve fold)")
+    if config.dynamic_batching.priority_queue_policy:
+        raise ModelNotReady(f"{where}: dynamic_batching.priority_queue_policy (a queue policy per priority level) "
+                            f"is not supported; default_queue_policy applies to every level")
+    warnings = [f"{where}: {name} ({what}) is ignored" for name, what in IGNORED.items() if name in set_fields]
+    for group in config.instance_group:
+        present = {f.name for f, _ in group.ListFields()}
+        ignored = [n for n in INSTANCE_IGNORED if n in present]
+        if ignored:
+            warnings.append(f"{where}: instance_group {', '.join(ignored)} ignored (the provider is chosen by "
+                            f"--provider; count sets the model's parallel executions)")
+    if config.runtime not in ("", "onnxruntime", "libtriton_onnxruntime.so"):
+        warnings.append(f"{where}: runtime {config.runtime!r} ignored (onnxruntime serves every model)")
+    return warnings
 
 
 def override_config(disk: ModelConfig, text: str, name: str) -> ModelConfig:
@@ -59,6 +113,11 @@ def override_config(disk: ModelConfig, text: str, name: str) -> ModelConfig:
             raise InvalidInput(f"{head} changes the verified interface: its {side} "
                                f"{[(t.name, t.datatype, list(t.dims)) for t in tensors(mine, side)]} differ from "
                                f"config.pbtxt's {[(t.name, t.datatype, list(t.dims)) for t in tensors(theirs, side)]}")
+    try:
+        for warning in check_fields(config, head):
+            logger.warning("%s", warning)
+    except ModelNotReady as exc:
+        raise InvalidInput(str(exc)) from None
     for key, value in disk.parameters.items():       # foldserve's own records (precision, ...) stay
         if key.startswith("foldserve_") and key not in config.parameters:
             config.parameters[key].CopyFrom(value)
@@ -96,7 +155,16 @@ def to_spec(config: ModelConfig, labels: list[str], instances_override: int = 0)
         raise ModelNotReady(f"{config.name}/config.pbtxt: {exc}") from None
     batching = None
     if config.HasField("dynamic_batching") and config.max_batch_size > 0:
-        batching = BatchingSpec(int(config.dynamic_batching.max_queue_delay_microseconds))
+        db = config.dynamic_batching
+        policy = db.default_queue_policy
+        levels, default_level = int(db.priority_levels), int(db.default_priority_level)
+        if levels and not 1 <= default_level <= levels:
+            raise ModelNotReady(f"{config.name}/config.pbtxt: dynamic_batching.default_priority_level "
+                                f"{default_level} must be between 1 and priority_levels {levels}")
+        batching = BatchingSpec(int(db.max_queue_delay_microseconds), int(policy.max_queue_size),
+                                int(policy.default_timeout_microseconds),
+                                mc.ModelQueuePolicy.TimeoutAction.Name(policy.timeout_action),
+                                bool(policy.allow_timeout_override), levels, default_level)
     instances = instances_override or sum(max(g.count, 1) for g in config.instance_group) or 1
     return ModelSpec(
         name=config.name, platform=config.platform or PLATFORM, max_batch_size=int(config.max_batch_size),

@@ -5,22 +5,30 @@ samples, waiting at most ``max_queue_delay`` for more once a request is waiting,
 back. The queue is bounded: a full queue fails fast with :class:`QueueFull` (RESOURCE_EXHAUSTED / 429).
 A request that is cancelled (client gone, deadline) before its batch runs is dropped from the batch.
 
+A model's config.pbtxt may add Triton's queue policy (``dynamic_batching.default_queue_policy``): its own
+``max_queue_size`` and a queue timeout (``default_timeout_microseconds``; a request's ``timeout`` parameter
+replaces it where ``allow_timeout_override``) after which a waiting request is rejected (``REJECT``) or served
+after every request still in time (``DELAY``); both rejections are Triton's UNAVAILABLE. With
+``priority_levels`` the queue is ordered by each request's ``priority`` (1 first), then by arrival.
+
 Executions run on a thread pool (onnxruntime releases the GIL), one thread per model instance.
 """
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from foldserve.errors import ModelNotReady, QueueFull, RequestTimeout
+from foldserve.errors import InvalidInput, ModelNotReady, QueueFull, QueueRejected, RequestTimeout
 from server.core.stats import Metrics, ModelStats
+from server.core.types import BatchingSpec
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +43,17 @@ class _Pending:
     batch: int
     future: asyncio.Future[Outcome]
     enqueued: float
+    level: int = 0                  # priority level (0 without priority levels; 1 is served first)
+    delayed: bool = False           # past its queue timeout under DELAY: served after everything in time
+    taken: bool = False             # in a batch already
+    expiry: asyncio.TimerHandle | None = field(default=None, repr=False)
+
+    @property
+    def live(self) -> bool:
+        return not (self.taken or self.future.done())
+
+
+_Entry = tuple[bool, int, int, _Pending]    # (delayed, level, arrival, request): the heap's order
 
 
 #: the outputs of one request, the seconds it queued, and the (input, infer, output) nanoseconds of the execution
@@ -58,7 +77,8 @@ def _deliver(batch: list[_Pending], results: list[np.ndarray], start: float, inp
 
 class Scheduler:
     def __init__(self, name: str, run: RunFn, *, max_batch_size: int, max_delay_s: float | None,
-                 max_queue: int, instances: int, stats: ModelStats, metrics: Metrics, eager: bool = False) -> None:
+                 max_queue: int, instances: int, stats: ModelStats, metrics: Metrics, eager: bool = False,
+                 policy: BatchingSpec | None = None) -> None:
         self.name = name
         self._run = run
         self.max_batch_size = max(1, max_batch_size)
@@ -70,7 +90,9 @@ class Scheduler:
         self.instances = max(1, instances)
         self.stats, self.metrics = stats, metrics
         self.executor = ThreadPoolExecutor(self.instances, thread_name_prefix=f"run-{name}")
-        self._queue: deque[_Pending] = deque()
+        self.policy = policy or BatchingSpec(0)
+        self._queue: list[_Entry] = []          # a heap; entries of taken, finished or re-queued requests are stale
+        self._arrivals = itertools.count()
         self._wakeup: asyncio.Event            # made in start(), on the serving loop
         self._workers: list[asyncio.Task[None]] = []
         self._inflight = 0
@@ -90,7 +112,13 @@ class Scheduler:
 
     @property
     def queue_length(self) -> int:
-        return len(self._queue) if self.batching else self._waiting
+        return self._live_count() if self.batching else self._waiting
+
+    def _live(self) -> list[_Pending]:
+        return [e[3] for e in self._queue if e[3].live and e[0] == e[3].delayed]
+
+    def _live_count(self) -> int:
+        return sum(1 for e in self._queue if e[3].live and e[0] == e[3].delayed)
 
     @property
     def busy(self) -> int:
@@ -104,9 +132,8 @@ class Scheduler:
             await asyncio.sleep(0.01)
         for t in self._workers:
             t.cancel()
-        for p in self._queue:
-            if not p.future.done():
-                p.future.set_exception(ModelNotReady(f"model {self.name} was unloaded"))
+        for p in self._live():
+            p.future.set_exception(ModelNotReady(f"model {self.name} was unloaded"))
         self._queue.clear()
         self.executor.shutdown(wait=False)
 
@@ -117,13 +144,22 @@ class Scheduler:
         """Requests wait for a batch window here (a client that leaves meanwhile is worth noticing)."""
         return self.batching and not self.eager and (self.max_delay_s or 0) > 0
 
+    def check_parameters(self, priority: int, timeout_us: int) -> None:
+        """A request's ``priority`` and ``timeout`` parameters, checked against the model's queue policy."""
+        levels = self.policy.priority_levels
+        if priority and (not levels or priority > levels):
+            raise InvalidInput(f"priority {priority} is out of range: model {self.name} has "
+                               f"{levels or 'no'} priority levels" + (f" (1 .. {levels}; 0: the default)"
+                                                                      if levels else ""))
+
     async def infer(self, feeds: dict[str, np.ndarray], outputs: list[str], batch: int,
-                    timeout_s: float) -> Outcome:
-        """Run one request; returns (outputs, seconds spent queued, compute nanoseconds of its execution)."""
+                    timeout_s: float, priority: int = 0, timeout_us: int = 0) -> Outcome:
+        """Run one request; returns (outputs, seconds spent queued, compute nanoseconds of its execution).
+        ``priority`` / ``timeout_us``: the request's own parameters (0: the model's defaults)."""
         if self._closed:
             raise ModelNotReady(f"model {self.name} is being unloaded")
         if self.batching:
-            return await self._infer_batched(feeds, outputs, batch, timeout_s)
+            return await self._infer_batched(feeds, outputs, batch, timeout_s, priority, timeout_us)
         return await self._infer_direct(feeds, outputs, batch, timeout_s)
 
     async def _infer_direct(self, feeds: dict[str, np.ndarray], outputs: list[str], batch: int,
@@ -155,18 +191,43 @@ class Scheduler:
         return result, queued, (0, infer_ns, 0)
 
     async def _infer_batched(self, feeds: dict[str, np.ndarray], outputs: list[str], batch: int,
-                             timeout_s: float) -> Outcome:
-        if len(self._queue) >= self.max_queue:
-            raise QueueFull(f"model {self.name}: queue full ({len(self._queue)} requests waiting, "
+                             timeout_s: float, priority: int = 0, timeout_us: int = 0) -> Outcome:
+        policy = self.policy
+        waiting = self._live_count()
+        if policy.max_queue_size and waiting >= policy.max_queue_size:
+            raise QueueRejected(f"Exceeds maximum queue size: model {self.name} has {waiting} requests waiting "
+                                f"(dynamic_batching.default_queue_policy.max_queue_size {policy.max_queue_size})")
+        if waiting >= self.max_queue:
+            raise QueueFull(f"model {self.name}: queue full ({waiting} requests waiting, "
                             f"max_queue_size {self.max_queue}); retry later")
-        fut = asyncio.get_running_loop().create_future()
-        pending = _Pending(feeds, list(outputs), batch, fut, time.perf_counter())
-        self._queue.append(pending)
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        level = (priority or policy.default_priority_level) if policy.priority_levels else 0
+        pending = _Pending(feeds, list(outputs), batch, fut, time.perf_counter(), level)
+        heapq.heappush(self._queue, (False, level, next(self._arrivals), pending))
+        wait_us = timeout_us if policy.allow_timeout_override and timeout_us else policy.queue_timeout_us
+        if wait_us:
+            pending.expiry = loop.call_later(wait_us / 1e6, self._expire, pending, wait_us)
         self._wakeup.set()
         try:
             return await asyncio.wait_for(fut, timeout_s)
         except asyncio.TimeoutError:
             raise RequestTimeout(f"model {self.name}: no result within {timeout_s:g} s") from None
+        finally:
+            if pending.expiry is not None:
+                pending.expiry.cancel()
+
+    def _expire(self, p: _Pending, wait_us: int) -> None:
+        """A request still waiting at its queue timeout: rejected (REJECT), or sent behind every request still in
+        time (DELAY)."""
+        if not p.live:
+            return
+        if self.policy.timeout_action == "DELAY":
+            p.delayed = True
+            heapq.heappush(self._queue, (True, p.level, next(self._arrivals), p))
+            return
+        p.future.set_exception(QueueRejected(f"Request timeout expired: the request waited {wait_us} us in model "
+                                             f"{self.name}'s queue (its queue timeout) and was not executed"))
 
     def _execute(self, feeds: dict[str, np.ndarray], outputs: list[str], batch: int,
                  input_ns: int = 0) -> tuple[list[np.ndarray], int]:
@@ -180,18 +241,25 @@ class Scheduler:
 
     # --- the batcher -----------------------------------------------------------------------------
 
+    def _head(self) -> _Pending | None:
+        """The next request in order (priority level, then arrival; delayed ones last), dropping stale entries:
+        requests cancelled, rejected or finished while waiting, and the old places of re-queued ones."""
+        while self._queue:
+            delayed, _, _, p = self._queue[0]
+            if p.live and delayed == p.delayed:
+                return p
+            heapq.heappop(self._queue)
+        return None
+
     def _take_batch(self) -> list[_Pending]:
         """Pop requests for one execution: same requested outputs, total batch <= max_batch_size."""
         taken: list[_Pending] = []
         total = 0
-        while self._queue:
-            p = self._queue[0]
-            if p.future.done():  # cancelled or timed out while waiting: abandon its work
-                self._queue.popleft()
-                continue
+        while (p := self._head()) is not None:
             if taken and (total + p.batch > self.max_batch_size or p.outputs != taken[0].outputs):
                 break
-            self._queue.popleft()
+            heapq.heappop(self._queue)
+            p.taken = True
             taken.append(p)
             total += p.batch
         return taken
@@ -199,14 +267,14 @@ class Scheduler:
     async def _worker(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            while not self._queue:
+            while (head := self._head()) is None:
                 self._wakeup.clear()
                 await self._wakeup.wait()
             # Triton's policy: wait for more requests until the batch is full or the oldest has waited
             # max_delay. The "eager" policy never waits: requests that queued during the previous
             # execution form the next batch, so a lone request pays no delay.
-            oldest = self._queue[0].enqueued
-            while (not self.eager and sum(p.batch for p in self._queue if not p.future.done()) < self.max_batch_size
+            oldest = head.enqueued
+            while (not self.eager and sum(p.batch for p in self._live()) < self.max_batch_size
                    and time.perf_counter() - oldest < self.max_delay_s):
                 self._wakeup.clear()
                 remaining = self.max_delay_s - (time.perf_counter() - oldest)

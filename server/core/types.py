@@ -32,7 +32,15 @@ __all__ = [
 
 @dataclass(frozen=True)
 class BatchingSpec:
+    """Dynamic batching from config.pbtxt: the batch window, Triton's default queue policy and priority levels."""
+
     max_queue_delay_us: int
+    max_queue_size: int = 0              # 0: only the server's --max-queue-size bounds the queue
+    queue_timeout_us: int = 0            # 0: a request may wait in the queue as long as it takes
+    timeout_action: str = "REJECT"       # REJECT: fail a request past its queue timeout; DELAY: serve it last
+    allow_timeout_override: bool = False  # a request's "timeout" parameter (microseconds) replaces queue_timeout_us
+    priority_levels: int = 0             # 0: one queue; N: requests' "priority" 1 (first) .. N
+    default_priority_level: int = 0
 
 
 @dataclass
