@@ -193,7 +193,9 @@ class Scheduler:
     async def _infer_batched(self, feeds: dict[str, np.ndarray], outputs: list[str], batch: int,
                              timeout_s: float, priority: int = 0, timeout_us: int = 0) -> Outcome:
         policy = self.policy
-        waiting = self._live_count()
+        limit = min(policy.max_queue_size or self.max_queue, self.max_queue)
+        # the heap's length bounds the live count from above: count exactly only near a limit
+        waiting = self._live_count() if len(self._queue) >= limit else len(self._queue)
         if policy.max_queue_size and waiting >= policy.max_queue_size:
             raise QueueRejected(f"Exceeds maximum queue size: model {self.name} has {waiting} requests waiting "
                                 f"(dynamic_batching.default_queue_policy.max_queue_size {policy.max_queue_size})")
