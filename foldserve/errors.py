@@ -118,6 +118,15 @@ class QueueFull(FoldserveError):
     grpc_status = "RESOURCE_EXHAUSTED"
 
 
+class RepositoryPollFailed(FoldserveError):
+    """A load whose request itself cannot be turned into a repository to poll (model files sent with it). Triton
+    answers INTERNAL ("failed to poll from model repository") and its own client examples check for that, so
+    foldserve gives the same status, with the reason after Triton's words."""
+
+    http_status = 500
+    grpc_status = "INTERNAL"
+
+
 class QueueRejected(FoldserveError):
     """The model's own queue policy (config.pbtxt's dynamic_batching.default_queue_policy) turned the request
     away: its queue is at max_queue_size, or the request waited past its queue timeout. Triton's answer."""

@@ -23,6 +23,7 @@ from foldserve.errors import (
     PermissionDenied,
     QueueFull,
     QueueRejected,
+    RepositoryPollFailed,
     RequestTimeout,
     ServerNotReady,
 )
@@ -197,9 +198,10 @@ class DataPlane:
             if key == "config":
                 config = value
             elif key.startswith("file:"):
-                raise InvalidInput(f"failed to load {name!r}: load parameter {key!r} (a model file sent with the "
-                                   f"request) is not supported: foldserve serves files folded and verified into the "
-                                   f"repository (foldserve fold)")
+                raise RepositoryPollFailed(f"failed to load {name!r}: failed to poll from model repository: load "
+                                           f"parameter {key[:80]!r} (a model file sent with the request) is not "
+                                           f"supported: foldserve serves files folded and verified into the "
+                                           f"repository (foldserve fold)")
             else:
                 raise InvalidInput(f"failed to load {name!r}: load parameter {key!r} is not supported (only "
                                    f"'config')")

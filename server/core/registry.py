@@ -103,7 +103,8 @@ class ModelRegistry:
         built, each from exactly those bytes, or the prepare fails."""
         check_model_name(name)
         if not self.repository.has(name):
-            raise ModelNotFound(f"model {name!r} is not in the repository (no {name}/config.pbtxt)")
+            raise ModelNotFound(f"failed to load {name!r}: no model {name!r} in the repository (no "
+                                f"{name}/config.pbtxt)")
         state = self._models.setdefault(name, ModelState(name))
         if not state.versions:
             state.state = "LOADING"

@@ -14,6 +14,11 @@ from foldserve.datatypes import V2_NAMES, numpy_dtype
 from foldserve.errors import InvalidInput, PayloadTooLarge, UnsupportedDataType
 from server.core.types import InferInput, InferRequest, ModelSpec, TensorSpec
 
+INT64_MAX = (1 << 63) - 1
+#: bytes per element of the fixed-size v2 datatypes (for the byte-size overflow check)
+DTYPE_SIZES = {"BOOL": 1, "UINT8": 1, "INT8": 1, "UINT16": 2, "INT16": 2, "FP16": 2, "BF16": 2, "UINT32": 4,
+               "INT32": 4, "FP32": 4, "UINT64": 8, "INT64": 8, "FP64": 8}
+
 
 def _check_shape(t: InferInput, spec: TensorSpec, model: ModelSpec, max_elements: int) -> int:
     """Returns the batch size of this input (1 for unbatched models)."""
@@ -21,6 +26,14 @@ def _check_shape(t: InferInput, spec: TensorSpec, model: ModelSpec, max_elements
         raise InvalidInput(f"input {t.name!r}: shape must be a list of integers, got {t.shape!r}")
     if any(d < 0 for d in t.shape):
         raise InvalidInput(f"input {t.name!r}: shape {t.shape} has a negative dimension")
+    n = math.prod(t.shape)          # Python integers: no overflow, so the checks below are exact
+    if n > INT64_MAX:
+        raise InvalidInput(f"input {t.name!r}: shape {t.shape} causes total element count to exceed maximum size of "
+                           f"{INT64_MAX}")
+    itemsize = DTYPE_SIZES.get(t.datatype, 1)
+    if n * itemsize > INT64_MAX:
+        raise InvalidInput(f"byte size overflow for input '{t.name}': shape {t.shape} of {t.datatype} is "
+                           f"{n * itemsize} bytes")
     expected = spec.full_shape(model.max_batch_size)
     if len(t.shape) != len(expected):
         raise InvalidInput(f"input {t.name!r}: expected rank {len(expected)} with shape {_fmt(expected)}, "
@@ -37,7 +50,6 @@ def _check_shape(t: InferInput, spec: TensorSpec, model: ModelSpec, max_elements
         if batch > model.max_batch_size:
             raise InvalidInput(f"input {t.name!r}: batch size {batch} exceeds the model's max_batch_size "
                                f"{model.max_batch_size}")
-    n = math.prod(t.shape)
     if n > max_elements:
         raise PayloadTooLarge(f"input {t.name!r}: shape {t.shape} causes total element count to exceed maximum "
                               f"size of {max_elements} ({n} elements; --max-elements)")
@@ -111,7 +123,7 @@ def validate_request(req: InferRequest, model: ModelSpec, max_elements: int) -> 
     requested: set[str] = set()
     for o in req.outputs:
         if o.name in requested:
-            raise InvalidInput(f"output {o.name!r} is requested twice; request each output once")
+            raise InvalidInput(f"output '{o.name}' already exists in request: request each output once")
         requested.add(o.name)
         if model.output(o.name) is None:
             raise InvalidInput(f"unknown output {o.name!r} requested; model {model.name!r} has "

@@ -191,14 +191,17 @@ def parse_raw_request(model: str, version: str, body: bytes, spec: ModelSpec) ->
     little-endian bytes, its shape deduced from the model's (batch 1 where the model batches; at most one
     dimension may be variable), every output returned as binary data."""
     if len(spec.inputs) != 1:
-        raise InvalidInput(f"a raw binary request (Inference-Header-Content-Length: 0) carries one input; model "
-                           f"{model!r} has inputs {[t.name for t in spec.inputs]}: send the JSON header with them")
+        raise InvalidInput(f"Raw request must only have 1 input (found 1) to be deduced but got {len(spec.inputs)} "
+                           f"inputs in '{model}' model configuration: a raw binary request (Inference-Header-"
+                           f"Content-Length: 0) carries one input; model {model!r} has inputs "
+                           f"{[t.name for t in spec.inputs]}: send the JSON header with them")
     t = spec.inputs[0]
     shape = ([1] if spec.max_batch_size > 0 else []) + list(t.dims)
     variable = [i for i, d in enumerate(shape) if d < 0]
     if len(variable) > 1:
-        raise InvalidInput(f"a raw binary request cannot deduce the shape of input {t.name!r} {shape}: it has "
-                           f"{len(variable)} variable dimensions (at most one); send the JSON header")
+        raise InvalidInput(f"The shape of the raw input '{t.name}' can not be deduced because there are more than one "
+                           f"variable-sized dimension: {shape} has {len(variable)} (at most one); send the JSON "
+                           f"header")
     try:
         itemsize = np.dtype(numpy_dtype(t.datatype, f"input {t.name!r}")).itemsize
     except UnsupportedDataType as exc:

@@ -7,6 +7,7 @@ Literal paths are registered before parameterised ones (``/v2/models/stats`` bef
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
@@ -186,15 +187,17 @@ async def read_body(request: Request, limit: int, timeout_s: float | None = None
         except ValueError:
             raise InvalidInput("Content-Length is not an integer") from None
         if too_big:
-            raise PayloadTooLarge(f"request body of {declared} bytes exceeds the {limit}-byte limit for this model "
-                                  f"(its largest request; --max-request-bytes caps it)")
+            raise PayloadTooLarge(f"request JSON size of {declared} bytes exceeds the maximum allowed input size of "
+                                  f"{limit} bytes (this request's largest for this model; --max-request-bytes caps "
+                                  f"it)")
 
     async def read() -> bytes:
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise PayloadTooLarge(f"request body exceeds the {limit}-byte limit for this model")
+                raise PayloadTooLarge(f"request JSON size exceeds the maximum allowed input size of {limit} bytes "
+                                      f"(this request's largest for this model)")
             chunks.append(chunk)
         return b"".join(chunks)
 
@@ -239,13 +242,20 @@ repository = APIRouter(tags=["repository"])
 async def repository_index(request: Request) -> Any:
     authorize_request(request, Op.REPOSITORY_INDEX)
     ready_only = False
-    body = await request.body()
+    body = await read_body(request, LOAD_BODY, _settings(request).body_timeout_s)
     if body.strip():
         try:
             doc = orjson.loads(body)
         except orjson.JSONDecodeError:
+            if _READY_NOT_BOOL.match(body):      # too deep to parse, but 'ready' is plainly no boolean
+                raise InvalidInput("Invalid value for 'ready': expected a boolean") from None
             raise InvalidInput("repository index body must be JSON, e.g. {\"ready\": true}") from None
-        ready_only = bool(doc.get("ready", False)) if isinstance(doc, dict) else False
+        if not isinstance(doc, dict):
+            raise InvalidInput("repository index body must be a JSON object, e.g. {\"ready\": true}")
+        ready = doc.get("ready", False)
+        if not isinstance(ready, bool):
+            raise InvalidInput(f"Invalid value for 'ready': expected a boolean, got {type(ready).__name__}")
+        ready_only = ready
     return [m.to_dict() for m in _dp(request).repository_index(ready_only)]
 
 
@@ -278,6 +288,7 @@ async def unload(model: str, request: Request) -> Response:
 
 shared_memory = APIRouter(tags=["shared memory"])
 SMALL_BODY = 64 * 1024
+_READY_NOT_BOOL = re.compile(rb'\s*\{\s*"ready"\s*:\s*[\[{"0-9-]')
 LOAD_BODY = 1 << 20         # a config override; larger (model files sent with the request) is refused unread
 
 
