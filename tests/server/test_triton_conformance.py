@@ -210,3 +210,22 @@ def test_triton_words_for_the_element_count_limit():
     req = InferRequest("m", inputs=[InferInput("x", "FP32", [4, 1, 8, 8], raw=b"\0" * 1024)])
     with pytest.raises(Exception, match=r"causes total element count to exceed maximum size of 100 \(256 elements"):
         validate_request(req, spec, max_elements=100)
+
+
+def test_overflowing_shapes_and_a_non_boolean_ready_get_tritons_400s(server):
+    def post(path: str, doc) -> tuple[int, dict]:
+        body = (doc if isinstance(doc, bytes) else json.dumps(doc).encode())
+        return _raw_post(server.http, path, body, {"Content-Type": "application/json",
+                                                   "Content-Length": str(len(body))})
+
+    for shape, words in (([16, 2**60 + 2], "causes total element count to exceed maximum size of"),
+                         ([4, 2**60 + 2], "byte size overflow for input 'input'")):
+        status, doc = post("/v2/models/digits/infer",
+                           {"inputs": [{"name": "input", "shape": shape, "datatype": "FP32", "data": [1.0]}]})
+        assert status == 400 and words in doc["error"], doc
+    deep = b'{"ready":' + b"[" * 100_000 + b"true" + b"]" * 100_000 + b"}"
+    for body in (deep, {"ready": "yes"}):
+        status, doc = post("/v2/repository/index", body)
+        assert status == 400 and "Invalid value for 'ready': expected a boolean" in doc["error"]
+    status, doc = post("/v2/repository/index", {"ready": True})
+    assert status == 200 and {m["name"] for m in doc} >= {"digits"}
