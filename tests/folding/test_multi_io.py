@@ -251,3 +251,38 @@ def test_torchvision_segmentation_with_aux_head_and_frozen_bn_fpn_backbone(tmp_p
             for out_name, want in truth.items():
                 _close_to_scale(result.as_numpy(out_name), want)
         client.close()
+
+
+def test_tritons_simple_int32_add_sub_model_folds_with_data_and_serves(tmp_path):
+    """Triton's `simple` example model (INPUT0, INPUT1 INT32 [-1, 16] -> OUTPUT0 sum, OUTPUT1 difference), the
+    one tritonclient's examples call: integer inputs verify on --data (one array per input) and serve."""
+    import tritonclient.grpc as tgrpc
+    import tritonclient.http as thttp
+    from onnx import TensorProto, helper
+
+    from tests.server.conftest import ServerProcess
+
+    vi = [helper.make_tensor_value_info(n, TensorProto.INT32, ["b", 16])
+          for n in ("INPUT0", "INPUT1", "OUTPUT0", "OUTPUT1")]
+    graph = helper.make_graph([helper.make_node("Add", ["INPUT0", "INPUT1"], ["OUTPUT0"]),
+                               helper.make_node("Sub", ["INPUT0", "INPUT1"], ["OUTPUT1"])], "simple", vi[:2], vi[2:])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8),
+              str(tmp_path / "simple.onnx"))
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "simple.npz", INPUT0=rng.integers(-99, 99, (8, 16)).astype(np.int32),
+             INPUT1=rng.integers(-99, 99, (8, 16)).astype(np.int32))
+    proc = run_cli("fold", str(tmp_path / "simple.onnx"), "--repository", str(tmp_path / "repo"), "--name", "simple",
+                   "--data", str(tmp_path / "simple.npz"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    a = np.arange(16, dtype=np.int32)[None]
+    b = np.ones((1, 16), dtype=np.int32)
+    with ServerProcess(tmp_path / "repo") as srv:
+        for mod, address in ((tgrpc, srv.grpc), (thttp, srv.http)):
+            client = mod.InferenceServerClient(address)
+            inputs = [mod.InferInput("INPUT0", [1, 16], "INT32"), mod.InferInput("INPUT1", [1, 16], "INT32")]
+            inputs[0].set_data_from_numpy(a)
+            inputs[1].set_data_from_numpy(b)
+            result = client.infer("simple", inputs)
+            np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a + b)
+            np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), a - b)
+            client.close()
