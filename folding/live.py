@@ -48,7 +48,8 @@ def _served(client, model: str, version: str, meta: ModelMetadata, feed: Feed, m
     for start in range(0, feed_len(feed), max_batch):
         chunk = {k: np.ascontiguousarray(v) for k, v in feed_slice(feed, start, start + max_batch).items()}
         parts.append(client.infer(model, chunk, version=version, datatypes=types, outputs=names))
-    return {k: np.concatenate([p[k] for p in parts]).astype(np.float64) for k in names}
+    joined = {k: np.concatenate([p[k] for p in parts]) for k in names}
+    return {k: v.astype(np.float64) if v.dtype.kind in "biuf" else v for k, v in joined.items()}
 
 
 # long function: one live report, built in one place (inputs, precision gate, table)

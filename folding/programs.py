@@ -291,5 +291,8 @@ def finish_reference(reference: onnx.ModelProto, record: SourceRecord, opts: Opt
             raise ConfigError(f"--accuracy-output {opts.accuracy_output!r} has rank {ranks[opts.accuracy_output]}; "
                               f"accuracy needs class scores [batch, classes]")
         record.accuracy_output = opts.accuracy_output
-    record.task = "classification" if (len(outs) == 1 and ranks[outs[0]] == 2) or record.accuracy_output else "other"
+    numeric = {o.name: o.type.tensor_type.elem_type not in (onnx.TensorProto.STRING, onnx.TensorProto.BOOL)
+               for o in reference.graph.output}
+    single = len(outs) == 1 and ranks[outs[0]] == 2 and numeric[outs[0]]
+    record.task = "classification" if single or record.accuracy_output else "other"
     record.data = str(Path(opts.data).resolve()) if opts.data else None

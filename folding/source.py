@@ -266,6 +266,9 @@ class SourceModel:
                    dtype: Any = np.float32) -> InputSets:
         r = self.record
         sizes = batch_sizes if self.batched else (r.batch,) * min(len(batch_sizes), 3)
+        types = [dtype.get(i.name, np.float32) if isinstance(dtype, dict) else dtype for i in r.input_records()]
+        if any(np.dtype(t).kind == "O" for t in types):
+            sizes = ()                     # strings (BYTES) have no random draws: --data is what verifies them
         sets: InputSets = {}
         for i, b in enumerate(sizes):
             sets[f"random_b{b}" if self.batched else f"random_{i}"] = (
@@ -393,7 +396,7 @@ class OnnxSource(SourceModel):
         self._ref = self.reference_onnx()
 
     def truth(self, feed: Feed) -> Outputs:
-        return {k: v.astype(np.float64) for k, v in self.fit(self._ref)(feed).items()}
+        return {k: v.astype(np.float64) if v.dtype.kind in "biuf" else v for k, v in self.fit(self._ref)(feed).items()}
 
 
 def _float32(feed: Feed) -> Feed:

@@ -70,7 +70,18 @@ Comparison = ComparisonRecord
 
 
 def compare(actual: Any, expected: Any, tol: Tolerance) -> Comparison:
-    """Compare two arrays (any float dtype) in float64; NaN where the reference is finite fails."""
+    """Compare two arrays (any float dtype) in float64; NaN where the reference is finite fails. Strings (BYTES
+    tensors) must be equal element for element (max_abs counts the elements that differ)."""
+    if np.asarray(expected).dtype.kind in "OUS":
+        a, e = np.asarray(actual).astype(str), np.asarray(expected).astype(str)
+        if a.shape != e.shape:
+            raise ValueError(f"shape mismatch: {a.shape} vs {e.shape}")
+        wrong = a != e
+        worst = np.unravel_index(int(np.argmax(wrong)), wrong.shape) if wrong.size else ()
+        return Comparison(max_abs=float(wrong.sum()), max_rel=float(wrong.mean()) if wrong.size else 0.0,
+                          mean_abs=float(wrong.mean()) if wrong.size else 0.0, worst_index=[int(i) for i in worst],
+                          frac_over=float(wrong.mean()) if wrong.size else 0.0, bound=0.0,
+                          passed=not wrong.any(), n=int(e.size))
     a = np.asarray(actual, dtype=np.float64)
     e = np.asarray(expected, dtype=np.float64)
     if a.shape != e.shape:

@@ -21,7 +21,7 @@ class DataType:
     onnx: int                     # onnx.TensorProto.DataType value
     config: str                   # Triton config.pbtxt enum name ("TYPE_FP32")
     ort: str                      # onnxruntime's type string ("tensor(float)")
-    numpy: np.dtype | None        # little-endian numpy dtype; None where numpy has none (BF16, BYTES)
+    numpy: np.dtype | None        # little-endian numpy dtype; None where numpy has none (BF16); BYTES: object
 
 
 TABLE: tuple[DataType, ...] = (
@@ -38,7 +38,7 @@ TABLE: tuple[DataType, ...] = (
     DataType("FP32", 1, "TYPE_FP32", "tensor(float)", np.dtype("<f4")),
     DataType("FP64", 11, "TYPE_FP64", "tensor(double)", np.dtype("<f8")),
     DataType("BF16", 16, "TYPE_BF16", "tensor(bfloat16)", None),
-    DataType("BYTES", 8, "TYPE_STRING", "tensor(string)", None),
+    DataType("BYTES", 8, "TYPE_STRING", "tensor(string)", np.dtype(object)),   # an object array of str
 )
 
 _BY: dict[str, dict[object, DataType]] = {
@@ -72,6 +72,24 @@ def numpy_dtype(v2: str, where: str = "datatype") -> np.dtype:
     return row.numpy
 
 
+def string_array(items: list[Any], shape: list[int], where: str) -> np.ndarray:
+    """BYTES elements (bytes or str) as the object array of str onnxruntime takes (it carries strings as UTF-8:
+    bytes that are not UTF-8 cannot reach it, and are refused naming the element)."""
+    out = np.empty(len(items), dtype=object)
+    for i, item in enumerate(items):
+        if isinstance(item, (bytes, bytearray, memoryview)):
+            try:
+                item = bytes(item).decode("utf-8")
+            except UnicodeDecodeError:
+                raise UnsupportedDataType(f"{where}: element {i} is not UTF-8 text (onnxruntime carries BYTES "
+                                          f"tensors as UTF-8 strings)") from None
+        elif not isinstance(item, str):
+            raise UnsupportedDataType(f"{where}: BYTES elements must be strings, element {i} is "
+                                      f"{type(item).__name__}")
+        out[i] = item
+    return out.reshape(shape)
+
+
 def serialize_bytes(arr: np.ndarray) -> bytes:
     """Triton's raw layout for BYTES tensors (gRPC raw contents and REST binary data alike): each element as
     a 4-byte little-endian length followed by its bytes."""
@@ -82,13 +100,21 @@ def serialize_bytes(arr: np.ndarray) -> bytes:
     return b"".join(out)
 
 
-def deserialize_bytes(raw: bytes) -> list[bytes]:
-    """The inverse of :func:`serialize_bytes`."""
-    items, off = [], 0
-    while off + 4 <= len(raw):
+def deserialize_bytes(raw: bytes | memoryview, count: int | None = None, where: str = "BYTES data") -> list[bytes]:
+    """The inverse of :func:`serialize_bytes`; with ``count``, exactly that many elements that fill ``raw``, else
+    :class:`UnsupportedDataType` saying where the layout breaks."""
+    items: list[bytes] = []
+    off, size = 0, len(raw)
+    while off + 4 <= size and (count is None or len(items) < count):
         n = int.from_bytes(raw[off:off + 4], "little")
+        if off + 4 + n > size:
+            raise UnsupportedDataType(f"{where}: element {len(items)} claims {n} bytes, {size - off - 4} remain")
         items.append(bytes(raw[off + 4:off + 4 + n]))
         off += 4 + n
+    if count is not None and (len(items) != count or off != size):
+        raise UnsupportedDataType(f"{where}: {size} bytes hold {len(items)} length-prefixed elements"
+                                  f"{' and ' + str(size - off) + ' bytes more' if off != size else ''}; the shape "
+                                  f"needs {count} (each a 4-byte little-endian length, then its bytes)")
     return items
 
 

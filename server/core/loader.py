@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from foldserve.datatypes import lookup, numpy_dtype
+from foldserve.datatypes import deserialize_bytes, lookup, numpy_dtype, string_array
 from foldserve.entry import MODEL_FILE, PRECISION_FILE, VERIFICATION_FILE, read_precision
 from foldserve.errors import EntryError, FoldserveError, ModelNotReady, UnsupportedDataType
 from foldserve.model_config import ModelConfig
@@ -275,8 +275,14 @@ def _timed_runs(runtime: OnnxModel, feeds: dict[str, np.ndarray], count: int, ba
 
 def _zero_feeds(spec: ModelSpec) -> dict[str, np.ndarray]:
     lead = [1] if spec.max_batch_size > 0 else []
-    return {t.name: np.zeros(lead + [d if d > 0 else 1 for d in t.dims], dtype=numpy_dtype(t.datatype))
-            for t in spec.inputs}
+    return {t.name: _zeros(lead + [d if d > 0 else 1 for d in t.dims], t.datatype) for t in spec.inputs}
+
+
+def _zeros(shape: list[int], datatype: str) -> np.ndarray:
+    """A zero input: empty strings for BYTES."""
+    if datatype == "BYTES":
+        return np.full(shape, "", dtype=object)
+    return np.zeros(shape, dtype=numpy_dtype(datatype))
 
 
 def _warmup_feeds(spec: ModelSpec, w: Any, model_dir: Path, rng: np.random.Generator,
@@ -313,6 +319,13 @@ def _warmup_feeds(spec: ModelSpec, w: Any, model_dir: Path, rng: np.random.Gener
                 raise ModelNotReady(f"{where}: input {t.name!r}: {name!r} leads outside the model folder (a symbolic "
                                     f"link); refusing to read it")
             data = path.read_bytes()
+            if t.datatype == "BYTES":
+                try:
+                    items = deserialize_bytes(data, int(np.prod(shape)), f"{where}: warmup/{name}")
+                    feeds[t.name] = string_array(list(items), shape, f"{where}: warmup/{name}")
+                except UnsupportedDataType as exc:
+                    raise ModelNotReady(str(exc)) from None
+                continue
             n = int(np.prod(shape)) * dtype.itemsize
             if len(data) != n:
                 raise ModelNotReady(f"{where}: warmup/{name} has {len(data)} bytes, input {t.name!r} needs {n}")
@@ -320,5 +333,5 @@ def _warmup_feeds(spec: ModelSpec, w: Any, model_dir: Path, rng: np.random.Gener
         elif kind == "random_data" and dtype.kind == "f":
             feeds[t.name] = rng.random(shape, dtype=np.float32).astype(dtype)
         else:  # zero_data, or random data for a non-float input (Triton fills those with zeros too)
-            feeds[t.name] = np.zeros(shape, dtype=dtype)
+            feeds[t.name] = _zeros(shape, t.datatype)
     return feeds

@@ -7,10 +7,11 @@ what the shape declares, and only then is the data turned into an array (zero-co
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
-from foldserve.datatypes import V2_NAMES, numpy_dtype
+from foldserve.datatypes import V2_NAMES, deserialize_bytes, numpy_dtype, string_array
 from foldserve.errors import InvalidInput, PayloadTooLarge, UnsupportedDataType
 from server.core.types import InferInput, InferRequest, ModelSpec, TensorSpec
 
@@ -60,8 +61,46 @@ def _fmt(shape: list[int]) -> str:
     return "[" + ", ".join("-1" if d < 0 else str(d) for d in shape) + "]"
 
 
+def _flatten(values: Any) -> list[Any]:
+    """JSON's nested lists (or protobuf's flat contents) as one flat list, row-major."""
+    if not isinstance(values, (list, tuple)):
+        return list(values)
+    out: list[Any] = []
+    stack = [iter(values)]
+    while stack:
+        for v in stack[-1]:
+            if isinstance(v, (list, tuple)):
+                stack.append(iter(v))
+                break
+            out.append(v)
+        else:
+            stack.pop()
+    return out
+
+
+def _decode_bytes(t: InferInput, n: int) -> np.ndarray:
+    """A BYTES input: length-prefixed raw bytes (binary extension, raw contents, shared memory), a JSON array of
+    strings, or protobuf bytes_contents; an object array of str of the request's shape."""
+    where = f"input {t.name!r}"
+    try:
+        if t.raw is not None:
+            items: list[Any] = deserialize_bytes(t.raw, n, where)
+        elif t.values is None:
+            raise InvalidInput(f"{where}: no data (give 'data', bytes_contents, raw_input_contents or a "
+                               f"binary_data_size)")
+        else:
+            items = _flatten(t.values)
+            if len(items) != n:
+                raise InvalidInput(f"{where}: {len(items)} elements of data, shape {t.shape} needs {n}")
+        return string_array(items, t.shape, where)
+    except UnsupportedDataType as exc:
+        raise InvalidInput(str(exc)) from None
+
+
 def _decode(t: InferInput, dtype: np.dtype) -> np.ndarray:
     n = math.prod(t.shape)
+    if t.datatype == "BYTES":
+        return _decode_bytes(t, n)
     if t.raw is not None:
         expected = n * dtype.itemsize
         if len(t.raw) != expected:
@@ -130,6 +169,8 @@ def validate_request(req: InferRequest, model: ModelSpec, max_elements: int) -> 
                                f"{[t.name for t in model.outputs]}")
         if o.class_count < 0:
             raise InvalidInput(f"output {o.name!r}: classification count must be >= 0")
+        if o.class_count and model.output(o.name).datatype == "BYTES":  # type: ignore[union-attr]
+            raise InvalidInput(f"output {o.name!r}: classification needs numeric scores, this output is BYTES")
     feeds = {}
     for t in req.inputs:
         try:

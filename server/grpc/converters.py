@@ -78,7 +78,7 @@ def response_to_proto(resp: InferResponse) -> pb.ModelInferResponse:
         t = out.outputs.add(name=o.name, datatype=o.datatype, shape=o.shape)
         if o.shm is not None:  # written to the region; an empty entry keeps raw_output_contents positional
             t.parameters["shared_memory_region"].string_param = o.shm.region
-            t.parameters["shared_memory_byte_size"].int64_param = o.data.nbytes
+            t.parameters["shared_memory_byte_size"].int64_param = len(raw_bytes(o.datatype, o.data))
             raws.append(b"")
             continue
         raws.append(raw_bytes(o.datatype, o.data))

@@ -16,7 +16,7 @@ import numpy as np
 import orjson
 from fastapi.responses import JSONResponse
 
-from foldserve.datatypes import numpy_dtype, raw_bytes
+from foldserve.datatypes import numpy_dtype, raw_bytes, serialize_bytes
 from foldserve.errors import InvalidInput, PayloadTooLarge, UnsupportedDataType
 from server.core.shm import shm_ref
 from server.core.types import InferInput, InferRequest, InferResponse, ModelSpec, RequestedOutput
@@ -197,6 +197,13 @@ def parse_raw_request(model: str, version: str, body: bytes, spec: ModelSpec) ->
                            f"{[t.name for t in spec.inputs]}: send the JSON header with them")
     t = spec.inputs[0]
     shape = ([1] if spec.max_batch_size > 0 else []) + list(t.dims)
+    if t.datatype == "BYTES":        # the whole body is the one element (Triton's rule)
+        if list(t.dims) != [1]:
+            raise InvalidInput(f"For BYTE datatype raw input '{t.name}', the model must have input shape [1]: its "
+                               f"shape is {list(t.dims)}")
+        inp = InferInput(t.name, t.datatype, shape)
+        inp.raw = memoryview(serialize_bytes(np.array([bytes(body)], dtype=object)))
+        return InferRequest(model, version, "", [inp], [], {"binary_data_output": True})
     variable = [i for i, d in enumerate(shape) if d < 0]
     if len(variable) > 1:
         raise InvalidInput(f"The shape of the raw input '{t.name}' can not be deduced because there are more than one "
@@ -225,7 +232,8 @@ def encode_infer_response(resp: InferResponse, binary_default: bool) -> tuple[by
         entry: dict[str, Any] = {"name": o.name, "datatype": o.datatype, "shape": o.shape}
         binary = o.binary if o.binary is not None else binary_default
         if o.shm is not None:  # written to the region: no data in the body
-            entry["parameters"] = {"shared_memory_region": o.shm.region, "shared_memory_byte_size": o.data.nbytes}
+            entry["parameters"] = {"shared_memory_region": o.shm.region,
+                                   "shared_memory_byte_size": len(raw_bytes(o.datatype, o.data))}
         elif binary:
             blob = raw_bytes(o.datatype, o.data)
             entry["parameters"] = {"binary_data_size": len(blob)}

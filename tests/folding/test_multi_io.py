@@ -286,3 +286,23 @@ def test_tritons_simple_int32_add_sub_model_folds_with_data_and_serves(tmp_path)
             np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a + b)
             np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), a - b)
             client.close()
+
+
+def test_a_string_model_verifies_exactly_on_data(tmp_path):
+    """BYTES (string) tensors: no random draws; --data's strings verify, element for element."""
+    from onnx import TensorProto, helper
+
+    from folding.verify import VerifyOptions, verify_entry
+
+    graph = helper.make_graph([helper.make_node("Identity", ["text"], ["same"])], "s",
+                              [helper.make_tensor_value_info("text", TensorProto.STRING, ["b", 3])],
+                              [helper.make_tensor_value_info("same", TensorProto.STRING, ["b", 3])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8),
+              str(tmp_path / "s.onnx"))
+    np.savez(tmp_path / "s.npz", x=np.array([["a", "bé", "c"]] * 5))
+    proc = run_cli("fold", str(tmp_path / "s.onnx"), "--repository", str(tmp_path / "repo"), "--data",
+                   str(tmp_path / "s.npz"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = verify_entry(tmp_path / "repo" / "s" / "1", VerifyOptions(write=False))
+    assert report.passed and list(report.candidates["served_onnx"].inputs) == ["validation"]
+    assert report.source.kind == "onnx" and report.candidates["served_onnx"].max_abs == 0
