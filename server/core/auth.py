@@ -44,6 +44,7 @@ class Op(enum.Enum):
     SHM_UNREGISTER = "shm_unregister"
     CUDA_SHM = "cuda_shm"
     LOGGING = "logging"
+    TRACE = "trace"
 
 
 ACCESS: dict[Op, Access] = {
@@ -53,7 +54,7 @@ ACCESS: dict[Op, Access] = {
     Op.DOCS: Access.METADATA, Op.SHM_STATUS: Access.METADATA,
     Op.INFER: Access.INFER, Op.SHM_REGISTER: Access.INFER, Op.SHM_UNREGISTER: Access.INFER,
     Op.CUDA_SHM: Access.INFER,
-    Op.LOAD: Access.ADMIN, Op.UNLOAD: Access.ADMIN, Op.LOGGING: Access.ADMIN,
+    Op.LOAD: Access.ADMIN, Op.UNLOAD: Access.ADMIN, Op.LOGGING: Access.ADMIN, Op.TRACE: Access.ADMIN,
 }
 
 

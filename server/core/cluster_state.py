@@ -28,6 +28,7 @@ class ClusterState(Record):
     # model -> version -> SHA-256 of the bytes served: a replacement serves exactly these or does not join
     served: dict[str, dict[str, str]] | None = None
     log_settings: dict[str, Any] | None = None              # Triton's logging extension, as last set
+    trace_settings: dict[str, Any] | None = None            # Triton's trace extension, as last set
     overrides: dict[str, str] = field(default_factory=dict)  # model -> the config override it was loaded with
 
     def pins(self) -> dict[str, dict[int, str]] | None:

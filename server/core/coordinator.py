@@ -49,6 +49,7 @@ from server.core.peer import (
     ShmRegister,
     ShmUnregister,
     Stats,
+    TraceSettingsMessage,
     Unload,
     call,
 )
@@ -56,6 +57,7 @@ from server.core.registry import ModelRegistry
 from server.core.runfolder import RunFolder
 from server.core.shm import SystemSharedMemory
 from server.core.stats import ModelStats, merge_stats
+from server.core.tracing import Tracing
 from server.core.types import IndexEntry
 
 logger = logging.getLogger(__name__)
@@ -71,6 +73,7 @@ class Served(Protocol):
 
     registry: ModelRegistry
     shm: SystemSharedMemory
+    tracing: Tracing
 
     def local_statistics(self, name: str = "", version: str = "") -> list[ModelStats]: ...
 
@@ -126,6 +129,9 @@ class Coordinator(ABC):
     @abstractmethod
     async def log_settings(self, settings: LogSettings) -> None: ...
 
+    @abstractmethod
+    async def trace_settings(self, state: dict[str, Any]) -> None: ...
+
 
 class LocalCoordinator(Coordinator):
     """One serving process: every operation is this process's own."""
@@ -150,6 +156,9 @@ class LocalCoordinator(Coordinator):
 
     async def log_settings(self, settings: LogSettings) -> None:
         logsettings.apply(settings)
+
+    async def trace_settings(self, state: dict[str, Any]) -> None:
+        self.dp.tracing.apply(state)
 
 
 class ClusterCoordinator(Coordinator):  # long class: one method per operation, both sides
@@ -182,6 +191,8 @@ class ClusterCoordinator(Coordinator):  # long class: one method per operation, 
         self.sync_regions(state)
         if state.log_settings:
             logsettings.apply(logsettings.LogSettings(**state.log_settings))
+        if state.trace_settings:
+            self.dp.tracing.apply(state.trace_settings)
 
     def _check_pins(self, state: ClusterState) -> None:
         """This worker serves exactly the versions and bytes the cluster serves, or it does not join."""
@@ -316,6 +327,8 @@ class ClusterCoordinator(Coordinator):  # long class: one method per operation, 
             shm.unregister(message.name)
         elif isinstance(message, LogSettingsMessage):
             logsettings.apply(logsettings.LogSettings(**message.settings))
+        elif isinstance(message, TraceSettingsMessage):
+            self.dp.tracing.apply(message.settings)
         elif isinstance(message, Ping):
             return "pong"
         else:
@@ -402,6 +415,15 @@ class ClusterCoordinator(Coordinator):  # long class: one method per operation, 
             state = self.run.read_state()
             state.log_settings = settings.to_json()
             self._commit_state(state)
+            _raise_first(results)
+
+
+    async def trace_settings(self, state: dict[str, Any]) -> None:
+        async with self.lock():
+            results = await self.everyone(TraceSettingsMessage(state))
+            cluster = self.run.read_state()
+            cluster.trace_settings = state
+            self._commit_state(cluster)
             _raise_first(results)
 
 

@@ -28,6 +28,7 @@ from foldserve.errors import (
     ServerNotReady,
 )
 from foldserve.model_config import ModelConfig
+from foldserve.records import first_line
 from server.core import logsettings
 from server.core.admission import LoopMonitor
 from server.core.coordinator import Coordinator, LocalCoordinator
@@ -37,6 +38,8 @@ from server.core.registry import ModelRegistry
 from server.core.repository import ModelRepository, check_model_name
 from server.core.shm import CUDA_SHM_UNSUPPORTED, SystemSharedMemory, check_region_name
 from server.core.stats import Metrics, ModelStats
+from server.core.tracing import Tracing
+from server.core.tracing import merged as tracing_merged
 from server.core.types import (
     IndexEntry,
     InferOutput,
@@ -69,6 +72,7 @@ class DataPlane:
         self.repository = ModelRepository(settings.repository)
         self.registry = ModelRegistry(self.repository, settings, self.metrics)
         self.shm = SystemSharedMemory(settings.max_shm_regions)
+        self.tracing = Tracing()
         self.monitor = LoopMonitor(settings.shed_lag_ms / 1000)      # both transports' admission read it
         self.coordinator = coordinator or LocalCoordinator()
         self.coordinator.attach(self)
@@ -99,6 +103,7 @@ class DataPlane:
         await self.monitor.stop()
         await self.registry.close()
         self.shm.close()
+        self.tracing.shutdown()          # exports the spans still buffered
 
     def live(self) -> bool:
         return True  # answering at all is liveness
@@ -232,6 +237,35 @@ class DataPlane:
             check_region_name(name)
         return self.shm.status(name)
 
+    # --- Triton's trace extension ---------------------------------------------------------------------
+
+    def trace_settings(self, model: str = "") -> dict[str, Any]:
+        if model:
+            self.registry.get(model)                     # the right error for an unknown model
+        return self.tracing.for_model(model).to_json()
+
+    async def update_trace_settings(self, model: str, updates: Any) -> dict[str, Any]:
+        """Check ``updates`` (Triton's names; for a model, ``null`` values return it to the global settings),
+        apply them on every worker, return the settings now in force for ``model`` (or globally)."""
+        if model:
+            self.registry.get(model)
+        if not isinstance(updates, dict):
+            raise InvalidInput(f"trace settings must be a JSON object, got {type(updates).__name__}")
+        state = self.tracing.state()
+        cleared = {k for k, v in updates.items() if v is None}
+        given = {k: v for k, v in updates.items() if v is not None}
+        if model:
+            base = self.tracing.settings if cleared else self.tracing.for_model(model)
+            new = tracing_merged(base, given, self.tracing.exporter)
+            state["models"].pop(model, None)
+            if given or not cleared:
+                state["models"][model] = Tracing.plain(new)
+        else:
+            state["global"] = Tracing.plain(tracing_merged(self.tracing.settings, given, self.tracing.exporter))
+        if updates:
+            await self.coordinator.trace_settings(state)
+        return self.trace_settings(model)
+
     # --- Triton's logging extension ------------------------------------------------------------------
 
     def log_settings(self) -> dict[str, Any]:
@@ -269,9 +303,13 @@ class DataPlane:
 
     async def infer(self, req: InferRequest, protocol: str = "core") -> InferResponse:
         t0 = time.perf_counter()
+        traced = self.tracing.enabled and self.tracing.sample(req.model_name)
+        start_ns = time.time_ns() if traced else 0
         code = "OK"
         lv: LoadedVersion | None = None
         batch = 0
+        queued, compute, exec_batch = 0.0, (0, 0, 0), 0
+        error: str | None = None
         self._inflight += 1
         try:
             if not self._ready:
@@ -286,8 +324,8 @@ class DataPlane:
             wanted = [o.name for o in req.outputs] or [t.name for t in lv.spec.outputs]
             priority, timeout_us = _queue_parameters(req.parameters)
             lv.scheduler.check_parameters(priority, timeout_us)
-            results, queued, compute = await lv.scheduler.infer(feeds, wanted, batch, self.settings.request_timeout_s,
-                                                                priority, timeout_us)
+            results, queued, compute, exec_batch = await lv.scheduler.infer(
+                feeds, wanted, batch, self.settings.request_timeout_s, priority, timeout_us)
             outputs = self._outputs(lv, req, wanted, results)
             total_ns = int((time.perf_counter() - t0) * 1e9)
             lv.stats.record_request(True, total_ns, int(queued * 1e9), batch, compute)
@@ -296,6 +334,7 @@ class DataPlane:
         except BaseException as exc:
             code = (exc.grpc_status if isinstance(exc, FoldserveError)
                     else "CANCELLED" if isinstance(exc, asyncio.CancelledError) else "INTERNAL")
+            error = f"{code}: {first_line(exc, 200)}"
             if lv is not None:
                 lv.stats.record_request(False, int((time.perf_counter() - t0) * 1e9), 0, batch)
                 self.metrics.failed(lv.name, str(lv.version), failure_reason(exc))
@@ -304,6 +343,11 @@ class DataPlane:
             self._inflight -= 1
             self.metrics.request(req.model_name if lv is not None else "_unknown", protocol, code,
                                  time.perf_counter() - t0)
+            if traced:
+                self.tracing.record(model=req.model_name, version=str(lv.version) if lv is not None else "",
+                                    protocol=protocol, carrier=req.trace, start_ns=start_ns, end_ns=time.time_ns(),
+                                    queued_s=queued, compute=compute, batch=batch, exec_batch=exec_batch,
+                                    error=error)
 
     def _outputs(self, lv: LoadedVersion, req: InferRequest, wanted: list[str],
                  results: list[np.ndarray]) -> list[InferOutput]:

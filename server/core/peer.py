@@ -35,6 +35,7 @@ class ClusterOp(enum.Enum):
     SHM_REGISTER = "shm_register"
     SHM_UNREGISTER = "shm_unregister"
     LOG_SETTINGS = "log_settings"         # Triton's logging extension: every worker logs alike
+    TRACE_SETTINGS = "trace_settings"     # Triton's trace extension: every worker traces alike
     PING = "ping"                        # liveness: the supervisor's heartbeat, and a long call's watchdog
 
 
@@ -100,13 +101,19 @@ class LogSettingsMessage(Message):
 
 
 @dataclass
+class TraceSettingsMessage(Message):
+    OP = ClusterOp.TRACE_SETTINGS
+    settings: dict[str, Any]
+
+
+@dataclass
 class Ping(Message):
     OP = ClusterOp.PING
 
 
 MESSAGES: dict[ClusterOp, type[Message]] = {cls.OP: cls for cls in (Prepare, Commit, Abort, Unload, Stats,
                                                                    ShmRegister, ShmUnregister, LogSettingsMessage,
-                                                                   Ping)}
+                                                                   TraceSettingsMessage, Ping)}
 PING_LINE = json.dumps({"op": ClusterOp.PING.value, "args": {}}).encode() + b"\n"
 #: a worker that does not answer a ping within this long has stopped answering (hung, stopped, swapping)
 PING_TIMEOUT_S = 3.0

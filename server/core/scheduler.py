@@ -56,9 +56,10 @@ class _Pending:
 _Entry = tuple[bool, int, int, _Pending]    # (delayed, level, arrival, request): the heap's order
 
 
-#: the outputs of one request, the seconds it queued, and the (input, infer, output) nanoseconds of the execution
-#: that computed it: Triton attributes a batched execution's compute time to every request in it
-Outcome = tuple[list[np.ndarray], float, tuple[int, int, int]]
+#: the outputs of one request, the seconds it queued, the (input, infer, output) nanoseconds of the execution
+#: that computed it (Triton attributes a batched execution's compute time to every request in it), and that
+#: execution's batch size
+Outcome = tuple[list[np.ndarray], float, tuple[int, int, int], int]
 
 
 def _deliver(batch: list[_Pending], results: list[np.ndarray], start: float, input_ns: int, infer_ns: int) -> None:
@@ -70,9 +71,10 @@ def _deliver(batch: list[_Pending], results: list[np.ndarray], start: float, inp
         parts.append([r[offset:offset + p.batch] for r in results])
         offset += p.batch
     output_ns = time.perf_counter_ns() - t_out
+    total = sum(p.batch for p in batch)
     for p, part in zip(batch, parts, strict=True):
         if not p.future.done():
-            p.future.set_result((part, start - p.enqueued, (input_ns, infer_ns, output_ns)))
+            p.future.set_result((part, start - p.enqueued, (input_ns, infer_ns, output_ns), total))
 
 
 class Scheduler:
@@ -188,7 +190,7 @@ class Scheduler:
         finally:
             self._inflight -= 1
             self._direct_slots.release()
-        return result, queued, (0, infer_ns, 0)
+        return result, queued, (0, infer_ns, 0), batch
 
     async def _infer_batched(self, feeds: dict[str, np.ndarray], outputs: list[str], batch: int,
                              timeout_s: float, priority: int = 0, timeout_us: int = 0) -> Outcome:

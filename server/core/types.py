@@ -103,6 +103,7 @@ class InferRequest:
     inputs: list[InferInput] = field(default_factory=list)
     outputs: list[RequestedOutput] = field(default_factory=list)
     parameters: dict[str, Any] = field(default_factory=dict)
+    trace: dict[str, str] | None = None      # the client's W3C trace context headers, where tracing is on
 
 
 @dataclass

@@ -41,6 +41,7 @@ class BadRequest:
         self.error, self.size = error, size
 
 
+TRACE_HEADERS = ("traceparent", "tracestate")   # W3C trace context, read only where tracing is on
 TRIM_BYTES = 8 << 20          # after refusing a message this large, hand the freed memory back to the system
 
 
@@ -157,8 +158,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_rpc(Op.INFER)
     async def ModelInfer(self, request, context):
+        req = conv.request_from_proto(request)
+        if self.dp.tracing.enabled:
+            req.trace = {k: v for k, v in context.invocation_metadata() or () if k in TRACE_HEADERS}
         with self.admission.slot():
-            resp = await self.dp.infer(conv.request_from_proto(request), "grpc")
+            resp = await self.dp.infer(req, "grpc")
         return conv.response_to_proto(resp)
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest], context):
@@ -230,6 +234,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def SystemSharedMemoryUnregister(self, request, context):
         await self.dp.shm_unregister(request.name)
         return pb.SystemSharedMemoryUnregisterResponse()
+
+    @_rpc(Op.TRACE)
+    async def TraceSetting(self, request, context):
+        updates: dict[str, Any] = {}
+        for key, value in request.settings.items():
+            values = list(value.value)
+            updates[key] = None if not values else values if key == "trace_level" else values[0]
+        settings = await self.dp.update_trace_settings(request.model_name, updates)
+        response = pb.TraceSettingResponse()
+        for key, value in settings.items():
+            response.settings[key].value.extend(value if isinstance(value, list) else [str(value)])
+        return response
 
     @_rpc(Op.LOGGING)
     async def LogSettings(self, request, context):

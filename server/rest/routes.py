@@ -222,6 +222,8 @@ async def infer(model: str, request: Request, version: str = "") -> Response:
         header = request.headers.get(HEADER)
         req = (parse_raw_request(model, version, body, lv.spec) if header is not None and header.strip() == "0"
                else parse_infer_request(model, version, body, header, lv.request_elements_limit))
+        if _dp(request).tracing.enabled:
+            req.trace = {k: request.headers[k] for k in ("traceparent", "tracestate") if k in request.headers}
         work = _dp(request).infer(req, "http")
         # where requests wait for a batch window, a client that leaves is dropped from the queue; elsewhere a
         # request is answered in the time the watch would cost (4-8% of a 0.6 ms round trip)
@@ -369,6 +371,28 @@ async def update_log_settings(request: Request) -> Any:
     except orjson.JSONDecodeError as exc:
         raise InvalidInput(f"log settings body is not valid JSON ({exc})") from None
     return await _dp(request).update_log_settings(doc)
+
+
+@logging_api.get("/v2/trace/setting", summary="Global trace settings (Triton's trace extension)")
+@logging_api.get("/v2/models/{model}/trace/setting", summary="A model's trace settings", responses=ERRORS)
+async def trace_settings(request: Request, model: str = "") -> Any:
+    authorize_request(request, Op.TRACE)
+    return _dp(request).trace_settings(model)
+
+
+@logging_api.post("/v2/trace/setting", summary="Change the global trace settings on every worker", responses=ERRORS)
+@logging_api.post("/v2/models/{model}/trace/setting", summary="Change a model's trace settings (null: the global "
+                  "ones again)", responses=ERRORS)
+async def update_trace_settings(request: Request, model: str = "") -> Any:
+    """Body: some of ``trace_level`` (["OFF"] or ["TIMESTAMPS"]), ``trace_rate``, ``trace_count``,
+    ``log_frequency`` (numbers as Triton sends them: strings or integers)."""
+    authorize_request(request, Op.TRACE)
+    body = await read_body(request, SMALL_BODY, _settings(request).body_timeout_s)
+    try:
+        doc = orjson.loads(body) if body.strip() else {}
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"trace settings body is not valid JSON ({exc})") from None
+    return await _dp(request).update_trace_settings(model, doc)
 
 
 ROUTERS = (health, models, repository, shared_memory, logging_api)

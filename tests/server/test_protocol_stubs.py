@@ -33,7 +33,7 @@ else:
 out = {}
 for m, names in ((sp, ["ModelInferRequest", "ModelInferResponse", "ModelMetadataResponse", "ModelStatistics",
                        "InferStatistics", "RepositoryIndexResponse", "ServerMetadataResponse", "LogSettingsRequest",
-                       "LogSettingsResponse"]),
+                       "LogSettingsResponse", "TraceSettingRequest", "TraceSettingResponse"]),
                  (mc, ["ModelConfig", "ModelInput", "ModelOutput", "ModelDynamicBatching"])):
     for n in names:
         d = m.DESCRIPTOR.message_types_by_name[n]

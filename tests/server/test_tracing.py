@@ -1,0 +1,148 @@
+"""OpenTelemetry tracing, configured by OTEL_* variables: an OTLP/HTTP receiver (a real HTTP server in this test,
+decoding the protobuf export requests) gets one ModelInfer span per traced request, child of the trace context
+the client sent (REST header and gRPC metadata alike), with its queue and compute spans; Triton's trace extension
+turns it off and on at run time, per model too. Off by default."""
+from __future__ import annotations
+
+import http.server
+import secrets
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import tritonclient.grpc as tgrpc
+import tritonclient.http as thttp
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from tritonclient.utils import InferenceServerException
+
+from tests.server.conftest import ServerProcess, digits_batch, free_port
+
+pytestmark = pytest.mark.subprocess
+
+
+class Receiver:
+    """An OTLP/HTTP traces endpoint: every span it is sent, by trace id."""
+
+    def __init__(self) -> None:
+        self.spans: list = []
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["content-length"]))
+                req = ExportTraceServiceRequest()
+                req.ParseFromString(body)
+                for rs in req.resource_spans:
+                    for ss in rs.scope_spans:
+                        receiver.spans.extend(ss.spans)
+                self.send_response(200)
+                self.send_header("content-type", "application/x-protobuf")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.port = free_port()
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def trace(self, trace_id: str, want: int = 3, timeout: float = 10) -> list:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            found = [s for s in self.spans if s.trace_id.hex() == trace_id]
+            if len(found) >= want:
+                return found
+            time.sleep(0.05)
+        return [s for s in self.spans if s.trace_id.hex() == trace_id]
+
+
+@pytest.fixture(scope="module")
+def traced(repository, tmp_path_factory):
+    import shutil
+
+    repo = tmp_path_factory.mktemp("traced")
+    shutil.copytree(repository / "digits", repo / "digits")
+    receiver = Receiver()
+    env = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_SERVICE_NAME": "foldserve-test",
+           "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"http://127.0.0.1:{receiver.port}/v1/traces",
+           "OTEL_BSP_SCHEDULE_DELAY": "50"}
+    with ServerProcess(repo, env=env) as srv:
+        yield srv, receiver
+    receiver.server.shutdown()
+
+
+def _traceparent() -> tuple[str, str, str]:
+    trace_id, parent = secrets.token_hex(16), secrets.token_hex(8)
+    return trace_id, parent, f"00-{trace_id}-{parent}-01"
+
+
+def _infer(mod, address: str, headers: dict[str, str]) -> None:
+    client = mod.InferenceServerClient(address)
+    x = digits_batch(2)
+    inp = mod.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    client.infer("digits", [inp], headers=headers)
+    client.close()
+
+
+def test_a_span_per_request_carries_the_clients_trace_id_on_both_transports(traced):
+    srv, receiver = traced
+    for mod, address, protocol in ((thttp, srv.http, "http"), (tgrpc, srv.grpc, "grpc")):
+        trace_id, parent, header = _traceparent()
+        _infer(mod, address, {"traceparent": header})
+        spans = {s.name: s for s in receiver.trace(trace_id)}
+        assert set(spans) == {"ModelInfer", "queue", "compute"}, (protocol, list(spans))
+        root = spans["ModelInfer"]
+        assert root.parent_span_id.hex() == parent
+        attrs = {a.key: (a.value.string_value or a.value.int_value) for a in root.attributes}
+        assert attrs["model.name"] == "digits" and attrs["rpc.system"] == protocol and attrs["inference.batch_size"] == 2
+        for child in ("queue", "compute"):
+            assert spans[child].parent_span_id == root.span_id
+            assert root.start_time_unix_nano <= spans[child].start_time_unix_nano
+            assert spans[child].end_time_unix_nano <= root.end_time_unix_nano
+        assert spans["queue"].end_time_unix_nano <= spans["compute"].start_time_unix_nano
+
+
+def test_triton_trace_settings_turn_it_off_and_on_per_model(traced):
+    srv, receiver = traced
+    h = thttp.InferenceServerClient(srv.http)
+    g = tgrpc.InferenceServerClient(srv.grpc)
+    try:
+        assert h.get_trace_settings()["trace_level"] == ["TIMESTAMPS"]
+        assert h.update_trace_settings(settings={"trace_level": ["OFF"]})["trace_level"] == ["OFF"]
+        trace_id, _, header = _traceparent()
+        _infer(thttp, srv.http, {"traceparent": header})
+        time.sleep(0.5)
+        assert receiver.trace(trace_id, timeout=0.5) == []                 # off: nothing exported
+        # on for this model only, one request in 1
+        got = g.update_trace_settings("digits", {"trace_level": ["TIMESTAMPS"], "trace_rate": "1"}, as_json=True)
+        assert got["settings"]["trace_level"]["value"] == ["TIMESTAMPS"]
+        trace_id, _, header = _traceparent()
+        _infer(tgrpc, srv.grpc, {"traceparent": header})
+        assert len(receiver.trace(trace_id)) == 3
+        # the model's own settings cleared: the global ones (off) again
+        assert h.update_trace_settings("digits", {"trace_level": None})["trace_level"] == ["OFF"]
+        with pytest.raises(InferenceServerException, match="trace setting 'trace_rate' must be an integer >= 1"):
+            h.update_trace_settings(settings={"trace_rate": "0"})
+        with pytest.raises(InferenceServerException, match="unknown trace setting 'trace_colour'"):
+            g.update_trace_settings(settings={"trace_colour": ["red"]})
+    finally:
+        h.update_trace_settings(settings={"trace_level": ["TIMESTAMPS"]})
+        h.close()
+        g.close()
+
+
+def test_tracing_is_off_without_an_exporter_and_cannot_be_turned_on(server):
+    h = thttp.InferenceServerClient(server.http)
+    try:
+        assert h.get_trace_settings()["trace_level"] == ["OFF"]
+        assert h.get_trace_settings()["trace_mode"] == "opentelemetry"
+        with pytest.raises(InferenceServerException, match="OTEL_TRACES_EXPORTER"):
+            h.update_trace_settings(settings={"trace_level": ["TIMESTAMPS"]})
+    finally:
+        h.close()
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(f"http://{server.http}/v2/models/nope/trace/setting", timeout=10)
+    assert e.value.code == 404
