@@ -11,6 +11,7 @@ Sections (each in the JSON report; the Markdown table summarises them):
 * ``scaling``    Triton's perf_analyzer at concurrency 1/8/32/64 against 1 and 2 workers, with and without
                  system shared memory, on ResNet-20 and the 3x224x224 model; py-spy profiles under load.
 * ``gpu``        onnxruntime CUDA EP (skipped without a GPU).
+* ``tracing``    OpenTelemetry tracing off vs on at rate 1: gRPC p50 at c=1, throughput at c=32.
 * ``reparam``    timm's MobileOne-S0 / RepVGG-A0: training form vs what ``fold`` serves (:mod:`bench.reparam`).
 * ``fold_stages`` ``foldserve fold`` of torchvision's ResNet-50 .pt2 per stage (export, fold, verify).
 * ``goals``      the issue's goals as ratios from this run, each with pass/fail.
@@ -44,6 +45,8 @@ from bench.process import FoldserveProcess, ServerProcess
 from bench.reparam import bench_fold_stages, bench_reparam
 from bench.reparam import goals as reparam_goals
 from bench.reparam import markdown as reparam_markdown
+from bench.tracing import bench_tracing
+from bench.tracing import markdown as tracing_markdown
 from foldserve.atomic import write_json, write_text
 from foldserve.entry import INPUT_NAME
 
@@ -708,6 +711,7 @@ def markdown(report: dict[str, Any]) -> str:
             if "inprocess_cuda_b32" in e:
                 lines.append(f"| {name} (CUDA) | | | | {e['inprocess_cuda_b32']['samples_per_s']:.0f} | "
                              f"{e['inprocess_cuda_b32']['p50_ms']:.2f} | | |")
+    lines += tracing_markdown(r)
     lines += reparam_markdown(r)
     lines += ["", f"GPU: {json.dumps(r['gpu'])}"]
     return "\n".join(lines) + "\n"
@@ -770,6 +774,7 @@ def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
         report["scaling"] = bench_scaling(repo, quick, work)
         report["precision"] = bench_precision(work, quick)
         report["gpu"] = bench_gpu(r20)
+        report["tracing"] = bench_tracing(repo, "resnet20", [3, 32, 32], quick)
         report["reparam"] = bench_reparam(work, quick)
         report["fold_stages"] = bench_fold_stages(work, quick)
         report["goals"] = goals(report)
