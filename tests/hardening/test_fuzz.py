@@ -139,6 +139,10 @@ def test_rest_fuzz_never_5xx(hserver):
             return
         status, payload = client.post(path.replace("\x00", "%00"), body, headers)
         seen[status] = seen.get(status, 0) + 1
+        if status == 500 and "/models/odd/" in path and payload == b'{"error":"internal error (see the server log)"}':
+            # "odd" fails in onnxruntime for an odd batch by design (test_faults: that one request is a 500); a raw
+            # binary request (Inference-Header-Content-Length: 0) makes any body of 16k bytes a valid input for it
+            return
         assert status < 500, (status, payload[:300], path, body[:200], headers)
         if status >= 400 and payload != b"Invalid HTTP request received.":  # uvicorn's HTTP parser said no
             assert payload.startswith(b"{") and "error" in json.loads(payload), (status, payload[:200], path, headers)
