@@ -77,13 +77,26 @@ def test_kubernetes_manifests_match_the_server_defaults():
     assert hpa["scaleTargetRef"]["name"] == by_kind["Deployment"]["metadata"]["name"]
     assert hpa["minReplicas"] <= hpa["maxReplicas"]
 
-    kserve = {d["kind"]: d for d in _docs(DOCKER_DIR / "k8s" / "kserve.yaml")}
-    runtime = kserve["ServingRuntime"]["spec"]
-    assert "v2" in runtime["protocolVersions"]
-    args = runtime["containers"][0]["args"]
-    http_port = int(args[args.index("--http-port") + 1])
-    assert runtime["containers"][0]["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": http_port}
-    assert kserve["InferenceService"]["spec"]["predictor"]["model"]["runtime"] == kserve["ServingRuntime"]["metadata"]["name"]
+    docs = _docs(DOCKER_DIR / "k8s" / "kserve.yaml")
+    kserve = {d["kind"]: d for d in docs}
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "InferenceService"}
+    for kind in ("ServingRuntime", "ClusterServingRuntime"):
+        runtime = kserve[kind]["spec"]
+        assert set(runtime["protocolVersions"]) == {"v2", "grpc-v2"} and runtime["multiModel"] is False
+        container = runtime["containers"][0]
+        args = container["args"]
+        http_port = int(args[args.index("--http-port") + 1])
+        grpc_port = int(args[args.index("--grpc-port") + 1])
+        # KServe's port names: http1 for REST, h2c for gRPC (kserve#1499)
+        assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"http1": http_port, "h2c": grpc_port}
+        assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": http_port}
+        assert runtime["annotations"]["prometheus.kserve.io/port"] == str(http_port)
+    assert kserve["ClusterServingRuntime"]["spec"]["containers"] == kserve["ServingRuntime"]["spec"]["containers"]
+    for svc in services.values():
+        assert svc["spec"]["predictor"]["model"]["runtime"] == kserve["ServingRuntime"]["metadata"]["name"]
+    grpc_svc = next(s["spec"]["predictor"]["model"] for s in services.values()
+                    if s["spec"]["predictor"]["model"]["protocolVersion"] == "grpc-v2")
+    assert [p["name"] for p in grpc_svc["ports"]] == ["h2c"] and grpc_svc["ports"][0]["containerPort"] == grpc_port
     # every CLI flag the manifests pass exists
     from cli.main import build_parser
 
