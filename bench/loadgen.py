@@ -45,6 +45,17 @@ def percentile(values: list[float], q: float) -> float:
     return s[k]
 
 
+def median_ms(fn: Callable[[], object], n: int) -> float:
+    """The median wall time of ``n`` calls of ``fn`` after one warm-up call, in milliseconds."""
+    fn()
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return percentile(times, 50) * 1000
+
+
 async def closed_loop(make_sender: Callable[[int], Awaitable[Callable[[], Awaitable[bool]]]], concurrency: int,
                       requests: int, warmup: int = 20, batch: int = 1) -> LoadResult:
     """``concurrency`` workers, each sending back-to-back until ``requests`` are done in total."""

@@ -13,26 +13,17 @@ import io
 import shutil
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bench.libraries import library, randomize_bn
-from bench.loadgen import closed_loop, grpc_sender_factory, percentile
+from bench.loadgen import closed_loop, grpc_sender_factory, median_ms
 from bench.process import FoldserveProcess
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
-
-
-def _timeit(fn: Any, n: int) -> float:
-    fn()
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return percentile(times, 50) * 1000
 
 
 def _export(model: Any, size: int) -> Any:
@@ -93,7 +84,7 @@ def bench_reparam(work: Path, quick: bool) -> dict[str, Any]:
         row: dict[str, Any] = {"ops_training": _ops(training), "ops_served": _ops(served), "fold_onnx_s": fold_s}
         for label, m in (("training", training), ("served", served)):
             sess = ort_session(m.SerializeToString(), "all", "cpu")
-            row[f"inprocess_b8_ms_{label}"] = _timeit(lambda s=sess: s.run(None, {"input": x8}), n)
+            row[f"inprocess_b8_ms_{label}"] = median_ms(partial(sess.run, None, {"input": x8}), n)
         row["inprocess_speedup"] = row["inprocess_b8_ms_training"] / row["inprocess_b8_ms_served"]
         src = work / f"{name}.onnx"
         onnx.save(training, str(src))

@@ -39,6 +39,7 @@ from bench.loadgen import (
     grpc_sender_factory,
     http_request_bytes,
     http_sender_factory,
+    median_ms,
     percentile,
 )
 from bench.process import FoldserveProcess, ServerProcess
@@ -106,25 +107,16 @@ def bench_folding(quick: bool) -> dict[str, Any]:
     folded_onnx, onnx_report = fold_onnx(reference)
     fold_onnx_s = time.perf_counter() - t0
 
-    def timeit(fn, n):
-        fn()
-        times = []
-        for _ in range(n):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return percentile(times, 50) * 1000
-
     n = 3 if quick else 10
     with torch.no_grad():
-        eager_unfolded = timeit(lambda: model(x), n)
-        eager_folded = timeit(lambda: folded(x), n)
+        eager_unfolded = median_ms(lambda: model(x), n)
+        eager_folded = median_ms(lambda: folded(x), n)
     xn = x.numpy()
     ort_ms = {}
     for label, m in (("unfolded", reference), ("folded", folded_onnx)):
         for level in ("disable", "all"):
             sess = ort_session(m.SerializeToString(), level, "cpu")
-            ort_ms[f"{label}_{level}"] = timeit(lambda: sess.run(None, {"input": xn}), n)
+            ort_ms[f"{label}_{level}"] = median_ms(lambda: sess.run(None, {"input": xn}), n)
     params = sum(p.numel() for p in model.parameters())
     return {"model": f"ResNet-50-sized (bottleneck 4x4, width 64, {params / 1e6:.1f} M parameters), input "
                      f"8x{'x'.join(map(str, shape))}",

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from folding.kinds import open_source
-from folding.source import Feed, Outputs, feed_len, feed_slice
+from folding.source import Feed, Outputs, as_float64, feed_len, feed_slice
 from folding.tolerances import PRECISION_GATES, compare, tolerance_for
 from folding.verify import comparison_record, precision_gate, record_key
 from foldserve.client import connect
@@ -48,8 +48,7 @@ def _served(client, model: str, version: str, meta: ModelMetadata, feed: Feed, m
     for start in range(0, feed_len(feed), max_batch):
         chunk = {k: np.ascontiguousarray(v) for k, v in feed_slice(feed, start, start + max_batch).items()}
         parts.append(client.infer(model, chunk, version=version, datatypes=types, outputs=names))
-    joined = {k: np.concatenate([p[k] for p in parts]) for k in names}
-    return {k: v.astype(np.float64) if v.dtype.kind in "biuf" else v for k, v in joined.items()}
+    return as_float64({k: np.concatenate([p[k] for p in parts]) for k in names})
 
 
 # long function: one live report, built in one place (inputs, precision gate, table)

@@ -39,6 +39,11 @@ Run = Callable[[Feed], Outputs]
 InputSets = dict[str, tuple[Feed, "np.ndarray | None"]]
 
 
+def as_float64(outputs: Outputs) -> Outputs:
+    """Numeric outputs in float64 (what truths are compared in); strings (BYTES) as they are."""
+    return {k: v.astype(np.float64) if v.dtype.kind in "biuf" else v for k, v in outputs.items()}
+
+
 def feed_len(feed: Feed) -> int:
     return len(next(iter(feed.values())))
 
@@ -396,7 +401,7 @@ class OnnxSource(SourceModel):
         self._ref = self.reference_onnx()
 
     def truth(self, feed: Feed) -> Outputs:
-        return {k: v.astype(np.float64) if v.dtype.kind in "biuf" else v for k, v in self.fit(self._ref)(feed).items()}
+        return as_float64(self.fit(self._ref)(feed))
 
 
 def _float32(feed: Feed) -> Feed:

@@ -410,19 +410,17 @@ class ClusterCoordinator(Coordinator):  # long class: one method per operation, 
 
 
     async def log_settings(self, settings: LogSettings) -> None:
-        async with self.lock():
-            results = await self.everyone(LogSettingsMessage(settings.to_json()))
-            state = self.run.read_state()
-            state.log_settings = settings.to_json()
-            self._commit_state(state)
-            _raise_first(results)
-
+        await self._setting(LogSettingsMessage(settings.to_json()), "log_settings")
 
     async def trace_settings(self, state: dict[str, Any]) -> None:
+        await self._setting(TraceSettingsMessage(state), "trace_settings")
+
+    async def _setting(self, message: LogSettingsMessage | TraceSettingsMessage, field: str) -> None:
+        """A process-wide setting: every worker applies it, and the cluster state keeps it for replacements."""
         async with self.lock():
-            results = await self.everyone(TraceSettingsMessage(state))
+            results = await self.everyone(message)
             cluster = self.run.read_state()
-            cluster.trace_settings = state
+            setattr(cluster, field, message.settings)
             self._commit_state(cluster)
             _raise_first(results)
 

@@ -16,7 +16,7 @@ import numpy as np
 import orjson
 from fastapi.responses import JSONResponse
 
-from foldserve.datatypes import numpy_dtype, raw_bytes, serialize_bytes
+from foldserve.datatypes import numpy_dtype, raw_bytes
 from foldserve.errors import InvalidInput, PayloadTooLarge, UnsupportedDataType
 from server.core.shm import shm_ref
 from server.core.types import InferInput, InferRequest, InferResponse, ModelSpec, RequestedOutput
@@ -201,8 +201,7 @@ def parse_raw_request(model: str, version: str, body: bytes, spec: ModelSpec) ->
         if list(t.dims) != [1]:
             raise InvalidInput(f"For BYTE datatype raw input '{t.name}', the model must have input shape [1]: its "
                                f"shape is {list(t.dims)}")
-        inp = InferInput(t.name, t.datatype, shape)
-        inp.raw = memoryview(serialize_bytes(np.array([bytes(body)], dtype=object)))
+        inp = InferInput(t.name, t.datatype, shape, values=[bytes(body)])
         return InferRequest(model, version, "", [inp], [], {"binary_data_output": True})
     variable = [i for i, d in enumerate(shape) if d < 0]
     if len(variable) > 1:

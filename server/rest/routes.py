@@ -265,17 +265,10 @@ async def repository_index(request: Request) -> Any:
 async def load(model: str, request: Request) -> Response:
     """Body (optional): ``{"parameters": {"config": "<ModelConfig as JSON>"}}`` (Triton's repository extension)."""
     authorize_request(request, Op.LOAD)
-    body = await read_body(request, LOAD_BODY, _settings(request).body_timeout_s)
-    params: Any = {}
-    if body.strip():
-        try:
-            doc = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise InvalidInput(f"failed to load {model!r}: the request body is not valid JSON ({exc})") from None
-        if not isinstance(doc, dict) or not isinstance(doc.get("parameters", {}), dict):
-            raise InvalidInput(f"failed to load {model!r}: the body must be a JSON object, its 'parameters' an object")
-        params = doc.get("parameters", {})
-    await _dp(request).load(model, params)
+    doc = await _optional_json(request, LOAD_BODY, f"failed to load {model!r}: the request body")
+    if not isinstance(doc, dict) or not isinstance(doc.get("parameters", {}), dict):
+        raise InvalidInput(f"failed to load {model!r}: the body must be a JSON object, its 'parameters' an object")
+    await _dp(request).load(model, doc.get("parameters", {}))
     return Response(status_code=200)
 
 
@@ -290,6 +283,17 @@ async def unload(model: str, request: Request) -> Response:
 
 shared_memory = APIRouter(tags=["shared memory"])
 SMALL_BODY = 64 * 1024
+
+
+async def _optional_json(request: Request, limit: int, what: str) -> Any:
+    """A small JSON body (``{}`` when there is none), read within the body limits; 400 naming ``what``."""
+    body = await read_body(request, limit, _settings(request).body_timeout_s)
+    if not body.strip():
+        return {}
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"{what} is not valid JSON ({exc})") from None
 _READY_NOT_BOOL = re.compile(rb'\s*\{\s*"ready"\s*:\s*[\[{"0-9-]')
 LOAD_BODY = 1 << 20         # a config override; larger (model files sent with the request) is refused unread
 
@@ -365,11 +369,7 @@ async def update_log_settings(request: Request) -> Any:
     """Body: some of ``log_info``, ``log_warning``, ``log_error`` (bool), ``log_verbose_level`` (uint),
     ``log_format`` ("default" or "ISO8601"), ``log_file`` ("" only)."""
     authorize_request(request, Op.LOGGING)
-    body = await read_body(request, SMALL_BODY, _settings(request).body_timeout_s)
-    try:
-        doc = orjson.loads(body) if body.strip() else {}
-    except orjson.JSONDecodeError as exc:
-        raise InvalidInput(f"log settings body is not valid JSON ({exc})") from None
+    doc = await _optional_json(request, SMALL_BODY, "log settings body")
     return await _dp(request).update_log_settings(doc)
 
 
@@ -387,11 +387,7 @@ async def update_trace_settings(request: Request, model: str = "") -> Any:
     """Body: some of ``trace_level`` (["OFF"] or ["TIMESTAMPS"]), ``trace_rate``, ``trace_count``,
     ``log_frequency`` (numbers as Triton sends them: strings or integers)."""
     authorize_request(request, Op.TRACE)
-    body = await read_body(request, SMALL_BODY, _settings(request).body_timeout_s)
-    try:
-        doc = orjson.loads(body) if body.strip() else {}
-    except orjson.JSONDecodeError as exc:
-        raise InvalidInput(f"trace settings body is not valid JSON ({exc})") from None
+    doc = await _optional_json(request, SMALL_BODY, "trace settings body")
     return await _dp(request).update_trace_settings(model, doc)
 
 

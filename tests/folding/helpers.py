@@ -39,3 +39,29 @@ def assert_unchanged(model: nn.Module, snapshot: dict[str, torch.Tensor]) -> Non
     assert now.keys() == snapshot.keys()
     for k, v in snapshot.items():
         assert torch.equal(now[k], v), f"input model was mutated at {k}"
+
+
+def torch64(model: nn.Module, x: np.ndarray) -> np.ndarray:
+    """A module's output in float64 (a copy of it runs, so the model is not changed)."""
+    import copy
+
+    with torch.no_grad():
+        return copy.deepcopy(model).double()(torch.from_numpy(x).double()).numpy()
+
+
+def assert_close_to_scale(served: np.ndarray, truth: np.ndarray, rel: float = 1e-4) -> None:
+    scale = float(np.abs(truth).max())
+    err = float(np.abs(served - truth).max())
+    assert err <= rel * scale, f"served differs from torch's unfolded output by {err:.3g} (scale {scale:.3g})"
+
+
+def scale_layer_weights(model_path, layer: str, factor: float = 1.05) -> None:
+    """Multiply the weight of node ``layer`` in the ONNX file by ``factor`` (a broken fold, for the verifier)."""
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(model_path))
+    node = next(n for n in m.graph.node if n.name == layer)
+    t = next(i for i in m.graph.initializer if i.name == node.input[1])
+    t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * factor, t.name))
+    onnx.save(m, str(model_path))

@@ -7,6 +7,7 @@ import json
 import shutil
 import warnings
 from collections import Counter
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 from folding.onnx_passes import fold_onnx
 from folding.source import ort_session
 from tests.conftest import run_cli
+from tests.folding.helpers import assert_close_to_scale, scale_layer_weights, torch64
 from tests.zoo import FrozenNet, RepNet, frozen_net, rep_net
 
 HW = 32
@@ -38,17 +40,8 @@ def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     return sess.run(None, {sess.get_inputs()[0].name: x})[0]
 
 
-def _torch64(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
-    import copy
-
-    with torch.no_grad():
-        return copy.deepcopy(model).double()(torch.from_numpy(x).double()).numpy()
-
-
-def _assert_close_to_scale(served: np.ndarray, truth: np.ndarray, rel: float = 1e-5) -> None:
-    scale = float(np.abs(truth).max())
-    err = float(np.abs(served - truth).max())
-    assert err <= rel * scale, f"differs from torch's unfolded output by {err:.3g} (scale {scale:.3g})"
+_assert_close_to_scale = partial(assert_close_to_scale, rel=1e-5)
+_torch64 = torch64
 
 
 def _ops(model: onnx.ModelProto) -> Counter:
@@ -236,11 +229,7 @@ def test_a_bad_merge_is_caught_and_localised(rep_repo, tmp_path):
     shutil.copytree(rep_repo["repo"] / "rep_pt2" / "1", vdir)
     merges = json.loads((vdir / "fold_report.json").read_text())["onnx"]["merges"]
     target = merges[3]
-    m = onnx.load(str(vdir / "model.onnx"))
-    node = next(n for n in m.graph.node if n.name == target["into"])
-    t = next(i for i in m.graph.initializer if i.name == node.input[1])
-    t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * 1.05, t.name))
-    onnx.save(m, str(vdir / "model.onnx"))
+    scale_layer_weights(vdir / "model.onnx", target["into"])
     report = verify_entry(vdir, VerifyOptions(batch_sizes=(2,), write=False))
     assert not report.passed and report.candidates["unfolded_torch"].passed
     assert report.localization.first_failing_layer == target["into"]

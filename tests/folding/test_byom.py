@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tests.conftest import run_cli
+from tests.folding.helpers import assert_close_to_scale, scale_layer_weights, torch64
 from tests.zoo import mobilenet_v3_small, residual_net, resnet18
 
 HW = 16
@@ -43,13 +44,6 @@ def _save_torchscript(model: torch.nn.Module, path: Path, shape: tuple[int, ...]
     return path
 
 
-def _torch64(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
-    import copy
-
-    with torch.no_grad():
-        return copy.deepcopy(model).double()(torch.from_numpy(x).double()).numpy()
-
-
 def _bn_count(path: Path) -> int:
     return sum(n.op_type == "BatchNormalization" for n in onnx.load(str(path)).graph.node)
 
@@ -62,12 +56,6 @@ def _grpc_infer(client, model: str, in_name: str, out_name: str, x: np.ndarray) 
     inp = tgrpc.InferInput(in_name, list(x.shape), "FP32")
     inp.set_data_from_numpy(x)
     return client.infer(model, [inp], outputs=[tgrpc.InferRequestedOutput(out_name)]).as_numpy(out_name)
-
-
-def _assert_close_to_scale(served: np.ndarray, truth: np.ndarray, rel: float = 1e-4) -> None:
-    scale = float(np.abs(truth).max())
-    err = float(np.abs(served - truth).max())
-    assert err <= rel * scale, f"served differs from torch's unfolded output by {err:.3g} (scale {scale:.3g})"
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +103,7 @@ def test_served_answers_over_grpc_match_the_unfolded_network(byom_repo):
     from tests.server.conftest import ServerProcess
 
     x = np.random.default_rng(3).normal(size=(6, 3, HW, HW)).astype(np.float32)
-    truth = _torch64(byom_repo["model"], x)
+    truth = torch64(byom_repo["model"], x)
     with ServerProcess(byom_repo["repo"]) as srv:
         import tritonclient.grpc as tgrpc
 
@@ -125,7 +113,7 @@ def test_served_answers_over_grpc_match_the_unfolded_network(byom_repo):
             meta = client.get_model_metadata(name, as_json=True)
             assert (meta["inputs"][0]["name"], meta["outputs"][0]["name"]) == (in_name, out_name)
             assert [int(d) for d in meta["inputs"][0]["shape"]] == [-1, 3, HW, HW]
-            _assert_close_to_scale(_grpc_infer(client, name, in_name, out_name, x), truth)
+            assert_close_to_scale(_grpc_infer(client, name, in_name, out_name, x), truth)
         client.close()
         live = run_cli("verify", "--server", srv.grpc, str(byom_repo["repo"] / "rn_pt2" / "1"), "--batch-sizes", "1,3")
         assert live.returncode == 0 and "PASSED" in live.stdout, live.stdout + live.stderr
@@ -137,7 +125,7 @@ def test_normalisation_is_baked_in_and_real_samples_give_accuracy(byom_repo, tmp
     raw = np.random.default_rng(4).normal(size=(40, 3, HW, HW)) * np.reshape(STD, (1, 3, 1, 1)) + \
         np.reshape(MEAN, (1, 3, 1, 1))
     normalized = (raw - np.reshape(MEAN, (1, 3, 1, 1))) / np.reshape(STD, (1, 3, 1, 1))
-    labels = _torch64(model, normalized).argmax(1)
+    labels = torch64(model, normalized).argmax(1)
     labels[:4] = (labels[:4] + 1) % 10                       # 36 of 40 right: accuracy 0.9
     np.savez(tmp_path / "val.npz", x=raw.astype(np.float32), y=labels)
     (tmp_path / "labels.txt").write_text("".join(f"class{i}\n" for i in range(10)))
@@ -154,7 +142,7 @@ def test_normalisation_is_baked_in_and_real_samples_give_accuracy(byom_repo, tmp
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(vdir / "model.onnx"), providers=["CPUExecutionProvider"])
-    _assert_close_to_scale(sess.run(None, {"x": raw.astype(np.float32)})[0], _torch64(model, normalized))
+    assert_close_to_scale(sess.run(None, {"x": raw.astype(np.float32)})[0], torch64(model, normalized))
     assert 'label_filename: "labels.txt"' in (tmp_path / "repo" / "norm" / "config.pbtxt").read_text()
 
 
@@ -182,19 +170,13 @@ def test_symbolic_and_fixed_dimensions(byom_repo, tmp_path):
 
 def test_a_broken_fold_of_a_user_model_is_caught_and_localised(byom_repo, tmp_path):
     """Scale one folded conv's weights in the served file: verification fails and names that layer."""
-    from onnx import numpy_helper
-
     from folding.verify import VerifyOptions, verify_entry
 
     vdir = tmp_path / "rn_pt2" / "1"
     shutil.copytree(byom_repo["repo"] / "rn_pt2" / "1", vdir)
-    m = onnx.load(str(vdir / "model.onnx"))
     folds = json.loads((vdir / "fold_report.json").read_text())["onnx"]["folded"]
     target = next(f for f in folds if f["producer_type"] == "ConvTranspose")
-    node = next(n for n in m.graph.node if n.name == target["into"])
-    t = next(i for i in m.graph.initializer if i.name == node.input[1])
-    t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * 1.05, t.name))
-    onnx.save(m, str(vdir / "model.onnx"))
+    scale_layer_weights(vdir / "model.onnx", target["into"])
     report = verify_entry(vdir, VerifyOptions(batch_sizes=(2,), write=False))
     assert not report.passed and report.candidates["unfolded_torch"].passed
     assert report.localization.first_failing_layer == target["into"]
@@ -260,6 +242,6 @@ def test_acceptance_resnet18_onnx_and_mobilenet_v3_small_pt2(tmp_path):
         import tritonclient.grpc as tgrpc
 
         client = tgrpc.InferenceServerClient(srv.grpc)
-        _assert_close_to_scale(_grpc_infer(client, "r18", "input", "logits", x), _torch64(r18, x))
-        _assert_close_to_scale(_grpc_infer(client, "mnv3", "x", "output", x), _torch64(mnv3, x))
+        assert_close_to_scale(_grpc_infer(client, "r18", "input", "logits", x), torch64(r18, x))
+        assert_close_to_scale(_grpc_infer(client, "mnv3", "x", "output", x), torch64(mnv3, x))
         client.close()

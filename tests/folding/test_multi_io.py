@@ -18,6 +18,7 @@ import torch
 
 from foldserve.model_config import read_config
 from tests.conftest import run_cli
+from tests.folding.helpers import assert_close_to_scale, scale_layer_weights
 from tests.zoo import library, randomize_bn, two_tower
 
 HW = 16
@@ -45,12 +46,6 @@ def _truth(model: torch.nn.Module, image: np.ndarray, vector: np.ndarray) -> dic
     with torch.no_grad():
         out = copy.deepcopy(model).double()(torch.from_numpy(image).double(), torch.from_numpy(vector).double())
     return {k: v.numpy() for k, v in out.items()}
-
-
-def _close_to_scale(served: np.ndarray, truth: np.ndarray, rel: float = 1e-4) -> None:
-    scale = float(np.abs(truth).max())
-    err = float(np.abs(served - truth).max())
-    assert err <= rel * scale, f"served differs from torch by {err:.3g} (scale {scale:.3g})"
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +126,7 @@ def test_every_output_is_served_over_grpc_like_torch_and_verified_live(tower_rep
                 inputs[-1].set_data_from_numpy(a)
             result = client.infer(name, inputs, outputs=[tgrpc.InferRequestedOutput(o) for o in truth])
             for out_name, want in truth.items():
-                _close_to_scale(result.as_numpy(out_name), want)
+                assert_close_to_scale(result.as_numpy(out_name), want)
         client.close()
         proc = run_cli("infer", "--url", srv.grpc, "--model", "tt_pt2", "--input", f"image={tmp_path / 'image.npy'}",
                        "--input", f"vector={tmp_path / 'vector.npy'}")
@@ -144,19 +139,14 @@ def test_every_output_is_served_over_grpc_like_torch_and_verified_live(tower_rep
 
 
 def test_a_broken_output_is_caught_and_localised(tower_repo, tmp_path):
-    from onnx import numpy_helper
 
     from folding.verify import VerifyOptions, verify_entry
 
     vdir = tmp_path / "tt_onnx" / "1"
     shutil.copytree(tower_repo["repo"] / "tt_onnx" / "1", vdir)
-    m = onnx.load(str(vdir / "model.onnx"))
     folds = json.loads((vdir / "fold_report.json").read_text())["onnx"]["folded"]
     target = next(f for f in folds if f["producer_type"] == "Gemm")       # the vector tower
-    node = next(n for n in m.graph.node if n.name == target["into"])
-    t = next(i for i in m.graph.initializer if i.name == node.input[1])
-    t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * 1.05, t.name))
-    onnx.save(m, str(vdir / "model.onnx"))
+    scale_layer_weights(vdir / "model.onnx", target["into"])
     report = verify_entry(vdir, VerifyOptions(batch_sizes=(2,), write=False))
     assert not report.passed
     assert report.localization.first_failing_layer == target["into"]
@@ -249,7 +239,7 @@ def test_torchvision_segmentation_with_aux_head_and_frozen_bn_fpn_backbone(tmp_p
             inp.set_data_from_numpy(xs)
             result = client.infer(name, [inp], outputs=[tgrpc.InferRequestedOutput(o) for o in truth])
             for out_name, want in truth.items():
-                _close_to_scale(result.as_numpy(out_name), want)
+                assert_close_to_scale(result.as_numpy(out_name), want)
         client.close()
 
 
