@@ -18,7 +18,7 @@ import onnx
 from folding.calibration import calibration_samples
 from folding.install import check_compatible, check_model_name, check_version, install, model_precision, write_failure
 from folding.kinds import Prepared, SourceKind, detect_kind
-from folding.onnx_io import has_external_data, save_model, save_with_external_data
+from folding.onnx_io import check_onnx, has_external_data, save_model, save_with_external_data
 from folding.onnx_passes import fold_onnx
 from folding.precision import check_precision_options, to_precision
 from folding.programs import Options
@@ -115,10 +115,7 @@ def _stamp(models: dict[str, onnx.ModelProto], meta: dict[str, str]) -> None:
     for role, m in models.items():
         onnx.helper.set_model_props(m, {**meta, "foldserve_role": role})
         m.producer_name, m.producer_version = "foldserve", __version__
-        try:
-            onnx.checker.check_model(m, full_check=True)
-        except onnx.checker.ValidationError as exc:
-            raise FoldError(f"the {role} ONNX model fails onnx.checker: {first_line(exc)}") from None
+        check_onnx(m, role)
 
 
 def _write_version(staging: Path, prepared: Prepared, reports: EntryFoldReport, served: onnx.ModelProto,
@@ -201,10 +198,7 @@ def fold_onnx_file(src: str | Path, dst: str | Path) -> FoldReport:
     except Exception as exc:  # onnx raises DecodeError, ValueError, ... for a bad file
         raise FoldError(f"--onnx {src}: not a readable ONNX model ({type(exc).__name__}: {first_line(exc)})") from None
     folded, report = fold_onnx(model)
-    try:
-        onnx.checker.check_model(folded, full_check=True)
-    except onnx.checker.ValidationError as exc:
-        raise FoldError(f"the folded model fails onnx.checker: {first_line(exc)}") from None
+    check_onnx(folded, "folded")
     try:
         if has_external_data(src):
             save_with_external_data(folded, dst)

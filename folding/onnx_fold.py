@@ -28,6 +28,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from folding.fold_math import BNParams, fold_backward, fold_forward
+from folding.onnx_io import without_weights
 from folding.rules import BACKWARD, FORWARD, NONLINEARITIES, Plan, Rule, Skip
 
 logger = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ class _Graph:
     def _infer_dims(self) -> dict[str, list[int | None]]:
         """Each tensor's inferred dimensions (None where symbolic); absent where its rank is unknown."""
         try:
-            inferred = onnx.shape_inference.infer_shapes(_without_weights(self.model), strict_mode=False)
+            inferred = onnx.shape_inference.infer_shapes(without_weights(self.model), strict_mode=False)
         except Exception:  # shape inference is a help, not a requirement
             return {}
         dims = {}
@@ -133,31 +134,6 @@ class _Graph:
         while len(node.input) <= slot:
             node.input.append("")
         node.input[slot] = new_name
-
-
-def _without_weights(model: onnx.ModelProto, limit: int = 4096) -> onnx.ModelProto:
-    """The model with every initializer over ``limit`` elements turned into a typed graph input: shape inference
-    needs their shapes only (small constants such as Reshape targets stay), and serialising 100 MB of weights for
-    each inference took most of a fold's time on large models."""
-    g = model.graph
-    light = onnx.ModelProto()
-    light.ir_version, light.producer_name = model.ir_version, model.producer_name
-    light.opset_import.extend(model.opset_import)
-    lg = light.graph
-    lg.name = g.name
-    lg.node.extend(g.node)
-    lg.output.extend(g.output)
-    lg.value_info.extend(g.value_info)
-    names = {i.name for i in g.input}
-    lg.input.extend(g.input)
-    for t in g.initializer:
-        if int(np.prod(t.dims)) > limit:
-            if t.name not in names:
-                lg.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-        else:
-            lg.initializer.append(t)
-    light.functions.extend(model.functions)
-    return light
 
 
 def _remove_dead_constants(model: onnx.ModelProto) -> None:

@@ -37,9 +37,44 @@ def test_quick_bench_report_has_every_section(tmp_path):
     rep = report["reparam"]["models"]["mobileone_s0"]
     assert rep["ops_served"]["Conv"] < rep["ops_training"]["Conv"] and rep["grpc_b8_c1_served"]["errors"] == 0
     assert rep["grpc_b8_c1_training"]["requests"] > 0 and report["fold_stages"]["verified"]
+    assert report["fold_stages"]["command_verified"]
     assert any("re-parameterisation" in g["goal"] for g in report["goals"])
     assert report["tracing"]["exports_received"] > 0 and report["tracing"]["on_rate_1"]["grpc_c32"]["errors"] == 0
     assert (tmp_path / "latest.png").read_bytes()[:4] == b"\x89PNG"
     assert report["meta"]["commit"] and report["meta"]["machine"]
     md = (tmp_path / "latest.md").read_text()
     assert "| goal | measured | limit | result |" in md and "foldserve grpc (batching)" in md and "| resnet20_int8 |" in md
+
+
+# perf_analyzer 2.60's output against foldserve (ResNet-50, concurrency 2), as the benchmark reads it (its
+# section headers end in a space, written \x20)
+PERF_ANALYZER_OUTPUT = """\
+Request concurrency: 2
+  Client:\x20
+    Request count: 356
+    Throughput: 32.5839 infer/sec
+    Avg latency: 60528 usec (standard deviation 4568 usec)
+    p50 latency: 60270 usec
+    Avg gRPC time: 60499 usec ((un)marshal request/response 79 usec + response wait 60420 usec)
+  Server:\x20
+    Inference count: 356
+    Execution count: 355
+    Successful request count: 356
+    Avg request latency: 56982 usec (overhead 2292 usec + queue 25875 usec + compute input 3 usec + compute infer 28799 usec + compute output 12 usec)
+Inferences/Second vs. Client Average Batch Latency
+Concurrency: 2, throughput: 32.5839 infer/sec, latency 60528 usec
+"""
+
+
+def test_perf_analyzer_server_section_is_read_in_full():
+    from bench.peers import server_section
+
+    assert server_section(PERF_ANALYZER_OUTPUT) == {
+        "inference_count": 356, "execution_count": 355, "success_count": 356, "avg_request_us": 56982,
+        "overhead_us": 2292, "queue_us": 25875, "compute_input_us": 3, "compute_infer_us": 28799,
+        "compute_output_us": 12}
+    # the parts add up to the average (each rounded to a microsecond by perf_analyzer)
+    s = server_section(PERF_ANALYZER_OUTPUT)
+    assert s and abs(sum(s[k] for k in ("overhead_us", "queue_us", "compute_input_us", "compute_infer_us",
+                                        "compute_output_us")) - s["avg_request_us"]) <= 5
+    assert server_section("Request concurrency: 2\n  Client: \n    Request count: 3\n") is None

@@ -129,7 +129,10 @@ def test_verifier_fails_a_fold_with_the_wrong_eps(entry, tmp_path):
     assert report.candidates["folded_torch"].passed  # the torch fold (right eps) still passes
 
 
-def test_batch_invariance_catches_a_train_mode_export(entry, tmp_path):
+@pytest.mark.parametrize("sizes", [(1, 7, 32), (8,)], ids=["prefix-sets", "one-set"])
+def test_batch_invariance_catches_a_train_mode_export(entry, tmp_path, sizes):
+    """With several batch sizes, the same samples alone and inside the larger batches are compared (no extra
+    runs); with one, each sample is also run alone."""
     vdir = _copy_entry(entry, tmp_path)
     ckpt = load_checkpoint(vdir / "source.pt")
     model = model_from_checkpoint(ckpt).train()
@@ -140,7 +143,7 @@ def test_batch_invariance_catches_a_train_mode_export(entry, tmp_path):
                       do_constant_folding=False, input_names=["input"], output_names=["output"], opset_version=17,
                       dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
     (vdir / "model.onnx").write_bytes(buf.getvalue())
-    report = verify_entry(vdir, VerifyOptions())
+    report = verify_entry(vdir, VerifyOptions(batch_sizes=sizes))
     assert report.passed is False
     assert not report.batch_invariance["served_onnx"].passed
     assert "batch invariance failed" in (report.failure or "")

@@ -307,3 +307,32 @@ def test_bn_before_a_bias_free_matmul_is_never_folded_wrongly():
     c = compare(run(folded, x), run(model, x), LAYER_FP32)
     assert c.passed, c
     assert not report.folded and "no bias" in report.skipped[0].reason
+
+
+def test_check_onnx_matches_the_full_checker_without_serialising_the_weights():
+    """check_onnx runs onnx.checker on the graph without its large weights and checks their sizes itself: a
+    good model passes, a truncated weight and a graph error are refused, as the full checker refuses them."""
+    from folding.onnx_io import check_onnx
+    from foldserve.errors import FoldError
+
+    w = RNG.normal(size=(64, 32, 3, 3)).astype(np.float32)           # 18,432 values: over the light limit
+    conv = helper.make_node("Conv", ["x", "W"], ["y"], name="c", pads=[1, 1, 1, 1])
+    model = make_model([conv], [numpy_helper.from_array(w, "W")],
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 32, 8, 8])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    check_onnx(model, "served")
+    onnx.checker.check_model(model, full_check=True)
+
+    short = onnx.ModelProto()
+    short.CopyFrom(model)
+    short.graph.initializer[0].raw_data = short.graph.initializer[0].raw_data[:-4]
+    with pytest.raises(FoldError, match=r"served ONNX model fails onnx.checker: initializer 'W'.*expected 73728"):
+        check_onnx(short, "served")
+
+    bad = onnx.ModelProto()
+    bad.CopyFrom(model)
+    bad.graph.node[0].input[1] = "nowhere"                        # a weight nobody defines
+    with pytest.raises(onnx.checker.ValidationError):
+        onnx.checker.check_model(bad, full_check=True)
+    with pytest.raises(FoldError, match="reference ONNX model fails onnx.checker"):
+        check_onnx(bad, "reference")
