@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -191,12 +192,42 @@ def perf_analyzer(cmd: list[str], model: str, grpc_address: str, concurrencies: 
             continue
         with open(out) as f:
             row = next(csv.DictReader(f))
+        server = server_section(text)
         result[c] = {"throughput": float(row["Inferences/Second"]), "p50_ms": float(row["p50 latency"]) / 1000,
                      "p90_ms": float(row["p90 latency"]) / 1000, "p99_ms": float(row["p99 latency"]) / 1000,
-                     "connections": connections, **({"per_worker": split} if split else {})}
+                     "connections": connections, **({"per_worker": split} if split else {}),
+                     **({"server": server} if server else {})}
         if extra_result is not None:
             result[c]["profile"] = extra_result
     return result
+
+
+_SERVER_COUNTS = {"inference_count": "Inference count", "execution_count": "Execution count",
+                  "success_count": "Successful request count"}
+SERVER_PARTS = ("overhead", "queue", "compute input", "compute infer", "compute output")
+
+
+def server_section(text: str) -> dict[str, Any] | None:
+    """perf_analyzer's "Server:" section of its final measurement (what it read from the statistics
+    extension: counts, and the average request latency split into overhead, queue, compute input / infer /
+    output, in microseconds), or None when it printed none."""
+    start = text.rfind("  Server:")
+    if start < 0:
+        return None
+    block = text[start:].split("\n\n", 1)[0]
+    out: dict[str, Any] = {}
+    for key, label in _SERVER_COUNTS.items():
+        m = re.search(rf"{label}: (\d+)", block)
+        if m:
+            out[key] = int(m.group(1))
+    m = re.search(r"Avg request latency: (\d+) usec", block)
+    if m:
+        out["avg_request_us"] = int(m.group(1))
+    for part in SERVER_PARTS:
+        m = re.search(rf"{part} (\d+) usec", block)
+        if m:
+            out[f"{part.replace(' ', '_')}_us"] = int(m.group(1))
+    return out or None
 
 
 def _socket_inodes(pid: int) -> set[str]:

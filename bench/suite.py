@@ -328,7 +328,7 @@ def bench_scaling(repo: Path, quick: bool, work: Path) -> dict[str, Any]:
     if isinstance(cmd, str):
         return {"skipped": cmd}
     conc = [1, 8, 32, 64]
-    out: dict[str, Any] = {"concurrencies": conc, "runs": {}, "profiles": {}}
+    out: dict[str, Any] = {"concurrencies": conc, "runs": {}, "profiles": {}, "server_split": {}}
     for model in SCALING_MODELS:
         for workers in (1, 2):
             proc, _, gport = start_server(repo, True, ["--workers", str(workers), "--batch-policy", "eager"])
@@ -343,7 +343,10 @@ def bench_scaling(repo: Path, quick: bool, work: Path) -> dict[str, Any]:
                         prof = peers.perf_analyzer(cmd, model, address, [32 if model == "resnet20" else 1], work,
                                                    interval_ms=2000, extra=extra,
                                                    during=lambda c: peers.profile(proc.pids()))
-                        out["profiles"][key] = next(iter(prof.values())).get("profile", {"skipped": "run failed"})
+                        run = next(iter(prof.values()))
+                        out["profiles"][key] = run.get("profile", {"skipped": "run failed"})
+                        out["server_split"][key] = run.get("server", {"skipped": "perf_analyzer printed no Server: "
+                                                                                 "section"})
                 if model == "resnet20":   # MLServer cannot be driven by perf_analyzer: this client, last (its
                     # connections stay open until the server stops, and would count in the splits above)
                     x = np.random.rand(1, 3, 32, 32).astype(np.float32)
@@ -735,6 +738,14 @@ def scaling_markdown(r: dict[str, Any]) -> list[str]:
         top = ", ".join(f"{t['function']} {t['pct']}%" for t in prof["top_own_pct"][:6])
         lines.append(f"\nWhere the time goes, {key} (py-spy, {prof['samples']} samples over the serving processes): "
                      f"{stages}. Most own time: {top}.")
+        split = sc.get("server_split", {}).get(key, {})
+        if "avg_request_us" in split:
+            from bench.peers import SERVER_PARTS
+
+            parts = " + ".join(f"{p} {split.get(p.replace(' ', '_') + '_us', '-')} us" for p in SERVER_PARTS)
+            lines.append(f"perf_analyzer's server-side split (the statistics extension) for the same run: "
+                         f"{split['avg_request_us']} us per request = {parts}; {split.get('inference_count', '-')} "
+                         f"inferences in {split.get('execution_count', '-')} executions.")
     return lines
 
 
