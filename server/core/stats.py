@@ -1,12 +1,15 @@
 """Per-model statistics (Triton's ModelStatistics) and Prometheus metrics, both transport-free."""
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -111,9 +114,13 @@ class ModelStats:
             }
 
 
-def triton_text(families: dict[str, Any], cpu: dict[str, float]) -> bytes:
+#: one system family as rendered: name, help, type, samples (labels, value)
+SystemFamily = tuple[str, str, str, list[tuple[dict[str, str], float]]]
+
+
+def triton_text(families: dict[str, Any], cpu: dict[str, float], gpu: list[SystemFamily] | None = None) -> bytes:
     """Triton's families in Prometheus text: counters named as Triton names them (no _total), then the pending
-    gauge and the CPU gauges."""
+    gauge, the CPU gauges and the GPU families (where NVML sees a GPU)."""
     lines: list[str] = []
 
     def family(name: str, doc: str, kind: str, samples: list[tuple[dict[str, str], float]]) -> None:
@@ -134,7 +141,74 @@ def triton_text(families: dict[str, Any], cpu: dict[str, float]) -> bytes:
                       ("nv_cpu_memory_used_bytes", "CPU used memory (RAM), in bytes")):
         if name in cpu:
             family(name, doc, "gauge", [({}, cpu[name])])
+    for name, doc, kind, samples in gpu or []:
+        family(name, doc, kind, samples)
     return ("\n".join(lines) + "\n").encode()
+
+
+#: Triton's GPU families (docs/user_guide/metrics.md; Triton reads them from DCGM, we from NVML), per GPU,
+#: labelled ``gpu_uuid``: (name, help, type, NVML reading -> value)
+GPU_FAMILIES: tuple[tuple[str, str, str, str], ...] = (
+    ("nv_gpu_utilization", "GPU utilization rate [0.0 - 1.0)", "gauge", "utilization"),
+    ("nv_gpu_memory_total_bytes", "GPU total memory, in bytes", "gauge", "memory_total"),
+    ("nv_gpu_memory_used_bytes", "GPU used memory, in bytes", "gauge", "memory_used"),
+    ("nv_gpu_power_usage", "GPU power usage in watts", "gauge", "power"),
+    ("nv_gpu_power_limit", "GPU power management limit in watts", "gauge", "power_limit"),
+    ("nv_energy_consumption", "GPU energy consumption in joules since the server started", "counter", "energy"),
+)
+
+
+def gpu_sampler(visible: str | None = None) -> Callable[[], list[SystemFamily]]:
+    """A function giving Triton's GPU families for the GPUs NVML sees (only those named in
+    ``CUDA_VISIBLE_DEVICES``, by index or UUID, where it is set); one that gives none where there is no NVML
+    library or no GPU (a CPU machine). A reading a GPU does not support is left out for that GPU."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        uuids = [str(pynvml.nvmlDeviceGetUUID(h)) for h in handles]
+    except Exception as exc:  # ImportError, pynvml.NVMLError_LibraryNotFound / _DriverNotLoaded / ...
+        logger.debug("no GPU metrics: %s", exc)
+        return list
+    wanted = [t.strip() for t in (visible if visible is not None else os.environ.get("CUDA_VISIBLE_DEVICES", "*")
+                                  ).split(",") if t.strip()]
+    if wanted != ["*"]:
+        keep = [i for i, u in enumerate(uuids) if str(i) in wanted or any(u.startswith(w) for w in wanted
+                                                                           if w.startswith("GPU-"))]
+        handles, uuids = [handles[i] for i in keep], [uuids[i] for i in keep]
+
+    readers: dict[str, Callable[[Any], float]] = {
+        "utilization": lambda h: pynvml.nvmlDeviceGetUtilizationRates(h).gpu / 100.0,
+        "memory_total": lambda h: float(pynvml.nvmlDeviceGetMemoryInfo(h).total),
+        "memory_used": lambda h: float(pynvml.nvmlDeviceGetMemoryInfo(h).used),
+        "power": lambda h: pynvml.nvmlDeviceGetPowerUsage(h) / 1000.0,                # mW -> W
+        "power_limit": lambda h: pynvml.nvmlDeviceGetEnforcedPowerLimit(h) / 1000.0,
+        "energy": lambda h: pynvml.nvmlDeviceGetTotalEnergyConsumption(h) / 1000.0,    # mJ -> J, since boot
+    }
+    since_boot: dict[str, float] = {}            # energy at start: Triton counts it from the server's start
+    for h, u in zip(handles, uuids, strict=True):
+        try:
+            since_boot[u] = readers["energy"](h)
+        except pynvml.NVMLError:
+            pass
+
+    def sample() -> list[SystemFamily]:
+        out: list[SystemFamily] = []
+        for name, doc, kind, reading in GPU_FAMILIES:
+            samples = []
+            for h, u in zip(handles, uuids, strict=True):
+                if reading == "energy" and u not in since_boot:
+                    continue
+                try:
+                    value = readers[reading](h)
+                except pynvml.NVMLError:
+                    continue
+                samples.append(({"gpu_uuid": u}, value - since_boot[u] if reading == "energy" else value))
+            if samples:
+                out.append((name, doc, kind, samples))
+        return out
+    return sample
 
 
 def cpu_sampler() -> Callable[[], dict[str, float]]:
@@ -258,6 +332,7 @@ class Metrics:
         self.pending = Gauge(TRITON_PREFIX + "pending", TRITON_PENDING[1], ["model", "version"], registry=r,
                              multiprocess_mode="livesum")
         self._cpu = cpu_sampler()
+        self._gpu = gpu_sampler()
         self._queue_labels: set[tuple[str, str]] = set()
 
     def request(self, model: str, protocol: str, code: str, seconds: float) -> None:
@@ -316,4 +391,4 @@ class Metrics:
             families = list(self.registry.collect())
         ours = [f for f in families if not f.name.startswith(TRITON_PREFIX)]
         triton = {f.name[len(TRITON_PREFIX):]: f for f in families if f.name.startswith(TRITON_PREFIX)}
-        return generate_latest(_Families(ours)) + triton_text(triton, self._cpu())
+        return generate_latest(_Families(ours)) + triton_text(triton, self._cpu(), self._gpu())

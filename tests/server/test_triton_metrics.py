@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tgrpc
 
+from server.core.stats import GPU_FAMILIES, gpu_sampler
 from tests.conftest import metric_samples
 from tests.server.conftest import ServerProcess, digits_batch
 
@@ -76,9 +77,33 @@ def test_triton_metric_families_count_every_request_across_two_workers(repositor
     assert _value(samples, "nv_inference_pending_request_count", **LABELS) == 0
     total, used = (_value(samples, n) for n in ("nv_cpu_memory_total_bytes", "nv_cpu_memory_used_bytes"))
     assert total > used > 0 and 0.0 <= _value(samples, "nv_cpu_utilization") <= 1.0
+    if not gpu_sampler()():          # no GPU families where NVML sees no GPU (test_gpu_families checks them)
+        assert "nv_gpu_" not in text and "nv_energy_consumption" not in text
     # the statistics extension agrees, and counts compute per request (Triton), not per execution
     infer = stats["inference_stats"]
     assert int(infer["success"]["count"]) == 30 and int(infer["fail"]["count"]) == 5
     assert int(infer["compute_infer"]["count"]) == 30 >= int(stats["execution_count"])
     assert np.isclose(int(infer["compute_infer"]["ns"]) / 1000,
                       _counter(samples, "nv_inference_compute_infer_duration_us", **LABELS), rtol=0.05, atol=100)
+
+
+@pytest.mark.gpu
+def test_gpu_families_with_triton_names_per_gpu(repository, tmp_path):
+    """Where NVML sees a GPU: every Triton GPU family, one sample per GPU labelled gpu_uuid, sane values."""
+    if not gpu_sampler()():
+        pytest.skip("NVML sees no GPU on this machine")
+    repo = tmp_path / "repo"
+    shutil.copytree(repository / "digits", repo / "digits")
+    with ServerProcess(repo) as srv, urllib.request.urlopen(f"http://{srv.http}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    samples = metric_samples(text)
+    uuids = {lab["gpu_uuid"] for n, lab, _ in samples if n == "nv_gpu_memory_total_bytes"}
+    assert uuids and all(u.startswith(("GPU-", "MIG-")) for u in uuids)
+    for name, _, kind, _ in GPU_FAMILIES:
+        if name in ("nv_gpu_power_usage", "nv_gpu_power_limit", "nv_energy_consumption") and name not in text:
+            continue                                       # a GPU may not report power (NVML: not supported)
+        assert f"# TYPE {name} {kind}" in text, name
+    for u in uuids:
+        total = _value(samples, "nv_gpu_memory_total_bytes", gpu_uuid=u)
+        assert total >= _value(samples, "nv_gpu_memory_used_bytes", gpu_uuid=u) >= 0 and total > 2**30
+        assert 0.0 <= _value(samples, "nv_gpu_utilization", gpu_uuid=u) <= 1.0
