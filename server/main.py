@@ -125,9 +125,10 @@ async def serve(settings: Settings, coordinator: Coordinator | None = None) -> i
         logger.error("%s", exc)
         await dp.stop()
         return EXIT_NOT_JOINED
-    grpc_server, grpc_port, health = build_grpc_server(settings, dp, reuse_port=coordinator.shared_ports)
+    grpc_server, grpc_port, health, janitor = build_grpc_server(settings, dp, reuse_port=coordinator.shared_ports)
     await grpc_server.start()
     await set_health(health, True)
+    sweeping = asyncio.create_task(janitor.run())
 
     http, http_task, http_port = await start_http(settings, dp, reuse_port=coordinator.shared_ports)
 
@@ -141,6 +142,7 @@ async def serve(settings: Settings, coordinator: Coordinator | None = None) -> i
         await coordinator.join()
     except WorkerUnavailable as exc:
         logger.error("%s", exc)
+        sweeping.cancel()
         await asyncio.gather(grpc_server.stop(0), return_exceptions=True)
         http.should_exit = True
         await asyncio.gather(http_task, return_exceptions=True)
@@ -159,6 +161,7 @@ async def serve(settings: Settings, coordinator: Coordinator | None = None) -> i
     coordinator.leave()  # no more cluster operations reach this process
     if gauges is not None:
         gauges.cancel()
+    sweeping.cancel()
     dp.begin_shutdown()  # new requests get UNAVAILABLE / 503 from here on
     await set_health(health, False)
     drained = await dp.drain(settings.grace_period_s)

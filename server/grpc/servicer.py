@@ -23,6 +23,7 @@ from server.core.admission import Admission
 from server.core.auth import Op, authorize
 from server.core.dataplane import DataPlane
 from server.grpc import converters as conv
+from server.grpc.janitor import ConnectionJanitor, PeerActivity
 from server.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -287,8 +288,39 @@ def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
 
-def _service_handler(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
-    """The v2 service's method handlers, with tolerant request deserializers."""
+def _tracked(fn: Callable, activity: PeerActivity, streaming: bool) -> Callable:
+    """``fn`` with its calls counted per client address (what the connection janitor needs to know)."""
+    if streaming:
+        async def stream(request_iterator: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            with activity.call(context):
+                async for response in fn(request_iterator, context):
+                    yield response
+        return stream
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        with activity.call(context):
+            return await fn(request, context)
+    return unary
+
+
+class TrackedHealth(health.aio.HealthServicer):
+    """grpc's health service, its calls counted per client address too (a prober's connection is not idle)."""
+
+    def __init__(self, activity: PeerActivity) -> None:
+        super().__init__()
+        self.activity = activity
+
+    async def Check(self, request: Any, context: Any) -> Any:
+        with self.activity.call(context):
+            return await super().Check(request, context)
+
+    async def Watch(self, request: Any, context: Any) -> None:
+        with self.activity.call(context):
+            await super().Watch(request, context)
+
+
+def _service_handler(servicer: InferenceServicer, activity: PeerActivity) -> grpc.GenericRpcHandler:
+    """The v2 service's method handlers, with tolerant request deserializers and calls counted per client."""
     from google.protobuf import symbol_database
 
     db = symbol_database.Default()
@@ -296,7 +328,7 @@ def _service_handler(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
     for method in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
         req_cls = db.GetSymbol(method.input_type.full_name)
         resp_cls = db.GetSymbol(method.output_type.full_name)
-        fn = getattr(servicer, method.name)
+        fn = _tracked(getattr(servicer, method.name), activity, method.client_streaming)
         make = (grpc.stream_stream_rpc_method_handler if method.client_streaming
                 else grpc.unary_unary_rpc_method_handler)
         infer = method.input_type.name == "ModelInferRequest"
@@ -306,9 +338,10 @@ def _service_handler(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
 
-def build_grpc_server(settings: Settings, dataplane: DataPlane,
-                      reuse_port: bool = False) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
-    """A grpc.aio server with the v2 service, health and reflection; returns (server, bound port, health)."""
+def build_grpc_server(settings: Settings, dataplane: DataPlane, reuse_port: bool = False
+                      ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer, ConnectionJanitor]:
+    """A grpc.aio server with the v2 service, health and reflection; returns (server, bound port, health, the
+    janitor that keeps its connection slots free: run ``janitor.run()`` while serving)."""
     limit = settings.max_request_bytes
     # No maximum_concurrent_rpcs: grpc core would count calls that opened and never sent a message, and
     # shed health and liveness with inference. Inference is admitted in the servicer once its message is
@@ -327,13 +360,14 @@ def build_grpc_server(settings: Settings, dataplane: DataPlane,
         ("grpc.max_connection_idle_ms", int(settings.idle_timeout_s * 1000)),
         ("grpc.max_connection_age_ms", GRPC_CONNECTION_AGE_MS),
         ("grpc.max_connection_age_grace_ms", int(settings.body_timeout_s * 1000)),
-        # a connection that has not finished its handshake within the header timeout is dropped (grpc core
-        # cannot close idle connections to make room at its cap, as the REST side does: this and the idle
-        # limit are what free the slots of connections held open by a client that sends nothing)
+        # a connection that has not finished its handshake within the header timeout is dropped; one that
+        # finished it and sends nothing is closed by the janitor when slots run short (grpc core cannot
+        # close idle connections to make room at its cap, as the REST side does)
         ("grpc.server_handshake_timeout_ms", int(settings.header_timeout_s * 1000)),
     ])
-    server.add_generic_rpc_handlers((_service_handler(InferenceServicer(settings, dataplane)),))
-    health_servicer = health.aio.HealthServicer()
+    activity = PeerActivity()
+    server.add_generic_rpc_handlers((_service_handler(InferenceServicer(settings, dataplane), activity),))
+    health_servicer = TrackedHealth(activity)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
@@ -342,7 +376,7 @@ def build_grpc_server(settings: Settings, dataplane: DataPlane,
     port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot bind gRPC to {address}")
-    return server, port, health_servicer
+    return server, port, health_servicer, ConnectionJanitor(port, settings.connection_limit(), activity)
 
 
 async def set_health(health_servicer: health.aio.HealthServicer, serving: bool) -> None:

@@ -1,6 +1,9 @@
 """Item 3 of the third review: connection slots held by clients that send nothing. 4,096 idle keep-alive REST
 connections (one public health request each) gave every new REST client 503 for 60 s, and 4,096 idle TCP
-connections to the gRPC port made every new gRPC client UNAVAILABLE for the whole attack. Here at a cap of 32."""
+connections to the gRPC port made every new gRPC client UNAVAILABLE for the whole attack. Here at a cap of 32.
+On gRPC, connections that never finish their handshake are dropped by grpc core after --header-timeout-s, and
+those that finished it and sit idle (after a call or without one) are closed by the janitor
+(server/grpc/janitor.py) when slots run short."""
 from __future__ import annotations
 
 import socket
@@ -73,3 +76,61 @@ def test_grpc_connections_that_never_finish_their_handshake_free_their_slot(hard
         finally:
             for s in held:
                 s.close()
+
+
+def _own_connection(target: str) -> grpc.Channel:
+    """A channel with a connection of its own (channels to one target otherwise share grpc's subchannels)."""
+    return grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+
+
+@pytest.mark.parametrize("called", [True, False], ids=["idle-after-a-call", "handshake-then-silent"])
+def test_idle_grpc_connections_at_the_cap_make_room_for_a_new_client(hardening_repo, called):
+    with ServerProcess(hardening_repo, "--max-connections", str(CAP)) as srv:
+        held = []
+        try:
+            for _ in range(CAP):
+                ch = _own_connection(srv.grpc)
+                if called:
+                    tpb_grpc.GRPCInferenceServiceStub(ch).ServerLive(tpb.ServerLiveRequest(), timeout=5,
+                                                                     wait_for_ready=True)
+                else:
+                    grpc.channel_ready_future(ch).result(timeout=10)
+                held.append(ch)
+            time.sleep(1.5)              # a few sweeps: a connection is taken once idle for MIN_IDLE_MS
+            for i in range(10):          # each new client is served at its first call, no retry
+                with _own_connection(srv.grpc) as ch:
+                    assert tpb_grpc.GRPCInferenceServiceStub(ch).ServerLive(tpb.ServerLiveRequest(), timeout=5).live, i
+            closed = sum(ch._channel.check_connectivity_state(False) != 2 for ch in held)  # 2: READY
+            assert closed >= 2, closed   # the oldest idle ones were closed to make room
+        finally:
+            for ch in held:
+                ch.close()
+
+
+def test_the_janitor_never_closes_a_connection_with_a_call_in_flight(hardening_repo):
+    """Past the slots' threshold, only idle connections are closed: long-lived calls (health Watch streams)
+    on the other connections go on."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with ServerProcess(hardening_repo, "--max-connections", str(CAP)) as srv:
+        watching, idle = [], []
+        try:
+            for _ in range(CAP - 4):
+                ch = _own_connection(srv.grpc)
+                call = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(service=""), timeout=60)
+                assert next(call).status == health_pb2.HealthCheckResponse.SERVING
+                watching.append((ch, call))
+            for _ in range(4):
+                ch = _own_connection(srv.grpc)
+                tpb_grpc.GRPCInferenceServiceStub(ch).ServerLive(tpb.ServerLiveRequest(), timeout=5)
+                idle.append(ch)
+            time.sleep(2.0)
+            assert all(call.is_active() for _, call in watching)
+            assert all(ch._channel.check_connectivity_state(False) == 2 for ch, _ in watching)   # READY
+            assert sum(ch._channel.check_connectivity_state(False) != 2 for ch in idle) >= 2
+        finally:
+            for ch, call in watching:
+                call.cancel()
+                ch.close()
+            for ch in idle:
+                ch.close()

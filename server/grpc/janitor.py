@@ -1,0 +1,228 @@
+"""gRPC connection slots at the cap: idle connections make room for new clients, as on the REST side.
+
+grpc core caps the connections it accepts (``grpc.max_allowed_incoming_connections``) and refuses the rest, but
+it cannot close an idle connection to make room, and it keeps a connection that finished its HTTP/2 handshake
+and sends nothing until ``max_connection_idle`` (``--idle-timeout-s``): 4,096 such connections locked every new
+client out for a minute (hardening III, item 3). This process's own view closes that gap:
+
+* :class:`PeerActivity` counts, per client address, the calls in flight (fed by every v2 handler and the
+  health service: a stream that sends nothing for minutes is not idle);
+* :class:`ConnectionJanitor` looks, every ``interval_s``, at how many file descriptors the process holds (one
+  ``listdir``); only when they could be near the cap does it list the established TCP connections on the gRPC
+  port that this process holds (``/proc/self/fd`` and ``/proc/net/tcp{,6}``). Past ``cap - headroom`` it
+  shuts down (``shutdown(SHUT_RDWR)`` on a duplicate of the descriptor, checked to still be that socket)
+  enough connections with no call in flight, those idle longest first, idle as the kernel counts it (TCP_INFO's
+  time since data was last received; under ``MIN_IDLE_MS`` none is taken, so a client between its connect and
+  its first call keeps its connection). grpc core sees the peer gone and frees the slot; a client that was
+  only idle reconnects on its next call.
+
+Each serving process (worker) sweeps its own connections (with ``SO_REUSEPORT`` each has its own cap).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import socket
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+PeerKey = tuple[str, int]          # (client IP as ipaddress writes it, client port)
+
+
+def peer_key(peer: str) -> PeerKey | None:
+    """grpc's ``context.peer()`` ("ipv4:127.0.0.1:5000", "ipv6:[::1]:5000", "ipv6:%5B::1%5D:5000") as a key."""
+    family, _, rest = peer.partition(":")
+    if family not in ("ipv4", "ipv6") or ":" not in rest:
+        return None
+    host, _, port = rest.replace("%5B", "[").replace("%5D", "]").rpartition(":")
+    try:
+        return _ip(host.strip("[]")), int(port)
+    except ValueError:
+        return None
+
+
+def _ip(text: str) -> str:
+    ip = ipaddress.ip_address(text)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+class PeerActivity:
+    """Calls in flight per client address."""
+
+    def __init__(self) -> None:
+        self.inflight: Counter[PeerKey] = Counter()
+
+    @contextlib.contextmanager
+    def call(self, context: object) -> Iterator[None]:
+        peer = getattr(context, "peer", None)
+        key = peer_key(peer()) if callable(peer) else None
+        if key is None:
+            yield
+            return
+        self.inflight[key] += 1
+        try:
+            yield
+        finally:
+            self.inflight[key] -= 1
+            if self.inflight[key] <= 0:
+                del self.inflight[key]
+
+
+@dataclass(frozen=True)
+class Connection:
+    fd: int
+    inode: int
+    peer: PeerKey
+
+
+def _hex_address(text: str) -> tuple[str, int]:
+    """An address of /proc/net/tcp{,6} ("0100007F:1F41": the IP as 32-bit words in host order, the port)."""
+    addr, port = text.split(":")
+    raw = bytes.fromhex(addr)
+    words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))   # little-endian words
+    return _ip(str(ipaddress.ip_address(words))), int(port, 16)
+
+
+def established(port: int) -> list[Connection]:
+    """The established TCP connections to local ``port`` that this process holds, with their descriptors."""
+    ours: dict[int, int] = {}                                # socket inode -> fd
+    fd_dir = Path("/proc/self/fd")
+    for entry in os.listdir(fd_dir):
+        try:
+            link = os.readlink(fd_dir / entry)
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            ours[int(link[8:-1])] = int(entry)
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if len(f) < 10 or f[3] != "01" or not f[1].endswith(f":{port:04X}"):
+                continue
+            inode = int(f[9])
+            if inode in ours:
+                found.append(Connection(ours[inode], inode, _hex_address(f[2])))
+    return found
+
+
+MIN_IDLE_MS = 250           # a connection that received data more recently than this is never taken
+_TCP_INFO_LAST_DATA_RECV = 52   # offset of tcpi_last_data_recv (ms) in Linux's struct tcp_info
+
+
+@contextlib.contextmanager
+def _socket_of(conn: Connection) -> Iterator[socket.socket | None]:
+    """A socket object on a duplicate of ``conn.fd`` if that descriptor is still ``conn``'s socket (it may have
+    been closed, and its number reused, since the listing), else None."""
+    try:
+        dup = os.dup(conn.fd)
+    except OSError:
+        yield None
+        return
+    try:
+        if os.fstat(dup).st_ino != conn.inode:
+            yield None
+            return
+        s = socket.socket(fileno=dup)
+        try:
+            yield s
+        finally:
+            s.detach()
+    finally:
+        os.close(dup)
+
+
+def idle_ms(conn: Connection) -> int | None:
+    """Milliseconds since the connection last received data (the kernel's count), or None if it is gone."""
+    with _socket_of(conn) as s:
+        if s is None:
+            return None
+        try:
+            info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+        except OSError:
+            return None
+        return int.from_bytes(info[_TCP_INFO_LAST_DATA_RECV:_TCP_INFO_LAST_DATA_RECV + 4], "little")
+
+
+def shut_down(conn: Connection) -> bool:
+    """Shut the connection down under grpc core (which then closes it), if ``conn.fd`` is still that socket."""
+    with _socket_of(conn) as s:
+        if s is None:
+            return False
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+            return True
+        except OSError:
+            return False
+
+
+class ConnectionJanitor:
+    """Keeps the gRPC connections this process holds below ``cap - headroom`` by closing idle ones.
+
+    The cheap look (how many descriptors) runs every ``interval_s``; the full listing (about 60 ms for 4,096
+    connections, in a thread of its own, off the event loop) only when that could be near the cap, and then
+    every ``interval_s`` while it finds connections to close or to watch, else every ``calm_s``."""
+
+    def __init__(self, port: int, cap: int, activity: PeerActivity, interval_s: float = 0.25,
+                 calm_s: float = 2.0) -> None:
+        self.port, self.cap, self.activity = port, cap, activity
+        self.interval_s, self.calm_s = interval_s, calm_s
+        self.headroom = max(2, cap // 16)
+        self.closed = 0
+        self._busy = False                             # the last full listing closed some: look again soon
+
+    async def run(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        loop = asyncio.get_running_loop()
+        with ThreadPoolExecutor(1, thread_name_prefix="grpc-janitor") as pool:
+            last_full = 0.0
+            while True:
+                await asyncio.sleep(self.interval_s)
+                try:
+                    if len(os.listdir("/proc/self/fd")) < self.cap - self.headroom:   # nothing to do
+                        continue
+                    if not self._busy and time.monotonic() - last_full < self.calm_s:
+                        continue
+                    last_full = time.monotonic()
+                    await loop.run_in_executor(pool, self.sweep)
+                except Exception:  # never let the janitor take the server down
+                    logger.exception("gRPC connection sweep failed")
+
+    def sweep(self) -> int:
+        """One full look; returns how many connections it closed."""
+        conns = established(self.port)
+        excess = len(conns) - (self.cap - self.headroom)
+        self._busy = False
+        if excess <= 0:
+            return 0
+        idle, young = [], 0
+        for c in conns:
+            if c.peer not in self.activity.inflight:
+                ms = idle_ms(c)
+                if ms is not None and ms >= MIN_IDLE_MS:
+                    idle.append((ms, c))
+                elif ms is not None:
+                    young += 1
+        idle.sort(key=lambda mc: -mc[0])
+        closed = sum(shut_down(c) for _, c in idle[:excess])
+        self._busy = closed > 0 or young > 0       # look again soon: more may go, or the young ones may
+        if closed:
+            self.closed += closed
+            logger.warning("gRPC connections at %d of %d: closed the %d idle longest (%.1f s and more) to make "
+                           "room", len(conns), self.cap, closed, idle[min(closed, len(idle)) - 1][0] / 1000)
+        return closed
