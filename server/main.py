@@ -111,7 +111,8 @@ async def start_http(settings: Settings, dp: DataPlane, reuse_port: bool) -> tup
 EXIT_NOT_JOINED = 3      # a worker that could not serve what its cluster serves: the supervisor replaces it
 
 
-async def serve(settings: Settings, coordinator: Coordinator | None = None) -> int:  # long function: the lifecycle
+# long function: the lifecycle, start to stop, in order
+async def serve(settings: Settings, coordinator: Coordinator | None = None) -> int:
     problem = settings.fail_open()
     if problem:  # the CLI refuses these in one line; a programmatic start must not fail open either
         raise ValueError(problem)
