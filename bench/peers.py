@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.loadgen import free_port
+from foldserve.procnet import socket_descriptors, tcp_sockets
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 MLSERVER_VERSION = "1.7.1"
@@ -230,50 +231,20 @@ def server_section(text: str) -> dict[str, Any] | None:
     return out or None
 
 
-def _socket_inodes(pid: int) -> set[str]:
-    inodes = set()
-    try:
-        for fd in Path(f"/proc/{pid}/fd").iterdir():
-            try:
-                link = os.readlink(fd)
-            except OSError:
-                continue
-            if link.startswith("socket:["):
-                inodes.add(link[8:-1])
-    except OSError:
-        pass
-    return inodes
-
-
-def _established(port: int, side: int) -> list[str]:
-    """Inodes of established TCP sockets whose local (side 1) or remote (side 2) port is ``port``."""
-    found = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            f = line.split()
-            if f[3] == "01" and int(f[side].rsplit(":", 1)[1], 16) == port:
-                found.append(f[9])
-    return found
-
-
 def tcp_connections_to(port: int, pid: int | None = None) -> int:
     """Established TCP connections to ``port`` on this machine, of process ``pid`` only if given (a client's
     connections: the benchmark's own earlier clients may still hold some)."""
-    inodes = _established(port, 2)
+    inodes = [t.inode for t in tcp_sockets() if t.remote[1] == port]
     if pid is None:
         return len(inodes)
-    mine = _socket_inodes(pid)
+    mine = socket_descriptors(pid)
     return sum(i in mine for i in inodes)
 
 
 def connection_split(port: int, pids: list[int]) -> list[int]:
     """How many established connections on the server's ``port`` each serving process holds."""
-    inodes = set(_established(port, 1))
-    return [len(inodes & _socket_inodes(p)) for p in pids]
+    inodes = {t.inode for t in tcp_sockets() if t.local[1] == port}
+    return [len(inodes & set(socket_descriptors(p))) for p in pids]
 
 
 def profile(pids: list[int], seconds: float = 4.0) -> dict[str, Any]:

@@ -30,7 +30,8 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+
+from foldserve.procnet import ip_text, socket_descriptors, tcp_sockets
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +51,7 @@ def peer_key(peer: str) -> PeerKey | None:
 
 
 def _ip(text: str) -> str:
-    ip = ipaddress.ip_address(text)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        return str(ip.ipv4_mapped)
-    return str(ip)
+    return ip_text(ipaddress.ip_address(text))
 
 
 class PeerActivity:
@@ -85,39 +83,11 @@ class Connection:
     peer: PeerKey
 
 
-def _hex_address(text: str) -> tuple[str, int]:
-    """An address of /proc/net/tcp{,6} ("0100007F:1F41": the IP as 32-bit words in host order, the port)."""
-    addr, port = text.split(":")
-    raw = bytes.fromhex(addr)
-    words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))   # little-endian words
-    return _ip(str(ipaddress.ip_address(words))), int(port, 16)
-
-
 def established(port: int) -> list[Connection]:
     """The established TCP connections to local ``port`` that this process holds, with their descriptors."""
-    ours: dict[int, int] = {}                                # socket inode -> fd
-    fd_dir = Path("/proc/self/fd")
-    for entry in os.listdir(fd_dir):
-        try:
-            link = os.readlink(fd_dir / entry)
-        except OSError:
-            continue
-        if link.startswith("socket:["):
-            ours[int(link[8:-1])] = int(entry)
-    found = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            f = line.split()
-            if len(f) < 10 or f[3] != "01" or not f[1].endswith(f":{port:04X}"):
-                continue
-            inode = int(f[9])
-            if inode in ours:
-                found.append(Connection(ours[inode], inode, _hex_address(f[2])))
-    return found
+    ours = socket_descriptors()
+    return [Connection(ours[t.inode], t.inode, t.remote) for t in tcp_sockets()
+            if t.local[1] == port and t.inode in ours]
 
 
 MIN_IDLE_MS = 100           # a connection that received data more recently than this is never taken
