@@ -152,7 +152,8 @@ class ConnectionJanitor:
 
     The cheap look (how many descriptors: one system call) runs every ``interval_s``; the full listing (about
     60 ms for 4,096 connections, in a thread of its own, off the event loop) only when that could be near the
-    cap, and then every ``interval_s`` while it finds connections to close or to watch, else every ``calm_s``."""
+    cap, and then every ``interval_s`` while it finds connections to close or to watch or descriptors were
+    opened since the last one, else every ``calm_s``."""
 
     def __init__(self, port: int, cap: int, activity: PeerActivity, interval_s: float = 0.1,
                  calm_s: float = 2.0) -> None:
@@ -167,15 +168,16 @@ class ConnectionJanitor:
 
         loop = asyncio.get_running_loop()
         with ThreadPoolExecutor(1, thread_name_prefix="grpc-janitor") as pool:
-            last_full = 0.0
+            last_full, last_count = 0.0, 0
             while True:
                 await asyncio.sleep(self.interval_s)
                 try:
-                    if open_descriptors() < self.cap - self.headroom:   # nothing to do
+                    count = open_descriptors()
+                    if count < self.cap - self.headroom:   # fewer descriptors than that: nothing to do
                         continue
-                    if not self._busy and time.monotonic() - last_full < self.calm_s:
-                        continue
-                    last_full = time.monotonic()
+                    if not self._busy and count <= last_count and time.monotonic() - last_full < self.calm_s:
+                        continue                           # nothing closed last time, nothing new since
+                    last_full, last_count = time.monotonic(), count
                     await loop.run_in_executor(pool, self.sweep)
                 except Exception:  # never let the janitor take the server down
                     logger.exception("gRPC connection sweep failed")

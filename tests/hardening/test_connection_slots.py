@@ -83,28 +83,57 @@ def _own_connection(target: str) -> grpc.Channel:
     return grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
 
 
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+H2_SETTINGS, H2_SETTINGS_ACK = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00", b"\x00\x00\x00\x04\x01\x00\x00\x00\x00"
+
+
+def _silent_http2(port: int) -> socket.socket:
+    """A connection that completes the HTTP/2 handshake (preface, SETTINGS both ways, ACK) and sends nothing
+    more: what grpc core keeps until max_connection_idle."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(H2_PREFACE + H2_SETTINGS)
+    assert s.recv(4096)[3] == 4                      # the server's SETTINGS frame
+    s.sendall(H2_SETTINGS_ACK)
+    return s
+
+
+def _is_closed(s: socket.socket) -> bool:
+    s.settimeout(0.05)
+    try:
+        while True:                                   # drain what the server sent (SETTINGS ACK, GOAWAY)
+            if s.recv(4096) == b"":
+                return True
+    except (TimeoutError, BlockingIOError):
+        return False
+    except OSError:
+        return True
+
+
 @pytest.mark.parametrize("called", [True, False], ids=["idle-after-a-call", "handshake-then-silent"])
 def test_idle_grpc_connections_at_the_cap_make_room_for_a_new_client(hardening_repo, called):
     with ServerProcess(hardening_repo, "--max-connections", str(CAP)) as srv:
-        held = []
+        channels, sockets = [], []
         try:
             for _ in range(CAP):
-                ch = _own_connection(srv.grpc)
                 if called:
+                    ch = _own_connection(srv.grpc)
                     tpb_grpc.GRPCInferenceServiceStub(ch).ServerLive(tpb.ServerLiveRequest(), timeout=5,
                                                                      wait_for_ready=True)
+                    channels.append(ch)
                 else:
-                    grpc.channel_ready_future(ch).result(timeout=10)
-                held.append(ch)
+                    sockets.append(_silent_http2(srv.grpc_port))
             time.sleep(1.5)              # a few sweeps: a connection is taken once idle for MIN_IDLE_MS
             for i in range(10):          # each new client is served at its first call, no retry
                 with _own_connection(srv.grpc) as ch:
                     assert tpb_grpc.GRPCInferenceServiceStub(ch).ServerLive(tpb.ServerLiveRequest(), timeout=5).live, i
-            closed = sum(ch._channel.check_connectivity_state(False) != 2 for ch in held)  # 2: READY
-            assert closed >= 2, closed   # the oldest idle ones were closed to make room
+            closed = (sum(ch._channel.check_connectivity_state(False) != 2 for ch in channels)   # 2: READY
+                      + sum(_is_closed(s) for s in sockets))
+            assert closed >= 2, closed   # the idlest were closed to make room
         finally:
-            for ch in held:
+            for ch in channels:
                 ch.close()
+            for s in sockets:
+                s.close()
 
 
 def test_the_janitor_never_closes_a_connection_with_a_call_in_flight(hardening_repo):
