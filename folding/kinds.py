@@ -14,7 +14,6 @@ content in one place).
 """
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import shutil
@@ -352,17 +351,11 @@ class Pt2Kind(ProgramKind):
     description = "a torch.export program (torch.export.save, .pt2)"
     label = "torch.export program"
 
-    # the last program loaded, by its file's sha256: a fold loads its source once to export it and once more to
-    # verify the copy in the entry (0.5-1.6 s each for a ResNet-50); each caller gets its own deep copy (40 ms),
-    # so nothing the export does to its program can reach the verifier's
-    _last: ClassVar[tuple[str, Any] | None] = None
-
     def _load(self, path: Path) -> Any:
+        # loaded anew by each caller: the verifier's truth is the entry's copy, never an object the export
+        # touched (a deep copy is no substitute: it renames placeholders such as 'input' to 'input_1')
         _check_pt2_schema(path)
-        digest = file_sha256(path)
-        if Pt2Kind._last is None or Pt2Kind._last[0] != digest:
-            Pt2Kind._last = (digest, torch.export.load(str(path)))
-        return copy.deepcopy(Pt2Kind._last[1])
+        return torch.export.load(str(path))
 
     def module(self, program: Any) -> torch.nn.Module:
         module: torch.nn.Module = program.module()     # checks shapes as exported

@@ -246,26 +246,3 @@ def test_acceptance_resnet18_onnx_and_mobilenet_v3_small_pt2(tmp_path):
         assert_close_to_scale(_grpc_infer(client, "mnv3", "x", "output", x), torch64(mnv3, x))
         client.close()
 
-
-def test_a_pt2_loaded_again_is_a_copy_of_the_same_program(byom_repo, tmp_path):
-    """The fold and its verification load the same .pt2 (the verifier the entry's copy): the second load is a
-    fresh copy of the first, so a program changed by one caller is not what the next one gets; another file
-    is loaded from its own bytes."""
-    from folding.kinds import PT2
-
-    src = byom_repo["files"]["rn_pt2"]
-    copy_path = tmp_path / "copy.pt2"
-    shutil.copyfile(src, copy_path)
-    first = PT2.load(src)
-    for p in first.state_dict.values():
-        p.data.zero_()                                   # what a careless caller could do to its program
-    second = PT2.load(copy_path)
-    x = torch.randn(2, 3, HW, HW)
-    fresh = torch.export.load(str(src))
-    assert torch.equal(second.module()(x), fresh.module()(x))
-    assert not torch.equal(first.module()(x), fresh.module()(x))
-    net = residual_net().eval()
-    with torch.no_grad():
-        next(net.parameters()).mul_(2)
-    other = _save_pt2(net, tmp_path / "other.pt2", (2, 3, HW, HW))
-    assert not torch.equal(PT2.load(other).module()(x), fresh.module()(x))
