@@ -205,23 +205,13 @@ def input_sets(meta: CheckpointMeta, batch_sizes: tuple[int, ...], seed: int = 0
 
 
 def in_chunks(run: Run, size: int) -> Run:
-    """``run`` on at most ``size`` samples at a time (for runs whose answer does not depend on the batch)."""
+    """``run`` on at most ``size`` samples at a time: a model with a fixed batch axis of ``size`` on any multiple
+    of it, or a run whose answer does not depend on the batch in the chunks it runs fastest in."""
     def go(feed: Feed) -> Outputs:
         n = feed_len(feed)
         if n <= size:
             return run(feed)
         parts = [run(feed_slice(feed, i, min(i + size, n))) for i in range(0, n, size)]
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    return go
-
-
-def chunked(run: Run, batch: int) -> Run:
-    """A model with a fixed batch axis of ``batch`` run on any multiple of it."""
-    def go(feed: Feed) -> Outputs:
-        n = feed_len(feed)
-        if n == batch:
-            return run(feed)
-        parts = [run(feed_slice(feed, i, i + batch)) for i in range(0, n, batch)]
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     return go
 
@@ -323,7 +313,7 @@ class SourceModel:
 
     def fit(self, run: Run) -> Run:
         """``run`` fed the way the model's batch axis allows (chunks of a fixed batch)."""
-        return run if self.batched else chunked(run, self.record.batch)
+        return run if self.batched else in_chunks(run, int(self.record.batch or 1))
 
 
 class CheckpointSource(SourceModel):

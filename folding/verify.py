@@ -287,7 +287,7 @@ def _evaluate(candidates: dict[str, Run], sets: dict[str, tuple[Feed, np.ndarray
     parent = prefix_pairs(sets)
     order = sorted(sets, key=lambda k: k in parent)          # the larger sets first: their runs are reused
     truths: dict[str, Outputs] = {}
-    kept: dict[tuple[str, str], Outputs] = {}                # (set, invariant candidate) -> its outputs
+    kept: dict[tuple[str, str], Outputs] = {}      # (larger set, invariant or once candidate) -> its outputs
     invariance: dict[str, Comparison] = {}
     records: dict[tuple[str, str], dict[str, ComparisonRecord]] = {}
     results = {name: CandidateResult() for name in candidates}

@@ -118,9 +118,9 @@ class ModelStats:
 SystemFamily = tuple[str, str, str, list[tuple[dict[str, str], float]]]
 
 
-def triton_text(families: dict[str, Any], cpu: dict[str, float], gpu: list[SystemFamily] | None = None) -> bytes:
+def triton_text(families: dict[str, Any], system: list[SystemFamily]) -> bytes:
     """Triton's families in Prometheus text: counters named as Triton names them (no _total), then the pending
-    gauge, the CPU gauges and the GPU families (where NVML sees a GPU)."""
+    gauge, then the system families (CPU, and GPU where NVML sees one)."""
     lines: list[str] = []
 
     def family(name: str, doc: str, kind: str, samples: list[tuple[dict[str, str], float]]) -> None:
@@ -136,12 +136,7 @@ def triton_text(families: dict[str, Any], cpu: dict[str, float], gpu: list[Syste
     pending = families.get("pending")
     family(TRITON_PENDING[0], TRITON_PENDING[1], "gauge",
            [(dict(s.labels), s.value) for s in (pending.samples if pending else [])])
-    for name, doc in (("nv_cpu_utilization", "CPU utilization rate [0.0 - 1.0]"),
-                      ("nv_cpu_memory_total_bytes", "CPU total memory (RAM), in bytes"),
-                      ("nv_cpu_memory_used_bytes", "CPU used memory (RAM), in bytes")):
-        if name in cpu:
-            family(name, doc, "gauge", [({}, cpu[name])])
-    for name, doc, kind, samples in gpu or []:
+    for name, doc, kind, samples in system:
         family(name, doc, kind, samples)
     return ("\n".join(lines) + "\n").encode()
 
@@ -171,9 +166,9 @@ def gpu_sampler(visible: str | None = None) -> Callable[[], list[SystemFamily]]:
     except Exception as exc:  # ImportError, pynvml.NVMLError_LibraryNotFound / _DriverNotLoaded / ...
         logger.debug("no GPU metrics: %s", exc)
         return list
-    wanted = [t.strip() for t in (visible if visible is not None else os.environ.get("CUDA_VISIBLE_DEVICES", "*")
-                                  ).split(",") if t.strip()]
-    if wanted != ["*"]:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES") if visible is None else visible
+    if visible is not None:                       # unset: every GPU; "": none
+        wanted = [t.strip() for t in visible.split(",") if t.strip()]
         keep = [i for i, u in enumerate(uuids) if str(i) in wanted or any(u.startswith(w) for w in wanted
                                                                            if w.startswith("GPU-"))]
         handles, uuids = [handles[i] for i in keep], [uuids[i] for i in keep]
@@ -211,9 +206,14 @@ def gpu_sampler(visible: str | None = None) -> Callable[[], list[SystemFamily]]:
     return sample
 
 
-def cpu_sampler() -> Callable[[], dict[str, float]]:
+CPU_FAMILIES = {"nv_cpu_utilization": "CPU utilization rate [0.0 - 1.0]",
+                "nv_cpu_memory_total_bytes": "CPU total memory (RAM), in bytes",
+                "nv_cpu_memory_used_bytes": "CPU used memory (RAM), in bytes"}
+
+
+def cpu_sampler() -> Callable[[], list[SystemFamily]]:
     """A function giving Triton's CPU gauges from /proc: utilisation since the previous call (all cores), total
-    and used memory (used = total - available)."""
+    and used memory (used = total - available); a reading /proc does not give is left out."""
     last: list[tuple[int, int]] = []
 
     def times() -> tuple[int, int]:
@@ -222,7 +222,7 @@ def cpu_sampler() -> Callable[[], dict[str, float]]:
         idle = values[3] + (values[4] if len(values) > 4 else 0)
         return sum(values), idle
 
-    def sample() -> dict[str, float]:
+    def sample() -> list[SystemFamily]:
         out: dict[str, float] = {}
         try:
             total, idle = times()
@@ -238,7 +238,7 @@ def cpu_sampler() -> Callable[[], dict[str, float]]:
             out["nv_cpu_memory_used_bytes"] = float(mem["MemTotal"] - mem.get("MemAvailable", mem.get("MemFree", 0)))
         except (OSError, ValueError, KeyError, IndexError):
             pass
-        return out
+        return [(name, doc, "gauge", [({}, out[name])]) for name, doc in CPU_FAMILIES.items() if name in out]
     return sample
 
 
@@ -391,4 +391,4 @@ class Metrics:
             families = list(self.registry.collect())
         ours = [f for f in families if not f.name.startswith(TRITON_PREFIX)]
         triton = {f.name[len(TRITON_PREFIX):]: f for f in families if f.name.startswith(TRITON_PREFIX)}
-        return generate_latest(_Families(ours)) + triton_text(triton, self._cpu(), self._gpu())
+        return generate_latest(_Families(ours)) + triton_text(triton, self._cpu() + self._gpu())

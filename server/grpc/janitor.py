@@ -55,16 +55,17 @@ def _ip(text: str) -> str:
 
 
 class PeerActivity:
-    """Calls in flight per client address."""
+    """Calls in flight per client, by grpc's peer string as it comes (parsed only when the janitor looks: the
+    hot path only counts)."""
 
     def __init__(self) -> None:
-        self.inflight: Counter[PeerKey] = Counter()
+        self.inflight: Counter[str] = Counter()
 
     @contextlib.contextmanager
     def call(self, context: object) -> Iterator[None]:
         peer = getattr(context, "peer", None)
-        key = peer_key(peer()) if callable(peer) else None
-        if key is None:
+        key = peer() if callable(peer) else None
+        if not key:
             yield
             return
         self.inflight[key] += 1
@@ -74,6 +75,11 @@ class PeerActivity:
             self.inflight[key] -= 1
             if self.inflight[key] <= 0:
                 del self.inflight[key]
+
+    def busy(self) -> set[PeerKey]:
+        """The addresses with a call in flight (the counter is copied in one step: it may be called from the
+        janitor's thread)."""
+        return {k for k in map(peer_key, list(self.inflight)) if k is not None}
 
 
 @dataclass(frozen=True)
@@ -190,8 +196,9 @@ class ConnectionJanitor:
         if excess <= 0:
             return 0
         idle, young = [], 0
+        busy = self.activity.busy()
         for c in conns:
-            if c.peer not in self.activity.inflight:
+            if c.peer not in busy:
                 ms = idle_ms(c)
                 if ms is not None and ms >= MIN_IDLE_MS:
                     idle.append((ms, c))
