@@ -11,13 +11,23 @@
   headers (and a new connection's first request) must arrive within it, so slowly dripped headers or
   connections that send nothing are closed (checked by one sweep over the connections every fifth of the
   timeout, at most every 0.5 s, rather than a timer per request);
-* idle keep-alive connections are closed after ``--idle-timeout-s`` (uvicorn's ``timeout_keep_alive``).
+* idle keep-alive connections are closed after ``--idle-timeout-s`` (uvicorn's ``timeout_keep_alive``);
+* a refusal (``408``, ``429``, ``431``) is a *lingering close*, as nginx's ``lingering_close``: the answer, then
+  a FIN, then what the client still sends is read and dropped until it closes (at most ``LINGER_S``). Closing a
+  socket with unread bytes sends a reset instead of a FIN, and a client still uploading its body, or whose
+  answer sits unread in its kernel, then sees ``ECONNRESET`` instead of the status (RFC 9112 section 9.6).
+  The ``503`` at the connection cap closes at once: there the descriptor matters more;
+* a connection counts as silent only while the kernel holds no byte of it either: when the event loop runs
+  late, a request may have arrived but not yet been read, and closing that connection would reset it.
 
 The body has its own limit and timeout in :func:`server.rest.routes.read_body` (``--body-timeout-s``).
 """
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import struct
+import termios
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -26,6 +36,7 @@ from server.core.admission import Admission
 from server.settings import Settings
 
 EVICT_GRACE_S = 1.0       # a silent new connection is not closed for another before it had this long to send
+LINGER_S = 2.0            # after a refusal, what the client still sends is dropped this long at most
 REASONS = {408: b"Request Timeout", 429: b"Too Many Requests", 431: b"Request Header Fields Too Large",
            503: b"Service Unavailable"}
 
@@ -37,7 +48,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     admission: Admission | None = None       # the REST transport's: inference is shed before routing when full
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        self._shed = False
+        self._refused = False              # answered with a refusal: this connection takes no more requests
+        self._linger: asyncio.TimerHandle | None = None
         self._header_bytes = 0
         self._in_headers = True
         super().connection_made(transport)
@@ -47,7 +59,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             victim = self._oldest_idle(idle)
             if victim is None:
                 self._refuse(503, f"the server is at its connection limit ({self.max_connections}) with every "
-                                  f"connection busy; retry later")
+                                  f"connection busy; retry later", linger=False)
                 return
             victim._not_idle()
             victim.transport.close()         # the oldest idle connection makes room for this one
@@ -68,10 +80,14 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def _oldest_idle(self, idle: tuple[dict[GuardedHttpProtocol, float], dict[GuardedHttpProtocol, float]]
                      ) -> GuardedHttpProtocol | None:
         silent, kept = idle
-        for conn in kept:
-            return conn
-        for conn, since in silent.items():
-            return conn if self.loop.time() - since > EVICT_GRACE_S else None
+        for pool, grace in ((kept, None), (silent, EVICT_GRACE_S)):
+            while pool:
+                conn, since = next(iter(pool.items()))
+                if grace is not None and self.loop.time() - since <= grace:
+                    break                    # the rest of this set is newer still
+                if conn._refused or not unread_bytes(conn.transport):
+                    return conn
+                del pool[conn]   # its next request reached the kernel but not yet the loop: busy, not idle
         return None
 
     def _not_idle(self) -> None:
@@ -86,9 +102,13 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._not_idle()
+        if self._linger is not None:
+            self._linger.cancel()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return                           # a refused request's remainder: dropped
         if self._in_headers:
             room = self.max_header_bytes - self._header_bytes
             if len(data) > room:
@@ -106,6 +126,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().data_received(data)
 
     def on_message_begin(self) -> None:
+        if self._refused:
+            return
         self._not_idle()                     # a request begun: busy until its response is complete
         super().on_message_begin()
         if not self._in_headers:            # the next request on a kept-alive connection
@@ -113,20 +135,22 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self._header_started = self.loop.time()
 
     def on_headers_complete(self) -> None:
+        if self._refused:
+            return
         self._in_headers = False
         why = self.admission.refusal() if self.admission is not None else None
-        if why and self.parser.get_method() == b"POST" and self.url.split(b"?", 1)[0].endswith(b"/infer"):
-            self._shed = True
+        if why and self.parser.get_method() == b"POST" and self.url.split(b"?", 1)[0].endswith(b"/infer") \
+                and not self._answering():   # a pipelined request behind an answer is queued by uvicorn
             self._refuse(429, why)           # shed before routing, parsing or reading the body
             return
         super().on_headers_complete()
 
     def on_body(self, body: bytes) -> None:
-        if not self._shed:
+        if not self._refused:
             super().on_body(body)
 
     def on_message_complete(self) -> None:
-        if not self._shed:
+        if not self._refused:
             super().on_message_complete()
 
     # One sweep per server every fraction of the timeout instead of a timer per request (cheaper at high rates).
@@ -140,7 +164,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         now = self.loop.time()
         for conn in list(state.connections):
             if isinstance(conn, GuardedHttpProtocol) and conn._in_headers and \
-                    now - conn._header_started > conn.header_timeout_s and not conn.transport.is_closing():
+                    now - conn._header_started > conn.header_timeout_s and not conn.transport.is_closing() \
+                    and not conn._answering():
                 conn._header_timeout()
         state._foldserve_sweep = self.loop.call_later(interval, self._sweep, state, interval)
 
@@ -150,11 +175,35 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             return
         self._refuse(408, f"request headers did not arrive within {self.header_timeout_s:g} s (--header-timeout-s)")
 
-    def _refuse(self, status: int, message: str) -> None:
+    def _answering(self) -> bool:
+        return self.cycle is not None and not self.cycle.response_complete
+
+    def _refuse(self, status: int, message: str, linger: bool = True) -> None:
+        self._refused, self._in_headers = True, False
+        self._not_idle()
+        if self._answering():                # a pipelined request: an answer here would cut into the one under way
+            self.transport.close()
+            return
         body = ('{"error":"' + message.replace('"', "'") + '"}').encode()
         self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
                              b"connection: close\r\n\r\n" % (status, REASONS[status], len(body)) + body)
-        self.transport.close()
+        if not linger or not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        self.transport.write_eof()           # the answer and a FIN; the client's EOF then closes (eof_received)
+        self._linger = self.loop.call_later(LINGER_S, self.transport.close)
+        self._idle_sets()[1][self] = self.loop.time()      # answered: the first to go at the cap
+
+
+def unread_bytes(transport: asyncio.BaseTransport) -> int:
+    """Bytes the kernel holds for this connection that the event loop has not read yet (FIONREAD)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return 0
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0])
+    except OSError:
+        return 0
 
 
 def protocol_class(settings: Settings, max_connections: int,

@@ -1,0 +1,133 @@
+"""How the REST transport's connection protocol (server/rest/protocol.py) closes connections, on a real uvicorn
+server with that protocol in this process (the answers come from a trivial ASGI app: the protocol is what is
+tested). A connection closed while the kernel still holds bytes of it is *reset*, and the client loses its answer:
+CI saw one such ``ConnectionResetError`` in a burst of 5,000 REST requests (tests/hardening/test_burst.py)."""
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import pytest
+import uvicorn
+
+from server.core.admission import Admission
+from server.rest import protocol
+from server.settings import Settings
+
+REQUEST = b"GET /ok HTTP/1.1\r\nhost: x\r\n\r\n"
+
+
+async def _app(scope, receive, send) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+@contextmanager
+def _server(http: type, **settings) -> Iterator[int]:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(_app, http=http, lifespan="off", log_level="warning", **settings))
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    thread = threading.Thread(target=asyncio.run, args=(server.serve(sockets=[sock]),), daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def _connect(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=10)
+
+
+def _answer(s: socket.socket) -> bytes:
+    """Everything the server sends until it closes (a reset raises)."""
+    out = b""
+    while chunk := s.recv(65536):
+        out += chunk
+    return out
+
+
+def _late_loop(cls: type, before: Callable[[], None]) -> type:
+    """The protocol, with ``before`` run at the start of each new connection's ``connection_made``: whatever it
+    sends reaches the server's kernel in the same turn of the event loop, before the loop reads it, as when the
+    loop runs late under a burst."""
+    class LateLoop(cls):  # type: ignore[misc, valid-type]
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            before()
+            super().connection_made(transport)
+    return LateLoop
+
+
+def test_a_silent_connection_whose_request_reached_the_kernel_is_not_closed_for_a_new_one(monkeypatch):
+    monkeypatch.setattr(protocol, "EVICT_GRACE_S", 0.2)
+    sent = threading.Event()
+    first: list[socket.socket] = []       # set once the first connection was accepted
+
+    def send_first_request() -> None:     # the first connection's request arrives just as the second connects
+        if first and not sent.is_set():
+            first[0].sendall(REQUEST)
+            time.sleep(0.05)              # delivered to the server's socket (loopback)
+            sent.set()
+
+    cls = _late_loop(protocol.protocol_class(Settings(), max_connections=1), send_first_request)
+    with _server(cls) as port:
+        s = _connect(port)
+        time.sleep(0.5)                   # accepted, and silent past the grace: it may be closed to make room...
+        first.append(s)
+        second = _connect(port)
+        answer = first[0].recv(4096)     # ...but its request is there: without the check it was reset here
+        assert sent.is_set()
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+        assert _answer(second).startswith(b"HTTP/1.1 503")    # every connection busy: the new one is refused
+        # a connection that is really silent still makes room (and is closed with a FIN, not a reset)
+        third = _connect(port)
+        time.sleep(0.5)
+        fourth = _connect(port)
+        fourth.sendall(REQUEST)
+        assert fourth.recv(4096).startswith(b"HTTP/1.1 200")
+        assert third.recv(4096) == b""
+        for s in (first[0], second, third, fourth):
+            s.close()
+
+
+@pytest.mark.parametrize("refusal", ["431", "429"])
+def test_a_refusal_reaches_a_client_still_uploading(refusal):
+    """The server answers before the request is complete (headers too large; inference shed before the body is
+    read) and then reads and drops the rest: the client finishes its upload and reads the status, instead of
+    ``ECONNRESET`` in the middle of it."""
+    admission = Admission(limit=0) if refusal == "429" else None          # every inference request is shed
+    cls = protocol.protocol_class(Settings(max_header_bytes=4096), max_connections=16, admission=admission)
+    if refusal == "431":
+        head = b"GET /ok HTTP/1.1\r\nhost: x\r\nx-big: "
+    else:
+        head = b"POST /v2/models/m/infer HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n" % (8 << 20)
+    with _server(cls) as port:
+        s = _connect(port)
+        s.sendall(head)
+        for _ in range(8):
+            s.sendall(b"a" * (1 << 20))   # 8 MB more after the server has answered
+        s.shutdown(socket.SHUT_WR)
+        answer = _answer(s)
+        assert answer.startswith(b"HTTP/1.1 " + refusal.encode()), answer[:100]
+        assert b"connection: close" in answer
+        s.close()
+        # the server keeps serving, and a client that neither sends more nor closes is let go after LINGER_S
+        s = _connect(port)
+        s.sendall(head + b"a" * 8192)
+        t0 = time.monotonic()
+        assert _answer(s).startswith(b"HTTP/1.1 " + refusal.encode())
+        assert time.monotonic() - t0 < protocol.LINGER_S + 5
+        s.close()
+        ok = _connect(port)
+        ok.sendall(REQUEST)
+        assert ok.recv(4096).startswith(b"HTTP/1.1 200")
+        ok.close()
