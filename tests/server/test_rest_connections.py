@@ -27,7 +27,7 @@ async def _app(scope, receive, send) -> None:
 
 
 @contextmanager
-def _server(http: type, **settings) -> Iterator[int]:
+def _server(http: type, **settings) -> Iterator[tuple[int, uvicorn.Server]]:
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
@@ -38,7 +38,7 @@ def _server(http: type, **settings) -> Iterator[int]:
     while not server.started:
         time.sleep(0.01)
     try:
-        yield sock.getsockname()[1]
+        yield sock.getsockname()[1], server
     finally:
         server.should_exit = True
         thread.join(10)
@@ -46,6 +46,14 @@ def _server(http: type, **settings) -> Iterator[int]:
 
 def _connect(port: int) -> socket.socket:
     return socket.create_connection(("127.0.0.1", port), timeout=10)
+
+
+def _silent_past_grace(server: uvicorn.Server, n: int) -> None:
+    """Wait until the server holds n connections, then past the grace a silent one gets to send."""
+    t0 = time.monotonic()
+    while len(server.server_state.connections) < n and time.monotonic() - t0 < 10:
+        time.sleep(0.01)
+    time.sleep(protocol.EVICT_GRACE_S + 0.1)
 
 
 def _answer(s: socket.socket) -> bytes:
@@ -79,9 +87,9 @@ def test_a_silent_connection_whose_request_reached_the_kernel_is_not_closed_for_
             sent.set()
 
     cls = _late_loop(protocol.protocol_class(Settings(), max_connections=1), send_first_request)
-    with _server(cls) as port:
+    with _server(cls) as (port, server):
         s = _connect(port)
-        time.sleep(0.5)                   # accepted, and silent past the grace: it may be closed to make room...
+        _silent_past_grace(server, 1)     # accepted, and silent past the grace: it may be closed to make room...
         first.append(s)
         second = _connect(port)
         answer = first[0].recv(4096)     # ...but its request is there: without the check it was reset here
@@ -90,7 +98,7 @@ def test_a_silent_connection_whose_request_reached_the_kernel_is_not_closed_for_
         assert _answer(second).startswith(b"HTTP/1.1 503")    # every connection busy: the new one is refused
         # a connection that is really silent still makes room (and is closed with a FIN, not a reset)
         third = _connect(port)
-        time.sleep(0.5)
+        _silent_past_grace(server, 1)
         fourth = _connect(port)
         fourth.sendall(REQUEST)
         assert fourth.recv(4096).startswith(b"HTTP/1.1 200")
@@ -110,7 +118,7 @@ def test_a_refusal_reaches_a_client_still_uploading(refusal):
         head = b"GET /ok HTTP/1.1\r\nhost: x\r\nx-big: "
     else:
         head = b"POST /v2/models/m/infer HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n" % (8 << 20)
-    with _server(cls) as port:
+    with _server(cls) as (port, _):
         s = _connect(port)
         s.sendall(head)
         for _ in range(8):
