@@ -154,7 +154,7 @@ class OnnxAffinePass(OnnxFoldPass):
                             f"broadcast on the channel axis")
         channels = dims[CHANNEL_AXIS] if dims is not None and len(dims) > CHANNEL_AXIS else None
         for s in bn.steps:
-            reason = _broadcast_reason(s, dims)
+            reason = channel_broadcast_reason(s, dims)
             if reason:
                 return Skip(reason)
             size = s.const.size
@@ -190,7 +190,7 @@ class OnnxAffinePass(OnnxFoldPass):
                 self.uses[i] -= 1
 
 
-def _broadcast_reason(step: Step, dims: list[int | None] | None) -> str | None:
+def channel_broadcast_reason(step: Step, dims: list[int | None] | None) -> str | None:
     """Why ``step``'s constant does not broadcast on the channel axis only (None when it does)."""
     shape = list(step.const.shape)
     if step.const.size == 1:

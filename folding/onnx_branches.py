@@ -1,17 +1,21 @@
 """Structural re-parameterisation: parallel branches over one tensor, summed by Add, become one Conv.
 
 RepVGG (3x3 conv+BN, 1x1 conv+BN, identity BN), MobileOne (k over-parameterised kxk conv+BN branches, a 1x1
-"scale" branch, an identity BN; depthwise and pointwise) and ACNet (3x3 + 1x3 + 3x1) are trained with
-branches and deployed as one Conv per block. After the BN pass has folded each branch's BN into its Conv,
-a sum (a tree of Adds, each Add output read once) whose every leaf is computed from the same tensor X is
-one of:
+"scale" branch, an identity BN; depthwise and pointwise), ACNet (3x3 + 1x3 + 3x1) and FastViT's RepMixer
+(``x + layer_scale * (mixer(x) - norm(x))``, a MobileOne block minus an identity BN, scaled per channel) are
+trained with branches and deployed as one Conv per block. After the BN pass has folded each branch's BN into
+its Conv, a *linear combination* (a tree of Add and Sub nodes, and Mul nodes by a constant that broadcasts on
+the channel axis, each node's output read once) whose top is an Add or a Sub gives each leaf a per-channel
+coefficient (Sub negates its right side, a Mul multiplies by its constant); when every leaf is computed from
+the same tensor X, each is one of:
 
 * ``Conv(X)`` with constant weights: its kernel, zero-padded (centred) to the largest kernel of the sum;
 * ``BatchNormalization(X)`` (an identity through a BN): a Dirac kernel per group scaled by the BN's s, and
   its shift t as bias;
 * ``X`` itself: a Dirac kernel.
 
-The merge is exact when every Conv has the same group, stride and dilation, and padding lines every branch
+Each leaf enters the sum times its coefficient (a Conv's kernel and bias, a Dirac kernel's value and a BN's
+shift). The merge is exact when every Conv has the same group, stride and dilation, and padding lines every branch
 up on the same output grid: for a kernel k inside the merged K (K - k even), the branch's pads plus
 ``dilation * (K - k) / 2`` are the merged Conv's pads, on both sides of every axis; an identity needs stride
 1, as many output channels as input channels, and the merged pads equal to ``dilation * (K - 1) / 2``.
@@ -29,9 +33,16 @@ import onnx
 from onnx import numpy_helper
 
 from folding.fold_math import BNParams
+from folding.onnx_affine import CHANNEL_AXIS, Step, channel_broadcast_reason
 from folding.onnx_fold import OnnxFoldPass, _attr, _set_attr
 from folding.rules import Skip
 from foldserve.records import MergedBranches, SkippedMerge
+
+
+@dataclass
+class Leaf:
+    tensor: str
+    coef: np.ndarray                   # per channel (or one value), float64
 
 
 @dataclass
@@ -43,15 +54,22 @@ class Branch:
     weight: np.ndarray | None = None   # conv: float64 weight; bn: None
     bias: np.ndarray | None = None
     bn: BNParams | None = None
+    coef: np.ndarray = field(default_factory=lambda: np.ones(1))   # per channel (or one value), float64
 
     def describe(self) -> str:
         if self.kind == "conv":
             assert self.node is not None and self.weight is not None
-            return f"Conv {self.node.name or self.node.output[0]!r} {'x'.join(map(str, self.weight.shape[2:]))}"
-        if self.kind == "bn":
+            text = f"Conv {self.node.name or self.node.output[0]!r} {'x'.join(map(str, self.weight.shape[2:]))}"
+        elif self.kind == "bn":
             assert self.node is not None
-            return f"BatchNormalization {self.node.name or self.node.output[0]!r} (identity)"
-        return "identity"
+            text = f"BatchNormalization {self.node.name or self.node.output[0]!r} (identity)"
+        else:
+            text = "identity"
+        if np.all(self.coef == 1):
+            return text
+        if np.all(self.coef == -1):
+            return f"{text} subtracted"
+        return f"{text} {'subtracted, ' if np.all(self.coef < 0) else ''}scaled per channel"
 
 
 @dataclass
@@ -69,34 +87,74 @@ class Merge:
 class BranchPass(OnnxFoldPass):
     """Indexes of one graph plus the sums that merge; BN checks come from the BN pass."""
 
-    def sums(self) -> list[tuple[onnx.NodeProto, list[onnx.NodeProto], list[str]]]:
-        """Every top Add of a tree of Adds: (top, its Adds, its leaf tensors)."""
-        adds = [n for n in self.g.node if n.op_type == "Add" and n.domain in ("", "ai.onnx") and len(n.input) == 2
-                and all(self.array(i) is None for i in n.input)]
-        add_ids = {id(n) for n in adds}
-        self.inner = {id(n) for n in adds if self._sole_reader_is_add(n.output[0], add_ids)}
-        return [(top, *self.subtree(top)) for top in adds if id(top) not in self.inner]
+    def sums(self) -> list[tuple[onnx.NodeProto, list[onnx.NodeProto], list[Leaf]]]:
+        """Every top Add / Sub of a linear combination: (top, its nodes, its leaves)."""
+        self.scales = {id(n): c for n in self.g.node if (c := self._channel_scale(n)) is not None}
+        combine = [n for n in self.g.node if id(n) in self.scales or (
+            n.op_type in ("Add", "Sub") and n.domain in ("", "ai.onnx") and len(n.input) == 2
+            and all(self.array(i) is None for i in n.input))]
+        in_tree = {id(n) for n in combine}
+        readers: dict[str, list[onnx.NodeProto]] = {}
+        for n in self.g.node:
+            for i in n.input:
+                readers.setdefault(i, []).append(n)
+        # inner: read only by a node of a tree whose top is an Add or a Sub (nodes are in topological order, so
+        # a reader is decided before what it reads)
+        self.inner: set[int] = set()
+        for n in reversed(combine):
+            out = n.output[0]
+            sole = readers.get(out, [])
+            if out in self.graph_outputs or self.uses[out] != 1 or len(sole) != 1 or id(sole[0]) not in in_tree:
+                continue
+            if sole[0].op_type != "Mul" or id(sole[0]) in self.inner:
+                self.inner.add(id(n))
+        return [(top, *self.subtree(top)) for top in combine
+                if top.op_type != "Mul" and id(top) not in self.inner]
 
-    def subtree(self, top: onnx.NodeProto) -> tuple[list[onnx.NodeProto], list[str]]:
-        """The Adds under ``top`` (itself first) and the leaves they sum, left to right."""
-        tree, leaves, stack = [top], [], list(top.input)[::-1]
+    def subtree(self, top: onnx.NodeProto) -> tuple[list[onnx.NodeProto], list[Leaf]]:
+        """The nodes of the combination under ``top`` (itself first) and its leaves with their coefficients,
+        left to right."""
+        tree, leaves, stack = [top], [], self._terms(top, np.ones(1))[::-1]
         while stack:
-            t = stack.pop()
+            t, coef = stack.pop()
             p = self.producer.get(t)
             if p is not None and id(p) in self.inner:
                 tree.append(p)
-                stack.extend(list(p.input)[::-1])
+                stack.extend(self._terms(p, coef)[::-1])
             else:
-                leaves.append(t)
+                leaves.append(Leaf(t, coef))
         return tree, leaves
 
-    def _sole_reader_is_add(self, tensor: str, add_ids: set[int]) -> bool:
-        if tensor in self.graph_outputs or self.uses[tensor] != 1:
-            return False
-        reader = next((n for n in self.g.node if tensor in n.input), None)
-        return reader is not None and id(reader) in add_ids
+    def _terms(self, node: onnx.NodeProto, coef: np.ndarray) -> list[tuple[str, np.ndarray]]:
+        if id(node) in self.scales:     # its size is 1 or the data's channel count, as every coefficient's above it
+            return [(next(i for i in node.input if self.array(i) is None), coef * self.scales[id(node)])]
+        return [(node.input[0], coef), (node.input[1], -coef if node.op_type == "Sub" else coef)]
 
-    def branch(self, leaf: str) -> Branch:
+    def _channel_scale(self, node: onnx.NodeProto) -> np.ndarray | None:
+        """A Mul of a tensor by a float constant that broadcasts on the channel axis alone, as many values as the
+        tensor has channels (or one value): the constant, flat, in float64."""
+        if node.op_type != "Mul" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+            return None
+        consts = [self.array(i) for i in node.input]
+        if sum(c is not None for c in consts) != 1:
+            return None
+        k = 0 if consts[0] is not None else 1
+        c = consts[k]
+        assert c is not None
+        dims = self.dims.get(node.input[1 - k])
+        if c.dtype.kind != "f" or (c.size > 1 and (dims is None or len(dims) <= CHANNEL_AXIS
+                                                    or dims[CHANNEL_AXIS] != c.size)):
+            return None
+        if channel_broadcast_reason(Step(node, "Mul", c, node.input[k]), dims):
+            return None
+        return c.astype(np.float64).reshape(-1)
+
+    def branch(self, leaf: Leaf) -> Branch:
+        b = self._branch(leaf.tensor)
+        b.coef = leaf.coef
+        return b
+
+    def _branch(self, leaf: str) -> Branch:
         p = self.producer.get(leaf)
         private = p is not None and self.uses[leaf] == 1 and leaf not in self.graph_outputs
         if private and p.op_type == "Conv" and len(p.input) > 1 and self.array(p.input[1]) is not None:
@@ -121,7 +179,7 @@ def _conv_attrs(node: onnx.NodeProto, spatial: int) -> tuple[int, list[int], lis
             list(_attr(node, "dilations", None) or [1] * spatial), pads, auto)
 
 
-def match(p: BranchPass, top: onnx.NodeProto, adds: list[onnx.NodeProto], leaves: list[str]) -> Merge | Skip | None:
+def match(p: BranchPass, top: onnx.NodeProto, adds: list[onnx.NodeProto], leaves: list[Leaf]) -> Merge | Skip | None:
     """A Merge, a Skip (a sum of branches over one tensor that cannot merge exactly), or None (not a sum of
     parallel branches at all)."""
     branches = [p.branch(t) for t in leaves]
@@ -202,25 +260,29 @@ def _identity_reason(conv: Branch, kernel: list[int], pads: list[int], dilations
 
 def _sum_branches(branches: list[Branch], shape: tuple[int, ...], kernel: list[int]
                   ) -> tuple[np.ndarray, np.ndarray] | Skip:
-    """The merged weight and bias in float64: kernels centred in ``kernel``, identities as Dirac kernels."""
+    """The merged weight and bias in float64: kernels centred in ``kernel``, identities as Dirac kernels, each
+    branch times its coefficient."""
     cout, cin_g = shape
     spatial = len(kernel)
     weight = np.zeros((cout, cin_g, *kernel))
     bias = np.zeros(cout)
     centre = tuple((k - 1) // 2 for k in kernel)
     for b in branches:
+        if b.coef.size not in (1, cout):
+            return Skip(f"{b.describe()} is scaled on {b.coef.size} channels, the Convs give {cout}")
+        coef = np.broadcast_to(b.coef, (cout,))
         if b.kind == "conv":
             k = b.weight.shape[2:]  # type: ignore[union-attr]
             window = tuple(slice((kernel[a] - k[a]) // 2, (kernel[a] - k[a]) // 2 + k[a]) for a in range(spatial))
-            weight[(slice(None), slice(None), *window)] += b.weight
-            bias += b.bias  # type: ignore[arg-type]
+            weight[(slice(None), slice(None), *window)] += b.weight * coef.reshape(-1, *[1] * (1 + spatial))
+            bias += b.bias * coef  # type: ignore[operator]
             continue
         scale, shift = (b.bn.scale, b.bn.shift) if b.bn is not None else (np.ones(cout), np.zeros(cout))
         if scale.size != cout:
             return Skip(f"{b.describe()} normalises {scale.size} channels, the Convs give {cout}")
         for o in range(cout):
-            weight[(o, o % cin_g, *centre)] += scale[o]
-        bias += shift
+            weight[(o, o % cin_g, *centre)] += scale[o] * coef[o]
+        bias += shift * coef
     return weight, bias
 
 
@@ -234,6 +296,7 @@ def apply(p: BranchPass, m: Merge) -> None:
     for b in m.branches:
         if b.node is not None:
             m.removed += [i for i in b.node.input[1:] if i]
+    m.removed += [i for n in m.adds if n.op_type == "Mul" for i in n.input if p.array(i) is not None]
     while len(m.into.input) < 3:
         m.into.input.append("")
     m.into.input[1], m.into.input[2] = w_name, b_name

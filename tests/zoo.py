@@ -229,8 +229,10 @@ class MobileOneBlock(nn.Module):
     """MobileOne's training-time block: k over-parameterised kxk conv+BN branches, a 1x1 "scale" conv+BN
     (for k > 1), an identity BN when shapes allow; depthwise (groups = channels) or pointwise."""
 
-    def __init__(self, cin: int, cout: int, k: int, stride: int, groups: int, branches: int = 3) -> None:
+    def __init__(self, cin: int, cout: int, k: int, stride: int, groups: int, branches: int = 3,
+                 act: bool = True) -> None:
         super().__init__()
+        self.act = act
         self.rbr_conv = nn.ModuleList(_conv_bn(cin, cout, k, stride, k // 2, groups) for _ in range(branches))
         self.rbr_scale = _conv_bn(cin, cout, 1, stride, 0, groups) if k > 1 else None
         self.rbr_skip = nn.BatchNorm2d(cout) if cin == cout and stride == 1 else None
@@ -243,7 +245,22 @@ class MobileOneBlock(nn.Module):
             y = y + self.rbr_scale(x)
         if self.rbr_skip is not None:
             y = y + self.rbr_skip(x)
-        return torch.relu(y)
+        return torch.relu(y) if self.act else y
+
+
+class RepMixer(nn.Module):
+    """FastViT's training-time token mixer: ``x + layer_scale * (mixer(x) - norm(x))``, the mixer a depthwise
+    MobileOne block without activation, the norm an identity BN, the layer scale per channel (random here, so
+    that a wrong coefficient shows)."""
+
+    def __init__(self, c: int, k: int = 3) -> None:
+        super().__init__()
+        self.mixer = MobileOneBlock(c, c, k, 1, c, branches=1, act=False)
+        self.norm = nn.BatchNorm2d(c)
+        self.layer_scale = nn.Parameter(torch.rand(c, 1, 1) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.layer_scale * (self.mixer(x) - self.norm(x))
 
 
 class ACBlock(nn.Module):
@@ -259,10 +276,10 @@ class ACBlock(nn.Module):
 
 
 class RepNet(nn.Module):
-    """Training-time branches: RepVGG (stride 2 and 1), MobileOne (depthwise + pointwise, stride 1 and 2) and
-    ACNet blocks; ``deploy_convs`` is the Conv count of its deploy form (one per block)."""
+    """Training-time branches: RepVGG (stride 2 and 1), MobileOne (depthwise + pointwise, stride 1 and 2),
+    FastViT's RepMixer and ACNet blocks; ``deploy_convs`` is the Conv count of its deploy form (one per block)."""
 
-    deploy_convs = 7
+    deploy_convs = 8
 
     def __init__(self, width: int = 8, classes: int = 10) -> None:
         super().__init__()
@@ -271,7 +288,7 @@ class RepNet(nn.Module):
             RepVGGBlock(3, w, 2), RepVGGBlock(w, w),
             MobileOneBlock(w, w, 3, 1, w), MobileOneBlock(w, 2 * w, 1, 1, 1),
             MobileOneBlock(2 * w, 2 * w, 3, 2, 2 * w), MobileOneBlock(2 * w, 2 * w, 1, 1, 1),
-            ACBlock(2 * w))
+            RepMixer(2 * w), ACBlock(2 * w))
         self.head = nn.Linear(2 * w, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

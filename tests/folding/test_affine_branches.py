@@ -143,6 +143,7 @@ def test_repvgg_mobileone_acnet_branches_merge_into_the_deploy_form():
     kinds = [" ".join(m.branches) for m in report.merges]
     assert any("3x3" in k and "1x1" in k and "(identity)" in k for k in kinds)       # RepVGG / MobileOne
     assert any("1x3" in k and "3x1" in k for k in kinds)                              # ACNet
+    assert any("(identity) subtracted" in k and "scaled per channel" in k for k in kinds)  # RepMixer
     _assert_close_to_scale(_run(folded, X), _torch64(model, X))
 
 
@@ -265,4 +266,46 @@ def test_a_sum_started_from_zero_still_merges():
     folded, report = fold_onnx(model)
     assert [n.op_type for n in folded.graph.node] == ["Conv"] and report.constants_folded == 1
     assert sorted(report.merges[0].branches) == ["BatchNormalization 'identity' (identity)", "Conv 'dw' 3x3"]
+    _assert_close_to_scale(_run(folded, XS), _run(model, XS).astype(np.float64))
+
+
+def _rep_mixer(scale: np.ndarray) -> onnx.ModelProto:
+    """``x + scale * (dw(x) - norm(x))`` (FastViT's RepMixer after the mixer's BN has folded)."""
+    rng = np.random.default_rng(6)
+    c = 8
+    inits = [numpy_helper.from_array(rng.normal(size=(c, 1, 3, 3)).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.normal(size=c).astype(np.float32), "B"),
+             numpy_helper.from_array(scale.astype(np.float32), "scale"),
+             *(numpy_helper.from_array(v.astype(np.float32), n) for n, v in (
+                 ("g", rng.uniform(0.5, 1.5, c)), ("b", rng.normal(size=c)), ("m", rng.normal(size=c)),
+                 ("v", rng.uniform(0.2, 2, c))))]
+    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["mix"], name="dw", pads=[1] * 4, group=c),
+             helper.make_node("BatchNormalization", ["x", "g", "b", "m", "v"], ["norm"], name="norm"),
+             helper.make_node("Sub", ["mix", "norm"], ["diff"], name="diff"),
+             helper.make_node("Mul", ["scale", "diff"], ["scaled"], name="layer_scale"),
+             helper.make_node("Add", ["x", "scaled"], ["y"], name="residual")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", c, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (1, 8, 1, 1), ()], ids=["CHW", "NCHW", "scalar"])
+def test_a_rep_mixer_merges_with_its_signs_and_scale(shape):
+    """Sub negates its right side and a per-channel (or scalar) Mul scales what it reads: one Conv remains."""
+    scale = np.random.default_rng(7).uniform(-2, 2, size=shape)
+    model = _rep_mixer(scale)
+    folded, report = fold_onnx(model)
+    assert [n.op_type for n in folded.graph.node] == ["Conv"], [n.op_type for n in folded.graph.node]
+    assert report.merges[0].sum == "residual" and len(report.merges[0].branches) == 3
+    assert {i.name for i in folded.graph.initializer} == set(folded.graph.node[0].input[1:])   # scale dropped
+    _assert_close_to_scale(_run(folded, XS), _run(model, XS).astype(np.float64))
+
+
+def test_a_scale_on_another_axis_stays_outside_the_merge():
+    """A (W,) constant broadcasts on the width axis: it is no per-channel coefficient, so only ``dw(x) -
+    norm(x)`` under it merges; the Mul and the residual Add stay, and the output is unchanged."""
+    model = _rep_mixer(np.random.default_rng(8).uniform(0.5, 1.5, size=8))
+    folded, report = fold_onnx(model)
+    assert [n.op_type for n in folded.graph.node] == ["Conv", "Mul", "Add"]
+    assert report.merges[0].sum == "diff" and report.merges[0].branches[1].endswith("(identity) subtracted")
     _assert_close_to_scale(_run(folded, XS), _run(model, XS).astype(np.float64))

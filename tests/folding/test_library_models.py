@@ -1,4 +1,4 @@
-"""Training-time networks from timm (RepVGG, MobileOne, RepGhost) fold into their library's deploy form: no BN,
+"""Training-time networks from timm (RepVGG, MobileOne, RepGhost, FastViT) fold into their library's deploy form: no BN,
 as many Conv nodes as ``timm.utils.reparameterize_model`` gives, outputs equal to torch's in float64."""
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def _export(model: torch.nn.Module, *, constant_folding: bool) -> onnx.ModelProt
     return onnx.load_from_string(buf.getvalue())
 
 
-@pytest.mark.parametrize("name", ["repvgg_a0", "mobileone_s0", "repghostnet_050"])
+@pytest.mark.parametrize("name", ["repvgg_a0", "mobileone_s0", "repghostnet_050", "fastvit_t8"])
 def test_timm_training_form_folds_to_the_deploy_form(name):
     timm = library("timm")
     from timm.utils import reparameterize_model
@@ -40,6 +40,7 @@ def test_timm_training_form_folds_to_the_deploy_form(name):
     ops, deploy_ops = Counter(n.op_type for n in folded.graph.node), Counter(n.op_type for n in deploy.graph.node)
     assert ops["BatchNormalization"] == 0, report.skipped[:3]
     assert ops["Conv"] == deploy_ops["Conv"] and ops["Add"] == deploy_ops["Add"], (ops, deploy_ops)
+    assert ops["Sub"] == deploy_ops["Sub"], (ops, deploy_ops)          # FastViT's RepMixer: mixer(x) - norm(x)
     assert report.merges and not report.merges_skipped
     x = np.random.default_rng(0).normal(size=(2, 3, HW, HW)).astype(np.float32)
     sess = ort_session(folded.SerializeToString(), "all", "cpu")
