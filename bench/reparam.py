@@ -1,6 +1,6 @@
 """Benchmark sections for issue 22: what branch merging buys, and how long ``fold`` takes on a big program.
 
-* ``reparam``: timm's MobileOne-S0 and RepVGG-A0 in their training form (branches, BN kept: what a user who
+* ``reparam``: timm's MobileOne-S0, RepVGG-A0 and FastViT-T8 in their training form (branches, BN kept: what a user who
   only has the exported file would serve) against what ``foldserve fold`` serves (the deploy form), in-process
   in onnxruntime at batch 8 (all graph optimisations on: onnxruntime fuses Conv+BN itself but not branches)
   and over our gRPC at concurrency 1 and 8.
@@ -76,7 +76,7 @@ def bench_reparam(work: Path, quick: bool) -> dict[str, Any]:
     n = 5 if quick else 20
     repo = work / "reparam_repo"
     out: dict[str, Any] = {"input": f"8x3x{size}x{size}", "models": {}}
-    for name in ("mobileone_s0", "repvgg_a0"):
+    for name in ("mobileone_s0", "repvgg_a0", "fastvit_t8"):
         model = randomize_bn(timm.create_model(name, pretrained=False))
         training = _export(model, size)
         t0 = time.perf_counter()
