@@ -6,7 +6,9 @@ one rule per producer type, each knowing where the output channel is:
 
 * Conv (weight axis 0), ConvTranspose (axis 1, group-aware);
 * Gemm (alpha, beta, transA, transB; C of shape (M,), (1, M) or scalar, or none);
-* MatMul with a 2-D constant weight, optionally followed by Add of a constant bias (output rank 2).
+* MatMul with a 2-D constant weight, optionally followed by Add of a constant bias (output rank 2), or of any
+  rank when a Flatten / Reshape to rank 2 that keeps its last axis stands between it and a BatchNorm1d
+  (LeViT's ``bn(linear(x).flatten(0, 1))``): the BN's channels are then the MatMul's output features.
 
 Preconditions: weights and BN parameters are initializers; the producer's output has exactly one
 consumer (the BN) and is not a graph output; BN runs in inference mode (training_mode=0, is_test=1 in
@@ -183,7 +185,9 @@ class OnnxFoldPass(_Graph):
 
     def _producer(self, bn: onnx.NodeProto):
         prod = self.producer.get(bn.input[0])
-        add = None
+        add = through = None
+        if prod is not None and self._keeps_last_axis(prod) and self._linear_before(prod.input[0]):
+            through, prod = prod, self.producer[prod.input[0]]
         if prod is not None and prod.op_type == "Add":
             mm = next((self.producer[i] for i in prod.input
                        if i in self.producer and self.producer[i].op_type == "MatMul"), None)
@@ -193,7 +197,30 @@ class OnnxFoldPass(_Graph):
             return Skip(f"input {bn.input[0]!r} is a graph input, not a producer output")
         if prod.op_type in self.RULES[BACKWARD] and (self.uses[bn.input[0]] != 1 or bn.input[0] in self.graph_outputs):
             return Skip(f"producer output {bn.input[0]!r} is also used elsewhere")
-        return (prod, add), prod.op_type
+        return (prod, add, through), prod.op_type
+
+    def _keeps_last_axis(self, node: onnx.NodeProto) -> bool:
+        """A Flatten or Reshape to rank 2 whose rows are its input's last-axis vectors, the only reader of its
+        input's values."""
+        if node.op_type not in ("Flatten", "Reshape") or node.domain not in ("", "ai.onnx"):
+            return False
+        src, out = self.dims.get(node.input[0]), self.dims.get(node.output[0])
+        if src is None or out is None or len(src) < 2 or len(out) != 2 or src[-1] is None or out[-1] != src[-1]:
+            return False
+        if node.op_type == "Flatten" and int(_attr(node, "axis", 1)) % len(src) != len(src) - 1:
+            return False
+        if node.input[0] in self.graph_outputs:
+            return False
+        # a Shape of the layer's output reads no value (LeViT's ``reshape_as(x)``): folding cannot change it
+        return sum(i == node.input[0] for n in self.g.node if n.op_type != "Shape" for i in n.input) == 1
+
+    def _linear_before(self, tensor: str) -> bool:
+        """``tensor`` is computed by a MatMul, or by an Add of its output (the layer and its bias)."""
+        p = self.producer.get(tensor)
+        if p is not None and p.op_type == "Add":
+            p = next((self.producer[i] for i in p.input if i in self.producer and
+                      self.producer[i].op_type == "MatMul"), None)
+        return p is not None and p.op_type == "MatMul"
 
     def _consumer(self, bn: onnx.NodeProto):
         out = bn.output[0]
@@ -297,7 +324,7 @@ def _match_gemm(p: OnnxFoldPass, bn, node, params: BNParams) -> Plan | Skip:
 
 
 def _match_matmul(p: OnnxFoldPass, bn, node, params: BNParams) -> Plan | Skip:
-    prod, add = node
+    prod, add, through = node
     if p.ranks.get(bn.input[0]) != 2:
         return Skip(f"MatMul output rank is {p.ranks.get(bn.input[0], 'unknown')}, need 2 for a per-feature BN")
     w_name = prod.input[1]
@@ -318,7 +345,7 @@ def _match_matmul(p: OnnxFoldPass, bn, node, params: BNParams) -> Plan | Skip:
     writes.append((w_name, w2.T, w_name, prod, 1))
     if add is not None:
         writes.append((add.input[slot], b2.reshape(barr.shape), w_name, add, slot))
-    return _plan(p, bn, prod, BACKWARD, w2, b2, writes, add=add)
+    return _plan(p, bn, prod, BACKWARD, w2, b2, writes, add=add, through=through)
 
 
 def _match_forward_conv(p: OnnxFoldPass, bn, c, params: BNParams) -> Plan | Skip:
@@ -383,7 +410,8 @@ def _write_all(p: OnnxFoldPass, plan: Plan) -> None:
 
 def _apply_backward(p: OnnxFoldPass, plan: Plan) -> None:
     _write_all(p, plan)
-    _take_over_output(p.model, p, plan.site["bn"], plan.site["node"], plan.site.get("add"), plan.bias)
+    _take_over_output(p.model, p, plan.site["bn"], plan.site["node"], plan.site.get("add"), plan.bias,
+                      plan.site.get("through"))
     p.remove_bn(plan.site["bn"])
 
 
@@ -423,20 +451,24 @@ def _bn_reason(gr: _Graph, bn: onnx.NodeProto, opset: int) -> str | None:
 
 
 def _take_over_output(out: onnx.ModelProto, gr: _Graph, bn: onnx.NodeProto, prod: onnx.NodeProto,
-                      add: onnx.NodeProto | None, folded_bias: np.ndarray) -> None:
-    """The last node of the producer chain takes over the BN's output name."""
-    last = add if add is not None else prod
+                      add: onnx.NodeProto | None, folded_bias: np.ndarray,
+                      through: onnx.NodeProto | None = None) -> None:
+    """The last node of the producer chain (the Flatten / Reshape looked through, if any) takes over the BN's
+    output name."""
+    last = through if through is not None else add if add is not None else prod
     if prod.op_type == "MatMul" and add is None:
-        # MatMul has no bias input: append an Add with the folded bias
+        # MatMul has no bias input: append an Add with the folded bias (on the last axis, before any reshape)
         base = prod.name or "MatMul"
         bias_name, mm_out = gr.fresh(f"{base}_folded_B"), gr.fresh(f"{base}_out")
         out.graph.initializer.append(numpy_helper.from_array(
             folded_bias.astype(gr.array(prod.input[1]).dtype), bias_name))
+        biased = prod.output[0] if through is not None else bn.output[0]
         prod.output[0] = mm_out
         idx = list(out.graph.node).index(prod)
-        out.graph.node.insert(idx + 1, helper.make_node("Add", [mm_out, bias_name], [bn.output[0]],
+        out.graph.node.insert(idx + 1, helper.make_node("Add", [mm_out, bias_name], [biased],
                                                         name=gr.fresh(f"{base}_bias")))
-        return
+        if through is None:
+            return
     last.output[0] = bn.output[0]
 
 

@@ -1,5 +1,6 @@
 """Training-time networks from timm (RepVGG, MobileOne, RepGhost, FastViT) fold into their library's deploy form: no BN,
-as many Conv nodes as ``timm.utils.reparameterize_model`` gives, outputs equal to torch's in float64."""
+as many Conv nodes as ``timm.utils.reparameterize_model`` gives, outputs equal to torch's in float64; LeViT's
+BatchNorm1d after its flattened Linear outputs fold too."""
 from __future__ import annotations
 
 import copy
@@ -91,3 +92,24 @@ def test_timm_training_form_pt2_becomes_a_verified_entry_served_like_torch(tmp_p
                 truth = copy.deepcopy(model).double()(torch.from_numpy(x).double()).numpy()
             assert float(np.abs(got - truth).max()) <= 1e-4 * float(np.abs(truth).max()), name
         client.close()
+
+
+def test_timm_levit_folds_every_batchnorm1d():
+    """LeViT normalises its Linear layers' tokens with BatchNorm1d after a flatten (46 of its 52 BNs): every one
+    folds into its MatMul, and the output equals torch's in float64."""
+    timm = library("timm")
+    model = randomize_bn(timm.create_model("levit_128s", pretrained=False)).eval()
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(1, 3, 224, 224),), buf, dynamo=False, opset_version=17,
+                          do_constant_folding=False, input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "b"}, "y": {0: "b"}})
+    folded, report = fold_onnx(onnx.load_from_string(buf.getvalue()))
+    assert report.bn_before == 52 and report.bn_after == 0, report.skipped[:2]
+    assert sum(f.producer_type == "MatMul" for f in report.folded) == 46
+    x = np.random.default_rng(0).normal(size=(2, 3, 224, 224)).astype(np.float32)
+    served = ort_session(folded.SerializeToString(), "all", "cpu").run(None, {"x": x})[0]
+    with torch.no_grad():
+        truth = copy.deepcopy(model).double()(torch.from_numpy(x).double()).numpy()
+    assert float(np.abs(served - truth).max()) <= 1e-5 * float(np.abs(truth).max())

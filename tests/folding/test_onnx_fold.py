@@ -182,6 +182,48 @@ def test_matmul_on_rank3_input_is_skipped():
     assert not report.folded and "rank" in report.skipped[0].reason
 
 
+class _LinearNorm(torch.nn.Module):
+    """LeViT's LinearNorm: ``bn(linear(x).flatten(0, 1)).reshape_as(...)`` on (B, T, C) tokens (``mix``: a
+    flatten that mixes tokens into the features, which the BN's channels then are not)."""
+
+    def __init__(self, bias: bool, mix: bool = False) -> None:
+        super().__init__()
+        self.mix = mix
+        self.linear = torch.nn.Linear(6, 5, bias=bias)
+        self.bn = torch.nn.BatchNorm1d(5 * 4 if mix else 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)
+        return self.bn(y.flatten(1) if self.mix else y.flatten(0, 1)).reshape_as(y)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_matmul_bn_through_a_flatten_that_keeps_the_features(bias):
+    """The BN1d sees (B*T, C) rows, each one token's features: it folds into the MatMul's columns (a bias Add on
+    the last axis is made when the Linear has none); the Shape that ``reshape_as`` reads does not stop it."""
+    model = randomize_bn(_LinearNorm(bias)).eval()
+    x = np.random.default_rng(11).normal(size=(3, 4, 6)).astype(np.float32)   # RNG's draws stay the other tests
+    folded, report = check(_export_tokens(model), x, 1)
+    assert len(report.folded) == 1 and report.folded[0].producer_type == "MatMul"
+    with torch.no_grad():
+        truth = model.double()(torch.from_numpy(x).double()).numpy()
+    assert np.abs(run(folded, x) - truth).max() <= 1e-5 * np.abs(truth).max()
+
+
+def test_a_flatten_that_mixes_tokens_into_the_features_is_not_looked_through():
+    model = randomize_bn(_LinearNorm(True, mix=True)).eval()
+    folded, report = fold_onnx(_export_tokens(model))
+    assert not report.folded and report.bn_after == 1 and "Flatten" in report.skipped[0].reason
+
+
+def _export_tokens(model: torch.nn.Module) -> onnx.ModelProto:
+    buf = io.BytesIO()
+    torch.onnx.export(model, (torch.randn(3, 4, 6),), buf, dynamo=False, opset_version=17,
+                      do_constant_folding=False, input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "b"}, "y": {0: "b"}})
+    return onnx.load_from_string(buf.getvalue())
+
+
 def test_preconditions_weights_as_inputs_and_shared_outputs():
     # BN statistics as graph inputs: they may change at run time
     model = conv_model("Conv", 1, 15, True)
