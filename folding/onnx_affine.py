@@ -73,7 +73,13 @@ class OnnxAffinePass(OnnxFoldPass):
 
     def __init__(self, model: onnx.ModelProto) -> None:
         super().__init__(model)
-        self.gelu_tails = {id(n) for n in self.g.node if self._is_gelu_tail(n)}
+        self.gelu_tails: set[int] = set()      # GELU's 0.5: a site of its own, left with the reason
+        self.gelu_inner: set[int] = set()      # its x / sqrt 2: no site (it could never fold, and is the GELU's)
+        for n in self.g.node:
+            inner = self._gelu_inner(n)
+            if inner is not None:
+                self.gelu_tails.add(id(n))
+                self.gelu_inner.add(id(inner))
         self.sites = self._find_sites()
 
     # --- discovery ----------------------------------------------------------------------------------------
@@ -96,36 +102,32 @@ class OnnxAffinePass(OnnxFoldPass):
             return Step(node, node.op_type, c.astype(np.float64), node.input[k], reverse=reverse, data=other)
         return None
 
-    def _is_gelu_tail(self, node: onnx.NodeProto) -> bool:
-        """``node`` is the ``* 0.5`` (or ``/ 2``) ending ``x * (1 + erf(x / c))``. (torch's tanh form is no
-        pattern onnxruntime fuses: its cube is ``x * x * x``, not ``Pow``; it folds like any scale.)"""
+    def _gelu_inner(self, node: onnx.NodeProto) -> onnx.NodeProto | None:
+        """When ``node`` is the ``* 0.5`` (or ``/ 2``) ending ``x * (1 + erf(x / c))``: the ``x / c`` (or
+        ``x * c``) node. (torch's tanh form is no pattern onnxruntime fuses: its cube is ``x * x * x``, not
+        ``Pow``; it folds like any scale.)"""
         step = self._step(node)
         if step is None or step.const.size != 1 or step.reverse:
-            return False
+            return None
         half = float(step.const.reshape(-1)[0])
         if not ((step.op == "Mul" and abs(half - 0.5) < 1e-6) or (step.op == "Div" and abs(half - 2) < 1e-6)):
-            return False
+            return None
         body = self.producer.get(step.data)
         if body is None or body.op_type != "Mul" or len(body.input) != 2:
-            return False
+            return None
         for x, other in (body.input, body.input[::-1]):
             one_plus = self.producer.get(other)
             if one_plus is None or one_plus.op_type != "Add" or len(one_plus.input) != 2:
                 continue
             consts = [self.array(i) for i in one_plus.input]
+            if not any(c is not None and c.size == 1 and abs(float(c.reshape(-1)[0]) - 1) < 1e-6 for c in consts):
+                continue
             curve = next((self.producer.get(i) for i, c in zip(one_plus.input, consts, strict=True) if c is None),
                          None)
-            if any(c is not None and c.size == 1 and abs(float(c.reshape(-1)[0]) - 1) < 1e-6 for c in consts) and \
-                    curve is not None and curve.op_type == "Erf" and self._reads(curve, x, hops=1):
-                return True
-        return False
-
-    def _reads(self, node: onnx.NodeProto, tensor: str, hops: int) -> bool:
-        """``tensor`` is an input of ``node`` or of a producer at most ``hops`` steps above it."""
-        if tensor in node.input:
-            return True
-        return hops > 0 and any(self._reads(p, tensor, hops - 1) for i in node.input
-                                if (p := self.producer.get(i)) is not None)
+            inner = self.producer.get(curve.input[0]) if curve is not None and curve.op_type == "Erf" else None
+            if inner is not None and inner.op_type in ("Div", "Mul") and x in inner.input:
+                return inner
+        return None
 
     def _single_consumer(self, tensor: str) -> onnx.NodeProto | None:
         if tensor in self.graph_outputs or self.uses[tensor] != 1:
@@ -141,7 +143,7 @@ class OnnxAffinePass(OnnxFoldPass):
         taken: set[int] = set()
         sites = []
         for node in self.g.node:
-            if id(node) in taken:
+            if id(node) in taken or id(node) in self.gelu_inner:
                 continue
             first = self._step(node)
             if first is None:
@@ -151,7 +153,7 @@ class OnnxAffinePass(OnnxFoldPass):
             if node.op_type == "Add" and producer is not None and producer.op_type == "MatMul":
                 continue                              # MatMul + bias is the layer itself
             steps = [first]
-            while id(node) not in self.gelu_tails:           # a GELU's 0.5 is a site of its own (left)
+            while id(node) not in self.gelu_tails:
                 nxt = self._single_consumer(steps[-1].node.output[0])
                 step = None if nxt is None else self._step(nxt, steps[-1].node.output[0])
                 if step is None:
