@@ -14,10 +14,14 @@ reported as left with that reason. A site that only scales (t = 0) may fold forw
 Conv, since a scaled zero is still zero.
 
 Sites are the chains next to a layer with a constant weight; other Mul / Add nodes are not this pass's
-business and are not reported. One is left on purpose, with the reason: the ``* 0.5`` that ends a GELU
-(``x * (1 + erf(x / sqrt 2)) * 0.5``, as torch exports it). onnxruntime fuses the whole pattern into one
-Gelu kernel, which folding the 0.5 into the next Conv would prevent: five elementwise passes over the
-tensor instead of one (timm's FastViT-T8: 16 of 17 GELUs are fused when the 0.5 stays).
+business and are not reported. Two are left on purpose, with the reason, because onnxruntime fuses the
+pattern they end into one kernel, which folding them into the next layer would prevent:
+
+* the ``* 0.5`` that ends a GELU (``x * (1 + erf(x / sqrt 2)) * 0.5``, as torch exports it): five
+  elementwise passes over the tensor instead of one (timm's FastViT-T8: 16 of 17 GELUs are fused when the
+  0.5 stays);
+* the ``* gamma + beta`` that ends a LayerNorm exported as primitives (``(x - mean) / sqrt(var + eps)``,
+  opset < 17) on (N, C) features: seven nodes instead of one LayerNormalization.
 """
 from __future__ import annotations
 
@@ -75,11 +79,15 @@ class OnnxAffinePass(OnnxFoldPass):
         super().__init__(model)
         self.gelu_tails: set[int] = set()      # GELU's 0.5: a site of its own, left with the reason
         self.gelu_inner: set[int] = set()      # its x / sqrt 2: no site (it could never fold, and is the GELU's)
+        self.kept: dict[int, str] = {}         # first steps of sites left on purpose: why
         for n in self.g.node:
             inner = self._gelu_inner(n)
             if inner is not None:
                 self.gelu_tails.add(id(n))
                 self.gelu_inner.add(id(inner))
+                self.kept[id(n)] = "ends a GELU: onnxruntime fuses the pattern into one Gelu kernel"
+            elif self._ends_layer_norm(n):
+                self.kept[id(n)] = "ends a LayerNorm: onnxruntime fuses the pattern into one LayerNormalization"
         self.sites = self._find_sites()
 
     # --- discovery ----------------------------------------------------------------------------------------
@@ -128,6 +136,18 @@ class OnnxAffinePass(OnnxFoldPass):
             if inner is not None and inner.op_type in ("Div", "Mul") and x in inner.input:
                 return inner
         return None
+
+    def _ends_layer_norm(self, node: onnx.NodeProto) -> bool:
+        """``node`` is the ``* gamma`` after ``(x - ReduceMean(x)) / d``."""
+        step = self._step(node)
+        div = self.producer.get(step.data) if step is not None and step.op == "Mul" else None
+        if div is None or div.op_type != "Div" or len(div.input) != 2:
+            return False
+        centred = self.producer.get(div.input[0])
+        if centred is None or centred.op_type != "Sub" or len(centred.input) != 2:
+            return False
+        mean = self.producer.get(centred.input[1])
+        return mean is not None and mean.op_type == "ReduceMean" and mean.input[0] == centred.input[0]
 
     def _single_consumer(self, tensor: str) -> onnx.NodeProto | None:
         if tensor in self.graph_outputs or self.uses[tensor] != 1:
@@ -180,9 +200,9 @@ class OnnxAffinePass(OnnxFoldPass):
         return sum(len(s.steps) for s in self.sites)
 
     def check_bn(self, bn: AffineSite) -> BNParams | Skip:  # type: ignore[override]
-        if id(bn.steps[0].node) in self.gelu_tails:
-            return Skip(f"{bn.steps[0].op} {bn.name!r} ends a GELU: onnxruntime fuses the pattern into one Gelu "
-                        f"kernel, which folding it would prevent")
+        why = self.kept.get(id(bn.steps[0].node))
+        if why:
+            return Skip(f"{bn.steps[0].op} {bn.name!r} {why} kernel, which folding it would prevent")
         data = bn.input[0]
         dims = self.dims.get(data)
         if dims is None:

@@ -344,3 +344,28 @@ def test_the_half_that_ends_a_gelu_stays_so_onnxruntime_fuses_it(approximate, tm
     else:
         assert not kept and fused == 0 and any(a.bn.endswith("Mul_5") for a in report.affines)   # c * x folds too
     _assert_close_to_scale(_run(folded, X), _torch64(model, X))
+
+
+def test_the_scale_and_shift_that_end_a_layer_norm_stay_so_onnxruntime_fuses_it(tmp_path):
+    """Before opset 17 a LayerNorm is exported as primitives ending in ``* gamma + beta``; on (N, C) features
+    that broadcasts on the channel axis and could fold into the next Gemm, but onnxruntime then no longer fuses
+    the seven nodes into one LayerNormalization: it is left, with the reason."""
+    import onnxruntime as ort
+
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 8)).eval()
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(4, 16),), buf, dynamo=False, opset_version=13,
+                          do_constant_folding=False, input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "b"}, "y": {0: "b"}})
+    reference = onnx.load_from_string(buf.getvalue())
+    folded, report = fold_onnx(reference)
+    assert not report.affines and len(report.affines_skipped) == 1
+    assert "ends a LayerNorm" in report.affines_skipped[0].reason
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(folded.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    assert _ops(onnx.load(str(tmp_path / "optimized.onnx")))["LayerNormalization"] == 1
+    x = np.random.default_rng(9).normal(size=(5, 16)).astype(np.float32)
+    _assert_close_to_scale(_run(folded, x), _torch64(model, x))
