@@ -189,8 +189,7 @@ class OnnxFoldPass(_Graph):
         if prod is not None and self._keeps_last_axis(prod) and self._linear_before(prod.input[0]):
             through, prod = prod, self.producer[prod.input[0]]
         if prod is not None and prod.op_type == "Add":
-            mm = next((self.producer[i] for i in prod.input
-                       if i in self.producer and self.producer[i].op_type == "MatMul"), None)
+            mm = self._matmul_into(prod)
             if mm is not None and self.uses[mm.output[0]] == 1 and mm.output[0] not in self.graph_outputs:
                 add, prod = prod, mm
         if prod is None:
@@ -214,12 +213,16 @@ class OnnxFoldPass(_Graph):
         # a Shape of the layer's output reads no value (LeViT's ``reshape_as(x)``): folding cannot change it
         return sum(i == node.input[0] for n in self.g.node if n.op_type != "Shape" for i in n.input) == 1
 
+    def _matmul_into(self, add: onnx.NodeProto) -> onnx.NodeProto | None:
+        """The MatMul whose output ``add`` reads (a Linear layer and its bias), if any."""
+        return next((self.producer[i] for i in add.input if i in self.producer and
+                     self.producer[i].op_type == "MatMul"), None)
+
     def _linear_before(self, tensor: str) -> bool:
         """``tensor`` is computed by a MatMul, or by an Add of its output (the layer and its bias)."""
         p = self.producer.get(tensor)
         if p is not None and p.op_type == "Add":
-            p = next((self.producer[i] for i in p.input if i in self.producer and
-                      self.producer[i].op_type == "MatMul"), None)
+            p = self._matmul_into(p)
         return p is not None and p.op_type == "MatMul"
 
     def _consumer(self, bn: onnx.NodeProto):

@@ -1,7 +1,11 @@
 """Fixtures for folding tests: non-trivial BN statistics and the one tolerance check."""
 from __future__ import annotations
 
+import io
+import warnings
+
 import numpy as np
+import onnx
 import torch
 from torch import nn
 
@@ -65,3 +69,16 @@ def scale_layer_weights(model_path, layer: str, factor: float = 1.05) -> None:
     t = next(i for i in m.graph.initializer if i.name == node.input[1])
     t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * factor, t.name))
     onnx.save(m, str(model_path))
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, *, opset: int = 17,
+                constant_folding: bool = False) -> onnx.ModelProto:
+    """``model`` through torch's TorchScript exporter, BN kept unless ``constant_folding``: input ``x``,
+    output ``y``, the batch axis dynamic."""
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (example,), buf, dynamo=False, opset_version=opset,
+                          do_constant_folding=constant_folding, input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "b"}, "y": {0: "b"}})
+    return onnx.load_from_string(buf.getvalue())

@@ -2,10 +2,8 @@
 into one Conv (RepVGG / MobileOne / ACNet): exact, reported, verified, localised, served."""
 from __future__ import annotations
 
-import io
 import json
 import shutil
-import warnings
 from collections import Counter
 from functools import partial
 from pathlib import Path
@@ -19,20 +17,16 @@ from onnx import TensorProto, helper, numpy_helper
 from folding.onnx_passes import fold_onnx
 from folding.source import ort_session
 from tests.conftest import run_cli
-from tests.folding.helpers import assert_close_to_scale, scale_layer_weights, torch64
+from tests.folding.helpers import assert_close_to_scale, export_onnx, scale_layer_weights, torch64
 from tests.zoo import FrozenBatchNorm2d, FrozenNet, RepNet, frozen_net, rep_net
 
 HW = 32
 
 
-def _export(model: torch.nn.Module, *, constant_folding: bool = False) -> onnx.ModelProto:
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.randn(2, 3, HW, HW),), buf, dynamo=False, opset_version=17,
-                          do_constant_folding=constant_folding, input_names=["x"], output_names=["y"],
-                          dynamic_axes={"x": {0: "b"}, "y": {0: "b"}})
-    return onnx.load_from_string(buf.getvalue())
+def _export(model: torch.nn.Module, *, constant_folding: bool = False, example: torch.Tensor | None = None,
+            opset: int = 17) -> onnx.ModelProto:
+    x = torch.randn(2, 3, HW, HW) if example is None else example
+    return export_onnx(model, x, opset=opset, constant_folding=constant_folding)
 
 
 def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
@@ -353,14 +347,7 @@ def test_the_scale_and_shift_that_end_a_layer_norm_stay_so_onnxruntime_fuses_it(
     import onnxruntime as ort
 
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 8)).eval()
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.randn(4, 16),), buf, dynamo=False, opset_version=13,
-                          do_constant_folding=False, input_names=["x"], output_names=["y"],
-                          dynamic_axes={"x": {0: "b"}, "y": {0: "b"}})
-    reference = onnx.load_from_string(buf.getvalue())
-    folded, report = fold_onnx(reference)
+    folded, report = fold_onnx(_export(model, example=torch.randn(4, 16), opset=13))
     assert not report.affines and len(report.affines_skipped) == 1
     assert "ends a LayerNorm" in report.affines_skipped[0].reason
     so = ort.SessionOptions()

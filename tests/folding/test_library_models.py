@@ -4,8 +4,6 @@ BatchNorm1d after its flattened Linear outputs fold too."""
 from __future__ import annotations
 
 import copy
-import io
-import warnings
 from collections import Counter
 
 import numpy as np
@@ -15,19 +13,14 @@ import torch
 
 from folding.onnx_passes import fold_onnx
 from folding.source import ort_session
+from tests.folding.helpers import export_onnx
 from tests.zoo import library, randomize_bn
 
 HW = 64
 
 
 def _export(model: torch.nn.Module, *, constant_folding: bool) -> onnx.ModelProto:
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.randn(1, 3, HW, HW),), buf, dynamo=False, opset_version=17,
-                          do_constant_folding=constant_folding, input_names=["x"], output_names=["y"],
-                          dynamic_axes={"x": {0: "b"}, "y": {0: "b"}})
-    return onnx.load_from_string(buf.getvalue())
+    return export_onnx(model, torch.randn(1, 3, HW, HW), constant_folding=constant_folding)
 
 
 @pytest.mark.parametrize("name", ["repvgg_a0", "mobileone_s0", "repghostnet_050", "fastvit_t8"])
@@ -99,13 +92,7 @@ def test_timm_levit_folds_every_batchnorm1d():
     folds into its MatMul, and the output equals torch's in float64."""
     timm = library("timm")
     model = randomize_bn(timm.create_model("levit_128s", pretrained=False)).eval()
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.randn(1, 3, 224, 224),), buf, dynamo=False, opset_version=17,
-                          do_constant_folding=False, input_names=["x"], output_names=["y"],
-                          dynamic_axes={"x": {0: "b"}, "y": {0: "b"}})
-    folded, report = fold_onnx(onnx.load_from_string(buf.getvalue()))
+    folded, report = fold_onnx(export_onnx(model, torch.randn(1, 3, 224, 224)))
     assert report.bn_before == 52 and report.bn_after == 0, report.skipped[:2]
     assert sum(f.producer_type == "MatMul" for f in report.folded) == 46
     x = np.random.default_rng(0).normal(size=(2, 3, 224, 224)).astype(np.float32)

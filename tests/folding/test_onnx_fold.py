@@ -13,7 +13,7 @@ from folding import fold_onnx
 from folding.fold_math import BNParams, fold_backward
 from folding.tolerances import LAYER_FP32, compare
 from folding.verify import ort_session
-from tests.folding.helpers import randomize_bn
+from tests.folding.helpers import export_onnx, randomize_bn
 from trainer.models import build_model, resolve_arch_args
 
 RNG = np.random.default_rng(0)
@@ -217,11 +217,7 @@ def test_a_flatten_that_mixes_tokens_into_the_features_is_not_looked_through():
 
 
 def _export_tokens(model: torch.nn.Module) -> onnx.ModelProto:
-    buf = io.BytesIO()
-    torch.onnx.export(model, (torch.randn(3, 4, 6),), buf, dynamo=False, opset_version=17,
-                      do_constant_folding=False, input_names=["x"], output_names=["y"],
-                      dynamic_axes={"x": {0: "b"}, "y": {0: "b"}})
-    return onnx.load_from_string(buf.getvalue())
+    return export_onnx(model, torch.randn(3, 4, 6))
 
 
 def test_preconditions_weights_as_inputs_and_shared_outputs():
