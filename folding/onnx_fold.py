@@ -199,17 +199,25 @@ class OnnxFoldPass(_Graph):
         return (prod, add, through), prod.op_type
 
     def _keeps_last_axis(self, node: onnx.NodeProto) -> bool:
-        """A Flatten or Reshape to rank 2 whose rows are its input's last-axis vectors, the only reader of its
-        input's values."""
-        if node.op_type not in ("Flatten", "Reshape") or node.domain not in ("", "ai.onnx"):
-            return False
-        src, out = self.dims.get(node.input[0]), self.dims.get(node.output[0])
-        if src is None or out is None or len(src) < 2 or len(out) != 2 or src[-1] is None or out[-1] != src[-1]:
-            return False
-        if node.op_type == "Flatten" and int(_attr(node, "axis", 1)) % len(src) != len(src) - 1:
+        """A node that puts its input's last axis where a BN reads its channels (axis 1), values unchanged, and is
+        the only reader of its input's values: a Flatten or Reshape to rank 2 whose rows are the last-axis vectors
+        (LeViT's ``linear(x).flatten(0, 1)``), or a Transpose whose ``perm[1]`` is the last axis (a Linear on
+        (N, L, C) read by a BatchNorm1d as (N, C, L))."""
+        if node.op_type not in ("Flatten", "Reshape", "Transpose") or node.domain not in ("", "ai.onnx"):
             return False
         if node.input[0] in self.graph_outputs:
             return False
+        if node.op_type == "Transpose":
+            rank = self.ranks.get(node.input[0])
+            perm = list(_attr(node, "perm", None) or ())
+            if rank is None or rank < 2 or len(perm) != rank or perm[1] != rank - 1:
+                return False
+        else:
+            src, out = self.dims.get(node.input[0]), self.dims.get(node.output[0])
+            if src is None or out is None or len(src) < 2 or len(out) != 2 or src[-1] is None or out[-1] != src[-1]:
+                return False
+            if node.op_type == "Flatten" and int(_attr(node, "axis", 1)) % len(src) != len(src) - 1:
+                return False
         # a Shape of the layer's output reads no value (LeViT's ``reshape_as(x)``): folding cannot change it
         return sum(i == node.input[0] for n in self.g.node if n.op_type != "Shape" for i in n.input) == 1
 
@@ -328,8 +336,9 @@ def _match_gemm(p: OnnxFoldPass, bn, node, params: BNParams) -> Plan | Skip:
 
 def _match_matmul(p: OnnxFoldPass, bn, node, params: BNParams) -> Plan | Skip:
     prod, add, through = node
-    if p.ranks.get(bn.input[0]) != 2:
-        return Skip(f"MatMul output rank is {p.ranks.get(bn.input[0], 'unknown')}, need 2 for a per-feature BN")
+    if p.ranks.get(bn.input[0]) != 2 and (through is None or through.op_type != "Transpose"):
+        return Skip(f"MatMul output rank is {p.ranks.get(bn.input[0], 'unknown')}, need 2 for a per-feature BN "
+                    "(or a Transpose that puts its last axis on axis 1)")
     w_name = prod.input[1]
     w = p.array(w_name)
     if w is None or w.ndim != 2:

@@ -70,16 +70,16 @@ def check(model: onnx.ModelProto, x: np.ndarray, folded_count: int, tol=LAYER_FP
     return folded, report
 
 
-def conv_model(kind: str, groups: int, opset: int, bias: bool, dtype=np.float32):
+def conv_model(kind: str, groups: int, opset: int, bias: bool, dtype=np.float32, rng: np.random.Generator = RNG):
     cin, cout, k = 8, 12, 3
     if kind == "Conv":
-        w = RNG.normal(size=(cout, cin // groups, k, k))
+        w = rng.normal(size=(cout, cin // groups, k, k))
     else:
-        w = RNG.normal(size=(cin, cout // groups, k, k))
+        w = rng.normal(size=(cin, cout // groups, k, k))
     inits = [numpy_helper.from_array(w.astype(dtype), "W")]
     ins = ["x", "W"]
     if bias:
-        inits.append(numpy_helper.from_array(RNG.normal(size=cout).astype(dtype), "B"))
+        inits.append(numpy_helper.from_array(rng.normal(size=cout).astype(dtype), "B"))
         ins.append("B")
     conv = helper.make_node(kind, ins, ["z"], name="producer", group=groups, pads=[1, 1, 1, 1],
                             **({"strides": [2, 2], "output_padding": [1, 1]} if kind == "ConvTranspose" else {}))
@@ -216,6 +216,39 @@ def test_a_flatten_that_mixes_tokens_into_the_features_is_not_looked_through():
     assert not report.folded and report.bn_after == 1 and "Flatten" in report.skipped[0].reason
 
 
+class _LinearTransposedNorm(torch.nn.Module):
+    """A Linear on (B, T, C) tokens read by a BatchNorm1d as (B, C, T) (speech and point-cloud models), or
+    (``other_axis``) a Linear on (B, A, T, C) whose BatchNorm2d after ``transpose(1, 2)`` normalises the T axis,
+    which is not the Linear's features."""
+
+    def __init__(self, bias: bool, other_axis: bool = False) -> None:
+        super().__init__()
+        self.other_axis = other_axis
+        self.linear = torch.nn.Linear(6, 5, bias=bias)
+        self.bn = torch.nn.BatchNorm2d(4) if other_axis else torch.nn.BatchNorm1d(5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.linear(x).transpose(1, 2)).transpose(1, 2)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_matmul_bn_through_a_transpose_that_puts_the_features_on_axis_1(bias):
+    model = randomize_bn(_LinearTransposedNorm(bias)).eval()
+    x = np.random.default_rng(12).normal(size=(3, 4, 6)).astype(np.float32)
+    folded, report = check(_export_tokens(model), x, 1)
+    assert len(report.folded) == 1 and report.folded[0].producer_type == "MatMul"
+    assert [n.op_type for n in folded.graph.node].count("Transpose") == 2       # only the BN went
+    with torch.no_grad():
+        truth = model.double()(torch.from_numpy(x).double()).numpy()
+    assert np.abs(run(folded, x) - truth).max() <= 1e-5 * np.abs(truth).max()
+
+
+def test_a_transpose_that_puts_another_axis_on_axis_1_is_not_looked_through():
+    model = randomize_bn(_LinearTransposedNorm(True, other_axis=True)).eval()
+    folded, report = fold_onnx(export_onnx(model, torch.randn(2, 3, 4, 6)))
+    assert not report.folded and report.bn_after == 1 and "Transpose" in report.skipped[0].reason
+
+
 def _export_tokens(model: torch.nn.Module) -> onnx.ModelProto:
     return export_onnx(model, torch.randn(3, 4, 6))
 
@@ -275,16 +308,21 @@ def test_forward_fold_into_unpadded_conv_and_skip_padded():
     assert "not exact at the borders" in report.skipped[0].reason
 
 
-def test_float16_fold_is_no_less_accurate_than_unfolded_float16():
-    """Fold an fp16 graph (in float64, cast once) and run both in fp16 (torch's CPU half kernels, since
-    onnxruntime has no fp16 Conv on CPU): the folded model is no less accurate than the unfolded one."""
-    model16 = conv_model("Conv", 1, 17, True, np.float16)
+@pytest.mark.parametrize("seed", range(6))
+def test_float16_fold_in_float64_costs_less_than_float16_arithmetic(seed):
+    """Fold an fp16 graph (in float64, cast once) and run it in fp16 (torch's CPU half kernels, since onnxruntime
+    has no fp16 Conv on CPU), against the float64 truth of the unfolded graph. Rounding the folded weights once
+    costs about as much as the unfolded graph's own fp16 rounding (1.03-1.43x its mean error over 40 draws), while
+    the same fold computed in fp16 arithmetic is 2.5-4.2x worse than ours: the float64 fold is what keeps it close.
+    Seeded draws, so the margins do not depend on which tests ran before."""
+    rng = np.random.default_rng(100 + seed)
+    model16 = conv_model("Conv", 1, 17, True, np.float16, rng=rng)
     folded16, report = fold_onnx(model16)
     assert len(report.folded) == 1
     assert all(t.data_type == TensorProto.FLOAT16 for t in folded16.graph.initializer)
-    src = {t.name: torch.from_numpy(numpy_helper.to_array(t)) for t in model16.graph.initializer}
-    out = {t.name: torch.from_numpy(numpy_helper.to_array(t)) for t in folded16.graph.initializer}
-    x = torch.randn(4, 8, 9, 9, generator=torch.Generator().manual_seed(1)).half()
+    src = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in model16.graph.initializer}
+    out = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in folded16.graph.initializer}
+    x = torch.randn(4, 8, 9, 9, generator=torch.Generator().manual_seed(seed)).half()
     eps = float(np.float32(1e-5))
 
     def unfolded(dtype):
@@ -293,10 +331,18 @@ def test_float16_fold_is_no_less_accurate_than_unfolded_float16():
         return torch.nn.functional.batch_norm(z, p["bn_mean"], p["bn_var"], p["bn_scale"], p["bn_bias"], False, 0.0, eps)
 
     truth = unfolded(torch.float64)
-    unfolded_err = (unfolded(torch.float16).double() - truth).abs().mean().item()
-    folded_y = torch.nn.functional.conv2d(x, out["W"], out["B"], padding=1)
-    folded_err = (folded_y.double() - truth).abs().mean().item()
-    assert folded_err <= unfolded_err, (folded_err, unfolded_err)
+
+    def error(y):
+        return (y.double() - truth).abs().mean().item()
+
+    unfolded_err = error(unfolded(torch.float16))
+    folded_err = error(torch.nn.functional.conv2d(x, out["W"], out["B"], padding=1))
+    s16 = src["bn_scale"] / torch.sqrt(src["bn_var"] + torch.tensor(eps, dtype=torch.float16))
+    w16 = src["W"] * s16[:, None, None, None]
+    b16 = (src["B"] - src["bn_mean"]) * s16 + src["bn_bias"]
+    fp16_fold_err = error(torch.nn.functional.conv2d(x, w16, b16, padding=1))
+    assert folded_err <= 1.6 * unfolded_err, (folded_err, unfolded_err)
+    assert fp16_fold_err >= 2 * folded_err, (fp16_fold_err, folded_err)
 
 
 def test_bfloat16_graph_folds_in_float64_and_casts_once():
