@@ -13,6 +13,8 @@ Sections (each in the JSON report; the Markdown table summarises them):
 * ``gpu``        onnxruntime CUDA EP (skipped without a GPU).
 * ``tracing``    OpenTelemetry tracing off vs on at rate 1: gRPC p50 at c=1, throughput at c=32.
 * ``reparam``    timm's MobileOne-S0 / RepVGG-A0: training form vs what ``fold`` serves (:mod:`bench.reparam`).
+* ``burst``      a well-behaved gRPC client's p99 alone and during 5,000 REST + 5,000 gRPC requests at once
+                 (:mod:`bench.burst`).
 * ``fold_stages`` ``foldserve fold`` of torchvision's ResNet-50 .pt2 per stage (export, fold, verify).
 * ``goals``      the issue's goals as ratios from this run, each with pass/fail.
 """
@@ -33,6 +35,9 @@ from typing import Any
 
 import numpy as np
 
+from bench.burst import bench_burst
+from bench.burst import goals as burst_goals
+from bench.burst import markdown as burst_markdown
 from bench.loadgen import (
     closed_loop,
     free_port,
@@ -614,6 +619,7 @@ def goals(r: dict[str, Any]) -> list[dict[str, Any]]:
     g.append({"goal": "fold a ResNet-50-sized model in < 2 s", "measured": f"{f['fold_module_s']:.2f} s (torch.fx), "
               f"{f['fold_onnx_s']:.2f} s (ONNX)", "limit": "2 s", "passed": max(f["fold_module_s"], f["fold_onnx_s"]) < 2})
     g += reparam_goals(r)
+    g += burst_goals(r)
     return g
 
 
@@ -708,6 +714,7 @@ def markdown(report: dict[str, Any]) -> str:
                              f"{e['inprocess_cuda_b32']['p50_ms']:.2f} | | |")
     lines += tracing_markdown(r)
     lines += reparam_markdown(r)
+    lines += burst_markdown(r)
     lines += ["", f"GPU: {json.dumps(r['gpu'])}"]
     return "\n".join(lines) + "\n"
 
@@ -778,6 +785,7 @@ def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
         report["precision"] = bench_precision(work, quick)
         report["gpu"] = bench_gpu(r20)
         report["tracing"] = bench_tracing(repo, "resnet20", [3, 32, 32], quick)
+        report["burst"] = bench_burst(repo, quick)
         report["reparam"] = bench_reparam(work, quick)
         report["fold_stages"] = bench_fold_stages(work, quick)
         report["goals"] = goals(report)

@@ -2,9 +2,10 @@
 
 * a cap on open connections (``--max-connections``, below the process's file-descriptor limit). At the cap
   a new connection is served by closing the oldest idle one (no request in flight and none begun: a kept-alive
-  connection between requests, or one that never sent a byte), as nginx and HAProxy do; only when every
-  connection is busy does the new one get ``503`` and close at once. Held-open idle connections therefore
-  never lock a new client out, and unfinished connections cannot exhaust the fds;
+  connection between requests, or one that sent no byte within ``EVICT_GRACE_S``, which is answered 503
+  first), as nginx and HAProxy do; only when every connection is busy does the new one get ``503`` and close
+  at once. Held-open idle connections therefore never lock a new client out, and unfinished connections
+  cannot exhaust the fds;
 * a header size limit (``--max-header-bytes``, ``431``): bytes are fed to the parser only up to the limit
   while a request's headers are incomplete, so a 100 MB header is never buffered;
 * a header timeout (``--header-timeout-s``, ``408``, like nginx's ``client_header_timeout``): a request's
@@ -16,7 +17,8 @@
   a FIN, then what the client still sends is read and dropped until it closes (at most ``LINGER_S``). Closing a
   socket with unread bytes sends a reset instead of a FIN, and a client still uploading its body, or whose
   answer sits unread in its kernel, then sees ``ECONNRESET`` instead of the status (RFC 9112 section 9.6).
-  The ``503`` at the connection cap closes at once: there the descriptor matters more;
+  The ``503`` at the connection cap closes at once (there the descriptor matters more), after reading and
+  dropping what the client has already sent, so that the close is a FIN and not a reset;
 * a connection counts as silent only while the kernel holds no byte of it either: when the event loop runs
   late, a request may have arrived but not yet been read, and closing that connection would reset it.
 
@@ -25,7 +27,9 @@ The body has its own limit and timeout in :func:`server.rest.routes.read_body` (
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
+import os
 import struct
 import termios
 from typing import Any
@@ -61,8 +65,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                 self._refuse(503, f"the server is at its connection limit ({self.max_connections}) with every "
                                   f"connection busy; retry later", linger=False)
                 return
-            victim._not_idle()
-            victim.transport.close()         # the oldest idle connection makes room for this one
+            victim._make_room(self.max_connections)
         idle[0][self] = self._header_started
         self._schedule_sweep()
 
@@ -90,6 +93,19 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                 del pool[conn]   # its next request reached the kernel but not yet the loop: busy, not idle
         return None
 
+    def _make_room(self, cap: int) -> None:
+        """Closed for a new connection at the cap. A kept-alive connection is just closed (a FIN: clients check a
+        pooled connection before they reuse it, as nginx's reuse of keep-alive connections relies on); one that
+        never sent a request is told why first, so that a client slow to send (a starved process, a slow link)
+        reads a 503 instead of a connection closed without an answer."""
+        kept = self in self._idle_sets()[1]
+        self._not_idle()
+        if kept or self._refused:
+            self.transport.close()
+        else:
+            self._refuse(503, f"the server is at its connection limit ({cap}) and this connection sent no request "
+                              f"within {EVICT_GRACE_S:g} s; it was closed to make room", linger=False)
+
     def _not_idle(self) -> None:
         silent, kept = self._idle_sets()
         silent.pop(self, None)
@@ -101,6 +117,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().on_response_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        # asyncio closes the socket right after this: bytes of it the loop has not read would make the kernel
+        # send a reset instead of the answer and a FIN (a request that arrived while this one was refused)
+        drain_unread(self.transport)
         self._not_idle()
         if self._linger is not None:
             self._linger.cancel()
@@ -204,6 +223,17 @@ def unread_bytes(transport: asyncio.BaseTransport) -> int:
         return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0])
     except OSError:
         return 0
+
+
+def drain_unread(transport: asyncio.BaseTransport, limit: int = 1 << 22) -> None:
+    """Read and drop what the kernel holds for this connection (at most ``limit`` bytes, without waiting)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or not unread_bytes(transport):
+        return
+    fd, dropped = sock.fileno(), 0
+    with contextlib.suppress(OSError):           # BlockingIOError once it is empty; a reset; a closed socket
+        while dropped < limit and (chunk := os.read(fd, 1 << 16)):
+            dropped += len(chunk)
 
 
 def protocol_class(settings: Settings, max_connections: int,

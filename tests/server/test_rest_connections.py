@@ -96,13 +96,13 @@ def test_a_silent_connection_whose_request_reached_the_kernel_is_not_closed_for_
         assert sent.is_set()
         assert answer.startswith(b"HTTP/1.1 200"), answer
         assert _answer(second).startswith(b"HTTP/1.1 503")    # every connection busy: the new one is refused
-        # a connection that is really silent still makes room (and is closed with a FIN, not a reset)
+        # a connection that is really silent still makes room, and is told why (a 503, then a FIN)
         third = _connect(port)
         _silent_past_grace(server, 1)
         fourth = _connect(port)
         fourth.sendall(REQUEST)
         assert fourth.recv(4096).startswith(b"HTTP/1.1 200")
-        assert third.recv(4096) == b""
+        assert _answer(third).startswith(b"HTTP/1.1 503")
         for s in (first[0], second, third, fourth):
             s.close()
 
@@ -139,3 +139,45 @@ def test_a_refusal_reaches_a_client_still_uploading(refusal):
         ok.sendall(REQUEST)
         assert ok.recv(4096).startswith(b"HTTP/1.1 200")
         ok.close()
+
+
+def test_a_client_closed_to_make_room_reads_why_even_if_it_sends_late(monkeypatch):
+    """A client that connected but was slow to send (a starved process under a burst) and was closed at the cap
+    for a new connection reads a 503, not a connection closed without an answer ('rest_closed' in the burst)."""
+    monkeypatch.setattr(protocol, "EVICT_GRACE_S", 0.2)
+    with _server(protocol.protocol_class(Settings(), max_connections=1)) as (port, server):
+        slow = _connect(port)
+        _silent_past_grace(server, 1)
+        new = _connect(port)
+        new.sendall(REQUEST)
+        assert new.recv(4096).startswith(b"HTTP/1.1 200")
+        time.sleep(0.1)
+        slow.sendall(REQUEST)             # its request, after it was closed
+        answer = _answer(slow)
+        assert answer.startswith(b"HTTP/1.1 503") and b"connection limit" in answer, answer
+        slow.close()
+        new.close()
+
+
+def test_a_refusal_at_the_cap_reaches_a_client_whose_request_is_already_there():
+    """At the cap with every connection busy, the new connection's request has often reached the kernel before
+    the loop accepts it (a burst, a late loop): closing with those bytes unread would reset the connection and
+    lose the 503. They are read and dropped first, so the close is a FIN after the answer."""
+
+    def late() -> None:
+        time.sleep(0.1)                   # the loop runs late: the new client's request arrives meanwhile
+
+    cls = _late_loop(protocol.protocol_class(Settings(), max_connections=1), late)
+    with _server(cls) as (port, server):
+        busy = _connect(port)
+        busy.sendall(b"GET /ok HTTP/1.1\r\nhost: x\r\n")      # a request begun: busy, never idle
+        t0 = time.monotonic()
+        while len(server.server_state.connections) < 1 and time.monotonic() - t0 < 10:
+            time.sleep(0.01)
+        time.sleep(0.2)
+        for _ in range(5):
+            s = _connect(port)
+            s.sendall(REQUEST)
+            assert _answer(s).startswith(b"HTTP/1.1 503")     # before: ConnectionResetError
+            s.close()
+        busy.close()
