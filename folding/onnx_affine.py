@@ -9,7 +9,8 @@ producer (Conv, ConvTranspose group-aware, Gemm, MatMul + bias), forward into th
 
 The check that makes this exact, and that onnxslim and onnxruntime's ConvAddFusion got wrong: every
 constant must broadcast on the channel axis (axis 1 of the data, the output channel of every rule's
-layer) and nowhere else. A ``(C,)`` constant next to an NCHW Conv broadcasts on the *width* axis, so it is
+layer; the last axis, at any rank, next to a MatMul, whose features it is: a layer scale on (N, L, C)
+tokens) and nowhere else. A ``(C,)`` constant next to an NCHW Conv broadcasts on the *width* axis, so it is
 reported as left with that reason. A site that only scales (t = 0) may fold forward into a zero-padded
 Conv, since a scaled zero is still zero.
 
@@ -56,6 +57,7 @@ class AffineSite:
     """A chain of steps read as one node by the BN rules (``input[0]`` in, ``output[0]`` out)."""
 
     steps: list[Step]
+    features_last: bool = False        # next to a MatMul: its channels are the data's last axis, at any rank
     input: list[str] = field(default_factory=list)
     output: list[str] = field(default_factory=list)
 
@@ -85,7 +87,7 @@ class OnnxAffinePass(OnnxFoldPass):
             if inner is not None:
                 self.gelu_tails.add(id(n))
                 self.gelu_inner.add(id(inner))
-                self.kept[id(n)] = "ends a GELU: onnxruntime fuses the pattern into one Gelu kernel"
+                self.kept[id(n)] = "ends a GELU: onnxruntime fuses the pattern into one Gelu"
             elif self._ends_layer_norm(n):
                 self.kept[id(n)] = "ends a LayerNorm: onnxruntime fuses the pattern into one LayerNormalization"
         self.sites = self._find_sites()
@@ -181,9 +183,19 @@ class OnnxAffinePass(OnnxFoldPass):
                 steps.append(step)
             taken.update(id(s.node) for s in steps)
             consumer = self._single_consumer(steps[-1].node.output[0])
-            if self._is_layer(producer) or self._is_layer(consumer):
-                sites.append(AffineSite(steps))
+            linear = self._linear_layer(producer)         # MatMul, or the Add of its bias
+            if linear is not None or self._is_layer(producer) or self._is_layer(consumer):
+                reads = consumer is not None and consumer.input[0] == steps[-1].node.output[0]
+                last = linear is not None or (not self._is_layer(producer) and reads
+                                              and consumer is not None and consumer.op_type == "MatMul")
+                sites.append(AffineSite(steps, features_last=last))
         return sites
+
+    def _linear_layer(self, node: onnx.NodeProto | None) -> onnx.NodeProto | None:
+        """The MatMul with a constant weight that computes ``node``'s output (itself, or through its bias Add)."""
+        if node is not None and node.op_type == "Add":
+            node = self._matmul_into(node)
+        return node if node is not None and node.op_type == "MatMul" and self._is_layer(node) else None
 
     # --- the FoldPass interface -----------------------------------------------------------------------------
 
@@ -209,9 +221,10 @@ class OnnxAffinePass(OnnxFoldPass):
             if any(s.const.size > 1 for s in bn.steps):
                 return Skip(f"the rank of {data!r} is unknown, so it cannot be checked that the constants "
                             f"broadcast on the channel axis")
-        channels = dims[CHANNEL_AXIS] if dims is not None and len(dims) > CHANNEL_AXIS else None
+        axis = len(dims) - 1 if bn.features_last and dims else CHANNEL_AXIS
+        channels = dims[axis] if dims is not None and len(dims) > axis else None
         for s in bn.steps:
-            reason = channel_broadcast_reason(s, dims)
+            reason = channel_broadcast_reason(s, dims, axis)
             if reason:
                 return Skip(reason)
             size = s.const.size
@@ -239,6 +252,9 @@ class OnnxAffinePass(OnnxFoldPass):
     def pads_ok_forward(self, params: BNParams) -> bool:
         return not np.any(params.shift)
 
+    def features_last(self, bn: AffineSite) -> bool:  # type: ignore[override]
+        return bn.features_last
+
     def remove_bn(self, bn: AffineSite) -> None:  # type: ignore[override]
         self.removed_inputs += [s.const_name for s in bn.steps]
         for s in bn.steps:
@@ -247,8 +263,8 @@ class OnnxAffinePass(OnnxFoldPass):
                 self.uses[i] -= 1
 
 
-def channel_broadcast_reason(step: Step, dims: list[int | None] | None) -> str | None:
-    """Why ``step``'s constant does not broadcast on the channel axis only (None when it does)."""
+def channel_broadcast_reason(step: Step, dims: list[int | None] | None, axis: int = CHANNEL_AXIS) -> str | None:
+    """Why ``step``'s constant does not broadcast on the channel axis (``axis``) only (None when it does)."""
     shape = list(step.const.shape)
     if step.const.size == 1:
         return None if dims is None or len(shape) <= len(dims) else (
@@ -258,7 +274,7 @@ def channel_broadcast_reason(step: Step, dims: list[int | None] | None) -> str |
         return f"{step.op} {step.node.name!r}: constant of shape {shape} has a higher rank than the data ({len(dims)})"
     aligned = [1] * (len(dims) - len(shape)) + shape
     axes = [a for a, d in enumerate(aligned) if d != 1]
-    if axes != [CHANNEL_AXIS]:
+    if axes != [axis]:
         return (f"{step.op} {step.node.name!r}: constant of shape {shape} broadcasts on axis {axes} of a rank-"
-                f"{len(dims)} tensor, not on the channel axis {CHANNEL_AXIS} alone")
+                f"{len(dims)} tensor, not on the channel axis {axis} alone")
     return None

@@ -233,6 +233,11 @@ class OnnxFoldPass(_Graph):
             p = self._matmul_into(p)
         return p is not None and p.op_type == "MatMul"
 
+    def features_last(self, bn: onnx.NodeProto) -> bool:
+        """Whether ``bn`` works on its data's last axis (a MatMul's features, at any rank) instead of axis 1. A
+        BatchNormalization never does; the affine pass's sites next to a MatMul do."""
+        return False
+
     def _consumer(self, bn: onnx.NodeProto):
         out = bn.output[0]
         if out in self.graph_outputs:
@@ -336,7 +341,8 @@ def _match_gemm(p: OnnxFoldPass, bn, node, params: BNParams) -> Plan | Skip:
 
 def _match_matmul(p: OnnxFoldPass, bn, node, params: BNParams) -> Plan | Skip:
     prod, add, through = node
-    if p.ranks.get(bn.input[0]) != 2 and (through is None or through.op_type != "Transpose"):
+    if p.ranks.get(bn.input[0]) != 2 and (through is None or through.op_type != "Transpose") \
+            and not p.features_last(bn):
         return Skip(f"MatMul output rank is {p.ranks.get(bn.input[0], 'unknown')}, need 2 for a per-feature BN "
                     "(or a Transpose that puts its last axis on axis 1)")
     w_name = prod.input[1]
@@ -361,6 +367,9 @@ def _match_matmul(p: OnnxFoldPass, bn, node, params: BNParams) -> Plan | Skip:
 
 
 def _match_forward_conv(p: OnnxFoldPass, bn, c, params: BNParams) -> Plan | Skip:
+    if p.features_last(bn) and p.ranks.get(bn.output[0]) != 2:
+        return Skip(f"no exact forward target: the constants are per feature on the last axis, {c.op_type} "
+                    f"{c.name!r} reads channels on axis 1")
     pads = _attr(c, "pads", None) or []
     auto = _attr(c, "auto_pad", b"NOTSET")
     auto = auto.decode() if isinstance(auto, bytes) else auto
@@ -382,7 +391,7 @@ def _match_forward_linear(p: OnnxFoldPass, bn, c, params: BNParams) -> Plan | Sk
     """Gemm or MatMul reading the BN output as its (N, C) data input."""
     if c.op_type == "Gemm" and int(_attr(c, "transA", 0)):
         return Skip(f"no exact forward target: Gemm {c.name!r} has transA=1")
-    if p.ranks.get(bn.output[0]) != 2:
+    if p.ranks.get(bn.output[0]) != 2 and not (c.op_type == "MatMul" and p.features_last(bn)):
         return Skip(f"no exact forward target: {c.op_type} input rank is {p.ranks.get(bn.output[0], 'unknown')}, "
                     f"need 2")
     w_name = c.input[1]
@@ -397,6 +406,10 @@ def _match_forward_linear(p: OnnxFoldPass, bn, c, params: BNParams) -> Plan | Sk
     bias = _per_output_bias(p, b_name, w_om.shape[0], beta) if b_name else None
     if isinstance(bias, Skip):
         return Skip(f"no exact forward target: {bias.reason}")
+    add = None if gemm else _bias_add_after(p, c, w_om.shape[0])
+    if add is not None:
+        add, slot, barr = add
+        bias = barr.astype(np.float64).reshape(-1)
     try:
         w2, b2 = fold_forward(w_om, bias, params)
     except ValueError as exc:
@@ -406,9 +419,27 @@ def _match_forward_linear(p: OnnxFoldPass, bn, c, params: BNParams) -> Plan | Sk
     if gemm:
         writes.append((b_name, b2, w_name, c, 2))
         attrs = [(c, "alpha", 1.0), (c, "beta", 1.0)]
+    elif add is not None:
+        writes.append((add.input[slot], b2.reshape(barr.shape), w_name, add, slot))
     elif np.any(b2):
         return Skip(f"no exact forward target: MatMul {c.name!r} has no bias to absorb the BN's shift")
     return _plan(p, bn, c, FORWARD, w2, b2, writes, attrs)
+
+
+def _bias_add_after(p: OnnxFoldPass, mm: onnx.NodeProto, out: int) -> tuple[onnx.NodeProto, int, np.ndarray] | None:
+    """The Add that is a MatMul's bias (its only reader, a constant of ``out`` values on the last axis), as
+    (node, constant slot, constant), or None."""
+    y = mm.output[0]
+    if p.uses[y] != 1 or y in p.graph_outputs:
+        return None
+    add = next((n for n in p.g.node if y in n.input), None)
+    if add is None or add.op_type != "Add" or len(add.input) != 2:
+        return None
+    slot = 1 if add.input[0] == y else 0
+    barr = p.array(add.input[slot])
+    if barr is None or barr.size != out or (barr.ndim and barr.shape[-1] != out):
+        return None
+    return add, slot, barr
 
 
 # --- rules: apply (rewrite, never re-check) ---------------------------------------------------------------

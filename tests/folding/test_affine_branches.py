@@ -356,3 +356,53 @@ def test_the_scale_and_shift_that_end_a_layer_norm_stay_so_onnxruntime_fuses_it(
     assert _ops(onnx.load(str(tmp_path / "optimized.onnx")))["LayerNormalization"] == 1
     x = np.random.default_rng(9).normal(size=(5, 16)).astype(np.float32)
     _assert_close_to_scale(_run(folded, x), _torch64(model, x))
+
+
+class _TokenScale(torch.nn.Module):
+    """A layer scale on (N, L, C) tokens: ``x + gamma * linear(x)`` (DeiT-III, CaiT, DINOv2), ``gamma`` per
+    feature (the last axis); ``per_token``: a (L, 1) constant instead, which is no per-feature scale; ``before``:
+    the affine map before the Linear (``linear(x * s + t)``)."""
+
+    def __init__(self, bias: bool = True, per_token: bool = False, before: bool = False) -> None:
+        super().__init__()
+        rng = np.random.default_rng(21)
+        self.fc = torch.nn.Linear(8, 8, bias=bias)
+        self.before = before
+        shape = (5, 1) if per_token else (8,)
+        self.register_buffer("gamma", torch.from_numpy(rng.uniform(0.5, 1.5, size=shape)).float())
+        self.register_buffer("beta", torch.from_numpy(rng.uniform(-1, 1, size=(8,))).float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.before:
+            return self.fc(x * self.gamma + self.beta)
+        return x + self.fc(x) * self.gamma
+
+
+TOKENS = np.random.default_rng(22).normal(size=(3, 5, 8)).astype(np.float32)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_layer_scale_on_tokens_folds_into_the_linear_before_it(bias):
+    """A Linear on (N, L, C) tokens is a MatMul (+ its bias Add) whose features are the last axis, at any rank:
+    a constant that broadcasts there alone folds into its columns, backward."""
+    model = _TokenScale(bias).eval()
+    folded, report = fold_onnx(_export(model, example=torch.from_numpy(TOKENS)))
+    assert _ops(folded)["Mul"] == 0, _ops(folded)
+    assert [(a.producer_type, a.direction) for a in report.affines] == [("MatMul", "backward")]
+    _assert_close_to_scale(_run(folded, TOKENS), _torch64(model, TOKENS))
+
+
+def test_an_affine_map_on_tokens_folds_forward_into_the_linear_after_it():
+    model = _TokenScale(before=True).eval()
+    folded, report = fold_onnx(_export(model, example=torch.from_numpy(TOKENS)))
+    assert _ops(folded)["Mul"] == 0, _ops(folded)
+    assert [(a.producer_type, a.direction) for a in report.affines] == [("MatMul", "forward")]
+    _assert_close_to_scale(_run(folded, TOKENS), _torch64(model, TOKENS))
+
+
+def test_a_per_token_constant_after_a_linear_is_left_with_the_reason():
+    model = _TokenScale(per_token=True).eval()
+    folded, report = fold_onnx(_export(model, example=torch.from_numpy(TOKENS)))
+    assert not report.affines and _ops(folded)["Mul"] == 1
+    assert "not on the channel axis 2 alone" in report.affines_skipped[0].reason, report.affines_skipped
+    _assert_close_to_scale(_run(folded, TOKENS), _torch64(model, TOKENS))

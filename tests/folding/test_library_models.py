@@ -1,6 +1,6 @@
 """Training-time networks from timm (RepVGG, MobileOne, RepGhost, FastViT) fold into their library's deploy form: no BN,
 as many Conv nodes as ``timm.utils.reparameterize_model`` gives, outputs equal to torch's in float64; LeViT's
-BatchNorm1d after its flattened Linear outputs fold too."""
+BatchNorm1d after its flattened Linear outputs fold too, and a ViT's layer scales into the Linear before them."""
 from __future__ import annotations
 
 import copy
@@ -97,6 +97,33 @@ def test_timm_levit_folds_every_batchnorm1d():
     assert sum(f.producer_type == "MatMul" for f in report.folded) == 46
     x = np.random.default_rng(0).normal(size=(2, 3, 224, 224)).astype(np.float32)
     served = ort_session(folded.SerializeToString(), "all", "cpu").run(None, {"x": x})[0]
+    with torch.no_grad():
+        truth = copy.deepcopy(model).double()(torch.from_numpy(x).double()).numpy()
+    assert float(np.abs(served - truth).max()) <= 1e-5 * float(np.abs(truth).max())
+
+
+def test_timm_vit_layer_scales_fold_into_their_linear_layers():
+    """timm's VisionTransformer with ``init_values`` (DeiT-III, CaiT, DINOv2 train with it) scales every
+    attention and MLP output per feature, ``x + gamma * proj(x)`` on (N, L, C) tokens: each gamma folds into its
+    projection's MatMul (4 in 2 blocks), the GELUs' 0.5 stay for onnxruntime, the output equals torch's."""
+    library("timm")
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10,
+                              init_values=0.5).eval()
+    for m in model.modules():
+        if hasattr(m, "gamma"):
+            m.gamma.data.uniform_(0.5, 1.5)
+    exported = export_onnx(model, torch.randn(1, 3, 32, 32))
+    folded, report = fold_onnx(exported)
+    assert sorted(a.bn.split("/")[-2] for a in report.affines) == ["ls1", "ls1", "ls2", "ls2"]
+    assert {a.producer_type for a in report.affines} == {"MatMul"}
+    assert all("ends a GELU" in s.reason for s in report.affines_skipped)
+    mul = Counter(n.op_type for n in exported.graph.node)["Mul"] - Counter(n.op_type for n in folded.graph.node)["Mul"]
+    assert mul == 4
+    x = np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    served = ort_session(folded.SerializeToString(), "all", "cpu").run(None, {folded.graph.input[0].name: x})[0]
     with torch.no_grad():
         truth = copy.deepcopy(model).double()(torch.from_numpy(x).double()).numpy()
     assert float(np.abs(served - truth).max()) <= 1e-5 * float(np.abs(truth).max())
