@@ -24,15 +24,13 @@ from typing import Any
 import grpc
 import numpy as np
 
-from bench.loadgen import percentile
 from bench.process import ROOT, FoldserveProcess
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 SHED = {"grpc_OK", "grpc_RESOURCE_EXHAUSTED", "rest_200", "rest_429", "rest_503"}   # answered or shed
 
 
-def payloads() -> tuple[bytes, bytes]:
-    """One batch-1 ``digits`` inference as a serialised gRPC ModelInferRequest and as a raw HTTP/1.1 request."""
+def _payloads() -> tuple[bytes, bytes]:
     from tritonclient.grpc import service_pb2 as tpb
 
     x = (np.random.default_rng(0).random((1, 1, 8, 8)) * 16).astype(np.float32)
@@ -49,7 +47,7 @@ async def burst(host: str, http_port: int, grpc_port: int, n_grpc: int, n_rest: 
     """N gRPC requests over 50 connections and M REST requests, one connection each, all at once, against the
     ``digits`` model; the outcome counts (``rest_503``, ``grpc_OK``, ``rest_closed``: closed without an answer,
     ``rest_ConnectionResetError``, ...) and the burst's ``seconds``."""
-    payload, http_request = payloads()
+    payload, http_request = _payloads()
     codes: dict[str, float] = {}
 
     def count(key: str) -> None:
@@ -102,15 +100,15 @@ def well_behaved(call: Any, payload: bytes, seconds: float) -> dict[str, Any]:
                 shed += 1
             else:
                 errors[code] = errors.get(code, 0) + 1
-    ms = [t * 1000 for t in times]
+    ms = np.asarray(times) * 1000
     return {"answered": len(times), "shed": shed, "errors": errors,
-            "p50_ms": percentile(ms, 50) if ms else None, "p99_ms": percentile(ms, 99) if ms else None,
-            "max_ms": max(ms) if ms else None}
+            "p50_ms": float(np.percentile(ms, 50)) if len(ms) else None,
+            "p99_ms": float(np.percentile(ms, 99)) if len(ms) else None,
+            "max_ms": float(ms.max()) if len(ms) else None}
 
 
-def measure(http_port: int, grpc_port: int, n: int, seconds: float) -> dict[str, Any]:
+def measure(http_port: int, grpc_port: int, n: int, payload: bytes, seconds: float) -> dict[str, Any]:
     """The well-behaved client alone, then during a burst of ``n`` REST + ``n`` gRPC requests (its own process)."""
-    payload = payloads()[0]
     with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as ch:
         call = ch.unary_unary(INFER)
         well_behaved(call, payload, 1)                                         # warm
@@ -126,8 +124,12 @@ def measure(http_port: int, grpc_port: int, n: int, seconds: float) -> dict[str,
 
 
 def bench_burst(repo: Path, quick: bool) -> dict[str, Any]:
+    from foldserve.client import grpc_infer_request
+
+    x = (np.random.default_rng(0).random((1, 1, 8, 8)) * 16).astype(np.float32)
+    payload = grpc_infer_request("digits", {"input": x}).SerializeToString()
     with FoldserveProcess(repo, log_level="WARNING", timeout=120) as srv:          # as tests/hardening runs it
-        return measure(srv.http_port, srv.grpc_port, 1000 if quick else 5000, 3 if quick else 6)
+        return measure(srv.http_port, srv.grpc_port, 1000 if quick else 5000, payload, 3 if quick else 6)
 
 
 def _limit_ms(r: dict[str, Any]) -> float:

@@ -185,9 +185,9 @@ class OnnxAffinePass(OnnxFoldPass):
             consumer = self._single_consumer(steps[-1].node.output[0])
             linear = self._linear_layer(producer)         # MatMul, or the Add of its bias
             if linear is not None or self._is_layer(producer) or self._is_layer(consumer):
-                reads = consumer is not None and consumer.op_type == "MatMul" \
-                    and consumer.input[0] == steps[-1].node.output[0]
-                last = linear is not None or (reads and not self._is_layer(producer))
+                reads = consumer is not None and consumer.input[0] == steps[-1].node.output[0]
+                last = linear is not None or (not self._is_layer(producer) and reads
+                                              and consumer is not None and consumer.op_type == "MatMul")
                 sites.append(AffineSite(steps, features_last=last))
         return sites
 

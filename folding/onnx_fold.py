@@ -354,10 +354,10 @@ def _match_matmul(p: OnnxFoldPass, bn, node, params: BNParams) -> Plan | Skip:
     bias = np.zeros(w.shape[1])
     writes: list = []
     if add is not None:
-        found = _bias_constant(p, add, prod.output[0], w.shape[1])
-        if found is None:
+        slot = 1 if add.input[0] == prod.output[0] else 0
+        barr = p.array(add.input[slot])
+        if barr is None or barr.size != w.shape[1]:
             return Skip("Add after MatMul does not add a per-output constant bias")
-        slot, barr = found
         bias = barr.astype(np.float64).reshape(-1)
     w2, b2 = fold_backward(w.astype(np.float64).T, bias, params, 0)
     writes.append((w_name, w2.T, w_name, prod, 1))
@@ -427,25 +427,19 @@ def _match_forward_linear(p: OnnxFoldPass, bn, c, params: BNParams) -> Plan | Sk
 
 
 def _bias_add_after(p: OnnxFoldPass, mm: onnx.NodeProto, out: int) -> tuple[onnx.NodeProto, int, np.ndarray] | None:
-    """The Add that is a MatMul's bias (its only reader), as (node, constant slot, constant), or None."""
+    """The Add that is a MatMul's bias (its only reader, a constant of ``out`` values on the last axis), as
+    (node, constant slot, constant), or None."""
     y = mm.output[0]
     if p.uses[y] != 1 or y in p.graph_outputs:
         return None
     add = next((n for n in p.g.node if y in n.input), None)
     if add is None or add.op_type != "Add" or len(add.input) != 2:
         return None
-    found = _bias_constant(p, add, y, out)
-    return None if found is None else (add, *found)
-
-
-def _bias_constant(p: OnnxFoldPass, add: onnx.NodeProto, y: str, out: int) -> tuple[int, np.ndarray] | None:
-    """The slot and value of the constant ``add`` adds to the MatMul output ``y``, when it is a bias: ``out``
-    values on the last axis (the MatMul's features); None otherwise."""
     slot = 1 if add.input[0] == y else 0
     barr = p.array(add.input[slot])
     if barr is None or barr.size != out or (barr.ndim and barr.shape[-1] != out):
         return None
-    return slot, barr
+    return add, slot, barr
 
 
 # --- rules: apply (rewrite, never re-check) ---------------------------------------------------------------

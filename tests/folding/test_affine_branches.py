@@ -381,16 +381,22 @@ class _TokenScale(torch.nn.Module):
 TOKENS = np.random.default_rng(22).normal(size=(3, 5, 8)).astype(np.float32)
 
 
-@pytest.mark.parametrize("kind,direction", [({"bias": True}, "backward"), ({"bias": False}, "backward"),
-                                            ({"before": True}, "forward")], ids=["after", "after-no-bias", "before"])
-def test_a_layer_scale_on_tokens_folds_into_the_linear_next_to_it(kind, direction):
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_layer_scale_on_tokens_folds_into_the_linear_before_it(bias):
     """A Linear on (N, L, C) tokens is a MatMul (+ its bias Add) whose features are the last axis, at any rank:
-    a constant that broadcasts there alone folds into its columns, backward (a layer scale after it) or forward
-    (an affine map before it, the shift into its bias Add)."""
-    model = _TokenScale(**kind).eval()
+    a constant that broadcasts there alone folds into its columns, backward."""
+    model = _TokenScale(bias).eval()
     folded, report = fold_onnx(_export(model, example=torch.from_numpy(TOKENS)))
     assert _ops(folded)["Mul"] == 0, _ops(folded)
-    assert [(a.producer_type, a.direction) for a in report.affines] == [("MatMul", direction)]
+    assert [(a.producer_type, a.direction) for a in report.affines] == [("MatMul", "backward")]
+    _assert_close_to_scale(_run(folded, TOKENS), _torch64(model, TOKENS))
+
+
+def test_an_affine_map_on_tokens_folds_forward_into_the_linear_after_it():
+    model = _TokenScale(before=True).eval()
+    folded, report = fold_onnx(_export(model, example=torch.from_numpy(TOKENS)))
+    assert _ops(folded)["Mul"] == 0, _ops(folded)
+    assert [(a.producer_type, a.direction) for a in report.affines] == [("MatMul", "forward")]
     _assert_close_to_scale(_run(folded, TOKENS), _torch64(model, TOKENS))
 
 

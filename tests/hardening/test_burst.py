@@ -8,18 +8,22 @@ shared cores it moves with the machine."""
 from __future__ import annotations
 
 import pytest
+from tritonclient.grpc import service_pb2 as tpb
 
 from bench.burst import SHED, measure
 from tests.hardening.conftest import FULL
-from tests.server.conftest import ServerProcess
+from tests.server.conftest import ServerProcess, digits_batch
 
 pytestmark = [pytest.mark.hardening, pytest.mark.subprocess]
 N = 5000 if FULL else 1000
 
 
 def test_a_burst_is_answered_or_shed_and_the_server_keeps_serving(hardening_repo):
+    x = digits_batch(1)
+    req = tpb.ModelInferRequest(model_name="digits", raw_input_contents=[x.tobytes()])
+    req.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
     with ServerProcess(hardening_repo) as srv:
-        m = measure(srv.http_port, srv.grpc_port, N, 6 if FULL else 3)
+        m = measure(srv.http_port, srv.grpc_port, N, req.SerializeToString(), 6 if FULL else 3)
     a, d = m["alone"], m["during"]
     print(f"well-behaved p50/p99/max {a['p50_ms']:.2f}/{a['p99_ms']:.2f}/{a['max_ms']:.0f} ms alone, "
           f"{d['p50_ms']:.2f}/{d['p99_ms']:.2f}/{d['max_ms']:.0f} ms ({d['shed']} shed) during the burst "
