@@ -48,8 +48,9 @@ BASELINE_CHUNK = 8
 
 
 def as_float64(outputs: Outputs) -> Outputs:
-    """Numeric outputs in float64 (what truths are compared in); strings (BYTES) as they are."""
-    return {k: v.astype(np.float64) if v.dtype.kind in "biuf" else v for k, v in outputs.items()}
+    """Float outputs in float64 (what truths are compared in); integers, booleans and strings (BYTES) as they
+    are: they are compared exactly."""
+    return {k: v.astype(np.float64) if v.dtype.kind == "f" else v for k, v in outputs.items()}
 
 
 def feed_len(feed: Feed) -> int:
@@ -401,7 +402,7 @@ class ProgramSource(SourceModel):
     def truth(self, feed: Feed) -> Outputs:
         if self.module64 is None:
             run32 = self.fit(self._batched(lambda f: self._run(self.module, f, np.float32), BASELINE_CHUNK))
-            return {k: v.astype(np.float64) for k, v in run32(feed).items()}
+            return as_float64(run32(feed))
         return self.fit(self._batched(lambda f: self._run(self.module64, f, np.float64), TRUTH_CHUNK))(feed)
 
     def _batched(self, run: Run, size: int) -> Run:

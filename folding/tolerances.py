@@ -34,6 +34,18 @@ TOLERANCES: dict[str, Tolerance] = {
 # For one folded layer against its unfolded float32 original (tests of each pattern).
 LAYER_FP32 = Tolerance(1e-5, 1e-6)
 
+# The noise floor. Some models are ill-conditioned in float32 (MixNet's mixed kernels, channels of tiny variance):
+# the unfolded model itself, run in float32 (torch's program, or reference.onnx under the server's graph
+# optimisations), moves further from the truth than TOLERANCES allow. A folded candidate is then judged against that
+# floor: it passes an output when its error is within the tolerance or within NOISE_MARGIN times the largest error
+# the unfolded model shows on its own on any sample the verifier draws (so a fold may add no more than the float32
+# model's own noise, with this margin). A site of the fold is judged the same way against the unfolded graph's own movement there.
+NOISE_MARGIN = 2.0
+# An output the unfolded model moves by more than this fraction of its scale between two of its own float32 runs (or
+# whose shape or integer values change between them) is unstable: a discrete choice (NMS, top-k, argmax) flips on
+# near ties. It is reported, not judged; the fold is then judged by its sites and its stable outputs.
+UNSTABLE_REL = 0.05
+
 
 @dataclass(frozen=True)
 class PrecisionGate:
@@ -69,13 +81,23 @@ def tolerance_for(dtype: str, rtol: float | None = None, atol: float | None = No
 Comparison = ComparisonRecord
 
 
-def compare(actual: Any, expected: Any, tol: Tolerance) -> Comparison:
+def exact(expected: Any) -> bool:
+    """Whether an output is compared element for element: strings (BYTES), integers (labels, counts, indices)
+    and booleans."""
+    return np.asarray(expected).dtype.kind in "OUSiub"
+
+
+def compare(actual: Any, expected: Any, tol: Tolerance, floor: float = 0.0) -> Comparison:
     """Compare two arrays (any float dtype) in float64; NaN where the reference is finite fails. Strings (BYTES
-    tensors) must be equal element for element (max_abs counts the elements that differ)."""
-    if np.asarray(expected).dtype.kind in "OUS":
-        a, e = np.asarray(actual).astype(str), np.asarray(expected).astype(str)
-        if a.shape != e.shape:
-            raise ValueError(f"shape mismatch: {a.shape} vs {e.shape}")
+    tensors), integers and booleans must be equal element for element (max_abs counts the elements that differ).
+    ``floor``: the noise floor (an absolute error the unfolded model shows on its own, times the margin); the
+    bound is the larger of it and the tolerance's."""
+    if np.asarray(actual).shape != np.asarray(expected).shape:
+        raise ValueError(f"shape mismatch: {np.asarray(actual).shape} vs {np.asarray(expected).shape}")
+    if exact(expected):
+        a, e = np.asarray(actual), np.asarray(expected)
+        if e.dtype.kind in "OUS":
+            a, e = a.astype(str), e.astype(str)
         wrong = a != e
         worst = np.unravel_index(int(np.argmax(wrong)), wrong.shape) if wrong.size else ()
         return Comparison(max_abs=float(wrong.sum()), max_rel=float(wrong.mean()) if wrong.size else 0.0,
@@ -84,17 +106,16 @@ def compare(actual: Any, expected: Any, tol: Tolerance) -> Comparison:
                           passed=not wrong.any(), n=int(e.size))
     a = np.asarray(actual, dtype=np.float64)
     e = np.asarray(expected, dtype=np.float64)
-    if a.shape != e.shape:
-        raise ValueError(f"shape mismatch: {a.shape} vs {e.shape}")
     if e.size == 0:
         return Comparison(0.0, 0.0, 0.0, [], 0.0, tol.atol, True, 0)
     diff = np.abs(a - e)
     diff = np.where(np.isnan(diff) & ~np.isnan(e), np.inf, np.nan_to_num(diff, nan=0.0))
     scale = float(np.nanmax(np.abs(e))) if np.isfinite(e).any() else 0.0
-    bound = tol.rtol * scale + tol.atol
+    bound = max(tol.rtol * scale + tol.atol, floor)
     rel = diff / np.maximum(np.abs(e), max(tol.rel_floor * scale, 1e-30))
     worst = np.unravel_index(int(np.argmax(diff)), diff.shape)
     max_abs = float(diff.max())
     return Comparison(max_abs=max_abs, max_rel=float(np.nanmax(rel)), mean_abs=float(diff.mean()),
                       worst_index=[int(i) for i in worst], frac_over=float((diff > bound).mean()),
-                      bound=bound, passed=bool(max_abs <= bound), n=int(e.size))
+                      bound=bound, passed=bool(max_abs <= bound), n=int(e.size),
+                      floor=floor if floor > tol.rtol * scale + tol.atol else None)

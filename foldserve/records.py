@@ -323,6 +323,9 @@ class ComparisonRecord(Record):
     passed: bool
     n: int
     top1_agreement: float | None = None
+    floor: float | None = None     # the noise floor (times the margin) where it, not the tolerance, set the bound
+    unstable: bool = False         # the unfolded model itself disagrees with the truth here: reported, not judged
+    note: str | None = None        # what could not be compared (a shape that differs)
 
     def __str__(self) -> str:
         return (f"max_abs={self.max_abs:.3g} (bound {self.bound:.3g}) max_rel={self.max_rel:.3g} "
@@ -393,6 +396,32 @@ class Localization(Record):
 
 
 @dataclass
+class OutputFloor(Record):
+    """One output's noise floor: the largest error of the unfolded model's own float32 runs on any input set."""
+
+    floor: float                   # max abs error of the unfolded model on its own
+    set_by: str                    # the run that showed it (unfolded_torch, reference_onnx_opt)
+    tolerance: float               # the tolerance's bound on the same output (largest over the sets)
+    unstable: bool = False
+    reason: str | None = None      # why the output is unstable
+
+
+@dataclass
+class NoiseFloor(Record):
+    """How the verifier judged outputs against the unfolded model's own noise (``folding.tolerances``)."""
+
+    margin: float
+    runs: list[str]                # the runs of the unfolded model that measured it
+    outputs: dict[str, OutputFloor] = field(default_factory=dict)
+    sites_checked: bool = False    # every fold site was compared (an output was unstable)
+    sites_agreed: bool | None = None
+
+    @property
+    def unstable(self) -> list[str]:
+        return [k for k, v in self.outputs.items() if v.unstable]
+
+
+@dataclass
 class FoldCounts(Record):
     bn_before: int = 0
     folded: int = 0
@@ -406,6 +435,7 @@ class VerificationReport(Record):
     file it covered (the server serves those bytes only)."""
 
     VERSION_FIELD: ClassVar[str | None] = "report_version"
+    VERSION: ClassVar[int] = 2    # 2: the noise floor, unstable outputs, exact integer outputs (1 reads as none)
 
     passed: bool
     model_dir: str = ""
@@ -421,6 +451,7 @@ class VerificationReport(Record):
     batch_invariance: dict[str, ComparisonRecord] = field(default_factory=dict)
     precision: VerifiedPrecision = field(default_factory=VerifiedPrecision)
     localization: Localization = field(default_factory=Localization)
+    noise: NoiseFloor | None = None
     warnings: list[str] = field(default_factory=list)
     fold: FoldCounts = field(default_factory=FoldCounts)
     wall_s: float = 0.0
