@@ -5,6 +5,8 @@ Patterns (producer -> BatchNormalization): the rows of ``OnnxFoldPass.RULES`` (a
 one rule per producer type, each knowing where the output channel is:
 
 * Conv (weight axis 0), ConvTranspose (axis 1, group-aware);
+* Concat of convolutions on the channel axis: each slice of the BN into the Conv / ConvTranspose that made it
+  (MixNet's MixConv), when each is read by the Concat alone;
 * Gemm (alpha, beta, transA, transB; C of shape (M,), (1, M) or scalar, or none);
 * MatMul with a 2-D constant weight, optionally followed by Add of a constant bias (output rank 2), or of any
   rank when a Flatten / Reshape to rank 2 that keeps its last axis stands between it and a BatchNorm1d
@@ -306,6 +308,57 @@ def _match_conv(out_axis: int) -> Callable:
     return match
 
 
+def _match_concat(p: OnnxFoldPass, bn, node, params: BNParams) -> Plan | Skip:
+    """A BN after ``Concat(conv_a(x), conv_b(x), ...)`` on the channel axis (MixNet's MixConv, CSP necks, any
+    grouped-branch design): each channel slice of the BN folds into the convolution that produced it, exactly,
+    when every Concat input is a Conv / ConvTranspose output read by nothing else."""
+    cat = node[0]
+    if p.features_last(bn):
+        return Skip(f"the constants are per feature on the last axis; Concat {cat.name!r} joins channels on axis 1")
+    rank, axis = p.ranks.get(cat.output[0]), int(_attr(cat, "axis", 1))
+    if rank is None or axis % rank != 1:
+        return Skip(f"Concat {cat.name!r} joins on axis {axis}, not on the channel axis 1")
+    writes: list = []
+    weights, biases, into, off = [], [], [], 0
+    for t in cat.input:
+        prod = p.producer.get(t)
+        if prod is None or prod.op_type not in ("Conv", "ConvTranspose"):
+            what = "a graph input" if prod is None else f"{prod.op_type} {prod.name!r}"
+            return Skip(f"Concat {cat.name!r} input {t!r} comes from {what}, not a convolution")
+        if p.uses[t] != 1 or t in p.graph_outputs:
+            return Skip(f"Concat {cat.name!r} input {t!r} is also used elsewhere")
+        found = _conv_constants(p, prod, f"Concat {cat.name!r} input: ")
+        if isinstance(found, Skip):
+            return found
+        w_name, b_name, w, bias = found
+        group, out_axis = int(_attr(prod, "group", 1)), 0 if prod.op_type == "Conv" else 1
+        channels = w.shape[0] if out_axis == 0 else w.shape[1] * group
+        part = slice(off, off + channels)
+        off += channels
+        if off > params.mean.size:
+            break
+        sub = BNParams(params.mean[part], params.var[part], params.gamma[part], params.beta[part], params.eps)
+        try:
+            w2, b2 = fold_backward(w, bias, sub, out_axis, group)
+        except ValueError as exc:
+            return Skip(f"{prod.op_type} {prod.name!r} weight does not match its slice of the BN: {exc}")
+        writes += [(w_name, w2, w_name, prod, 1), (b_name, b2, w_name, prod, 2)]
+        weights.append(w2.ravel())
+        biases.append(b2)
+        into.append(prod.name or prod.output[0])
+    if off != params.mean.size:
+        return Skip(f"Concat {cat.name!r} joins {off} channels, the BN normalises {params.mean.size}")
+    plan = _plan(p, bn, cat, BACKWARD, np.concatenate(weights), np.concatenate(biases), writes)
+    plan.target = f"{cat.name or cat.output[0]} [{', '.join(into)}]"
+    return plan
+
+
+def _apply_concat(p: OnnxFoldPass, plan: Plan) -> None:
+    _write_all(p, plan)
+    plan.site["node"].output[0] = plan.site["bn"].output[0]       # the Concat now gives the BN's output
+    p.remove_bn(plan.site["bn"])
+
+
 def _per_output_bias(p: OnnxFoldPass, c_name: str, m: int, scale: float) -> np.ndarray | Skip:
     if not c_name:
         return np.zeros(m)
@@ -467,7 +520,8 @@ def _apply_forward(p: OnnxFoldPass, plan: Plan) -> None:
 
 OnnxFoldPass.RULES = {
     BACKWARD: {"Conv": Rule(_match_conv(0), _apply_backward), "ConvTranspose": Rule(_match_conv(1), _apply_backward),
-               "Gemm": Rule(_match_gemm, _apply_backward), "MatMul": Rule(_match_matmul, _apply_backward)},
+               "Gemm": Rule(_match_gemm, _apply_backward), "MatMul": Rule(_match_matmul, _apply_backward),
+               "Concat": Rule(_match_concat, _apply_concat)},
     FORWARD: {"Conv": Rule(_match_forward_conv, _apply_forward), "Gemm": Rule(_match_forward_linear, _apply_forward),
               "MatMul": Rule(_match_forward_linear, _apply_forward)},
 }
