@@ -60,7 +60,37 @@ def export_dynamo(program: Any) -> onnx.ModelProto:
     remove_unused_nodes(onnx_program.model)
     model: onnx.ModelProto = onnx_ir.serde.serialize_model(onnx_program.model)
     repair_zero_biases(model)
+    name_by_module(model)
     return model
+
+
+def name_by_module(model: onnx.ModelProto) -> int:
+    """Name each node of a dynamo export after the module that computed it, as the TorchScript exporter does
+    (``layer2.0.bn1/BatchNormalization`` instead of ``node__native_batch_norm_legit_no_training_1__0``): the fold
+    report, the verifier's localisation and every message then say which layer. The path is read from the
+    exporter's ``pkg.torch.onnx.name_scopes`` metadata; nodes without one keep their name. Returns how many were
+    renamed."""
+    import ast
+
+    taken = {n.name for n in model.graph.node}
+    renamed = 0
+    for n in model.graph.node:
+        scopes = next((p.value for p in n.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), None)
+        try:
+            path = ast.literal_eval(scopes)[-2] if scopes else ""
+        except (ValueError, SyntaxError, IndexError, TypeError):
+            path = ""
+        if not isinstance(path, str) or not path:
+            continue
+        base = f"{path}/{n.op_type}"
+        name, k = base, 1
+        while name in taken:
+            k += 1
+            name = f"{base}_{k}"
+        taken.add(name)
+        n.name = name
+        renamed += 1
+    return renamed
 
 
 def repair_zero_biases(model: onnx.ModelProto) -> int:

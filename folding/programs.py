@@ -178,6 +178,29 @@ def rename_tensor(model: onnx.ModelProto, old: str, new: str) -> None:
             vi.name = new
 
 
+def unique_outputs(model: onnx.ModelProto) -> int:
+    """Give every graph output a tensor of its own: a program that returns one tensor twice (``(y.mean(), y, y)``,
+    ultralytics' segmentation head) is exported with the same name listed twice, which no name-keyed runtime can
+    tell apart; each repeat becomes an ``Identity`` of the first. Returns how many were added."""
+    g = model.graph
+    seen: set[str] = set()
+    taken = {t for n in g.node for t in (*n.input, *n.output)} | {i.name for i in (*g.input, *g.initializer)}
+    added = 0
+    for out in g.output:
+        if out.name not in seen:
+            seen.add(out.name)
+            continue
+        k, new = 1, f"{out.name}__{1}"
+        while new in taken:
+            k += 1
+            new = f"{out.name}__{k}"
+        g.node.append(onnx.helper.make_node("Identity", [out.name], [new], name=f"foldserve_output_copy_{new}"))
+        taken.add(new)
+        out.name = new
+        added += 1
+    return added
+
+
 def prepend_normalization(model: onnx.ModelProto, norm: Norm, rank: int, name: str | None = None) -> None:
     """``input -> (input - mean) / std -> the model``, constants shaped [1, C, 1, ...] in the input's type."""
     g = model.graph
@@ -235,6 +258,7 @@ def finish_reference(reference: onnx.ModelProto, record: SourceRecord, opts: Opt
     vis = graph_inputs(reference)
     if not vis:
         raise ConfigError(f"{what} has no inputs")
+    unique_outputs(reference)
     names = [vi.name for vi in vis]
     dims: dict[str, list[int | None]] = {}
     for vi in vis:
