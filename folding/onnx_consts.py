@@ -142,6 +142,17 @@ def _constant_node(node: onnx.NodeProto) -> np.ndarray | None:
     return None if value is None else numpy_helper.to_array(value)
 
 
+def _with_subgraph_nodes(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """``nodes`` and every node of their subgraphs (If / Loop / Scan bodies), which may read outer names."""
+    out = []
+    for n in nodes:
+        out.append(n)
+        for a in n.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                out += _with_subgraph_nodes(list(sub.node))
+    return out
+
+
 def fold_constants(model: onnx.ModelProto) -> int:
     """Evaluate constant subgraphs of ``model`` in place; returns how many nodes were folded away."""
     g = model.graph
@@ -174,15 +185,22 @@ def fold_constants(model: onnx.ModelProto) -> int:
         return 0
     gone = {id(n) for n in folded}
     remaining = [n for n in g.node if id(n) not in gone]
+    # an Identity of an initializer is the exporter sharing one weight under two names: its readers read the
+    # initializer itself, so the weight stays one tensor (a copy would grow the model)
+    stored = {t.name for t in g.initializer if t.name not in overridable}
+    alias: dict[str, str] = {}
+    for n in folded:
+        if n.op_type == "Identity":
+            root = alias.get(n.input[0], n.input[0])
+            if root in stored:
+                alias[n.output[0]] = root
     read: set[str] = set()
-    for n in remaining:
+    for n in _with_subgraph_nodes(remaining):
+        n.input[:] = [alias.get(i, i) for i in n.input]
         read.update(n.input)
-        for a in n.attribute:
-            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                read.update(i for sn in sub.node for i in sn.input)
     for n in folded:
         out = n.output[0]
-        if out in read:
+        if out in read and out not in alias:
             g.initializer.append(numpy_helper.from_array(known[out].final(), out))
     del g.node[:]
     g.node.extend(remaining)
