@@ -60,6 +60,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                               "(or the first samples of --data)")
     q.add_argument("--calibration-method", choices=CALIBRATION_METHODS, default=DEFAULT_CALIBRATION_METHOD,
                    help=f"int8: how activation ranges are chosen ({DEFAULT_CALIBRATION_METHOD})")
+    p.add_argument("--install-unverified", action="store_true",
+                   help="install the version even if its verification fails (by default it is kept aside as "
+                        "NAME/.rejected-VERSION and the repository is unchanged)")
     p.add_argument("--onnx", help="fold this one ONNX file into --out OUT (no entry, no verification)")
     p.add_argument("--out", help="with --onnx: where to write the folded model (not the input itself)")
     add_verify_flags(p)
@@ -83,14 +86,29 @@ def run(args: argparse.Namespace) -> int:
     result = build_entry(FoldRequest(
         args.model, args.repository, args.name, args.version, max_batch_size=args.max_batch_size,
         max_queue_delay_us=args.max_queue_delay_us, verify=not args.no_verify, verify_options=verify_options(args),
-        force=args.force, options=options, labels_file=args.labels, precision=args.precision,
+        force=args.force, install_unverified=args.install_unverified, options=options, labels_file=args.labels,
+        precision=args.precision,
         calibration_method=args.calibration_method, calibration_samples=args.calibration_samples))
     print_fold_report(result.onnx_report)
     print(f"model: {result.version_dir}")
     if result.verification is not None:
         print(summary_table(result.verification))
+        if not result.verification.passed:
+            print(unverified_note(result))
         return 0 if result.verification.passed else 1
     return 0
+
+
+def unverified_note(result) -> str:
+    """What happened to a version whose verification failed, and what a server will do with it."""
+    if not result.installed:
+        return (f"not installed: the repository is unchanged, and a server keeps serving what it served. The "
+                f"rejected version is kept at {result.version_dir} for inspection (foldserve verify "
+                f"{result.version_dir}); --install-unverified installs such a version, which a server then serves "
+                f"only when started with --allow-unverified")
+    return (f"installed unverified (--install-unverified) as version {result.version}: a server refuses it unless "
+            f"started with --allow-unverified (it keeps serving the version before, if any; with --strict-readiness "
+            f"and no other version the model never becomes ready)")
 
 
 def _fold_file(args: argparse.Namespace) -> int:

@@ -16,7 +16,15 @@ from pathlib import Path
 import onnx
 
 from folding.calibration import calibration_samples
-from folding.install import check_compatible, check_model_name, check_version, install, model_precision, write_failure
+from folding.install import (
+    check_compatible,
+    check_model_name,
+    check_version,
+    install,
+    model_precision,
+    rejected_dir,
+    write_failure,
+)
 from folding.kinds import Prepared, SourceKind, detect_kind
 from folding.onnx_io import check_onnx, has_external_data, save_model, save_with_external_data
 from folding.onnx_passes import fold_onnx
@@ -68,6 +76,7 @@ class FoldRequest:
     verify: bool = True
     verify_options: VerifyOptions | None = None
     force: bool = False                       # replace an existing version
+    install_unverified: bool = False          # install a version whose verification failed (else kept aside)
     options: Options = field(default_factory=Options)
     labels_file: str | None = None
     precision: str = DEFAULT_PRECISION
@@ -97,6 +106,7 @@ class EntryResult:
     onnx_report: FoldReport
     torch_report: FoldReport | None
     verification: VerificationReport | None
+    installed: bool = True       # False: verification failed, the version is kept aside (version_dir says where)
 
 
 def tensor_specs(model: onnx.ModelProto, batched: bool) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -183,9 +193,16 @@ def build_entry(request: FoldRequest) -> EntryResult:
         _write_version(staging, prepared, reports, served, precision_info)
         return verify_entry(staging, request.verify_options) if request.verify else None
 
-    verification = install(model_dir, version_dir, config, prepared.labels, write_and_verify)
-    logger.info("repository entry %s version %d: %s", name, version, onnx_report.summary())
-    return EntryResult(model_dir, version_dir, version, onnx_report, torch_report, verification)
+    def accept(report: VerificationReport | None) -> bool:
+        return report is None or report.passed or request.install_unverified
+
+    verification = install(model_dir, version_dir, config, prepared.labels, write_and_verify, accept)
+    installed = accept(verification)
+    if not installed:
+        version_dir = rejected_dir(version_dir)
+    logger.info("repository entry %s version %d%s: %s", name, version, "" if installed else " NOT installed",
+                onnx_report.summary())
+    return EntryResult(model_dir, version_dir, version, onnx_report, torch_report, verification, installed)
 
 
 def fold_onnx_file(src: str | Path, dst: str | Path) -> FoldReport:

@@ -66,10 +66,21 @@ def model_precision(model_dir: Path, version: int, precision: str) -> str:
     return precision if others <= {precision} else "mixed"
 
 
+REJECTED_PREFIX = ".rejected-"
+
+
+def rejected_dir(version_dir: Path) -> Path:
+    """Where a version that failed its check is kept for inspection: ``NAME/.rejected-VERSION``, beside the versions
+    and invisible to a server (not a version number; the model's config is not written for it)."""
+    return version_dir.parent / f"{REJECTED_PREFIX}{version_dir.name}"
+
+
 def install(model_dir: Path, version_dir: Path, config: ModelConfig, labels: list[str],
-            write_and_check: Callable[[Path], T]) -> T:
+            write_and_check: Callable[[Path], T], accept: Callable[[T], bool] = lambda _: True) -> T:
     """Stage the version (``write_and_check(staging)`` writes its files and verifies them), swap it into place,
-    then write the model's shared files. A first version interrupted on the way leaves no empty model folder."""
+    then write the model's shared files. A first version interrupted on the way leaves no empty model folder. A
+    version that ``accept`` refuses (a failed verification) is not installed: the repository stays as it was and
+    the staged version is kept at :func:`rejected_dir` (replacing an older rejected one)."""
     created = not model_dir.exists()
     try:
         try:
@@ -80,6 +91,12 @@ def install(model_dir: Path, version_dir: Path, config: ModelConfig, labels: lis
             raise WriteError(write_failure(exc, model_dir)) from None
         try:
             result = write_and_check(staging)
+            if not accept(result):
+                install_dir(staging, rejected_dir(version_dir))
+                return result
+            stale = rejected_dir(version_dir)
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
             install_dir(staging, version_dir)
             if labels:
                 write_text(model_dir / LABELS_FILE, "\n".join(labels) + "\n")

@@ -63,7 +63,9 @@ def test_a_bad_calibration_fails_int8_verification_and_names_the_layer(digits_ru
     proc = run_cli("fold", str(digits_run / "checkpoint.pt"), "--repository", str(tmp_path / "repo"), "--name", "bad",
                    "--precision", "int8", "--calibration-data", str(tmp_path / "zeros.npz"), "--batch-sizes", "4")
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    report = json.loads((tmp_path / "repo" / "bad" / "1" / "verification.json").read_text())
+    # a failed fold is not installed: it is kept aside for inspection, invisible to a server
+    assert not (tmp_path / "repo" / "bad" / "1").exists() and "not installed" in proc.stdout
+    report = json.loads((tmp_path / "repo" / "bad" / ".rejected-1" / "verification.json").read_text())
     assert not report["passed"] and "top-1 agreement" in report["failure"]
     assert report["precision"]["calibration_samples"] == 1
     first = report["localization"]["first_failing_layer"]
