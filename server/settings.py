@@ -64,7 +64,8 @@ class Settings(BaseSettings):
                                                      "load serves (Triton's strict readiness); off: ready once "
                                                      "started, whatever failed to load")
     repository_api: bool = Field(False, description="enable the repository load/unload API")
-    admin_token: str | None = Field(None, description="bearer token the repository API requires")
+    admin_token: str | None = Field(None, description="bearer token the repository API and the log and trace "
+                                                        "settings require (without it, they take --auth-token)")
     auth_token: str | None = Field(None, description="bearer token inference requires (off when unset)")
     insecure_admin: bool = Field(False, description="allow --repository-api without --admin-token on a "
                                                     "non-loopback address (anyone who reaches the port can load "

@@ -4,7 +4,8 @@ check (each transport passes the ``authorization`` header values it received).
 Levels: ``PUBLIC`` (health: what load balancers and Kubernetes probe), ``METADATA`` (metadata, config,
 statistics, the index, shared-memory status, /metrics and /docs: behind --auth-token unless
 --public-metadata), ``INFER`` (inference, and registering the shared memory it reads: --auth-token) and
-``ADMIN`` (the repository API: --admin-token).
+``ADMIN`` (the repository API, and the log and trace settings: --admin-token; where none is set, the log and
+trace settings take --auth-token, so a server with a token never leaves them open).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ class Access(enum.Enum):
     PUBLIC = "public"
     METADATA = "metadata"
     INFER = "inference"
-    ADMIN = "the repository API"
+    ADMIN = "administration (the repository API, log and trace settings)"
 
 
 class Op(enum.Enum):
@@ -70,8 +71,8 @@ class Tokens(Protocol):
 def token_for(access: Access, tokens: Tokens) -> str | None:
     if access is Access.PUBLIC:
         return None
-    if access is Access.ADMIN:
-        return tokens.admin_token
+    if access is Access.ADMIN:       # fail closed: the auth token guards them where no admin token is set
+        return tokens.admin_token or tokens.auth_token
     if access is Access.METADATA:
         return tokens.metadata_token()
     return tokens.auth_token

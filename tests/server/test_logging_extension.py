@@ -73,3 +73,30 @@ def test_a_change_reaches_every_worker_and_takes_effect(repository, tmp_path):
             time.sleep(0.2)
         assert srv.log().count("loaded model.onnx") >= before + 2    # both workers log again
         h.close()
+
+
+def test_log_and_trace_settings_take_the_auth_token_where_no_admin_token_is_set(repository, tmp_path):
+    """Fail closed: with --auth-token and no --admin-token, nobody without the token reads or silences the log
+    (``log_error: false``) or changes tracing, over either transport."""
+    repo = tmp_path / "repo"
+    shutil.copytree(repository / "digits", repo / "digits")
+    with ServerProcess(repo, "--auth-token", "tok") as srv:
+        auth = {"Authorization": "Bearer tok"}
+        h = thttp.InferenceServerClient(srv.http)
+        g = tgrpc.InferenceServerClient(srv.grpc)
+        try:
+            for call in (h.get_log_settings, lambda: h.update_log_settings({"log_error": False}),
+                         h.get_trace_settings, lambda: h.update_trace_settings(settings={"trace_rate": "1"})):
+                with pytest.raises(InferenceServerException) as e:
+                    call()
+                assert e.value.status() == "401"
+            for call in (g.get_log_settings, lambda: g.update_log_settings({"log_error": False}),
+                         g.get_trace_settings):
+                with pytest.raises(InferenceServerException) as e:
+                    call()
+                assert e.value.status() == "StatusCode.UNAUTHENTICATED"
+            assert h.get_log_settings(headers=auth)["log_error"] is True     # nothing was changed
+            assert g.get_log_settings(headers=auth, as_json=True)["settings"]["log_error"] == {"bool_param": True}
+        finally:
+            h.close()
+            g.close()
