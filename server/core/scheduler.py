@@ -77,6 +77,11 @@ def _deliver(batch: list[_Pending], results: list[np.ndarray], start: float, inp
             p.future.set_result((part, start - p.enqueued, (input_ns, infer_ns, output_ns), total))
 
 
+def _shapes(p: _Pending) -> tuple[tuple[str, tuple[int, ...], str], ...]:
+    """What must agree for two requests to share an execution: each input's shape past the batch axis and type."""
+    return tuple(sorted((k, v.shape[1:], v.dtype.str) for k, v in p.feeds.items()))
+
+
 class Scheduler:
     def __init__(self, name: str, run: RunFn, *, max_batch_size: int, max_delay_s: float | None,
                  max_queue: int, instances: int, stats: ModelStats, metrics: Metrics, eager: bool = False,
@@ -102,6 +107,7 @@ class Scheduler:
         self._direct_slots: asyncio.Semaphore
         self._waiting = 0
         self._closed = False
+        self.batcher_restarts = 0
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -109,8 +115,7 @@ class Scheduler:
         self._wakeup = asyncio.Event()
         self._direct_slots = asyncio.Semaphore(self.instances)
         if self.batching:
-            self._workers = [asyncio.create_task(self._worker(), name=f"batcher-{self.name}-{i}")
-                             for i in range(self.instances)]
+            self._workers = [self._start_worker(i) for i in range(self.instances)]
 
     @property
     def queue_length(self) -> int:
@@ -256,17 +261,37 @@ class Scheduler:
         return None
 
     def _take_batch(self) -> list[_Pending]:
-        """Pop requests for one execution: same requested outputs, total batch <= max_batch_size."""
+        """Pop requests for one execution: same requested outputs, same shapes and types past the batch axis
+        (a model with -1 dims gets requests of several shapes, which Triton batches only with ragged batching),
+        total batch <= max_batch_size; requests stay in arrival order."""
         taken: list[_Pending] = []
         total = 0
         while (p := self._head()) is not None:
-            if taken and (total + p.batch > self.max_batch_size or p.outputs != taken[0].outputs):
+            if taken and (total + p.batch > self.max_batch_size or p.outputs != taken[0].outputs
+                          or _shapes(p) != _shapes(taken[0])):
                 break
             heapq.heappop(self._queue)
             p.taken = True
             taken.append(p)
             total += p.batch
         return taken
+
+    def _start_worker(self, i: int) -> asyncio.Task[None]:
+        task = asyncio.create_task(self._worker(), name=f"batcher-{self.name}-{i}")
+        task.add_done_callback(lambda t: self._worker_ended(t, i))
+        return task
+
+    def _worker_ended(self, task: asyncio.Task[None], i: int) -> None:
+        """A batcher that died (a bug, not a failed execution: those fail their batch) is logged and replaced, so
+        the model never sits READY with nobody taking its queue."""
+        if task.cancelled() or self._closed:
+            return
+        exc = task.exception()
+        logger.error("model %s: batcher %d stopped (%s: %s); starting a new one", self.name, i,
+                     type(exc).__name__ if exc else "returned", exc, exc_info=exc)
+        self.batcher_restarts += 1
+        self._workers[i] = self._start_worker(i)
+        self._wakeup.set()
 
     async def _worker(self) -> None:
         loop = asyncio.get_running_loop()
@@ -295,13 +320,13 @@ class Scheduler:
             self._inflight += 1
             try:
                 t_in = time.perf_counter_ns()
-                if len(batch) == 1:
-                    feeds = batch[0].feeds
-                else:
-                    feeds = {k: np.concatenate([p.feeds[k] for p in batch]) for k in batch[0].feeds}
-                input_ns = time.perf_counter_ns() - t_in
                 total = sum(p.batch for p in batch)
                 try:
+                    if len(batch) == 1:
+                        feeds = batch[0].feeds
+                    else:
+                        feeds = {k: np.concatenate([p.feeds[k] for p in batch]) for k in batch[0].feeds}
+                    input_ns = time.perf_counter_ns() - t_in
                     self._mean_batch = 0.9 * self._mean_batch + 0.1 * len(batch)
                     if (len(batch) == 1 and self._mean_batch < 1.05 and self.instances == 1
                             and total * self.run_estimate_s <= INLINE_MAX_S):
