@@ -50,7 +50,7 @@ from server.core.types import (
     ServerMetadata,
     TensorMetadata,
 )
-from server.core.validation import validate_request
+from server.core.validation import check_request, check_shm_inputs, decode_inputs
 from server.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -315,10 +315,12 @@ class DataPlane:
             if not self._ready:
                 raise ServerNotReady("the server is not ready (starting or shutting down)")
             lv = self.registry.get(req.model_name, req.model_version)
+            batch = check_request(req, lv.spec, self.settings.max_elements)
+            check_shm_inputs(req, lv.spec, self.settings.max_request_bytes)     # before a byte of them is read
             for t in req.inputs:
                 if t.shm is not None:
                     t.raw = self.shm.read(t.shm, f"input {t.name!r}")
-            feeds, batch = validate_request(req, lv.spec, self.settings.max_elements)
+            feeds = decode_inputs(req)
             if lv.spec.max_batch_size == 0:
                 batch = 1
             wanted = [o.name for o in req.outputs] or [t.name for t in lv.spec.outputs]

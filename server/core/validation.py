@@ -136,6 +136,33 @@ def _decode(t: InferInput, dtype: np.dtype) -> np.ndarray:
 
 def validate_request(req: InferRequest, model: ModelSpec, max_elements: int) -> tuple[dict[str, np.ndarray], int]:
     """Returns (feeds, batch size). Raises :class:`InvalidInput` naming the tensor and what was expected."""
+    batch = check_request(req, model, max_elements)
+    return decode_inputs(req), batch
+
+
+def check_shm_inputs(req: InferRequest, model: ModelSpec, max_request_bytes: int) -> None:
+    """Every shared-memory reference of a request checked (after :func:`check_request`) before a byte of it is
+    read: a fixed-size input's byte size must be what its shape needs (Triton's words), and all of them together
+    within --max-request-bytes, so a small request naming large regions costs no memory."""
+    total = 0
+    for t in req.inputs:
+        if t.shm is None:
+            continue
+        total += t.shm.byte_size
+        if t.datatype in DTYPE_SIZES:
+            expected = math.prod(t.shape) * DTYPE_SIZES[t.datatype]
+            if t.shm.byte_size != expected:
+                raise InvalidInput(f"input byte size mismatch for input '{t.name}' for model '{model.name}'. "
+                                   f"Expected {expected}, got {t.shm.byte_size} (shared_memory_byte_size of region "
+                                   f"{t.shm.region!r}; shape {t.shape} of {t.datatype})")
+    if total > max_request_bytes:
+        raise PayloadTooLarge(f"the request's shared-memory inputs are {total} bytes together, more than the "
+                              f"{max_request_bytes} bytes a request may carry (--max-request-bytes)")
+
+
+def check_request(req: InferRequest, model: ModelSpec, max_elements: int) -> int:
+    """Names, datatypes, shapes, batch sizes and requested outputs, before any data is read or decoded; returns
+    the batch size."""
     if not req.inputs:
         raise InvalidInput(f"request has no inputs; model {model.name!r} expects "
                            f"{[t.name for t in model.inputs]}")
@@ -171,6 +198,11 @@ def validate_request(req: InferRequest, model: ModelSpec, max_elements: int) -> 
             raise InvalidInput(f"output {o.name!r}: classification count must be >= 0")
         if o.class_count and model.output(o.name).datatype == "BYTES":  # type: ignore[union-attr]
             raise InvalidInput(f"output {o.name!r}: classification needs numeric scores, this output is BYTES")
+    return batches.pop()
+
+
+def decode_inputs(req: InferRequest) -> dict[str, np.ndarray]:
+    """The checked inputs (:func:`check_request`) as arrays (zero-copy for raw bytes)."""
     feeds = {}
     for t in req.inputs:
         try:
@@ -178,7 +210,7 @@ def validate_request(req: InferRequest, model: ModelSpec, max_elements: int) -> 
         except UnsupportedDataType as exc:
             raise InvalidInput(str(exc)) from None
         feeds[t.name] = _decode(t, dtype)
-    return feeds, batches.pop()
+    return feeds
 
 
 JSON_BYTES_PER_ELEMENT = 32        # the longest JSON number ("-1.2345678901234567e-308") with its separator

@@ -141,3 +141,33 @@ def test_regions_are_bounded_and_one_object_holds_one_descriptor(shm_server):
                     if os.path.realpath(p) == f"/dev/shm{key}"]
     finally:
         tritonshm.destroy_shared_memory_region(handle)
+
+
+def test_shared_memory_references_are_checked_before_a_byte_is_read(shm_server):
+    """One 1 KB request naming a sparse 256 MB region 8 times (or once, with a byte size its shape does not need)
+    made the server read every reference first: +2 GB of RSS for a 400. Each reference is checked first now."""
+    from tests.hardening.conftest import rss_mb
+
+    tag = uuid.uuid4().hex[:8]
+    name, key, size = f"big_{tag}", f"/foldserve_sparse_{tag}", 256 * 1024 * 1024
+    path = Path("/dev/shm") / key[1:]
+    with open(path, "wb") as f:
+        f.truncate(size)                          # sparse: costs the client nothing
+    try:
+        code, body = post_json(shm_server.http, f"/v2/systemsharedmemory/region/{name}/register",
+                               {"key": key, "offset": 0, "byte_size": size})
+        assert code == 200, body
+        before = rss_mb(shm_server.proc.pid)
+        ref = {"shared_memory_region": name, "shared_memory_byte_size": size}
+        eight = {"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "parameters": ref}] * 8}
+        code, body = post_json(shm_server.http, "/v2/models/digits/infer", eight)
+        assert code == 400 and "given twice" in body, body
+        assert rss_mb(shm_server.proc.pid) - before < 64, "the server read the regions"
+        code, body = post_json(shm_server.http, "/v2/models/digits/infer", {"inputs": eight["inputs"][:1]})
+        assert code == 400 and "input byte size mismatch for input 'input' for model 'digits'" in body, body
+        assert f"Expected 256, got {size}" in body
+        assert rss_mb(shm_server.proc.pid) - before < 64, "the server read the regions"
+        _healthy(shm_server)
+    finally:
+        post_json(shm_server.http, f"/v2/systemsharedmemory/region/{name}/unregister", {})
+        path.unlink()
