@@ -44,6 +44,10 @@ IGNORED = {"optimization": "backend optimisation settings (onnxruntime runs with
            "response_cache": "the response cache (every request is computed)", "model_metrics": "model metrics"}
 TENSOR_REFUSED = {"reshape": "reshape", "is_shape_tensor": "shape tensors", "allow_ragged_batch": "ragged batches",
                   "optional": "optional inputs"}
+#: bounds on what a config may ask for: beyond them a model loads but cannot serve (20,000 instances made most
+#: requests 429; a queue delay of 2^64-1 us made every request wait forever)
+MAX_INSTANCES = 64
+MAX_QUEUE_DELAY_US = 60_000_000
 INSTANCE_IGNORED = ("kind", "gpus", "secondary_devices", "profile", "passive", "host_policy", "rate_limiter")
 
 
@@ -78,6 +82,14 @@ def check_fields(config: ModelConfig, where: str) -> list[str]:
         if ignored:
             warnings.append(f"{where}: instance_group {', '.join(ignored)} ignored (the provider is chosen by "
                             f"--provider; count sets the model's parallel executions)")
+    count = sum(max(g.count, 1) for g in config.instance_group)
+    if count > MAX_INSTANCES:
+        raise ModelNotReady(f"{where}: instance_group count {count} is more than the {MAX_INSTANCES} parallel "
+                            f"executions foldserve runs per model")
+    delay = int(config.dynamic_batching.max_queue_delay_microseconds)
+    if delay > MAX_QUEUE_DELAY_US:
+        raise ModelNotReady(f"{where}: dynamic_batching.max_queue_delay_microseconds {delay} is more than "
+                            f"{MAX_QUEUE_DELAY_US} (60 s): every request would wait that long for a batch")
     if config.runtime not in ("", "onnxruntime", "libtriton_onnxruntime.so"):
         warnings.append(f"{where}: runtime {config.runtime!r} ignored (onnxruntime serves every model)")
     return warnings

@@ -161,7 +161,10 @@ def test_load_with_a_config_override_applies_it_until_the_next_plain_load(server
                            ('{"max_batch_size": 0}', "changes the verified interface"),
                            ('{"input": [{"name": "image", "data_type": "TYPE_FP32", "dims": [1, 8, 8]}]}',
                             "changes the verified interface"),
-                           ("not json", "is not a ModelConfig in JSON")):
+                           ("not json", "is not a ModelConfig in JSON"),
+                           ('{"max_batch_size": 8, "instance_group": [{"count": 20000}]}', "instance_group count 20000 is more than"),
+                           ('{"max_batch_size": 8, "dynamic_batching": {"max_queue_delay_microseconds": '
+                            '"18446744073709551615"}}', "max_queue_delay_microseconds 18446744073709551615")):
             for client in (h, g):
                 with pytest.raises(InferenceServerException, match="failed to load") as e:
                     client.load_model("digits", config=bad)
