@@ -39,7 +39,8 @@ LAYER_FP32 = Tolerance(1e-5, 1e-6)
 # optimisations), moves further from the truth than TOLERANCES allow. A folded candidate is then judged against that
 # floor: it passes an output when its error is within the tolerance or within NOISE_MARGIN times the largest error
 # the unfolded model shows on its own on any sample the verifier draws (so a fold may add no more than the float32
-# model's own noise, with this margin). A site of the fold is judged the same way against the unfolded graph's own movement there.
+# model's own noise, with this margin). A site of the fold is judged the same way against the unfolded graph's own
+# movement there.
 NOISE_MARGIN = 2.0
 # An output the unfolded model moves by more than this fraction of its scale between two of its own float32 runs (or
 # whose shape or integer values change between them) is unstable: a discrete choice (NMS, top-k, argmax) flips on

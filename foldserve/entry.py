@@ -51,10 +51,18 @@ def next_version(model_dir: Path) -> int:
     return max(version_numbers(model_dir), default=0) + 1
 
 
+#: the largest labels.txt read (a million class names of 15 characters): a larger one is refused before it is read
+MAX_LABELS_BYTES = 16 << 20
+
+
 def read_labels(model_dir: Path, version_dir: Path | None = None) -> list[str]:
     """Per-version labels win over the model's labels.txt."""
     for p in ((version_dir / LABELS_FILE) if version_dir else None, model_dir / LABELS_FILE):
         if p is not None and p.is_file():
+            size = p.stat().st_size
+            if size > MAX_LABELS_BYTES:
+                raise EntryError(f"{p.parent.name}/{LABELS_FILE} is {size} bytes, more than the {MAX_LABELS_BYTES} "
+                                 f"bytes of class names foldserve reads")
             return [line.strip() for line in p.read_text().splitlines() if line.strip()]
     return []
 

@@ -133,6 +133,13 @@ def read_model_bytes(path: Path, vdir: Path, max_model_memory_mb: int = 0) -> Mo
     is a ModelNotReady."""
     import onnx
 
+    size = path.stat().st_size          # refused before it is read: a 2.2 GB sparse file cost its read first
+    if max_model_memory_mb and size > max_model_memory_mb << 20:
+        raise ModelNotReady(f"{path.name} is {size >> 20} MB, more than the {max_model_memory_mb} MB a load may cost "
+                            f"(--max-model-memory-mb)")
+    if size >= 2**31:
+        raise ModelNotReady(f"{path.name} is {size >> 20} MB: an ONNX protobuf is at most 2 GB (larger weights go "
+                            f"in external data)")
     try:
         data = path.read_bytes()
         model = onnx.load_from_string(data)
@@ -145,6 +152,9 @@ def read_model_bytes(path: Path, vdir: Path, max_model_memory_mb: int = 0) -> Mo
             if not loc or Path(loc).is_absolute() or vdir.resolve() not in target.parents:
                 raise ModelNotReady(f"{path.name}: external data {loc!r} points outside the model folder")
             if loc not in external:
+                if max_model_memory_mb and target.stat().st_size > max_model_memory_mb << 20:
+                    raise ModelNotReady(f"{path.name}: external data {loc!r} is more than the {max_model_memory_mb} "
+                                        f"MB a load may cost (--max-model-memory-mb)")
                 external[loc] = target.read_bytes()
             start, length = int(info.get("offset", 0)), info.get("length")
             blob = external[loc]

@@ -78,3 +78,24 @@ def test_hostile_entries_are_refused_with_the_reason_and_cost_nothing(tmp_path):
         assert "max_batch_size 2147483647" in reasons["huge_batch"], reasons
         assert "model_warmup 'w'" in reasons["huge_warmup"] and "64000000 elements" in reasons["huge_warmup"], reasons
         assert rss_mb(srv.proc.pid) < 800, f"the server holds {rss_mb(srv.proc.pid):.0f} MB"
+
+
+def test_oversized_files_are_refused_before_they_are_read(tmp_path):
+    """A 2.2 GB sparse model.onnx and a 100 MB labels.txt were read whole before any size check."""
+    repo = tmp_path / "repo"
+    config = ('name: "NAME"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 8\n'
+              'input [ { name: "x" data_type: TYPE_FP32 dims: [ 4 ] } ]\n'
+              'output [ { name: "y" data_type: TYPE_FP32 dims: [ 4 ] } ]\n')
+    _write_model(repo, "sparse_model", _copy(), config.replace("NAME", "sparse_model"))
+    with open(repo / "sparse_model" / "1" / "model.onnx", "r+b") as f:
+        f.truncate(2200 << 20)                  # sparse: no disk, no memory until someone reads it
+    _write_model(repo, "many_labels", _copy(), config.replace("NAME", "many_labels"))
+    with open(repo / "many_labels" / "labels.txt", "wb") as f:
+        f.truncate(100 << 20)
+    _write_model(repo, "fine", _copy(), config.replace("NAME", "fine"))
+    with ServerProcess(repo) as srv:
+        index = _index(srv)
+        assert index["fine"]["state"] == "READY"
+        assert "model.onnx is 2200 MB" in index["sparse_model"]["reason"], index["sparse_model"]
+        assert "labels.txt is 104857600 bytes" in index["many_labels"]["reason"], index["many_labels"]
+        assert rss_mb(srv.proc.pid) < 800, f"the server holds {rss_mb(srv.proc.pid):.0f} MB"
