@@ -65,7 +65,13 @@ def request_from_proto(msg: pb.ModelInferRequest) -> InferRequest:
         inputs.append(inp)
     outputs = []
     for o in msg.outputs:
-        cc = o.parameters["classification"].int64_param if "classification" in o.parameters else 0
+        cc = 0
+        if "classification" in o.parameters:
+            given = o.parameters["classification"]
+            if given.WhichOneof("parameter_choice") != "int64_param":
+                raise InvalidInput(f"output {o.name!r}: parameter 'classification' must be an int64_param (the "
+                                   f"number of top classes), got {given.WhichOneof('parameter_choice')}")
+            cc = given.int64_param
         outputs.append(RequestedOutput(o.name, None, int(cc), _shm(o.parameters, f"output {o.name!r}")))
     params = {k: _param(v) for k, v in msg.parameters.items()}
     return InferRequest(msg.model_name, msg.model_version, msg.id, inputs, outputs, params)

@@ -138,7 +138,8 @@ def _parse_outputs(outs_doc: Any) -> list[RequestedOutput]:
             raise InvalidInput(f"output {oname!r}: parameters must be an object")
         binary = op.get("binary_data")
         cc = op.get("classification", 0)
-        outputs.append(RequestedOutput(oname, bool(binary) if binary is not None else None,
+        outputs.append(RequestedOutput(oname, _typed(binary, bool, f"output {oname!r}: parameter binary_data")
+                                       if binary is not None else None,
                                        _typed(cc, int, f"output {oname!r}: classification"),
                                        shm_ref(op, f"output {oname!r}")))
     return outputs
@@ -182,7 +183,8 @@ def parse_infer_request(model: str, version: str, body: bytes, header_length: st
     rid = doc.get("id", "")
     if not isinstance(rid, str):
         raise InvalidInput("'id' must be a string")
-    params["binary_data_output"] = bool(params.get("binary_data_output", False))
+    params["binary_data_output"] = _typed(params.get("binary_data_output", False), bool,
+                                          "parameters.binary_data_output")     # "no" is not False
     return InferRequest(model, version, rid, inputs, _parse_outputs(doc.get("outputs") or []), params)
 
 

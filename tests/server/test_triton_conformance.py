@@ -232,3 +232,32 @@ def test_overflowing_shapes_and_a_non_boolean_ready_get_tritons_400s(server):
         assert status == 400 and "Invalid value for 'ready': expected a boolean" in doc["error"]
     status, doc = post("/v2/repository/index", {"ready": True})
     assert status == 200 and {m["name"] for m in doc} >= {"digits"}
+
+
+def test_parameters_of_the_wrong_type_are_refused_not_misread(server):
+    """``binary_data_output: "no"`` was read as true (binary output), and a gRPC ``classification`` given as a string
+    parameter was silently ignored: each is a 400 / INVALID_ARGUMENT naming the parameter now."""
+    import grpc
+    from tritonclient.grpc import service_pb2 as tpb
+    from tritonclient.grpc import service_pb2_grpc as tpb_grpc
+
+    x = digits_batch(1)
+    body = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
+    for doc, words in (({**body, "parameters": {"binary_data_output": "no"}}, "parameters.binary_data_output must be bool"),
+                       ({**body, "outputs": [{"name": "output", "parameters": {"binary_data": "no"}}]},
+                        "output 'output': parameter binary_data must be bool")):
+        conn = http.client.HTTPConnection(*server.http.split(":"), timeout=10)
+        conn.request("POST", "/v2/models/digits/infer", json.dumps(doc), {"content-type": "application/json"})
+        r = conn.getresponse()
+        text = r.read().decode()
+        conn.close()
+        assert r.status == 400 and words in text, (r.status, text)
+    req = tpb.ModelInferRequest(model_name="digits")
+    t = req.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
+    t.contents.fp32_contents.extend(x.ravel().tolist())
+    out = req.outputs.add(name="output")
+    out.parameters["classification"].string_param = "3"
+    with grpc.insecure_channel(server.grpc) as ch, pytest.raises(grpc.RpcError) as e:
+        tpb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(req, timeout=10)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "parameter 'classification' must be an int64_param" in e.value.details()
