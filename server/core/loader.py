@@ -99,6 +99,7 @@ def build_version(repo: ModelRepository, name: str, version: int, config: ModelC
     if grown > files.budget:
         raise ModelNotReady(f"building and warming version {version} grew memory by {grown >> 20} MB, more than "
                             f"the {files.budget >> 20} MB a load may cost (--max-model-memory-mb)")
+    metrics.model_loaded(name, str(version))
     return LoadedVersion(name, version, spec, runtime, scheduler, stats, verification, preprocess, precision,
                          request_bytes_limit(spec, s.max_elements, s.max_request_bytes),
                          request_elements_limit(spec, s.max_elements),

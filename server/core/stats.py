@@ -266,6 +266,8 @@ MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 TRITON_PREFIX = "foldserve_triton_"
 #: Triton's inference metric families (docs/user_guide/metrics.md): exposed under their Triton names, with
 #: Triton's units and labels, so that its Grafana dashboards, alerts and autoscaling rules read this server
+#: the ``reason`` label of nv_inference_request_failure (server.core.dataplane.failure_reason picks one)
+FAILURE_REASONS = ("REJECTED", "CANCELED", "BACKEND", "OTHER")
 TRITON_COUNTERS = {
     "request_success": ("nv_inference_request_success", "Number of successful inference requests, all batch sizes"),
     "request_failure": ("nv_inference_request_failure", "Number of failed inference requests, all batch sizes"),
@@ -350,6 +352,16 @@ class Metrics:
                         ("compute_input_duration_us", compute[0]), ("compute_infer_duration_us", compute[1]),
                         ("compute_output_duration_us", compute[2])):
             t[key].labels(model, version).inc(ns // 1000)
+
+    def model_loaded(self, model: str, version: str) -> None:
+        """Every per-model family at 0 as a version loads, as Triton creates them (one nv_inference_request_failure
+        per reason): a rate() alert then sees 0, not "no data"."""
+        for key, counter in self.triton.items():
+            if key == "request_failure":
+                for reason in FAILURE_REASONS:
+                    counter.labels(model, version, reason).inc(0)
+            else:
+                counter.labels(model, version).inc(0)
 
     def failed(self, model: str, version: str, reason: str) -> None:
         self.triton["request_failure"].labels(model, version, reason).inc()

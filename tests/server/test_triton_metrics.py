@@ -107,3 +107,18 @@ def test_gpu_families_with_triton_names_per_gpu(repository, tmp_path):
         total = _value(samples, "nv_gpu_memory_total_bytes", gpu_uuid=u)
         assert total >= _value(samples, "nv_gpu_memory_used_bytes", gpu_uuid=u) >= 0 and total > 2**30
         assert 0.0 <= _value(samples, "nv_gpu_utilization", gpu_uuid=u) <= 1.0
+
+
+def test_every_failure_reason_exists_at_zero_once_a_model_loads(repository, tmp_path):
+    """Triton creates nv_inference_request_failure at 0 for each reason as a model loads, so a rate() alert sees 0,
+    not "no data", before the first failure."""
+    repo = tmp_path / "repo"
+    shutil.copytree(repository / "digits", repo / "digits")
+    with ServerProcess(repo) as srv:
+        with urllib.request.urlopen(f"http://{srv.http}/metrics", timeout=10) as r:
+            samples = metric_samples(r.read().decode())
+    failures = {s[1]["reason"]: s[2] for s in samples
+                if s[0] == "nv_inference_request_failure_total" and s[1].get("model") == "digits"}
+    assert failures == {"REJECTED": 0.0, "CANCELED": 0.0, "BACKEND": 0.0, "OTHER": 0.0}
+    assert any(s[0] == "nv_inference_request_success_total" and s[1].get("model") == "digits" and s[2] == 0
+               for s in samples)
