@@ -103,7 +103,7 @@ class DataPlane:
         await self.monitor.stop()
         await self.registry.close()
         self.shm.close()
-        self.tracing.shutdown()          # exports the spans still buffered
+        self.tracing.shutdown(min(2.0, self.settings.grace_period_s))    # the spans still buffered, bounded
 
     def live(self) -> bool:
         return True  # answering at all is liveness

@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import threading
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -116,7 +117,8 @@ class Tracing:
         else:
             exporter = ConsoleSpanExporter()
         resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", "foldserve")})
-        self._provider = TracerProvider(resource=resource)
+        # shutdown_on_exit off: the exit would otherwise wait on a collector that never answers (see shutdown)
+        self._provider = TracerProvider(resource=resource, shutdown_on_exit=False)
         self._provider.add_span_processor(BatchSpanProcessor(exporter))
         self._tracer = self._provider.get_tracer("foldserve")
         logger.info("tracing on: OpenTelemetry spans to the %s exporter", self.exporter)
@@ -179,6 +181,14 @@ class Tracing:
             span.set_status(Status(StatusCode.ERROR, error))
         span.end(end_time=end_ns)
 
-    def shutdown(self) -> None:
-        if self._provider is not None:
-            self._provider.shutdown()
+    def shutdown(self, timeout_s: float = 2.0) -> None:
+        """Export the spans still buffered, for at most ``timeout_s``: an OTLP collector that never answers held
+        SIGTERM for 33 s (the exporter's timeout and retries); past the bound they are dropped, with a warning."""
+        if self._provider is None:
+            return
+        worker = threading.Thread(target=self._provider.shutdown, name="otel-shutdown", daemon=True)
+        worker.start()
+        worker.join(timeout_s)
+        if worker.is_alive():
+            logger.warning("tracing: the exporter did not finish within %.1f s of shutdown; the spans still "
+                           "buffered are dropped", timeout_s)

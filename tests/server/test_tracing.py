@@ -145,3 +145,27 @@ def test_tracing_is_off_without_an_exporter_and_cannot_be_turned_on(server):
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(f"http://{server.http}/v2/models/nope/trace/setting", timeout=10)
     assert e.value.code == 404
+
+
+def test_sigterm_is_not_held_by_a_collector_that_never_answers(repository, tmp_path):
+    """An OTLP collector that accepts connections and never answers held SIGTERM for 33 s (the exporter's timeout
+    and retries); the buffered spans get a bounded time now, then the server exits."""
+    import shutil
+    import socket
+
+    shutil.copytree(repository / "digits", tmp_path / "digits")
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)                           # the kernel accepts; nobody ever reads or answers
+    env = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_BSP_SCHEDULE_DELAY": "60000",     # spans stay buffered
+           "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"http://127.0.0.1:{silent.getsockname()[1]}/v1/traces"}
+    try:
+        srv = ServerProcess(tmp_path, "--grace-period-s", "2", env=env)
+        _infer(thttp, srv.http, {})
+        t0 = time.monotonic()
+        assert srv.stop(timeout=60) == 0
+        took = time.monotonic() - t0
+        assert took < 15, f"SIGTERM took {took:.1f} s"
+        assert "did not finish within 2.0 s" in srv.log()
+    finally:
+        silent.close()
