@@ -15,6 +15,7 @@ Sections (each in the JSON report; the Markdown table summarises them):
 * ``reparam``    timm's MobileOne-S0 / RepVGG-A0: training form vs what ``fold`` serves (:mod:`bench.reparam`).
 * ``burst``      a well-behaved gRPC client's p99 alone and during 5,000 REST + 5,000 gRPC requests at once
                  (:mod:`bench.burst`).
+* ``bombs``      the same client's p99 alone and while 20 gzip bombs a second are refused (:mod:`bench.bombs`).
 * ``fold_stages`` ``foldserve fold`` of torchvision's ResNet-50 .pt2 per stage (export, fold, verify).
 * ``goals``      the issue's goals as ratios from this run, each with pass/fail.
 """
@@ -35,6 +36,9 @@ from typing import Any
 
 import numpy as np
 
+from bench.bombs import bench_bombs
+from bench.bombs import goals as bombs_goals
+from bench.bombs import markdown as bombs_markdown
 from bench.burst import bench_burst
 from bench.burst import goals as burst_goals
 from bench.burst import markdown as burst_markdown
@@ -620,6 +624,7 @@ def goals(r: dict[str, Any]) -> list[dict[str, Any]]:
               f"{f['fold_onnx_s']:.2f} s (ONNX)", "limit": "2 s", "passed": max(f["fold_module_s"], f["fold_onnx_s"]) < 2})
     g += reparam_goals(r)
     g += burst_goals(r)
+    g += bombs_goals(r)
     return g
 
 
@@ -715,6 +720,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines += tracing_markdown(r)
     lines += reparam_markdown(r)
     lines += burst_markdown(r)
+    lines += bombs_markdown(r)
     lines += ["", f"GPU: {json.dumps(r['gpu'])}"]
     return "\n".join(lines) + "\n"
 
@@ -786,6 +792,7 @@ def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
         report["gpu"] = bench_gpu(r20)
         report["tracing"] = bench_tracing(repo, "resnet20", [3, 32, 32], quick)
         report["burst"] = bench_burst(repo, quick)
+        report["bombs"] = bench_bombs(repo, quick)
         report["reparam"] = bench_reparam(work, quick)
         report["fold_stages"] = bench_fold_stages(work, quick)
         report["goals"] = goals(report)

@@ -14,7 +14,7 @@ def test_quick_bench_report_has_every_section(tmp_path):
     proc = run_cli("--log-level", "WARNING", "bench", "--quick", "--out", str(tmp_path), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "latest.json").read_text())
-    for section in ("meta", "folding", "inprocess", "floors", "server", "rest224", "models", "peers", "precision", "gpu", "reparam", "fold_stages", "tracing", "goals"):
+    for section in ("meta", "folding", "inprocess", "floors", "server", "rest224", "models", "peers", "precision", "gpu", "reparam", "fold_stages", "tracing", "burst", "bombs", "goals"):
         assert section in report, section
     assert set(report["server"]) == {"batching", "batching_eager", "no_batching"}
     for mode in report["server"].values():
@@ -40,6 +40,8 @@ def test_quick_bench_report_has_every_section(tmp_path):
     assert report["fold_stages"]["command_verified"]
     assert any("re-parameterisation" in g["goal"] for g in report["goals"])
     assert report["tracing"]["exports_received"] > 0 and report["tracing"]["on_rate_1"]["grpc_c32"]["errors"] == 0
+    assert report["bombs"]["bombs"] > 0 and set(report["bombs"]["codes"]) == {"413"}
+    assert any("gzip bombs" in g["goal"] for g in report["goals"])
     assert (tmp_path / "latest.png").read_bytes()[:4] == b"\x89PNG"
     assert report["meta"]["commit"] and report["meta"]["machine"]
     md = (tmp_path / "latest.md").read_text()
