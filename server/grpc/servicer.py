@@ -67,6 +67,58 @@ def _model_name(data: bytes) -> str | None:
         return None
 
 
+#: the most entries one repeated top-level field of a request may hold (a model's inputs, outputs, raw contents,
+#: parameters): 4M empty ``inputs`` entries (7.8 KB gzip) cost 28.6 s and 1.8 GB to parse before this bound
+MAX_ENTRIES = 1024
+
+
+def too_many_entries(data: bytes, limit: int = MAX_ENTRIES) -> str | None:
+    """The first top-level repeated field of a serialised message with more than ``limit`` entries (by field
+    number), found by walking the wire format's top-level tags only (a length-delimited field is skipped, not
+    read) and stopping at the bound; None when every field is within it or the bytes are not well formed (the
+    parser then says so)."""
+    counts: dict[int, int] = {}
+    i, n = 0, len(data)
+    while i < n:
+        key, i = _varint(data, i)
+        if key is None:
+            return None
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            _, i = _varint(data, i)
+        elif wire == 2:
+            length, i = _varint(data, i)
+            if length is None:
+                return None
+            i += length
+        elif wire in (1, 5):
+            i += 8 if wire == 1 else 4
+        else:
+            return None
+        if i is None or i > n:
+            return None
+        counts[field] = counts.get(field, 0) + 1
+        if counts[field] > limit:
+            return ENTRY_FIELDS.get(field, f"field {field}")
+    return None
+
+
+#: ModelInferRequest's repeated fields, by number (grpc_service.proto)
+ENTRY_FIELDS = {4: "parameters", 5: "inputs", 6: "outputs", 7: "raw_input_contents"}
+
+
+def _varint(data: bytes, i: int) -> tuple[int | None, int]:
+    value, shift = 0, 0
+    while i < len(data) and shift < 64:
+        b = data[i]
+        value |= (b & 0x7F) << shift
+        i += 1
+        if not b & 0x80:
+            return value, i
+        shift += 7
+    return None, i
+
+
 def _tolerant(parse: Callable[[bytes], Any], limit: Callable[[str | None], int],
               infer: bool) -> Callable[[bytes], Any]:
     """A deserializer that never raises (grpc would answer UNKNOWN; we answer INVALID_ARGUMENT) and refuses a
@@ -78,6 +130,8 @@ def _tolerant(parse: Callable[[bytes], Any], limit: Callable[[str | None], int],
             return BadRequest(PayloadTooLarge(f"the request message is {len(data)} bytes (decompressed), more than "
                                               f"the {bound} bytes the largest request of the loaded models needs"),
                               len(data))
+        if infer and (field := too_many_entries(data)) is not None:
+            return BadRequest(InvalidInput(f"the request has more than {MAX_ENTRIES} '{field}' entries"), len(data))
         try:
             return parse(data)
         except Exception as exc:  # protobuf's DecodeError and friends
