@@ -56,30 +56,39 @@ def _ip(text: str) -> str:
 
 class PeerActivity:
     """Calls in flight per client, by grpc's peer string as it comes (parsed only when the janitor looks: the
-    hot path only counts)."""
+    hot path only counts). Public streams (health Watch: no token needed) are counted apart: a connection that
+    holds only those counts as busy for at most ``public_bound`` clients (the oldest), so a flood of them can
+    never pin every slot and lock authenticated clients out."""
 
-    def __init__(self) -> None:
+    def __init__(self, public_bound: int = 0) -> None:
         self.inflight: Counter[str] = Counter()
+        self.public: Counter[str] = Counter()
+        self.public_bound = public_bound          # 0: no bound (the janitor sets it from the cap)
 
     @contextlib.contextmanager
-    def call(self, context: object) -> Iterator[None]:
+    def call(self, context: object, public: bool = False) -> Iterator[None]:
         peer = getattr(context, "peer", None)
         key = peer() if callable(peer) else None
         if not key:
             yield
             return
-        self.inflight[key] += 1
+        counts = self.public if public else self.inflight
+        counts[key] += 1
         try:
             yield
         finally:
-            self.inflight[key] -= 1
-            if self.inflight[key] <= 0:
-                del self.inflight[key]
+            counts[key] -= 1
+            if counts[key] <= 0:
+                del counts[key]
 
     def busy(self) -> set[PeerKey]:
-        """The addresses with a call in flight (the counter is copied in one step: it may be called from the
-        janitor's thread)."""
-        return {k for k in map(peer_key, list(self.inflight)) if k is not None}
+        """The addresses with a call in flight (the counters are copied in one step: it may be called from the
+        janitor's thread); of those with only public streams, the ``public_bound`` oldest."""
+        private = list(self.inflight)
+        public_only = [k for k in list(self.public) if k not in self.inflight]
+        if self.public_bound:
+            public_only = public_only[:self.public_bound]
+        return {k for k in map(peer_key, private + public_only) if k is not None}
 
 
 @dataclass(frozen=True)
@@ -166,6 +175,8 @@ class ConnectionJanitor:
         self.port, self.cap, self.activity = port, cap, activity
         self.interval_s, self.calm_s = interval_s, calm_s
         self.headroom = max(2, cap // 16)
+        # public streams (health Watch) keep at most this many connections busy: past it they are idle ones
+        activity.public_bound = max(1, cap - 2 * self.headroom)
         self.closed = 0
         self._busy = False                             # the last full listing closed some: look again soon
 

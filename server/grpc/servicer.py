@@ -369,7 +369,7 @@ class TrackedHealth(health.aio.HealthServicer):
             return await super().Check(request, context)
 
     async def Watch(self, request: Any, context: Any) -> None:
-        with self.activity.call(context):
+        with self.activity.call(context, public=True):      # open to all: bounded as busy (janitor.PeerActivity)
             await super().Watch(request, context)
 
 

@@ -163,3 +163,34 @@ def test_the_janitor_never_closes_a_connection_with_a_call_in_flight(hardening_r
                 ch.close()
             for ch in idle:
                 ch.close()
+
+
+def test_public_watch_streams_cannot_lock_authenticated_clients_out(hardening_repo):
+    """A health Watch stream needs no token: one per connection on every slot locked every gRPC client out (an
+    authenticated one included) until --idle-timeout-s. Watch-only connections count as busy up to a bound below the
+    cap; past it the idlest are closed, and a client with the token is served."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with ServerProcess(hardening_repo, "--max-connections", str(CAP), "--auth-token", "tok") as srv:
+        watching = []
+        try:
+            for _ in range(CAP):
+                ch = _own_connection(srv.grpc)
+                call = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(service=""), timeout=60)
+                assert next(call).status == health_pb2.HealthCheckResponse.SERVING
+                watching.append((ch, call))
+            time.sleep(1.5)                  # a few sweeps
+            x = b"\x00" * 256
+            for i in range(5):               # each authenticated client is served at its first call
+                with _own_connection(srv.grpc) as ch:
+                    req = tpb.ModelInferRequest(model_name="digits", raw_input_contents=[x])
+                    req.inputs.add(name="input", datatype="FP32", shape=[1, 1, 8, 8])
+                    out = tpb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(
+                        req, timeout=5, metadata=(("authorization", "Bearer tok"),))
+                    assert out.model_name == "digits", i
+            alive = sum(call.is_active() for _, call in watching)
+            assert CAP - 2 * max(2, CAP // 16) <= alive < CAP, alive   # the oldest watchers kept, the rest closed
+        finally:
+            for ch, call in watching:
+                call.cancel()
+                ch.close()
