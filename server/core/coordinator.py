@@ -64,6 +64,9 @@ logger = logging.getLogger(__name__)
 
 LOAD_TIMEOUT_S = 600.0       # building and warming a model in every worker
 CALL_TIMEOUT_S = 5.0         # any other operation (a hung worker fails it in seconds, releasing the lock)
+CLUSTER_WAIT_S = 30.0        # how long an operation waits for another one's lock before a 503
+MAX_WAITING = 16             # operations waiting for the lock in one worker; past it they are refused at once
+LOCK_POLL_S = 0.02
 
 T = TypeVar("T")
 
@@ -174,6 +177,8 @@ class ClusterCoordinator(Coordinator):  # long class: one method per operation, 
         self.synced_gen = 0
         self._pending: dict[str, Any] = {}
         self._peer = PeerServer(index, self.apply)
+        self._local = asyncio.Lock()
+        self._waiting = 0
 
     def identity(self) -> dict[str, Any]:
         return {"worker": self.index, "pid": os.getpid()}
@@ -212,7 +217,7 @@ class ClusterCoordinator(Coordinator):  # long class: one method per operation, 
     async def join(self) -> None:
         """Catch up with changes made while this worker was loading, then count as ready (under the lock,
         so every operation either reaches this worker or is in the state it read)."""
-        async with self.lock():
+        async with self.lock(LOAD_TIMEOUT_S):           # behind a load that may take that long
             state = self.run.read_state()
             if state.gen != self.synced_gen:
                 await self._sync(state)
@@ -241,15 +246,44 @@ class ClusterCoordinator(Coordinator):  # long class: one method per operation, 
         return self.run.up.exists()
 
     @contextlib.asynccontextmanager
-    async def lock(self) -> AsyncIterator[None]:
+    async def lock(self, wait_s: float = CLUSTER_WAIT_S) -> AsyncIterator[None]:
+        """The cluster's lock (a file lock every worker takes), waited for at most ``wait_s``, then a 503 / UNAVAILABLE
+        that says so. The waits never hold a thread: this worker's operations queue on an asyncio lock (at most
+        MAX_WAITING of them; past it they are refused at once), and the one at the front polls the file lock without
+        blocking. (Blocking flock calls in the default thread pool filled it, starving the lock holder's own work:
+        loads, registrations and settings hung for 12+ minutes.)"""
         import fcntl
 
-        fd = os.open(self.run.lock, os.O_RDWR | os.O_CREAT, 0o600)
+        if self._waiting >= MAX_WAITING:
+            raise WorkerUnavailable(f"the cluster is busy: {self._waiting} cluster operations are already waiting in "
+                                    f"this worker; retry later")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        busy = WorkerUnavailable(f"the cluster is busy with another operation (load, registration or settings "
+                                 f"change): waited {wait_s:g} s for it; retry later")
+        self._waiting += 1
         try:
-            await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
-            yield
+            await asyncio.wait_for(self._local.acquire(), wait_s)
+        except TimeoutError:
+            raise busy from None
         finally:
-            os.close(fd)   # releases the lock
+            self._waiting -= 1
+        try:
+            fd = os.open(self.run.lock, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if loop.time() >= deadline:
+                            raise busy from None
+                        await asyncio.sleep(LOCK_POLL_S)
+                yield
+            finally:
+                os.close(fd)   # releases the file lock
+        finally:
+            self._local.release()
 
     async def _sync(self, state: ClusterState) -> None:
         registry = self.dp.registry
@@ -388,6 +422,7 @@ class ClusterCoordinator(Coordinator):  # long class: one method per operation, 
         return merge_stats([[ModelStats.from_dict(d) for d in part] for part in results])
 
     async def shm_register(self, name: str, key: str, offset: int, byte_size: int) -> None:
+        self.dp.shm.probe(name, key, offset, byte_size)   # a registration this worker refuses never takes the lock
         async with self.lock():
             self.dp.shm.check_new(name)   # every worker holds the same set: one check is every worker's
             results = await self.everyone(ShmRegister(name, key, offset, byte_size))

@@ -131,21 +131,32 @@ class SystemSharedMemory:
         self._objects: dict[tuple[int, int], SharedObject] = {}
         self._lock = threading.Lock()
 
-    def register(self, name: str, key: str, offset: int, byte_size: int) -> None:
+    def probe(self, name: str, key: str, offset: int, byte_size: int) -> None:
+        """What :meth:`register` would refuse, checked without registering (a cluster checks a registration in
+        the worker that received it before it takes the cluster's lock: a bad one never waits for it)."""
+        with self._lock:
+            self.check_new(name)
+        os.close(self._opened(name, key, offset, byte_size)[0])
+
+    def _opened(self, name: str, key: str, offset: int, byte_size: int) -> tuple[int, os.stat_result]:
+        """The object's descriptor once every argument is checked and the region fits in it."""
         check_region_name(name)
         for what, v in (("offset", offset), ("byte_size", byte_size)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 0 or v >= 1 << 62:
                 raise InvalidInput(f"shared-memory region {name!r}: {what} must be a non-negative integer, got {v!r}")
         if byte_size == 0:
             raise InvalidInput(f"shared-memory key {key!r}: byte_size must be > 0")
-        path = _path(key)
+        fd, st = _open(_path(key), key, write=False)
+        if offset + byte_size > st.st_size:
+            os.close(fd)
+            raise InvalidInput(f"shared-memory key {key!r}: offset {offset} + byte_size {byte_size} runs past the "
+                               f"end of the object ({st.st_size} bytes)")
+        return fd, st
+
+    def register(self, name: str, key: str, offset: int, byte_size: int) -> None:
         with self._lock:
             self.check_new(name)
-            fd, st = _open(path, key, write=False)
-            if offset + byte_size > st.st_size:
-                os.close(fd)
-                raise InvalidInput(f"shared-memory key {key!r}: offset {offset} + byte_size {byte_size} runs past the "
-                                   f"end of the object ({st.st_size} bytes)")
+            fd, st = self._opened(name, key, offset, byte_size)
             ident = (st.st_dev, st.st_ino)
             obj = self._objects.get(ident)
             if obj is None:
