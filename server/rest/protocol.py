@@ -184,7 +184,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         for conn in list(state.connections):
             if isinstance(conn, GuardedHttpProtocol) and conn._in_headers and \
                     now - conn._header_started > conn.header_timeout_s and not conn.transport.is_closing() \
-                    and not conn._answering():
+                    and not conn._answering() and not unread_bytes(conn.transport):
+                # bytes in the kernel arrived before this late sweep (uvloop runs timers before it polls): they are
+                # read first, and the request is answered
                 conn._header_timeout()
         state._foldserve_sweep = self.loop.call_later(interval, self._sweep, state, interval)
 

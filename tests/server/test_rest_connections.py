@@ -5,6 +5,7 @@ CI saw one such ``ConnectionResetError`` in a burst of 5,000 REST requests (test
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 import time
@@ -181,3 +182,36 @@ def test_a_refusal_at_the_cap_reaches_a_client_whose_request_is_already_there():
             assert _answer(s).startswith(b"HTTP/1.1 503")     # before: ConnectionResetError
             s.close()
         busy.close()
+
+
+def test_requests_in_the_kernel_when_the_loop_was_late_are_answered_not_timed_out(repository, tmp_path):
+    """A server stopped (SIGSTOP: a loop running late) while clients send their requests, past the header timeout:
+    on waking, uvloop runs the timeout sweep before it reads, and 100 of 100 connections were closed without an
+    answer. A connection whose request is already in the kernel is read and answered."""
+    import os
+    import shutil
+    import signal
+
+    from tests.server.conftest import ServerProcess
+
+    shutil.copytree(repository / "digits", tmp_path / "digits")
+    with ServerProcess(tmp_path, "--header-timeout-s", "1") as srv:
+        host, port = srv.http.split(":")
+        socks = [socket.create_connection((host, int(port)), timeout=10) for _ in range(50)]
+        time.sleep(0.3)                                      # every connection accepted, its clock started
+        os.kill(srv.proc.pid, signal.SIGSTOP)
+        try:
+            for s in socks:
+                s.sendall(b"GET /v2/health/ready HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            time.sleep(1.5)                                  # past the header timeout, the loop asleep
+        finally:
+            os.kill(srv.proc.pid, signal.SIGCONT)
+        answers = []
+        for s in socks:
+            data = b""
+            with contextlib.suppress(OSError):
+                while chunk := s.recv(4096):
+                    data += chunk
+            s.close()
+            answers.append(data.split(b"\r\n", 1)[0])
+        assert answers.count(b"HTTP/1.1 200 OK") == 50, answers[:5]
