@@ -92,6 +92,9 @@ class Settings(BaseSettings):
                                  description="system shared-memory regions registered at once (RESOURCE_EXHAUSTED / "
                                              "429 past it); regions naming one object share one descriptor")
     max_elements: int = Field(64 * 1024 * 1024, gt=0, description="largest element count of one input tensor")
+    max_string_elements: int = Field(1024 * 1024, gt=0,
+                                     description="largest element count of one BYTES (string) input tensor: each "
+                                                 "element is decoded one by one, so it is bounded apart")
     grace_period_s: float = Field(10.0, ge=0, description="time to finish in-flight requests on SIGTERM")
 
     public_metadata: bool = Field(False, description="with --auth-token: leave metadata, config, statistics, the "

@@ -315,7 +315,7 @@ class DataPlane:
             if not self._ready:
                 raise ServerNotReady("the server is not ready (starting or shutting down)")
             lv = self.registry.get(req.model_name, req.model_version)
-            batch = check_request(req, lv.spec, self.settings.max_elements)
+            batch = check_request(req, lv.spec, self.settings.max_elements, self.settings.max_string_elements)
             check_shm_inputs(req, lv.spec, self.settings.max_request_bytes)     # before a byte of them is read
             for t in req.inputs:
                 if t.shm is not None:

@@ -102,7 +102,7 @@ def build_version(repo: ModelRepository, name: str, version: int, config: ModelC
     metrics.model_loaded(name, str(version))
     return LoadedVersion(name, version, spec, runtime, scheduler, stats, verification, preprocess, precision,
                          request_bytes_limit(spec, s.max_elements, s.max_request_bytes),
-                         request_elements_limit(spec, s.max_elements),
+                         request_elements_limit(spec, s.max_elements, s.max_string_elements),
                          grpc_message_limit(spec, s.max_elements, s.max_request_bytes), files.digest())
 
 

@@ -21,7 +21,8 @@ DTYPE_SIZES = {"BOOL": 1, "UINT8": 1, "INT8": 1, "UINT16": 2, "INT16": 2, "FP16"
                "INT32": 4, "FP32": 4, "UINT64": 8, "INT64": 8, "FP64": 8}
 
 
-def _check_shape(t: InferInput, spec: TensorSpec, model: ModelSpec, max_elements: int) -> int:
+def _check_shape(t: InferInput, spec: TensorSpec, model: ModelSpec, max_elements: int,
+                 max_string_elements: int = 1 << 62) -> int:
     """Returns the batch size of this input (1 for unbatched models)."""
     if any(not isinstance(d, int) or isinstance(d, bool) for d in t.shape):
         raise InvalidInput(f"input {t.name!r}: shape must be a list of integers, got {t.shape!r}")
@@ -54,6 +55,9 @@ def _check_shape(t: InferInput, spec: TensorSpec, model: ModelSpec, max_elements
     if n > max_elements:
         raise PayloadTooLarge(f"input {t.name!r}: shape {t.shape} causes total element count to exceed maximum "
                               f"size of {max_elements} ({n} elements; --max-elements)")
+    if t.datatype == "BYTES" and n > max_string_elements:
+        raise PayloadTooLarge(f"input {t.name!r}: shape {t.shape} holds {n} strings, more than the "
+                              f"{max_string_elements} one BYTES input may hold (--max-string-elements)")
     return batch
 
 
@@ -160,7 +164,7 @@ def check_shm_inputs(req: InferRequest, model: ModelSpec, max_request_bytes: int
                               f"{max_request_bytes} bytes a request may carry (--max-request-bytes)")
 
 
-def check_request(req: InferRequest, model: ModelSpec, max_elements: int) -> int:
+def check_request(req: InferRequest, model: ModelSpec, max_elements: int, max_string_elements: int = 1 << 62) -> int:
     """Names, datatypes, shapes, batch sizes and requested outputs, before any data is read or decoded; returns
     the batch size."""
     if not req.inputs:
@@ -180,7 +184,7 @@ def check_request(req: InferRequest, model: ModelSpec, max_elements: int) -> int
             raise InvalidInput(f"input {t.name!r}: unknown datatype {t.datatype!r}; expected {spec.datatype}")
         if t.datatype != spec.datatype:
             raise InvalidInput(f"input {t.name!r}: datatype {t.datatype}, expected {spec.datatype}")
-        batches.add(_check_shape(t, spec, model, max_elements))
+        batches.add(_check_shape(t, spec, model, max_elements, max_string_elements))
     missing = [i.name for i in model.inputs if i.name not in seen]
     if missing:
         raise InvalidInput(f"missing inputs {missing} for model {model.name!r}")
@@ -217,14 +221,15 @@ JSON_BYTES_PER_ELEMENT = 32        # the longest JSON number ("-1.23456789012345
 BODY_OVERHEAD = 64 * 1024          # names, shapes, parameters, whitespace
 
 
-def request_elements_limit(model: ModelSpec, max_elements: int) -> int:
-    """The most tensor elements one request to this model can carry (all inputs, the largest batch): a JSON
-    body with more numbers than this is refused before it is parsed, so parsing never builds more Python
-    objects than the model's largest legitimate request."""
+def request_elements_limit(model: ModelSpec, max_elements: int, max_string_elements: int = 1 << 62) -> int:
+    """The most tensor elements one request to this model can carry (all inputs, the largest batch; a BYTES input
+    at most ``max_string_elements``): a JSON body with more numbers or strings than this is refused before it is
+    parsed, so parsing never builds more Python objects than the model's largest legitimate request."""
     total = 0
     for t in model.inputs:
         dims = ([model.max_batch_size] if model.max_batch_size > 0 else []) + list(t.dims)
-        total += max_elements if any(d < 0 for d in dims) else min(math.prod(dims), max_elements)
+        most = min(max_elements, max_string_elements) if t.datatype == "BYTES" else max_elements
+        total += most if any(d < 0 for d in dims) else min(math.prod(dims), most)
     return total
 
 

@@ -155,8 +155,8 @@ def parse_infer_request(model: str, version: str, body: bytes, header_length: st
     Python object per number; this bounds that to what the model's largest request would cost)."""
     json_part, binary = _split_body(body, header_length)
     if max_numbers is not None and json_part.count(b",") > max_numbers + JSON_SEPARATOR_SLACK:
-        raise PayloadTooLarge(f"request body holds more than {max_numbers} numbers, the most this model takes in "
-                              f"one request")
+        raise PayloadTooLarge(f"request body holds more than {max_numbers} numbers or strings, the most this model "
+                              f"takes in one request (--max-elements, --max-string-elements)")
     try:
         doc = orjson.loads(json_part)
     except orjson.JSONDecodeError as exc:
