@@ -157,8 +157,8 @@ def check_shm_inputs(req: InferRequest, model: ModelSpec, max_request_bytes: int
             expected = math.prod(t.shape) * DTYPE_SIZES[t.datatype]
             if t.shm.byte_size != expected:
                 raise InvalidInput(f"input byte size mismatch for input '{t.name}' for model '{model.name}'. "
-                                   f"Expected {expected}, got {t.shm.byte_size} (shared_memory_byte_size of region "
-                                   f"{t.shm.region!r}; shape {t.shape} of {t.datatype})")
+                                   f"Expected {expected}, got {t.shm.byte_size} (bytes: shared_memory_byte_size of "
+                                   f"region {t.shm.region!r}, for shape {t.shape} of {t.datatype})")
     if total > max_request_bytes:
         raise PayloadTooLarge(f"the request's shared-memory inputs are {total} bytes together, more than the "
                               f"{max_request_bytes} bytes a request may carry (--max-request-bytes)")

@@ -81,7 +81,7 @@ def test_log_and_trace_settings_take_the_auth_token_where_no_admin_token_is_set(
     repo = tmp_path / "repo"
     shutil.copytree(repository / "digits", repo / "digits")
     with ServerProcess(repo, "--auth-token", "tok") as srv:
-        auth = {"Authorization": "Bearer tok"}
+        auth = {"authorization": "Bearer tok"}          # grpc metadata keys are lower case
         h = thttp.InferenceServerClient(srv.http)
         g = tgrpc.InferenceServerClient(srv.grpc)
         try:
