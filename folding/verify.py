@@ -70,7 +70,6 @@ from foldserve.records import (
     FoldedPair,
     Localization,
     NoiseFloor,
-    OutputFloor,
     PrecisionGateRecord,
     RecordError,
     ToleranceRecord,
@@ -396,16 +395,7 @@ def _evaluate(candidates: dict[str, Run], sets: dict[str, tuple[Feed, np.ndarray
                 for name, run in candidates.items()}
         floors = {out_name: noise_of(gots, expected, out_name) for out_name in outputs}
         for out_name, (err, by, unstable) in floors.items():
-            bound = compare(expected[out_name], expected[out_name], tol).bound
-            was = noise.outputs.get(out_name)
-            if was is None or err > was.floor:
-                noise.outputs[out_name] = OutputFloor(err, by, max(bound, was.tolerance if was else 0.0),
-                                                      bool(unstable or (was and was.unstable)),
-                                                      unstable or (was.reason if was else None))
-            else:
-                was.tolerance = max(was.tolerance, bound)
-                if unstable and not was.unstable:
-                    was.unstable, was.reason = True, unstable
+            noise.add(out_name, err, by, compare(expected[out_name], expected[out_name], tol).bound, unstable)
         for name, got in gots.items():
             c_tol = (served_tol if name == "served_onnx" and served_tol else
                      tol if name != "unfolded_torch" else tolerance_for("float32"))

@@ -420,6 +420,16 @@ class NoiseFloor(Record):
     def unstable(self) -> list[str]:
         return [k for k, v in self.outputs.items() if v.unstable]
 
+    def add(self, output: str, floor: float, set_by: str, tolerance: float, unstable: str | None) -> None:
+        """One input set's measurement of ``output``: the floor is the largest, the tolerance the largest, and
+        the output is unstable once any set found it so (the first reason is kept)."""
+        f = self.outputs.setdefault(output, OutputFloor(floor, set_by, tolerance))
+        if floor > f.floor:
+            f.floor, f.set_by = floor, set_by
+        f.tolerance = max(f.tolerance, tolerance)
+        if unstable and not f.unstable:
+            f.unstable, f.reason = True, unstable
+
 
 @dataclass
 class FoldCounts(Record):
