@@ -56,8 +56,10 @@ from server.settings import Settings
 logger = logging.getLogger(__name__)
 
 SMALL_MESSAGE = 1 << 20
+#: every extension served, by Triton's names: its request parameters (priority, timeout, binary_data_output,
+#: shared memory) are the "parameters" extension, /v2/trace/setting is "trace"
 EXTENSIONS = ["classification", "binary_tensor_data", "model_repository", "model_configuration",
-              "statistics", "schedule_policy", "system_shared_memory", "logging"]
+              "statistics", "schedule_policy", "system_shared_memory", "logging", "trace", "parameters"]
 
 
 class DataPlane:

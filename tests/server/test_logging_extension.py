@@ -23,7 +23,7 @@ def test_settings_are_read_and_changed_over_both_transports_and_bad_ones_are_nam
     try:
         now = h.get_log_settings()
         assert set(now) == KEYS and now["log_info"] is True and now["log_format"] == "default"
-        assert "logging" in h.get_server_metadata()["extensions"]
+        assert {"logging", "trace", "parameters"} <= set(h.get_server_metadata()["extensions"])
         got = h.update_log_settings({"log_verbose_level": 1, "log_format": "ISO8601"})
         assert got["log_verbose_level"] == 1 and got["log_format"] == "ISO8601"
         settings = g.get_log_settings(as_json=True)["settings"]
