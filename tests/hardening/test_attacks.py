@@ -13,7 +13,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -508,28 +507,13 @@ def test_a_request_of_millions_of_empty_entries_is_refused_before_it_is_parsed(h
         assert rss_mb(srv.proc.pid) - before < 200, f"{rss_mb(srv.proc.pid) - before:.0f} MB more"
 
 
-def _strings_model(repo: Path) -> None:
-    """A BYTES identity with a -1 dim: no shape bounds its requests but the server's."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    graph = helper.make_graph([helper.make_node("Identity", ["INPUT0"], ["OUTPUT0"])], "strings",
-                              [helper.make_tensor_value_info("INPUT0", TensorProto.STRING, ["b", "n"])],
-                              [helper.make_tensor_value_info("OUTPUT0", TensorProto.STRING, ["b", "n"])])
-    (repo / "strings" / "1").mkdir(parents=True)
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8),
-              str(repo / "strings" / "1" / "model.onnx"))
-    (repo / "strings" / "config.pbtxt").write_text(
-        'name: "strings"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 8\n'
-        'input [{ name: "INPUT0" data_type: TYPE_STRING dims: [-1] }]\n'
-        'output [{ name: "OUTPUT0" data_type: TYPE_STRING dims: [-1] }]\n')
-
-
 def test_millions_of_strings_are_refused_before_per_element_work(tmp_path):
     """To a [-1] BYTES model: 16M empty strings as gzip JSON (62 KB) took 90 s of the event loop and +2.4 GB, 8M
     through the binary extension 52 s and +1.1 GB (the supervisor killed a worker for it). The strings an input
     may hold are bounded (--max-string-elements) before any of them is decoded: a 413 naming the bound."""
-    _strings_model(tmp_path)
+    from tests.server.conftest import identity_entry
+
+    identity_entry(tmp_path, "strings", "STRING", "-1")
     n = 16 << 20
     with ServerProcess(tmp_path, "--allow-unverified") as srv:
         before = rss_mb(srv.proc.pid)

@@ -38,3 +38,23 @@ def reference_session(repository):
 
 def digits_batch(n: int, seed: int = 0) -> np.ndarray:
     return (np.random.default_rng(seed).random((n, 1, 8, 8)) * 16).astype(np.float32)
+
+
+def identity_entry(repo, name: str, datatype: str, dims: str, batching: str = "") -> None:
+    """A Triton-style entry (no fold, no verification: serve it with --allow-unverified): ``OUTPUT0 = INPUT0`` of
+    ``datatype`` (a config type without ``TYPE_``: FP32, STRING) and ``dims`` (e.g. "-1"), max_batch_size 8, and
+    ``batching`` appended to its config (e.g. a dynamic_batching block)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    onnx_type = TensorProto.STRING if datatype == "STRING" else getattr(TensorProto, {"FP32": "FLOAT"}[datatype])
+    graph = helper.make_graph([helper.make_node("Identity", ["INPUT0"], ["OUTPUT0"])], name,
+                              [helper.make_tensor_value_info("INPUT0", onnx_type, ["b", "n"])],
+                              [helper.make_tensor_value_info("OUTPUT0", onnx_type, ["b", "n"])])
+    (repo / name / "1").mkdir(parents=True)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8),
+              str(repo / name / "1" / "model.onnx"))
+    (repo / name / "config.pbtxt").write_text(
+        f'name: "{name}"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 8\n'
+        f'input [{{ name: "INPUT0" data_type: TYPE_{datatype} dims: [{dims}] }}]\n'
+        f'output [{{ name: "OUTPUT0" data_type: TYPE_{datatype} dims: [{dims}] }}]\n{batching}')

@@ -6,34 +6,18 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import onnx
 import pytest
 import tritonclient.http as thttp
-from onnx import TensorProto, helper
 
-from tests.server.conftest import ServerProcess
+from tests.server.conftest import ServerProcess, identity_entry
 
 pytestmark = pytest.mark.subprocess
 
 
-def _variable_identity(repo, name: str, onnx_type: int, v2: str) -> None:
-    graph = helper.make_graph([helper.make_node("Identity", ["INPUT0"], ["OUTPUT0"])], name,
-                              [helper.make_tensor_value_info("INPUT0", onnx_type, ["b", "n"])],
-                              [helper.make_tensor_value_info("OUTPUT0", onnx_type, ["b", "n"])])
-    (repo / name / "1").mkdir(parents=True)
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8),
-              str(repo / name / "1" / "model.onnx"))
-    (repo / name / "config.pbtxt").write_text(
-        f'name: "{name}"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 8\n'
-        f'input [{{ name: "INPUT0" data_type: TYPE_{v2} dims: [-1] }}]\n'
-        f'output [{{ name: "OUTPUT0" data_type: TYPE_{v2} dims: [-1] }}]\n'
-        f'dynamic_batching {{ max_queue_delay_microseconds: 50000 }}\n')
-
-
 @pytest.mark.parametrize("kind", ["FP32", "BYTES"])
 def test_concurrent_requests_of_mixed_shapes_are_each_answered(tmp_path, kind):
-    onnx_type = TensorProto.FLOAT if kind == "FP32" else TensorProto.STRING
-    _variable_identity(tmp_path, "var", onnx_type, "STRING" if kind == "BYTES" else kind)
+    identity_entry(tmp_path, "var", "STRING" if kind == "BYTES" else kind, "-1",
+                   "dynamic_batching { max_queue_delay_microseconds: 50000 }\n")
 
     def data(n: int, i: int) -> np.ndarray:
         values = np.arange(n, dtype=np.float32)[None] + 100 * i

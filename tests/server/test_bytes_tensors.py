@@ -7,31 +7,19 @@ import http.client
 import json
 
 import numpy as np
-import onnx
 import pytest
 import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
 import tritonclient.utils.shared_memory as shm
-from onnx import TensorProto, helper
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor, serialized_byte_size
 
-from tests.server.conftest import ServerProcess
+from tests.server.conftest import ServerProcess, identity_entry
 
 pytestmark = pytest.mark.subprocess
 
 
 def _identity(repo, name: str, dims: str) -> None:
-    graph = helper.make_graph([helper.make_node("Identity", ["INPUT0"], ["OUTPUT0"])], name,
-                              [helper.make_tensor_value_info("INPUT0", TensorProto.STRING, ["b", "n"])],
-                              [helper.make_tensor_value_info("OUTPUT0", TensorProto.STRING, ["b", "n"])])
-    (repo / name / "1").mkdir(parents=True)
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8),
-              str(repo / name / "1" / "model.onnx"))
-    (repo / name / "config.pbtxt").write_text(
-        f'name: "{name}"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 8\n'
-        f'input [{{ name: "INPUT0" data_type: TYPE_STRING dims: [{dims}] }}]\n'
-        f'output [{{ name: "OUTPUT0" data_type: TYPE_STRING dims: [{dims}] }}]\n'
-        f'dynamic_batching {{ }}\n')
+    identity_entry(repo, name, "STRING", dims, "dynamic_batching { }\n")
 
 
 @pytest.fixture(scope="module")
