@@ -19,7 +19,10 @@ It then supervises:
   so every worker answers not ready: the server reports itself unhealthy) while it keeps replacing workers
   with back-off; once every worker has stayed up ``STABLE_S`` it is ready again;
 * every ready worker is pinged over its control socket every ``HEARTBEAT_S``; one that misses ``MISSES``
-  pings in a row (stopped, hung, deadlocked) is killed and so replaced like a dead one;
+  pings in a row without using the CPU meanwhile (stopped, hung, deadlocked) is killed and so replaced like a
+  dead one. A worker that misses pings while it works (its CPU time grows: a burst, a large request on its event
+  loop) is left to finish, up to ``MISSES_BUSY`` pings and then only while another worker answers; at most one
+  worker is killed per round, so a burst never takes every worker down at once;
 * SIGTERM or SIGINT is forwarded to every worker, which drains like a single server
   (``--grace-period-s``); workers still running after the grace period and 10 s more are killed.
 """
@@ -53,6 +56,8 @@ STABLE_S = 30.0                  # a worker that lived this long resets its back
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 HEARTBEAT_S = 2.0                # between pings of one worker
 MISSES = 3                       # pings in a row without an answer (PING_TIMEOUT_S each) make a worker hung
+MISSES_BUSY = 30                 # ... or, for a worker that uses the CPU all the while, this many (a live lock)
+PROGRESS_CPU_S = 0.1             # CPU seconds a worker must use between two pings to count as working
 
 
 @dataclass
@@ -64,6 +69,8 @@ class Slot:
     backoff: float = BACKOFF_S[0]
     deaths: list[float] = field(default_factory=list)
     missed: int = 0                  # heartbeats in a row without an answer
+    stalled: int = 0                 # of those, in a row without using the CPU either
+    cpu: float = 0.0                 # its CPU seconds at the last heartbeat
 
 
 def _ping(path: Path, timeout_s: float) -> bool:
@@ -76,6 +83,15 @@ def _ping(path: Path, timeout_s: float) -> bool:
             return s.recv(4096).startswith(b'{"ok": true')
     except OSError:
         return False
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """A process's user + system CPU time, from /proc (None once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _die_with_parent() -> None:
@@ -123,7 +139,8 @@ class Supervisor:
             slot.proc.stdin.close()
         except BrokenPipeError:
             pass      # it died at once: the loop sees it
-        slot.started, slot.restart_at, slot.missed = time.monotonic(), None, 0
+        slot.started, slot.restart_at, slot.missed, slot.stalled = time.monotonic(), None, 0, 0
+        slot.cpu = 0.0
         logger.info("worker %d started (pid %d)", slot.index, slot.proc.pid)
 
     def _forget(self, slot: Slot) -> None:
@@ -160,22 +177,40 @@ class Supervisor:
         return None
 
     def _heartbeat(self) -> None:
-        """Ping every ready worker; kill one that stopped answering (the loop then replaces it as a dead one)."""
         while not self.stopping:
             time.sleep(HEARTBEAT_S)
-            for slot in self.slots:
-                proc = slot.proc
-                if proc is None or proc.poll() is not None or self.run.ready_pid(slot.index) != proc.pid:
-                    continue                  # not started, dead, or not yet joined: nothing to ask
-                if _ping(self.run.socket(slot.index), PING_TIMEOUT_S):
-                    slot.missed = 0
-                    continue
-                slot.missed += 1
-                if slot.missed >= MISSES and proc.poll() is None:
-                    logger.error("worker %d (pid %d) stopped answering (%d heartbeats missed): killing it", slot.index,
-                                 proc.pid, slot.missed)
-                    with contextlib.suppress(ProcessLookupError):
-                        proc.kill()
+            self.heartbeat_round()
+
+    def heartbeat_round(self) -> list[int]:
+        """Ping every ready worker; kill at most one that stopped answering and is not working (see the module's
+        docstring; the loop then replaces it as a dead one). Returns the indices of the workers killed."""
+        pinged = []
+        for slot in self.slots:
+            proc = slot.proc
+            if proc is None or proc.poll() is not None or self.run.ready_pid(slot.index) != proc.pid:
+                continue                  # not started, dead, or not yet joined: nothing to ask
+            answered = _ping(self.run.socket(slot.index), PING_TIMEOUT_S)
+            cpu = cpu_seconds(proc.pid)
+            working = cpu is not None and cpu - slot.cpu >= PROGRESS_CPU_S
+            slot.cpu = cpu if cpu is not None else slot.cpu
+            slot.missed = 0 if answered else slot.missed + 1
+            slot.stalled = 0 if answered or working else slot.stalled + 1
+            pinged.append((slot, answered))
+        anyone = any(answered for _, answered in pinged)
+        for slot, _ in pinged:
+            proc = slot.proc
+            hung = slot.stalled >= MISSES
+            if proc is None or not (hung or (slot.missed >= MISSES_BUSY and anyone)) or proc.poll() is not None:
+                if slot.missed == MISSES and not hung:
+                    logger.warning("worker %d (pid %d) missed %d heartbeats but keeps working (its CPU time grows): "
+                                   "left to finish", slot.index, proc.pid if proc else -1, slot.missed)
+                continue
+            logger.error("worker %d (pid %d) stopped answering (%d heartbeats missed, %d of them without using the "
+                         "CPU): killing it", slot.index, proc.pid, slot.missed, slot.stalled)
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            return [slot.index]           # one per round: a burst never takes every worker down at once
+        return []
 
     def _check_recovered(self) -> None:
         """Degraded: ready again once every worker is running and none has died for STABLE_S."""

@@ -9,6 +9,7 @@ import shutil
 import ssl
 import subprocess
 import time
+import urllib.error
 import urllib.request
 
 import grpc
@@ -216,3 +217,39 @@ def test_binds_loopback_by_default(hserver):
 
     assert Settings().host == "127.0.0.1"
     assert hserver.info["grpc"].startswith("127.0.0.1:") and "//127.0.0.1:" in hserver.info["http"]
+
+
+def test_the_supervisor_kills_a_hung_worker_never_a_working_one_and_one_per_round(tmp_path):
+    """The heartbeat's decision, on real processes that do not answer its pings: one that uses the CPU all the
+    while (a worker busy on a burst or a large request) is left to finish; stopped ones (SIGSTOP: hung) are killed,
+    at most one per round. Before, every worker that missed 3 pings was killed, and a burst once took both down."""
+    import os
+    import signal
+    import sys
+
+    from server.settings import Settings
+    from server.supervisor import MISSES, Supervisor
+
+    sup = Supervisor(Settings(workers="3", http_port=0, grpc_port=0))
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]),               # working
+             subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"]),   # hung (stopped below)
+             subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])]
+    try:
+        for slot, proc in zip(sup.slots, procs, strict=True):
+            slot.proc = proc
+            sup.run.ready(slot.index).write_text(json.dumps({"pid": proc.pid}))   # joined: pinged from now on
+        os.kill(procs[1].pid, signal.SIGSTOP)
+        os.kill(procs[2].pid, signal.SIGSTOP)
+        killed = []
+        for _ in range(MISSES + 2):
+            time.sleep(0.5)
+            killed.append(sup.heartbeat_round())
+        assert all(len(k) <= 1 for k in killed), killed                     # never more than one per round
+        assert sorted(i for k in killed for i in k) == [1, 2], killed          # both hung ones, in turn
+        assert procs[0].poll() is None                                          # the working one is left
+    finally:
+        sup.stopping = True
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(sup.run.root, ignore_errors=True)
