@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 REPO ?= model_repository
 MODEL ?= digits_resnet
 
-.PHONY: install lint test test-hardening test-docker serve model bench clean
+.PHONY: install lint test test-hardening test-docker serve model bench docs clean
 
 install: $(STAMP)
 
@@ -31,6 +31,11 @@ test-hardening: install
 # Builds the CPU server image from a locally made base and runs it (needs a container engine or root).
 test-docker: install
 	bash docker/test-docker.sh
+
+# docs/configuration.md from server/settings.py (tests/test_docs.py fails when they differ)
+docs: install
+	$(BIN)/python -c "from cli.serve import configuration_markdown; print(configuration_markdown(), end='')" \
+		> docs/configuration.md
 
 bench: install
 	$(BIN)/foldserve bench

@@ -110,3 +110,22 @@ def run(args: argparse.Namespace) -> int:
         return run_server(settings)
     except OSError as exc:  # a port taken between the check and the bind
         raise ConfigError(f"cannot start the server: {exc}") from None
+
+
+def configuration_markdown() -> str:
+    """docs/configuration.md: every server setting as its flag, environment variable, default and meaning, from
+    ``Settings`` itself (``make docs`` writes it; a test fails when the page and the code differ)."""
+    from pydantic_core import PydanticUndefined
+
+    from server.settings import Settings
+
+    lines = ["# Configuration of `foldserve serve`", "",
+             "Every setting is a flag and an environment variable (`FOLDSERVE_` and its name); a flag wins. Written",
+             "from `server/settings.py` by `make docs`; `tests/test_docs.py` fails when they differ.", "",
+             "| flag | environment | default | what |", "|---|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        shown = "unset" if default in (None, PydanticUndefined) or default == [] else f"`{default}`"
+        what = (field.description or "").replace("|", "\\|")
+        lines.append(f"| `--{name.replace('_', '-')}` | `FOLDSERVE_{name.upper()}` | {shown} | {what} |")
+    return "\n".join(lines) + "\n"

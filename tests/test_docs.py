@@ -1,0 +1,85 @@
+"""The docs stay true where a test can tell cheaply: every `foldserve` command in README.md's bash blocks names a
+subcommand and flags the CLI has, every page the README links exists, and docs/configuration.md is what
+``server/settings.py`` says (every flag of ``foldserve serve --help`` in it)."""
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def _parsers() -> dict[str, argparse.ArgumentParser]:
+    from cli.main import build_parser
+
+    parser, _ = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
+
+def _commands(markdown: str) -> list[list[str]]:
+    """Every `foldserve ...` command line of the fenced bash blocks (continuations joined, comments dropped)."""
+    out = []
+    for block in re.findall(r"```bash\n(.*?)```", markdown, re.S):
+        joined = re.sub(r"\\\s*(#[^\n]*)?\n", " ", block)
+        for line in joined.splitlines():
+            line = line.split(" #", 1)[0].strip()
+            if "foldserve " not in line:
+                continue                                    # curl and the like (a body may span lines)
+            words = shlex.split(line, comments=True)
+            for i, w in enumerate(words):
+                if w.endswith("foldserve") and "/" not in w.replace(".venv/bin/", ""):
+                    out.append(words[i + 1:])
+                    break
+    return out
+
+
+def test_every_readme_command_names_a_subcommand_and_flags_the_cli_has():
+    parsers = _parsers()
+    commands = _commands(README)
+    assert len(commands) >= 5, commands
+    for words in commands:
+        global_flags = []
+        while words and words[0].startswith("--"):              # foldserve --log-level X COMMAND
+            global_flags.append(words.pop(0))
+            words.pop(0)
+        assert words and words[0] in parsers, f"unknown subcommand in {words}"
+        known = {s for a in parsers[words[0]]._actions for s in a.option_strings}
+        flags = [w.split("=", 1)[0] for w in words[1:] if w.startswith("--")]
+        assert set(flags) <= known, f"foldserve {words[0]}: {sorted(set(flags) - known)} are not flags of it"
+
+
+def test_every_page_the_readme_links_exists():
+    links = re.findall(r"\]\(([^)#]+)\)", README)
+    assert any(link.startswith("docs/") for link in links)
+    missing = [link for link in links if not link.startswith("http") and not (ROOT / link).exists()]
+    assert not missing, missing
+
+
+def test_the_readme_stays_a_guide():
+    assert len(README.splitlines()) <= 200
+    assert "make serve" in README and "make test" in README
+
+
+def test_configuration_page_is_the_settings_and_names_every_serve_flag():
+    from cli.serve import configuration_markdown
+
+    page = (ROOT / "docs" / "configuration.md").read_text()
+    assert page == configuration_markdown(), "docs/configuration.md is stale: run `make docs`"
+    serve = _parsers()["serve"]
+    flags = {s for a in serve._actions for s in a.option_strings if s.startswith("--") and s != "--help"}
+    missing = [f for f in sorted(flags) if f"`{f}`" not in page and not f.startswith("--no-")]
+    assert not missing, missing
+
+
+@pytest.mark.parametrize("page", sorted(p.name for p in (ROOT / "docs").glob("*.md")))
+def test_docs_pages_link_only_to_what_exists(page):
+    text = (ROOT / "docs" / page).read_text()
+    for link in re.findall(r"\]\(([^)#]+)\)", text):
+        if not link.startswith("http"):
+            assert (ROOT / "docs" / link).exists() or (ROOT / link).exists(), (page, link)
