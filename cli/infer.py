@@ -33,7 +33,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--protocol", choices=("grpc", "http"), default=None, help="default: from --url")
     p.add_argument("--key", help="array name inside an .npz")
     p.add_argument("--top", type=int, default=3)
-    p.add_argument("--token", help="bearer token, if the server requires one")
+    p.add_argument("--auth-token", dest="token", help="bearer token, if the server requires one (the server's "
+                                                       "--auth-token)")
+    p.add_argument("--token", dest="token", help=argparse.SUPPRESS)            # the spelling of earlier releases
     p.add_argument("--scale", type=float, default=None,
                    help="images: multiply pixel values (0..255) by this (default: map 0..255 to the range the "
                         "model was trained on, from its preprocessing record)")

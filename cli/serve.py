@@ -21,6 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             continue
         flag = "--" + name.replace("_", "-")
         help_ = field.description or ""
+        if name == "repository":      # Triton's spelling too
+            p.add_argument("--model-repository", dest=name, default=None, help=argparse.SUPPRESS)
         ann = field.annotation
         origin = typing.get_origin(ann)
         args = [a for a in typing.get_args(ann) if a is not type(None)]

@@ -14,11 +14,14 @@ REQUIRES = ("torch", "onnx", "onnxruntime")
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("verify", help="check a folded repository entry against the unfolded model")
     p.add_argument("entry", nargs="?", help="REPO/NAME/VERSION written by `foldserve fold`")
-    p.add_argument("--server", help="HOST:PORT (gRPC) or http://HOST:PORT of a running server: verify what it "
-                                    "serves")
-    p.add_argument("--model", help="with --server: model name (default: the entry's NAME)")
-    p.add_argument("--version", help="with --server: version to check (default: the entry's VERSION)")
-    p.add_argument("--token", help="with --server: bearer token, if the server requires one")
+    p.add_argument("--url", dest="server", help="HOST:PORT (gRPC) or http://HOST:PORT of a running server: verify "
+                                                 "what it serves (as `foldserve infer --url`)")
+    p.add_argument("--server", dest="server", help=argparse.SUPPRESS)          # the spelling of earlier releases
+    p.add_argument("--model", help="with --url: model name (default: the entry's NAME)")
+    p.add_argument("--version", help="with --url: version to check (default: the entry's VERSION)")
+    p.add_argument("--auth-token", dest="token", help="with --url: bearer token, if the server requires one (the "
+                                                       "server's --auth-token)")
+    p.add_argument("--token", dest="token", help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
     add_verify_flags(p)
     p.set_defaults(func=run)
@@ -26,7 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if not args.entry:
-        raise ConfigError("verify needs REPO/NAME/VERSION (with --server HOST:PORT: the local entry to compare "
+        raise ConfigError("verify needs REPO/NAME/VERSION (with --url HOST:PORT: the local entry to compare "
                           "the served model against)")
     from foldserve.entry import split_entry_path, version_numbers
     from foldserve.names import is_version_folder

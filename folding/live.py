@@ -1,4 +1,4 @@
-"""``foldserve verify --server ADDRESS ENTRY``: verify what a running server serves.
+"""``foldserve verify --url ADDRESS ENTRY``: verify what a running server serves.
 
 Sends the verifier's inputs to the server (gRPC or HTTP, through :mod:`foldserve.client`) and compares the
 served outputs with the local unfolded reference (the source model in float64), end to end: transport,

@@ -72,7 +72,8 @@ def test_configuration_page_is_the_settings_and_names_every_serve_flag():
     page = (ROOT / "docs" / "configuration.md").read_text()
     assert page == configuration_markdown(), "docs/configuration.md is stale: run `make docs`"
     serve = _parsers()["serve"]
-    flags = {s for a in serve._actions for s in a.option_strings if s.startswith("--") and s != "--help"}
+    flags = {s for a in serve._actions if a.help != argparse.SUPPRESS
+             for s in a.option_strings if s.startswith("--") and s != "--help"}
     missing = [f for f in sorted(flags) if f"`{f}`" not in page and not f.startswith("--no-")]
     assert not missing, missing
 
@@ -83,3 +84,18 @@ def test_docs_pages_link_only_to_what_exists(page):
     for link in re.findall(r"\]\(([^)#]+)\)", text):
         if not link.startswith("http"):
             assert (ROOT / "docs" / link).exists() or (ROOT / link).exists(), (page, link)
+
+
+def test_one_name_per_concept_with_the_old_spellings_kept_hidden():
+    """A server address is --url and a bearer token --auth-token on every command (verify said --server, infer and
+    verify --token); serve takes Triton's --model-repository too. The old spellings still parse, unlisted."""
+    parsers = _parsers()
+    verify = parsers["verify"].parse_args(["e", "--url", "h:1", "--auth-token", "t"])
+    assert (verify.server, verify.token) == ("h:1", "t")
+    old = parsers["verify"].parse_args(["e", "--server", "h:1", "--token", "t"])
+    assert (old.server, old.token) == ("h:1", "t")
+    assert parsers["infer"].parse_args(["--model", "m", "--auth-token", "t"]).token == "t"
+    assert parsers["serve"].parse_args(["--model-repository", "repo"]).repository == "repo"
+    for name in ("verify", "infer", "serve"):
+        text = parsers[name].format_help()
+        assert "--server" not in text and "--token " not in text and "--model-repository" not in text, name

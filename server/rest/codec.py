@@ -55,9 +55,18 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
     return out
 
 
+_KINDS = {str: "a string", int: "an integer", list: "a list", bool: "true or false", dict: "an object"}
+_JSON_NAMES = {str: "a string", int: "a number", float: "a number", list: "a list", bool: "a boolean",
+               dict: "an object"}
+
+
 def _typed(value: Any, kind: type, what: str) -> Any:
+    """``value`` if it is of ``kind``, else an InvalidInput naming ``what`` and what was expected."""
+    if value is None:
+        raise InvalidInput(f"{what} is missing: expected {_KINDS.get(kind, kind.__name__)}")
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise InvalidInput(f"{what} must be {kind.__name__}, got {type(value).__name__}")
+        raise InvalidInput(f"{what} must be {kind.__name__} ({_KINDS.get(kind, kind.__name__)}), got "
+                           f"{_JSON_NAMES.get(type(value), type(value).__name__)}")
     return value
 
 
@@ -98,7 +107,7 @@ def _parse_input(i: int, t: Any, binary: memoryview, offset: int) -> tuple[Infer
     if not isinstance(t, dict):
         raise InvalidInput(f"inputs[{i}] must be an object with name, datatype, shape and data")
     name = _typed(t.get("name"), str, f"inputs[{i}].name")
-    inp = InferInput(name, _typed(t.get("datatype"), str, f"input {name!r}: datatype"),
+    inp = InferInput(name, _typed(t.get("datatype"), str, f"input {name!r}: datatype (e.g. \"FP32\")"),
                      _typed(t.get("shape"), list, f"input {name!r}: shape"))
     tparams = t.get("parameters") or {}
     if not isinstance(tparams, dict):

@@ -261,3 +261,14 @@ def test_parameters_of_the_wrong_type_are_refused_not_misread(server):
         tpb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(req, timeout=10)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "parameter 'classification' must be an int64_param" in e.value.details()
+
+
+def test_a_json_input_without_its_datatype_names_the_input_and_the_field(server):
+    conn = http.client.HTTPConnection(*server.http.split(":"), timeout=10)
+    doc = {"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "data": [0.0] * 64}]}
+    conn.request("POST", "/v2/models/digits/infer", json.dumps(doc), {"content-type": "application/json"})
+    r = conn.getresponse()
+    text = r.read().decode()
+    conn.close()
+    assert r.status == 400 and "input 'input': datatype" in text and "is missing: expected a string" in text, text
+    assert "NoneType" not in text
