@@ -3,6 +3,7 @@ verified repository entry, or one ONNX file into a folded file."""
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from cli.common import add_verify_flags, print_fold_report, verify_options
@@ -80,6 +81,13 @@ def run(args: argparse.Namespace) -> int:
     from folding.programs import Options, parse_normalizes, parse_shapes
     from folding.verify import summary_table
 
+    if args.precision == "fp16":
+        from server.core.runtime import gpu_count
+
+        if gpu_count() == 0:
+            print("note: fp16 is for GPUs; no CUDA device is visible here, so this version will run on the CPU, where "
+                  "onnxruntime casts around the operators it has no fp16 kernel for (usually slower than fp32). It is "
+                  "folded and verified all the same", file=sys.stderr)
     options = Options(input_shape=parse_shapes(args.input_shape), normalize=parse_normalizes(args.normalize),
                       input_name=args.input_name, output_name=args.output_name, data=args.data,
                       calibration_data=args.calibration_data, accuracy_output=args.accuracy_output)

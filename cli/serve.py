@@ -56,6 +56,12 @@ def settings_from(args: argparse.Namespace):
     problem = settings.fail_open()
     if problem:
         raise ConfigError(problem)
+    if settings.provider == "cuda":
+        from server.core.runtime import cuda_problem
+
+        why = cuda_problem(settings.device_id)
+        if why:
+            raise ConfigError(f"--provider cuda: {why}; serve with --provider auto (CUDA where there is one) or cpu")
     check_ports(settings.host, settings.http_port, settings.grpc_port)
     check_repository(settings.repository, settings.strict)
     return settings

@@ -318,3 +318,30 @@ def test_a_pt2_with_a_biasless_conv3d_folds_and_verifies(tmp_path):
     assert proc.returncode == 0 and "PASSED" in proc.stdout, proc.stdout[-1500:] + proc.stderr[-1500:]
     served = onnx.load(str(tmp_path / "repo" / "c3" / "1" / "model.onnx"))
     assert not any(n.op_type == "BatchNormalization" for n in served.graph.node)
+
+
+@pytest.mark.subprocess
+def test_serve_with_cuda_and_no_gpu_is_one_line_and_exit_2(repository):
+    """It logged four ERROR lines per model and kept running with no models."""
+    from server.core.runtime import cuda_problem
+
+    if cuda_problem() is None:
+        pytest.skip("a CUDA device is visible here")
+    proc = run_cli("serve", "--repository", str(repository), "--provider", "cuda", "--http-port", "0",
+                   "--grpc-port", "0", timeout=60)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "--provider cuda" in lines[0] and "--provider auto" in lines[0] and "loaded" not in proc.stderr
+
+
+@pytest.mark.subprocess
+def test_fp16_on_a_machine_without_a_gpu_says_what_the_cpu_will_do(digits_run, tmp_path):
+    from server.core.runtime import gpu_count
+
+    if gpu_count():
+        pytest.skip("a CUDA device is visible here")
+    proc = run_cli("fold", str(digits_run / "checkpoint.pt"), "--repository", str(tmp_path / "repo"), "--name", "h",
+                   "--precision", "fp16", "--batch-sizes", "4")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    notes = [line for line in proc.stderr.splitlines() if line.startswith("note: fp16 is for GPUs")]
+    assert len(notes) == 1 and "run on the CPU" in notes[0]

@@ -38,6 +38,20 @@ def gpu_count() -> int:
     return 0
 
 
+def cuda_problem(device_id: int = 0) -> str | None:
+    """Why the CUDA provider cannot run here (no CUDA build of onnxruntime, no device, no such device), or None."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return "this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)"
+    count = gpu_count()
+    if count == 0:
+        return "no CUDA device is visible"
+    if device_id >= count:
+        return f"--device-id {device_id}, but {count} CUDA device(s) are visible"
+    return None
+
+
 def choose_providers(provider: str, device_id: int) -> list[Any]:
     import onnxruntime as ort
 
