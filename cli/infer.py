@@ -32,7 +32,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--version", default="")
     p.add_argument("--protocol", choices=("grpc", "http"), default=None, help="default: from --url")
     p.add_argument("--key", help="array name inside an .npz")
-    p.add_argument("--top", type=int, default=3)
+    p.add_argument("--top", type=int, default=3, help="classifiers: how many classes to print (default: 3)")
+    p.add_argument("--raw", action="store_true",
+                   help="classifiers: print the model's raw scores (logits) instead of probabilities (softmax)")
     p.add_argument("--auth-token", dest="token", help="bearer token, if the server requires one (the server's "
                                                        "--auth-token)")
     p.add_argument("--token", dest="token", help=argparse.SUPPRESS)            # the spelling of earlier releases
@@ -127,6 +129,16 @@ def _feeds(args: argparse.Namespace, meta: Any, pre: Preprocess) -> dict[str, np
             for name, file in given.items()}
 
 
+def probabilities(scores: np.ndarray) -> np.ndarray:
+    """A classifier's outputs as probabilities: the softmax of its logits (in float64), or the outputs themselves
+    when they already are probabilities (non-negative, summing to 1)."""
+    s = np.asarray(scores, dtype=np.float64)
+    if s.size and s.min() >= 0 and abs(s.sum() - 1) < 1e-3:
+        return s
+    e = np.exp(s - s.max())
+    return e / e.sum()
+
+
 def run(args: argparse.Namespace) -> int:
     from foldserve.client import connect
 
@@ -140,14 +152,20 @@ def run(args: argparse.Namespace) -> int:
     classify = pre.task == "classification" and not args.out and len(meta.outputs) == 1
     if classify:
         top = max(1, args.top)
+        classes = out.shape[-1] if out.shape and out.shape[-1] > 0 else 0
         n = len(next(iter(feeds.values())))
+        # every class's score (with its label, from the classification extension), so that probabilities are the
+        # softmax over all of them
         result = client.infer(args.model, feeds, version=args.version, datatypes=datatypes,
-                              outputs=[out.name], classification=top)[out.name]
+                              outputs=[out.name], classification=classes or top)[out.name]
         for i, row in enumerate(result.reshape(n, -1)):
+            entries = [entry.decode().split(":", 2) for entry in row]
+            scores = np.array([float(e[0]) for e in entries])
+            shown = "score" if args.raw or not classes else "probability"
+            values = scores if shown == "score" else probabilities(scores)
             print(f"sample {i}:")
-            for entry in row:
-                score, idx, *label = entry.decode().split(":", 2)
-                print(f"  {label[0] if label else idx:>12}  class {idx:>4}  score {float(score):.4f}")
+            for (_, idx, *label), value in list(zip(entries, values, strict=True))[:top]:
+                print(f"  {label[0] if label else idx:>12}  class {idx:>4}  {shown} {value:.4f}")
         return 0
     outputs = client.infer(args.model, feeds, version=args.version, datatypes=datatypes)
     if args.out:

@@ -164,7 +164,7 @@ def _infer_checks(server, tmp_path, Image) -> None:
     want = run_cli("infer", "--url", server.grpc, "--model", "digits", str(tmp_path / "x.npy"), "--top", "1")
     got = run_cli("infer", "--url", server.grpc, "--model", "digits", str(tmp_path / "d.png"), "--top", "1")
     assert want.returncode == got.returncode == 0, got.stderr
-    top = next(ln for ln in want.stdout.splitlines() if "class" in ln).split("score")[0]
+    top = next(ln for ln in want.stdout.splitlines() if "class" in ln).split("probability")[0]
     assert top in got.stdout, (want.stdout, got.stdout)   # same class without --scale: 0..255 -> 0..16
     big = run_cli("infer", "--url", server.grpc, "--model", "digits", str(tmp_path / "big.png"))
     assert big.returncode == 0 and "converted to the model's 8x8 L" in big.stderr

@@ -515,3 +515,25 @@ def test_docs_page_works_offline(server):
     assert status == 200 and len(js) > 100_000
     status, css, _ = _http(server, "GET", "/docs-assets/swagger-ui.css")
     assert status == 200 and len(css) > 10_000
+
+
+def test_infer_prints_probabilities_and_the_raw_scores_on_request(server):
+    """A classifier's answer is printed as probabilities (the softmax of its logits, every class counted), and as
+    the model's raw scores with --raw; they agree with the output tensor itself."""
+    np.save(server.repo / "p.npy", digits_batch(1, seed=5))
+    proc = run_cli("infer", "--url", server.grpc, "--model", MODEL, str(server.repo / "p.npy"), "--top", "10")
+    raw = run_cli("infer", "--url", server.grpc, "--model", MODEL, str(server.repo / "p.npy"), "--top", "10", "--raw")
+    out = run_cli("infer", "--url", server.grpc, "--model", MODEL, str(server.repo / "p.npy"),
+                  "--out", str(server.repo / "logits.npy"))
+    assert proc.returncode == raw.returncode == out.returncode == 0, proc.stderr + raw.stderr + out.stderr
+    logits = np.load(server.repo / "logits.npy")[0].astype(np.float64)
+    softmax = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+
+    def table(text: str, word: str) -> dict[int, float]:
+        rows = [ln.split() for ln in text.splitlines() if f" {word} " in ln]
+        return {int(r[r.index("class") + 1]): float(r[r.index(word) + 1]) for r in rows}
+
+    probs, scores = table(proc.stdout, "probability"), table(raw.stdout, "score")
+    assert len(probs) == len(scores) == 10 and abs(sum(probs.values()) - 1) < 1e-3
+    assert all(abs(probs[c] - softmax[c]) < 1e-4 and abs(scores[c] - logits[c]) < 1e-3 * abs(logits).max()
+               for c in range(10))
