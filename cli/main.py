@@ -8,9 +8,11 @@ the ``train`` extra lists train/fold/verify as not installed instead of failing 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from types import ModuleType
@@ -85,6 +87,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"foldserve {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (`| head -1`): stop at once, as a Unix tool does. Everything still buffered for the
+        # closed pipe goes to /dev/null, so neither the exit's flush nor an error message can raise again, and
+        # os._exit skips the interpreter's teardown, where a gRPC channel still open waited forever
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(devnull, stream.fileno())
+        os._exit(141)       # 128 + SIGPIPE, what a shell reports for a tool killed by it
 
 
 if __name__ == "__main__":  # pragma: no cover

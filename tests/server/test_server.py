@@ -537,3 +537,19 @@ def test_infer_prints_probabilities_and_the_raw_scores_on_request(server):
     assert len(probs) == len(scores) == 10 and abs(sum(probs.values()) - 1) < 1e-3
     assert all(abs(probs[c] - softmax[c]) < 1e-4 and abs(scores[c] - logits[c]) < 1e-3 * abs(logits).max()
                for c in range(10))
+
+
+def test_infer_piped_into_head_exits_when_the_reader_goes_away(server):
+    """`foldserve infer ... 2>&1 | head -1` hung forever: the closed pipe raised in print, and the interpreter's
+    teardown then waited on the open gRPC channel."""
+    import subprocess
+
+    from tests.conftest import BIN, ROOT
+
+    np.save(server.repo / "many.npy", digits_batch(64, seed=1))
+    proc = subprocess.Popen([str(BIN / "foldserve"), "infer", "--url", server.grpc, "--model", MODEL,
+                             str(server.repo / "many.npy"), "--top", "10"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.stdout.readline().startswith(b"sample 0:")
+    proc.stdout.close()                                  # what `head -1` does after its line
+    assert proc.wait(timeout=60) == 141
