@@ -78,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and args.command not in unavailable:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.argv = list(argv) if argv is not None else sys.argv[1:]     # which flags were given (train --resume)
     _configure_logging(getattr(args, "log_level", "INFO"))
     try:
         return int(args.func(args) or 0)

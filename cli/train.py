@@ -63,7 +63,57 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--arch-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="architecture size knob, e.g. --arch-arg width=32 --arch-arg blocks=2")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, options={o: a.dest for a in p._actions for o in a.option_strings})
+
+
+#: what a resumed run may change; everything else (architecture, data, split, batch, optimiser) is the run's own
+RESUMABLE = {"epochs", "device", "amp", "progress", "precise_bn"}
+
+
+def _flag_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags as TrainConfig fields."""
+    lr = args.lr if args.lr is not None else (0.1 if args.optimizer == "sgd" else 3e-3)
+    return dict(arch=args.arch, dataset=args.dataset, data=args.data, out=args.out, epochs=args.epochs,
+                batch_size=args.batch_size, optimizer=args.optimizer, lr=lr, weight_decay=args.weight_decay,
+                warmup_epochs=args.warmup_epochs, bn_momentum=args.bn_momentum, bn_placement=args.bn_placement,
+                precise_bn=args.precise_bn, sync_bn=args.sync_bn, seed=args.seed, val_fraction=args.val_fraction,
+                image_size=args.image_size, device=args.device, amp=not args.no_amp, resume=args.resume,
+                arch_args=_parse_kv(args.arch_arg), progress=not args.no_progress)
+
+
+def resumed_config(args: argparse.Namespace) -> dict[str, Any]:
+    """``--resume``: the run's own configuration (OUT/config.json), with the flags given on this command line where a
+    resumed run may change them (more epochs, another device); a flag that would change what was trained is one
+    error naming the difference, before any work. Without a config.json the flags are taken as they are (the
+    checkpoint is then what refuses a mismatch)."""
+    from pathlib import Path
+
+    path = Path(args.out) / "config.json"
+    flags = _flag_config(args)
+    if not path.is_file():
+        return flags
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--resume: {path} cannot be read ({exc})") from None
+    fields_of = {"no_amp": "amp", "no_progress": "progress", "arch_arg": "arch_args"}     # flag dest -> field
+    words = [w.split("=", 1)[0] for w in getattr(args, "argv", [])]
+    named = {fields_of.get(args.options[w], args.options[w]) for w in words if w in args.options}
+    given = {k: v for k, v in flags.items() if k in named and k not in ("out", "resume")}
+    changed = {k: v for k, v in given.items() if k in saved and saved[k] != v}
+    refused = sorted(k for k in changed if k not in RESUMABLE)
+    if refused:
+        had = ", ".join(f"--{k.replace('_', '-')} {saved[k]!r}" for k in refused)
+        asked = ", ".join(f"--{k.replace('_', '-')} {changed[k]!r}" for k in refused)
+        raise ConfigError(f"--resume: {args.out} holds a {saved.get('arch')!r} model trained with {had}; the flags "
+                          f"ask for {asked}: a resumed run keeps what it was trained with (give another --out for a "
+                          f"new run)")
+    from dataclasses import fields
+
+    from trainer.train import TrainConfig
+
+    known = {k: v for k, v in saved.items() if k in {f.name for f in fields(TrainConfig)}}
+    return {**known, **changed, "out": args.out, "resume": True}
 
 
 def list_archs() -> list[str]:
@@ -79,14 +129,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from trainer.train import TrainConfig, train
 
-    lr = args.lr if args.lr is not None else (0.1 if args.optimizer == "sgd" else 3e-3)
-    cfg = TrainConfig(arch=args.arch, dataset=args.dataset, data=args.data, out=args.out, epochs=args.epochs,
-                      batch_size=args.batch_size, optimizer=args.optimizer, lr=lr,
-                      weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
-                      bn_momentum=args.bn_momentum, bn_placement=args.bn_placement, precise_bn=args.precise_bn,
-                      sync_bn=args.sync_bn, seed=args.seed, val_fraction=args.val_fraction,
-                      image_size=args.image_size, device=args.device, amp=not args.no_amp, resume=args.resume,
-                      arch_args=_parse_kv(args.arch_arg), progress=not args.no_progress)
+    cfg = TrainConfig(**(resumed_config(args) if args.resume else _flag_config(args)))
     result = train(cfg)
     metrics = {k: v for k, v in result.metrics.items() if v is not None}
     if int(os.environ.get("RANK", "0")) == 0:

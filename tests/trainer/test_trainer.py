@@ -292,3 +292,22 @@ def test_atomic_write_keeps_the_old_file_when_a_write_fails(tmp_path):
     assert path.read_bytes() == before
     assert load_checkpoint(path)["epoch"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+
+
+@pytest.mark.subprocess
+def test_resume_alone_continues_the_run_as_it_was_configured(tmp_path):
+    """`train --out RUN --resume` rebuilt the default dataset and then refused the checkpoint (53 s later): it reads
+    the run's own config.json; flags change only what a resumed run may (more epochs), and one that would change
+    what was trained is one line naming it, before any work."""
+    out = tmp_path / "run"
+    first = run_cli("train", "--arch", "mlp", "--dataset", "synthetic", "--epochs", "1", "--out", str(out),
+                    "--no-progress")
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = run_cli("--log-level", "INFO", "train", "--out", str(out), "--resume", "--epochs", "2", "--no-progress")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming from" in again.stderr and load_checkpoint(out / "checkpoint.pt")["epoch"] == 2
+    assert json.loads((out / "config.json").read_text())["arch"] == "mlp"
+    wrong = run_cli("train", "--out", str(out), "--resume", "--dataset", "digits", "--epochs", "3")
+    lines = wrong.stderr.strip().splitlines()
+    assert wrong.returncode == 2 and len(lines) == 1, wrong.stderr
+    assert "--dataset 'synthetic'" in lines[0] and "--dataset 'digits'" in lines[0] and "Traceback" not in wrong.stderr
