@@ -12,30 +12,55 @@ from foldserve.errors import ConfigError
 REQUIRES = ("onnxruntime", "fastapi", "uvicorn", "prometheus_client")
 
 
+#: the help's sections, in order; every setting but log_level (the global `foldserve --log-level`) is in one
+GROUPS: dict[str, tuple[str, ...]] = {
+    "network": ("host", "http_port", "grpc_port", "tls_cert", "tls_key", "tls_ca"),
+    "models": ("repository", "models", "allow_unverified", "strict", "strict_readiness", "repository_api", "warmup",
+               "max_model_memory_mb"),
+    "runtime and batching": ("provider", "device_id", "io_binding", "intra_op_threads", "inter_op_threads", "spin",
+                             "instances", "batching", "batch_policy", "max_queue_delay_us", "max_queue_size"),
+    "limits": ("max_request_bytes", "max_elements", "max_string_elements", "max_concurrent_requests", "shed_lag_ms",
+               "request_timeout_s", "body_timeout_s", "header_timeout_s", "idle_timeout_s", "max_connections",
+               "max_streams_per_connection", "max_header_bytes", "max_shm_regions"),
+    "auth": ("auth_token", "admin_token", "insecure_admin", "public_metadata"),
+    "workers and shutdown": ("workers", "event_loop", "grace_period_s"),
+}
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from pydantic_core import PydanticUndefined
+
     from server.settings import Settings
 
-    p = sub.add_parser("serve", help="serve a model repository over KServe v2 gRPC (:8001) and REST (:8000)")
+    p = sub.add_parser("serve", help="serve a model repository over KServe v2 gRPC (:8001) and REST (:8000)",
+                       usage="foldserve serve [--repository DIR] [options]",
+                       description="Every flag is also an environment variable: FOLDSERVE_ and its name "
+                                   "(--http-port: FOLDSERVE_HTTP_PORT). Tracing: OTEL_* variables.")
+    sections = {title: p.add_argument_group(title) for title in GROUPS}
+    groups = {name: sections[title] for title, names in GROUPS.items() for name in names}
     for name, field in Settings.model_fields.items():
         if name == "log_level":
-            continue
+            continue                    # the global `foldserve --log-level`
+        group = groups[name]
         flag = "--" + name.replace("_", "-")
-        help_ = field.description or ""
+        default = field.get_default(call_default_factory=True)
+        shown = "" if default in (None, PydanticUndefined) or default == [] else f" (default: {default})"
+        help_ = (field.description or "").replace("%", "%%") + shown
         if name == "repository":      # Triton's spelling too
-            p.add_argument("--model-repository", dest=name, default=None, help=argparse.SUPPRESS)
+            group.add_argument("--model-repository", dest=name, default=None, help=argparse.SUPPRESS)
         ann = field.annotation
         origin = typing.get_origin(ann)
         args = [a for a in typing.get_args(ann) if a is not type(None)]
         if ann is bool:
-            p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_)
         elif origin is list:
-            p.add_argument(flag, dest=name, nargs="+", default=None, help=help_)
+            group.add_argument(flag, dest=name, nargs="+", default=None, help=help_)
         elif origin is typing.Literal:
-            p.add_argument(flag, dest=name, choices=list(typing.get_args(ann)), default=None, help=help_)
+            group.add_argument(flag, dest=name, choices=list(typing.get_args(ann)), default=None, help=help_)
         else:
             base = args[0] if args else ann
             conv = {int: int, float: float}.get(base, str)
-            p.add_argument(flag, dest=name, type=conv, default=None, help=help_)
+            group.add_argument(flag, dest=name, type=conv, default=None, help=help_)
     p.set_defaults(func=run)
 
 

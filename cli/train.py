@@ -35,18 +35,19 @@ def _bn_momentum(value: str) -> float | None:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a BatchNorm network and write DIR/checkpoint.pt")
+    p = sub.add_parser("train", help="train a BatchNorm network and write DIR/checkpoint.pt",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--arch", default="resnet", help="architecture name (see --list-archs)")
     p.add_argument("--list-archs", action="store_true", help="list the architectures and exit")
     p.add_argument("--dataset", default="digits", help="digits | digits32 (3x32x32 colour) | synthetic | npz | folder")
     p.add_argument("--data", help="path for --dataset npz (arrays x, y) or folder (one sub-folder per class)")
-    p.add_argument("--out", default="runs/default", help="output directory (default: runs/default)")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
+    p.add_argument("--out", default="runs/default", help="output directory")
+    p.add_argument("--epochs", type=int, default=30, help="passes over the training split")
+    p.add_argument("--batch-size", type=int, default=64, help="samples per step (at least 2: BatchNorm)")
+    p.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd", help="the optimiser")
     p.add_argument("--lr", type=float, default=None, help="default: 0.1 for sgd, 3e-3 for adamw")
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="not applied to BN and bias parameters")
+    p.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up before the cosine schedule")
     p.add_argument("--bn-momentum", type=_bn_momentum, default=0.1,
                    help="BN running-average momentum, or 'cumulative' for an equal-weight average")
     p.add_argument("--bn-placement", choices=("before", "after"), default="before",
@@ -54,15 +55,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precise-bn", type=int, default=0, metavar="N",
                    help="after training, recompute BN statistics exactly over N batches")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun (saved as plain BN)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0, help="weights, data split and order")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="held out for validation")
     p.add_argument("--image-size", type=int, default=32, help="--dataset folder: images are resized to this")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--no-amp", action="store_true", help="disable mixed precision on GPU")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--arch-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="architecture size knob, e.g. --arch-arg width=32 --arch-arg blocks=2")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=run, options={o: a.dest for a in p._actions for o in a.option_strings})
 
 
