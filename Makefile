@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 REPO ?= model_repository
 MODEL ?= digits_resnet
 
-.PHONY: install lint test test-hardening test-docker serve model bench docs clean
+.PHONY: install lint test test-hardening test-docker image serve model bench docs clean
 
 install: $(STAMP)
 
@@ -28,7 +28,14 @@ test: install
 test-hardening: install
 	FOLDSERVE_HARDENING_FULL=1 $(BIN)/python -m pytest -q -s -m hardening tests/hardening
 
-# Builds the CPU server image from a locally made base and runs it (needs a container engine or root).
+IMAGE ?= foldserve-server:latest
+
+# The CPU server image where no registry is reachable: a base made locally (debootstrap) and a wheelhouse (needs a
+# running container engine; `make test-docker` starts one as root).
+image: install
+	bash docker/build-image.sh $(IMAGE)
+
+# Builds the CPU server image (docker/build-image.sh, as `make image`) and runs it (needs a container engine or root).
 test-docker: install
 	bash docker/test-docker.sh
 

@@ -9,7 +9,7 @@ REQUIRES = ("torch", "onnx", "onnxruntime", "fastapi", "uvicorn")
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmark the limits, the server and the baselines; JSON + Markdown")
-    p.add_argument("--quick", action="store_true", help="fewer requests and points (under 5 minutes on 2 cores)")
+    p.add_argument("--quick", action="store_true", help="fewer requests and points (about 3 minutes on 2 cores)")
     p.add_argument("--out", default="bench/results", help="directory for bench-*.json / .md and latest.*")
     p.set_defaults(func=run)
 

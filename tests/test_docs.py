@@ -120,3 +120,10 @@ def test_help_is_grouped_with_defaults_and_every_flag_says_what_it_is():
         silent = [a.option_strings for a in parsers[name]._actions if not a.help]
         assert not silent, (name, silent)
     assert "--data" in parsers["pipeline"].format_help()
+
+
+def test_the_docs_and_the_help_agree_on_what_bench_quick_costs():
+    """The README said "under a minute", the help "under 5 minutes" (it takes about 3)."""
+    page = (ROOT / "docs" / "benchmarks.md").read_text()
+    said = re.search(r"bench --quick\s+# (about \d+ minutes)", page)
+    assert said and said.group(1) in _parsers()["bench"].format_help()

@@ -217,6 +217,25 @@ def test_compose_file():
     assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     for svc in services.values():
         assert (ROOT / "docker" / svc["build"]["context"] / svc["build"]["dockerfile"]).is_file()
+    assert "name" not in doc            # docker-compose 1.29 refuses a top-level name ("does not match any ...")
+    for svc in ("trainer", "server"):   # the base image can be the one `make image` makes where no registry is
+        assert "FOLDSERVE_BASE_IMAGE" in services[svc]["build"]["args"]["BASE_IMAGE"]
+
+
+@pytest.mark.docker
+@pytest.mark.skipif(not os.environ.get("FOLDSERVE_DOCKER_IMAGE"), reason="set by `make test-docker`, which installs "
+                                                                          "docker-compose")
+def test_compose_file_is_valid_for_docker_compose():
+    """Debian's docker-compose 1.29 (and compose v2 where the docker CLI has it) validate the file against their
+    schema and resolve its variables."""
+    compose = shutil.which("docker-compose")
+    assert compose, "docker-compose is not installed (make test-docker installs it as root)"
+    for env in ({}, {"FOLDSERVE_BASE_IMAGE": "foldserve-base:bookworm"}):
+        proc = subprocess.run([compose, "-p", "foldserve", "-f", str(DOCKER_DIR / "compose.yaml"), "config"],
+                              capture_output=True, text=True, timeout=60, env={**os.environ, **env})
+        assert proc.returncode == 0, proc.stderr
+        base = env.get("FOLDSERVE_BASE_IMAGE", "python:3.11-slim")
+        assert yaml.safe_load(proc.stdout)["services"]["server"]["build"]["args"]["BASE_IMAGE"] == base
 
 
 # --- the real image (make test-docker) ---------------------------------------------------------------
