@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -327,3 +328,15 @@ def reference_session_docker(repository):
     import onnxruntime as ort
 
     return ort.InferenceSession(str(repository / "digits" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+
+
+def test_make_image_is_the_recipe_test_docker_uses():
+    """`docker build` as the README gave it failed where no registry is reachable; the recipe that worked lived only
+    inside test-docker.sh. It is `make image` (docker/build-image.sh: a local base, a wheelhouse), and
+    `make test-docker` builds with it."""
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^image: install\n\tbash docker/build-image.sh \$\(IMAGE\)$", makefile, re.M)
+    script = (DOCKER_DIR / "build-image.sh").read_text()
+    assert "make-base.sh" in script and "pip wheel" in script and "PIP_NO_INDEX=1" in script
+    assert "docker/build-image.sh" in (DOCKER_DIR / "test-docker.sh").read_text()
+    assert "make image" in (ROOT / "README.md").read_text()
