@@ -542,14 +542,17 @@ def test_infer_prints_probabilities_and_the_raw_scores_on_request(server):
 def test_infer_piped_into_head_exits_when_the_reader_goes_away(server):
     """`foldserve infer ... 2>&1 | head -1` hung forever: the closed pipe raised in print, and the interpreter's
     teardown then waited on the open gRPC channel."""
+    import fcntl
     import subprocess
 
     from tests.conftest import BIN, ROOT
 
+    F_SETPIPE_SZ = 1031             # Linux's fcntl: the pipe's capacity
     np.save(server.repo / "many.npy", digits_batch(64, seed=1))
     proc = subprocess.Popen([str(BIN / "foldserve"), "infer", "--url", server.grpc, "--model", MODEL,
                              str(server.repo / "many.npy"), "--top", "10"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    fcntl.fcntl(proc.stdout.fileno(), F_SETPIPE_SZ, 4096)   # its ~40 KB of output can no longer fit in the pipe
     assert proc.stdout.readline().startswith(b"sample 0:")
     proc.stdout.close()                                  # what `head -1` does after its line
     assert proc.wait(timeout=60) == 141
