@@ -28,15 +28,16 @@ TICK_S = 0.01
 @dataclass
 class LoopMonitor:
     """How late the event loop runs: a timer every TICK_S. ``overloaded`` once LATE_TICKS ticks in a row ran
-    later than ``lag_s`` while requests were arriving (a backlog, not one slow callback: a 64 MB message or a
-    collection alone never sheds; nor does a loop that is late only because other processes hold the CPU while
-    the server is idle) and for HOLD_S after the last of them, so that shedding does not flap."""
+    later than ``lag_s`` (a backlog, not one slow callback: a 64 MB message or a collection alone never sheds)
+    and for HOLD_S after the last of them, so that shedding does not flap. It also counts the inference requests
+    that arrive (:meth:`demand`), so that admission sheds only where other work is waiting: a loop that is late
+    because other processes hold the CPU while the server is idle refuses no one."""
 
     lag_s: float
     lag: float = 0.0
     late: int = 0
     hold_until: float = 0.0
-    seen: int = 0           # inference requests that arrived since the last tick (:meth:`demand`)
+    last_arrival: float = float("-inf")     # loop time of the last inference request (:meth:`demand`)
     _task: asyncio.Task[None] | None = field(default=None, repr=False)
 
     HOLD_S = 0.1
@@ -52,14 +53,17 @@ class LoopMonitor:
             t = loop.time()
             await asyncio.sleep(TICK_S)
             self.lag = loop.time() - t - TICK_S
-            busy, self.seen = self.seen > 0, 0
-            self.late = self.late + 1 if self.lag > self.lag_s and busy else 0
+            self.late = self.late + 1 if self.lag > self.lag_s else 0
             if self.late >= self.LATE_TICKS:
                 self.hold_until = loop.time() + self.HOLD_S
 
-    def demand(self) -> None:
-        """An inference request arrived: a late loop now means work waits behind it."""
-        self.seen += 1
+    RECENT_S = 0.5
+
+    def demand(self) -> bool:
+        """An inference request arrived; returns whether another one arrived within RECENT_S before it."""
+        now = asyncio.get_running_loop().time()
+        others, self.last_arrival = now - self.last_arrival < self.RECENT_S, now
+        return others
 
     def overloaded(self) -> bool:
         return self._task is not None and (self.late >= self.LATE_TICKS or
@@ -83,9 +87,8 @@ class Admission:
         """Why a new inference request would be refused now, or None."""
         if self.active >= self.limit:
             return f"server busy: {self.active} requests in flight (limit {self.limit}); retry later"
-        if self.monitor is not None:
-            self.monitor.demand()
-        if self.monitor is not None and self.monitor.overloaded():
+        others = self.monitor.demand() if self.monitor is not None else False
+        if self.monitor is not None and self.monitor.overloaded() and (others or self.active > 0):
             return (f"server overloaded: its event loop runs {self.monitor.lag * 1000:.0f} ms late (--shed-lag-ms "
                     f"{self.monitor.lag_s * 1000:g}); retry later")
         return None
