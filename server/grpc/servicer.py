@@ -51,15 +51,8 @@ def _model_name(data: bytes) -> str | None:
     when it does not (the bound is then every loaded model's)."""
     if len(data) < 2 or data[0] != 0x0A:
         return None
-    length, shift, i = 0, 0, 1
-    while i < min(len(data), 6):
-        b = data[i]
-        length |= (b & 0x7F) << shift
-        i += 1
-        if not b & 0x80:
-            break
-        shift += 7
-    if length > 1024 or i + length > len(data):
+    length, i = _varint(data, 1)
+    if length is None or length > 1024 or i + length > len(data):
         return None
     try:
         return data[i:i + length].decode()
@@ -77,6 +70,8 @@ def too_many_entries(data: bytes, limit: int = MAX_ENTRIES) -> str | None:
     number), found by walking the wire format's top-level tags only (a length-delimited field is skipped, not
     read) and stopping at the bound; None when every field is within it or the bytes are not well formed (the
     parser then says so)."""
+    if len(data) <= 2 * limit:
+        return None                     # every entry takes 2 bytes at least: no field can pass the bound
     counts: dict[int, int] = {}
     i, n = 0, len(data)
     while i < n:
@@ -95,7 +90,7 @@ def too_many_entries(data: bytes, limit: int = MAX_ENTRIES) -> str | None:
             i += 8 if wire == 1 else 4
         else:
             return None
-        if i is None or i > n:
+        if i > n:
             return None
         counts[field] = counts.get(field, 0) + 1
         if counts[field] > limit:
