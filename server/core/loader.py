@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
+import pickle
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from foldserve.errors import EntryError, FoldserveError, ModelNotReady, Unsuppor
 from foldserve.model_config import ModelConfig
 from foldserve.protocol import model_config_pb2 as mc
 from foldserve.records import PrecisionInfo, first_line
+from server.core.loadprobe import ProbeRequest, growth_alone, rss_bytes
 from server.core.model_config import complete_config, to_spec
 from server.core.repository import ModelRepository, VerificationSummary, read_verification
 from server.core.runtime import OnnxModel
@@ -64,9 +66,9 @@ def build_version(repo: ModelRepository, name: str, version: int, config: ModelC
         raise ModelNotReady(f"verification did not pass ({verification.reason or 'failed'}); "
                             f"re-run `foldserve verify` or start with --allow-unverified")
     s = settings
-    runtime = OnnxModel(files.model, external=files.external, label=onnx_path.name, provider=s.provider,
-                        device_id=s.device_id, intra_op_threads=s.intra_op_threads,
-                        inter_op_threads=s.inter_op_threads, io_binding=s.io_binding, spin=s.spin)
+    options: dict[str, Any] = dict(provider=s.provider, device_id=s.device_id, intra_op_threads=s.intra_op_threads,
+                                   inter_op_threads=s.inter_op_threads, io_binding=s.io_binding, spin=s.spin)
+    runtime = OnnxModel(files.model, external=files.external, label=onnx_path.name, **options)
     cfg = ModelConfig()
     cfg.CopyFrom(config)
     complete_config(cfg, runtime.inputs, runtime.outputs)
@@ -96,9 +98,9 @@ def build_version(repo: ModelRepository, name: str, version: int, config: ModelC
     if s.warmup:
         scheduler.run_estimate_s = warmup(spec, runtime, repo.model_dir(name), s.max_elements)
     grown = rss_bytes() - rss_before
-    if grown > files.budget:
-        raise ModelNotReady(f"building and warming version {version} grew memory by {grown >> 20} MB, more than "
-                            f"the {files.budget >> 20} MB a load may cost (--max-model-memory-mb)")
+    if grown > files.budget:   # requests served meanwhile may have grown the process: judge the load alone
+        judge_alone(ProbeRequest(files.model, files.external, onnx_path.name, options, spec,
+                                 str(repo.model_dir(name)), s.max_elements, s.warmup), version, grown, files.budget)
     metrics.model_loaded(name, str(version))
     return LoadedVersion(name, version, spec, runtime, scheduler, stats, verification, preprocess, precision,
                          request_bytes_limit(spec, s.max_elements, s.max_request_bytes),
@@ -179,13 +181,25 @@ def read_model_bytes(path: Path, vdir: Path, max_model_memory_mb: int = 0) -> Mo
     return ModelBytes(path.name, data, external, digests, budget)
 
 
-def rss_bytes() -> int:
-    """This process's resident memory (what a load grows)."""
-    try:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
+def judge_alone(request: ProbeRequest, version: int, grown: int, budget: int) -> None:
+    """Refuse the load if building and warming it alone (in a child process) takes more than its budget."""
+    alone = growth_alone(request)
+    if alone > budget:
+        raise ModelNotReady(f"building and warming version {version} takes {alone >> 20} MB (measured alone), "
+                            f"more than the {budget >> 20} MB a load may cost (--max-model-memory-mb)")
+    logger.info("%s version %d: the process grew by %d MB during the load, the load alone by %d MB (within its "
+                "%d MB)", request.label, version, grown >> 20, alone >> 20, budget >> 20)
+
+
+def _measure_alone() -> None:
+    """The child of ``growth_alone``: build and warm the version from stdin, print the resident memory grown."""
+    request: ProbeRequest = pickle.loads(sys.stdin.buffer.read())
+    before = rss_bytes()
+    runtime = OnnxModel(request.model, external=request.external or None, label=request.label,
+                        **request.runtime_options)   # type: ignore[arg-type]
+    if request.warm:
+        warmup(request.spec, runtime, Path(request.model_dir), request.max_elements)   # type: ignore[arg-type]
+    print(rss_bytes() - before, flush=True)
 
 
 def check_static_sizes(model: Any, name: str, budget: int) -> None:
@@ -346,3 +360,12 @@ def _warmup_feeds(spec: ModelSpec, w: Any, model_dir: Path, rng: np.random.Gener
         else:  # zero_data, or random data for a non-float input (Triton fills those with zeros too)
             feeds[t.name] = _zeros(shape, t.datatype)
     return feeds
+
+
+if __name__ == "__main__":   # growth_alone's child process
+    logging.disable(logging.CRITICAL)
+    try:
+        _measure_alone()
+    except ModelNotReady as exc:
+        print(f"ModelNotReady: {exc}", file=sys.stderr)
+        sys.exit(3)
