@@ -72,17 +72,22 @@ def numpy_dtype(v2: str, where: str = "datatype") -> np.dtype:
     return row.numpy
 
 
-def string_array(items: list[Any], shape: list[int], where: str) -> np.ndarray:
-    """BYTES elements (bytes or str) as the object array of str onnxruntime takes (it carries strings as UTF-8:
-    bytes that are not UTF-8 cannot reach it, and are refused naming the element)."""
+def string_array(items: list[Any], shape: list[int], where: str, text: bool = True) -> np.ndarray:
+    """BYTES elements (bytes or str) as an object array. ``text``: as the str onnxruntime takes for a model that
+    reads its strings (UTF-8: bytes that are not UTF-8 are refused naming the element); else kept as given, any
+    bytes (for a model that only moves its strings: server/core/strings.py)."""
     out = np.empty(len(items), dtype=object)
     for i, item in enumerate(items):
         if isinstance(item, (bytes, bytearray, memoryview)):
+            if not text:
+                out[i] = bytes(item)
+                continue
             try:
                 item = bytes(item).decode("utf-8")
             except UnicodeDecodeError:
-                raise UnsupportedDataType(f"{where}: element {i} is not UTF-8 text (onnxruntime carries BYTES "
-                                          f"tensors as UTF-8 strings)") from None
+                raise UnsupportedDataType(f"{where}: element {i} is not UTF-8 text, and this model reads its "
+                                          f"strings as text (onnxruntime takes them as UTF-8; a model that only "
+                                          f"moves its strings carries any bytes)") from None
         elif not isinstance(item, str):
             raise UnsupportedDataType(f"{where}: BYTES elements must be strings, element {i} is "
                                       f"{type(item).__name__}")

@@ -29,6 +29,7 @@ class TensorSpec:
     name: str
     datatype: str
     dims: tuple[int, ...]
+    optional: bool = False          # an input a request may leave out (the model has a default for it)
 
     def full_shape(self, max_batch_size: int) -> list[int]:
         return ([-1] if max_batch_size > 0 else []) + list(self.dims)
@@ -74,7 +75,8 @@ def tensors(items: Iterable[mc.ModelInput | mc.ModelOutput], where: str) -> list
     for t in items:
         enum_name = mc.DataType.Name(t.data_type)
         dtype = lookup(enum_name, "config", f"{where} {t.name!r}")
-        out.append(TensorSpec(t.name, dtype.v2, tuple(int(d) for d in t.dims)))
+        out.append(TensorSpec(t.name, dtype.v2, tuple(int(d) for d in t.dims),
+                              bool(getattr(t, "optional", False))))
     return out
 
 

@@ -19,6 +19,7 @@ from foldserve.errors import (
     FoldserveError,
     InvalidInput,
     LimitExceeded,
+    ModelNotFound,
     NotSupported,
     PermissionDenied,
     QueueFull,
@@ -39,7 +40,6 @@ from server.core.repository import ModelRepository, check_model_name
 from server.core.shm import CUDA_SHM_UNSUPPORTED, SystemSharedMemory, check_region_name
 from server.core.stats import Metrics, ModelStats
 from server.core.tracing import Tracing
-from server.core.tracing import merged as tracing_merged
 from server.core.types import (
     IndexEntry,
     InferOutput,
@@ -199,7 +199,7 @@ class DataPlane:
         versions serving everywhere. ``parameters`` (Triton's repository extension): ``config``, a ModelConfig in
         JSON that replaces config.pbtxt until the next plain load; anything else is refused, named."""
         self._check_repository_api()
-        check_model_name(name)
+        check_model_name(name, loading=True)
         config = None
         for key, value in (parameters or {}).items():
             if key == "config":
@@ -243,27 +243,24 @@ class DataPlane:
 
     def trace_settings(self, model: str = "") -> dict[str, Any]:
         if model:
-            self.registry.get(model)                     # the right error for an unknown model
+            self._traced_model(model)
         return self.tracing.for_model(model).to_json()
+
+    def _traced_model(self, model: str) -> None:
+        """The right error for a model the trace extension cannot name (Triton's words, its spacing, first)."""
+        try:
+            self.registry.get(model)
+        except ModelNotFound as exc:
+            raise ModelNotFound(f"Request for unknown model : {model} ({exc})") from None
 
     async def update_trace_settings(self, model: str, updates: Any) -> dict[str, Any]:
         """Check ``updates`` (Triton's names; for a model, ``null`` values return it to the global settings),
         apply them on every worker, return the settings now in force for ``model`` (or globally)."""
         if model:
-            self.registry.get(model)
+            self._traced_model(model)
         if not isinstance(updates, dict):
             raise InvalidInput(f"trace settings must be a JSON object, got {type(updates).__name__}")
-        state = self.tracing.state()
-        cleared = {k for k, v in updates.items() if v is None}
-        given = {k: v for k, v in updates.items() if v is not None}
-        if model:
-            base = self.tracing.settings if cleared else self.tracing.for_model(model)
-            new = tracing_merged(base, given, self.tracing.exporter)
-            state["models"].pop(model, None)
-            if given or not cleared:
-                state["models"][model] = Tracing.plain(new)
-        else:
-            state["global"] = Tracing.plain(tracing_merged(self.tracing.settings, given, self.tracing.exporter))
+        state = self.tracing.updated(model, updates)
         if updates:
             await self.coordinator.trace_settings(state)
         return self.trace_settings(model)
@@ -312,6 +309,8 @@ class DataPlane:
         batch = 0
         queued, compute, exec_batch = 0.0, (0, 0, 0), 0
         error: str | None = None
+        held: list[Any] = []
+        tensors: list[tuple[str, str, str, Any]] = []
         self._inflight += 1
         try:
             if not self._ready:
@@ -319,10 +318,8 @@ class DataPlane:
             lv = self.registry.get(req.model_name, req.model_version)
             batch = check_request(req, lv.spec, self.settings.max_elements, self.settings.max_string_elements)
             check_shm_inputs(req, lv.spec, self.settings.max_request_bytes)     # before a byte of them is read
-            for t in req.inputs:
-                if t.shm is not None:
-                    t.raw = self.shm.read(t.shm, f"input {t.name!r}")
-            feeds = decode_inputs(req)
+            held = self._read_shm(req)
+            feeds = decode_inputs(req, lv.spec.opaque_strings)
             if lv.spec.max_batch_size == 0:
                 batch = 1
             wanted = [o.name for o in req.outputs] or [t.name for t in lv.spec.outputs]
@@ -331,6 +328,9 @@ class DataPlane:
             results, queued, compute, exec_batch = await lv.scheduler.infer(
                 feeds, wanted, batch, self.settings.request_timeout_s, priority, timeout_us)
             outputs = self._outputs(lv, req, wanted, results)
+            if traced and "TENSORS" in self.tracing.for_model(req.model_name).trace_level:
+                tensors = ([("INPUT", t.name, t.datatype, feeds[t.name]) for t in req.inputs]
+                           + [("OUTPUT", o.name, o.datatype, o.data) for o in outputs])
             total_ns = int((time.perf_counter() - t0) * 1e9)
             lv.stats.record_request(True, total_ns, int(queued * 1e9), batch, compute)
             self.metrics.succeeded(lv.name, str(lv.version), batch, total_ns, int(queued * 1e9), compute)
@@ -344,6 +344,8 @@ class DataPlane:
                 self.metrics.failed(lv.name, str(lv.version), failure_reason(exc))
             raise
         finally:
+            if held:
+                self.shm.release(held)
             self._inflight -= 1
             self.metrics.request(req.model_name if lv is not None else "_unknown", protocol, code,
                                  time.perf_counter() - t0)
@@ -351,7 +353,24 @@ class DataPlane:
                 self.tracing.record(model=req.model_name, version=str(lv.version) if lv is not None else "",
                                     protocol=protocol, carrier=req.trace, start_ns=start_ns, end_ns=time.time_ns(),
                                     queued_s=queued, compute=compute, batch=batch, exec_batch=exec_batch,
-                                    error=error)
+                                    error=error, tensors=tensors)
+
+    def _read_shm(self, req: InferRequest) -> list[Any]:
+        """Hold every region the request reads or writes (in use until the answer is written: an unregister
+        meanwhile waits for it, as in Triton), and read its shared-memory inputs; returns what to release."""
+        regions = ([(t.shm.region, f"input {t.name!r}") for t in req.inputs if t.shm]
+                   + [(o.shm.region, f"output {o.name!r}") for o in req.outputs if o.shm])
+        if not regions:
+            return []
+        held = self.shm.hold(regions)
+        try:
+            for t in req.inputs:
+                if t.shm is not None:
+                    t.raw = self.shm.read(t.shm, f"input {t.name!r}")
+        except BaseException:
+            self.shm.release(held)
+            raise
+        return held
 
     def _outputs(self, lv: LoadedVersion, req: InferRequest, wanted: list[str],
                  results: list[np.ndarray]) -> list[InferOutput]:

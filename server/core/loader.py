@@ -25,6 +25,7 @@ from server.core.repository import ModelRepository, VerificationSummary, read_ve
 from server.core.runtime import OnnxModel
 from server.core.scheduler import Scheduler
 from server.core.stats import Metrics, ModelStats
+from server.core.strings import opaque_strings
 from server.core.types import ModelSpec
 from server.core.validation import grpc_message_limit, request_bytes_limit, request_elements_limit
 from server.settings import Settings
@@ -69,6 +70,7 @@ def build_version(repo: ModelRepository, name: str, version: int, config: ModelC
     options: dict[str, Any] = dict(provider=s.provider, device_id=s.device_id, intra_op_threads=s.intra_op_threads,
                                    inter_op_threads=s.inter_op_threads, io_binding=s.io_binding, spin=s.spin)
     runtime = OnnxModel(files.model, external=files.external, label=onnx_path.name, **options)
+    runtime.opaque_strings = files.opaque_strings
     cfg = ModelConfig()
     cfg.CopyFrom(config)
     complete_config(cfg, runtime.inputs, runtime.outputs)
@@ -85,6 +87,7 @@ def build_version(repo: ModelRepository, name: str, version: int, config: ModelC
     if preprocess is not None:
         cfg.parameters["foldserve_preprocess"].string_value = json.dumps(preprocess, sort_keys=True)
     spec = to_spec(cfg, repo.labels(name, version), s.instances)
+    spec.opaque_strings = files.opaque_strings
     check_spec_matches_model(spec, runtime)
     delay = None
     if s.batching and spec.batching is not None:
@@ -118,6 +121,7 @@ class ModelBytes:
     external: dict[str, bytes]       # external data: location (relative to the version folder) -> bytes
     digests: dict[str, str]          # SHA-256 of each of those files, computed once
     budget: int                      # bytes this version's load may cost (--max-model-memory-mb)
+    opaque_strings: bool = False     # string elements only moved, never read: any bytes can travel (strings.py)
 
     def digest(self) -> str:
         """One SHA-256 over every file's (name and digest): equal only for the same bytes under the same names."""
@@ -167,6 +171,9 @@ def read_model_bytes(path: Path, vdir: Path, max_model_memory_mb: int = 0) -> Mo
             # the checker reads external data from files: check a copy with the bytes that will be loaded inlined
             t.raw_data, t.data_location = blob[start:end], onnx.TensorProto.DEFAULT
             del t.external_data[:]
+        for vi in [*model.graph.input, *model.graph.output]:   # a scalar declared without a shape (Triton's scalar
+            if vi.type.HasField("tensor_type") and not vi.type.tensor_type.HasField("shape"):   # models): runs
+                vi.type.tensor_type.shape.SetInParent()   # in onnxruntime, the checker wants the field on the copy
         onnx.checker.check_model(model)
         size = len(data) + sum(len(b) for b in external.values())
         budget = max_model_memory_mb << 20 if max_model_memory_mb else max(1 << 30, 8 * size)
@@ -178,7 +185,7 @@ def read_model_bytes(path: Path, vdir: Path, max_model_memory_mb: int = 0) -> Mo
         raise ModelNotReady(f"{path.name} is not a valid ONNX model ({type(exc).__name__}: "
                             f"{first.replace(str(vdir.resolve()), '.').replace(str(vdir), '.')})") from None
     digests = {path.name: _sha256(data), **{loc: _sha256(b) for loc, b in external.items()}}
-    return ModelBytes(path.name, data, external, digests, budget)
+    return ModelBytes(path.name, data, external, digests, budget, opaque_strings(model.graph))
 
 
 def judge_alone(request: ProbeRequest, version: int, grown: int, budget: int) -> None:
@@ -244,7 +251,19 @@ def check_batch_bound(spec: ModelSpec, max_elements: int) -> None:
 
 
 def check_spec_matches_model(spec: ModelSpec, runtime: OnnxModel) -> None:
-    names = {t.name for t in runtime.inputs}
+    names = {t.name for t in runtime.inputs} | set(runtime.defaults)
+    for t in spec.inputs:
+        if t.optional and t.name not in runtime.defaults:
+            raise ModelNotReady(f"config.pbtxt input {t.name!r} is optional, but the ONNX model needs it (a default "
+                                f"is an initializer of the same name, listed among the graph's inputs)")
+    scalars = {m.name for m in runtime.inputs + runtime.outputs if m.dims == ()}
+    for t in [t for t in spec.inputs + spec.outputs if t.name in scalars]:
+        if spec.max_batch_size > 0 or list(t.dims) != [1] * len(t.dims) or not t.dims:
+            raise ModelNotReady(f"config.pbtxt {t.name!r}: the ONNX model's {t.name!r} is a scalar (no shape), so its "
+                                f"dims must hold one element (dims: [1]) and max_batch_size must be 0; got dims "
+                                f"{list(t.dims)}, max_batch_size {spec.max_batch_size}")
+    runtime.scalar_shapes = {t.name: tuple(t.dims) for t in spec.outputs
+                             if any(m.name == t.name and m.dims == () for m in runtime.outputs)}
     for t in spec.inputs:
         if t.name not in names:
             raise ModelNotReady(f"config.pbtxt input {t.name!r} is not an input of the ONNX model ({sorted(names)})")

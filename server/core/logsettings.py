@@ -65,8 +65,8 @@ def merged(updates: Any) -> LogSettings:
     if values["log_format"] not in FORMATS:
         raise InvalidInput(f"log setting 'log_format' must be one of {list(FORMATS)}, got {values['log_format']!r}")
     if values["log_file"]:
-        raise InvalidInput("log setting 'log_file': foldserve writes its log to stderr only (collect it there); "
-                           "only \"\" is accepted")
+        raise InvalidInput("log file location can not be updated through network protocol (foldserve writes its "
+                           "log to stderr only: collect it there; log_file takes only \"\")")
     return LogSettings(**values)
 
 

@@ -42,8 +42,7 @@ IGNORED = {"optimization": "backend optimisation settings (onnxruntime runs with
            "cc_model_filenames": "per-GPU model files", "metric_tags": "metric tags",
            "model_operations": "model operations", "model_repository_agents": "repository agents",
            "response_cache": "the response cache (every request is computed)", "model_metrics": "model metrics"}
-TENSOR_REFUSED = {"reshape": "reshape", "is_shape_tensor": "shape tensors", "allow_ragged_batch": "ragged batches",
-                  "optional": "optional inputs"}
+TENSOR_REFUSED = {"reshape": "reshape", "is_shape_tensor": "shape tensors", "allow_ragged_batch": "ragged batches"}
 #: bounds on what a config may ask for: beyond them a model loads but cannot serve (20,000 instances made most
 #: requests 429; a queue delay of 2^64-1 us made every request wait forever)
 MAX_INSTANCES = 64
@@ -145,7 +144,7 @@ def complete_config(config: ModelConfig, session_inputs: list[TensorSpec], sessi
         for spec in specs:
             t = target.add(name=spec.name)
             t.data_type = mc.DataType.Value(lookup(spec.datatype).config)
-            t.dims.extend(spec.dims[1:] if batched else spec.dims)
+            t.dims.extend(spec.dims[1:] if batched else spec.dims or (1,))   # a scalar is served as [1] (Triton)
     if not config.platform and not config.backend:
         config.platform = PLATFORM
 

@@ -103,8 +103,8 @@ class ModelRegistry:
         built, each from exactly those bytes, or the prepare fails."""
         check_model_name(name)
         if not self.repository.has(name):
-            raise ModelNotFound(f"failed to load {name!r}: no model {name!r} in the repository (no "
-                                f"{name}/config.pbtxt)")
+            raise ModelNotFound(f"failed to load {name!r}: failed to poll from model repository: no model {name!r} "
+                                f"in it (no {name}/config.pbtxt)")
         state = self._models.setdefault(name, ModelState(name))
         if not state.versions:
             state.state = "LOADING"

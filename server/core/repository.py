@@ -27,10 +27,18 @@ from server.core.model_config import read_servable_config
 logger = logging.getLogger(__name__)
 
 
-def check_model_name(name: str, field_name: str = "model name") -> str:
+def check_model_name(name: str, field_name: str = "model name", loading: bool = False) -> str:
+    """``name`` if it can name a model; a load of one that cannot is answered in Triton's words first."""
     if not is_valid_model_name(name):
         shown = name if len(name) <= 64 else name[:64] + "..."
-        raise InvalidInput(f"{field_name} {shown!r} is not valid: {RULE}")
+        why = f"{field_name} {shown!r} is not valid: {RULE}"
+        if loading and not name.strip():
+            raise InvalidInput(f"Model name cannot be empty. Please enter a valid name to deploy. ({why})")
+        if loading and ("/" in name or "\\" in name or name.strip() in (".", "..")):
+            raise InvalidInput(f"model name must not contain path traversal characters ({why})")
+        if loading:
+            raise InvalidInput(f"failed to load {shown!r}: failed to poll from model repository: {why}")
+        raise InvalidInput(why)
     return name
 
 

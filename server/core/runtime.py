@@ -18,6 +18,7 @@ from foldserve.datatypes import lookup
 from foldserve.errors import FoldserveError, ModelNotReady
 from foldserve.model_config import TensorSpec
 from foldserve.records import first_line
+from server.core.strings import as_latin1, from_latin1
 
 logger = logging.getLogger(__name__)
 
@@ -128,15 +129,27 @@ class OnnxModel:
         self.device_id = device_id
         self.use_binding = io_binding and self.provider == "CUDAExecutionProvider"
         self.inputs = _tensor_specs(self.session.get_inputs(), "input")
+        # inputs with a default (an initializer listed among the graph's inputs): not offered unless a config
+        # declares them (as Triton's auto-complete), and a request may leave out those declared optional
+        self.defaults = {t.name: t for t in _tensor_specs(self.session.get_overridable_initializers(), "input")}
         self.outputs = _tensor_specs(self.session.get_outputs(), "output")
         self.output_names = [o.name for o in self.outputs]
+        # scalars (inputs and outputs without a shape, or of rank 0) are served with dims [1] as Triton does: a
+        # one-element input is fed as a scalar, a scalar output takes the config's one-element dims
+        self.scalar_inputs = {t.name for t in self.inputs if t.dims == ()}
+        self.scalar_shapes: dict[str, tuple[int, ...]] = {}
+        self.opaque_strings = False     # string elements travel as Latin-1 (any bytes; see strings.py)
         logger.info("loaded %s on %s", label, self.provider)
 
     def run(self, feeds: dict[str, np.ndarray], output_names: Sequence[str] | None = None) -> list[np.ndarray]:
         names = list(output_names or self.output_names)
+        if self.scalar_inputs:
+            feeds = {k: v.reshape(()) if k in self.scalar_inputs and v.size == 1 else v for k, v in feeds.items()}
+        if self.opaque_strings:
+            feeds = {k: as_latin1(v) if v.dtype == object else v for k, v in feeds.items()}
         if not self.use_binding:
             out: list[np.ndarray] = self.session.run(names, feeds)
-            return out
+            return self._shaped(names, out) if self.scalar_shapes or self.opaque_strings else out
         binding = self.session.io_binding()
         for name, value in feeds.items():
             binding.bind_cpu_input(name, value)
@@ -144,5 +157,11 @@ class OnnxModel:
             binding.bind_output(name, "cuda", self.device_id)
         self.session.run_with_iobinding(binding)
         copied: list[np.ndarray] = binding.copy_outputs_to_cpu()
-        return copied
+        return self._shaped(names, copied) if self.scalar_shapes or self.opaque_strings else copied
+
+    def _shaped(self, names: list[str], arrays: list[np.ndarray]) -> list[np.ndarray]:
+        if self.opaque_strings:
+            arrays = [from_latin1(a) if a.dtype == object else a for a in arrays]
+        return [a.reshape(self.scalar_shapes[n]) if a.ndim == 0 and n in self.scalar_shapes else a
+                for n, a in zip(names, arrays, strict=True)]
 

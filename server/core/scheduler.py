@@ -32,6 +32,8 @@ from server.core.types import BatchingSpec
 
 logger = logging.getLogger(__name__)
 
+#: Triton's message, exactly: clients compare it whole (qa/L0_batcher/queue_timeout_test.py)
+REQUEST_TIMEOUT_EXPIRED = "Request timeout expired"
 INLINE_MAX_S = 0.001  # runs shorter than this may execute on the event loop itself (see _infer_direct)
 RunFn = Callable[[dict[str, np.ndarray], list[str]], list[np.ndarray]]
 
@@ -167,18 +169,35 @@ class Scheduler:
             raise ModelNotReady(f"model {self.name} is being unloaded")
         if self.batching:
             return await self._infer_batched(feeds, outputs, batch, timeout_s, priority, timeout_us)
-        return await self._infer_direct(feeds, outputs, batch, timeout_s)
+        return await self._infer_direct(feeds, outputs, batch, timeout_s, timeout_us)
+
+    def _queue_timeout_us(self, timeout_us: int) -> int:
+        """A request's queue timeout: its own ``timeout`` parameter where the policy allows it, else the policy's."""
+        policy = self.policy
+        return timeout_us if policy.allow_timeout_override and timeout_us else policy.queue_timeout_us
 
     async def _infer_direct(self, feeds: dict[str, np.ndarray], outputs: list[str], batch: int,
-                            timeout_s: float) -> Outcome:
+                            timeout_s: float, timeout_us: int = 0) -> Outcome:
+        """Without batching, a request waits for one of the instances; the queue policy's size and timeout
+        (REJECT) bound that wait as they bound the batcher's queue."""
+        policy = self.policy
+        if policy.max_queue_size and self._waiting >= policy.max_queue_size:
+            raise QueueRejected(f"Exceeds maximum queue size: model {self.name} has {self._waiting} requests "
+                                f"waiting (dynamic_batching.default_queue_policy.max_queue_size "
+                                f"{policy.max_queue_size})")
         if self._waiting >= self.max_queue:
             raise QueueFull(f"model {self.name}: {self._waiting} requests already waiting (max_queue_size "
                             f"{self.max_queue}); retry later")
+        wait_us = self._queue_timeout_us(timeout_us) if policy.timeout_action != "DELAY" else 0
         t0 = time.perf_counter()
         self._waiting += 1
         try:
-            await asyncio.wait_for(self._direct_slots.acquire(), timeout_s)
+            await asyncio.wait_for(self._direct_slots.acquire(), min(timeout_s, wait_us / 1e6 if wait_us else 1e18))
         except asyncio.TimeoutError:
+            if wait_us and wait_us / 1e6 < timeout_s:
+                logger.info("model %s: a request waited its queue timeout (%d us) for an instance: rejected",
+                            self.name, wait_us)
+                raise QueueRejected(REQUEST_TIMEOUT_EXPIRED) from None
             raise RequestTimeout(f"model {self.name}: request waited {timeout_s:g} s for an execution slot") from None
         finally:
             self._waiting -= 1
@@ -214,7 +233,7 @@ class Scheduler:
         level = (priority or policy.default_priority_level) if policy.priority_levels else 0
         pending = _Pending(feeds, list(outputs), batch, fut, time.perf_counter(), level)
         heapq.heappush(self._queue, (False, level, next(self._arrivals), pending))
-        wait_us = timeout_us if policy.allow_timeout_override and timeout_us else policy.queue_timeout_us
+        wait_us = self._queue_timeout_us(timeout_us)
         if wait_us:
             pending.expiry = loop.call_later(wait_us / 1e6, self._expire, pending, wait_us)
         self._wakeup.set()
@@ -235,8 +254,8 @@ class Scheduler:
             p.delayed = True
             heapq.heappush(self._queue, (True, p.level, next(self._arrivals), p))
             return
-        p.future.set_exception(QueueRejected(f"Request timeout expired: the request waited {wait_us} us in model "
-                                             f"{self.name}'s queue (its queue timeout) and was not executed"))
+        logger.info("model %s: a request waited its queue timeout (%d us) in the queue: rejected", self.name, wait_us)
+        p.future.set_exception(QueueRejected(REQUEST_TIMEOUT_EXPIRED))
 
     def _execute(self, feeds: dict[str, np.ndarray], outputs: list[str], batch: int,
                  input_ns: int = 0) -> tuple[list[np.ndarray], int]:

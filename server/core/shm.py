@@ -66,6 +66,8 @@ class Region:
     byte_size: int
     obj: SharedObject
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    users: int = 0              # requests in flight that read or write it
+    retired: bool = False       # unregistered while in use: it goes when the last of them ends (as Triton)
 
     def status(self) -> dict[str, object]:
         return {"name": self.name, "key": self.key, "offset": self.offset, "byte_size": self.byte_size}
@@ -141,16 +143,21 @@ class SystemSharedMemory:
     def _opened(self, name: str, key: str, offset: int, byte_size: int) -> tuple[int, os.stat_result]:
         """The object's descriptor once every argument is checked and the region fits in it."""
         check_region_name(name)
+        failed = f"failed to register shared memory region {name!r}: invalid args"     # Triton's words first
         for what, v in (("offset", offset), ("byte_size", byte_size)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 0 or v >= 1 << 62:
-                raise InvalidInput(f"shared-memory region {name!r}: {what} must be a non-negative integer, got {v!r}")
-        if byte_size == 0:
-            raise InvalidInput(f"shared-memory key {key!r}: byte_size must be > 0")
-        fd, st = _open(_path(key), key, write=False)
-        if offset + byte_size > st.st_size:
+                raise InvalidInput(f"{failed} ({what} must be a non-negative integer, got {v!r})")
+        try:
+            path = _path(key)
+        except InvalidInput as exc:
+            raise InvalidInput(f"cannot register shared memory region {name!r} - invalid shm key {key!r} "
+                               f"({exc})") from None
+        fd, st = _open(path, key, write=False)
+        if byte_size == 0 or offset + byte_size > st.st_size:
             os.close(fd)
-            raise InvalidInput(f"shared-memory key {key!r}: offset {offset} + byte_size {byte_size} runs past the "
-                               f"end of the object ({st.st_size} bytes)")
+            raise InvalidInput(f"{failed} (shared-memory key {key!r}: offset {offset} + byte_size {byte_size} "
+                               f"{'is empty' if byte_size == 0 else 'runs past the end of the object'}, "
+                               f"{st.st_size} bytes)")
         return fd, st
 
     def register(self, name: str, key: str, offset: int, byte_size: int) -> None:
@@ -169,22 +176,56 @@ class SystemSharedMemory:
 
     def unregister(self, name: str = "") -> list[str]:
         """Unregister one region, or every region for an empty name; returns the names removed. Unknown
-        names are not an error (Triton's behaviour: unregistering is idempotent)."""
+        names are not an error (Triton's behaviour: unregistering is idempotent). A region in use by a request
+        in flight stays (listed, usable) until the last such request ends, as in Triton."""
         with self._lock:
             names = [name] if name else list(self._regions)
-            gone = [self._regions.pop(n) for n in names if n in self._regions]
-            for r in gone:
-                r.obj.refs -= 1
-                if r.obj.refs == 0:
-                    del self._objects[r.obj.ident]
-                    r.obj.close()
+            gone = []
+            for n in names:
+                r = self._regions.get(n)
+                if r is None:
+                    continue
+                if r.users:
+                    r.retired = True
+                else:
+                    gone.append(self._drop(r))
         return [r.name for r in gone]
+
+    def _drop(self, r: Region) -> Region:
+        """Remove a region (with the lock held); the object closes with its last region."""
+        del self._regions[r.name]
+        r.obj.refs -= 1
+        if r.obj.refs == 0:
+            del self._objects[r.obj.ident]
+            r.obj.close()
+        return r
+
+    def hold(self, uses: list[tuple[str, str]]) -> list[Region]:
+        """Mark the regions a request reads or writes ((region, which tensor) pairs) as in use until
+        :meth:`release` (an unregister meanwhile waits for it); an unknown region is a 400 naming the tensor."""
+        with self._lock:
+            for name, what in uses:
+                if name not in self._regions:
+                    raise InvalidInput(f"{what}: shared-memory region {name!r} is not registered")
+            held = [self._regions[n] for n, _ in uses]
+            for r in held:
+                r.users += 1
+        return held
+
+    def release(self, held: list[Region]) -> None:
+        with self._lock:
+            for r in held:
+                r.users -= 1
+                if r.retired and r.users == 0 and self._regions.get(r.name) is r:
+                    self._drop(r)
+                    logger.info("shared-memory region %r unregistered now that its last request ended", r.name)
 
     def status(self, name: str = "") -> list[dict[str, object]]:
         with self._lock:
             if name:
                 if name not in self._regions:
-                    raise InvalidInput(f"shared-memory region {name!r} is not registered")
+                    raise InvalidInput(f"Unable to find system shared memory region: '{name}' (it is not "
+                                       f"registered)")
                 return [self._regions[name].status()]
             return [r.status() for r in self._regions.values()]
 
@@ -199,7 +240,7 @@ class SystemSharedMemory:
         """AlreadyExists when ``name`` is registered (Triton refuses a second registration of a name);
         LimitExceeded when ``max_regions`` are."""
         if name in self._regions:
-            raise AlreadyExists(f"shared-memory region {name!r} is already registered (unregister it first)")
+            raise AlreadyExists(f"shared memory region {name!r} already in manager (unregister it first)")
         if len(self._regions) >= self.max_regions:
             raise LimitExceeded(f"shared-memory region {name!r}: {len(self._regions)} regions are registered, the "
                                 f"most this server holds (--max-shm-regions); unregister some first")
@@ -208,9 +249,15 @@ class SystemSharedMemory:
         region = self._regions.get(ref.region)
         if region is None:
             raise InvalidInput(f"{what}: shared-memory region {ref.region!r} is not registered")
-        if ref.offset < 0 or ref.byte_size < 0 or ref.offset + ref.byte_size > region.byte_size:
-            raise InvalidInput(f"{what}: shared_memory_offset {ref.offset} + shared_memory_byte_size {ref.byte_size} "
-                               f"runs past the end of region {ref.region!r} ({region.byte_size} bytes)")
+        detail = (f"({what}: shared_memory_offset {ref.offset} + shared_memory_byte_size {ref.byte_size}, the "
+                  f"region has {region.byte_size} bytes)")
+        if ref.offset >= region.byte_size and ref.byte_size:    # Triton's words first, for each way it can be wrong
+            raise InvalidInput(f"Invalid offset for shared memory region: '{ref.region}' {detail}")
+        if ref.offset + ref.byte_size >= 1 << 64:
+            raise InvalidInput(f"Integer overflow detected: byte_size {ref.byte_size} + offset {ref.offset} "
+                               f"{detail}")
+        if ref.offset + ref.byte_size > region.byte_size:
+            raise InvalidInput(f"Invalid offset + byte size for shared memory region: '{ref.region}' {detail}")
         return region
 
     def read(self, ref: ShmRef, what: str) -> memoryview:

@@ -10,14 +10,18 @@ COMPUTE_START, COMPUTE_INPUT_END, COMPUTE_OUTPUT_START, COMPUTE_END) are its eve
 timeline. Spans are built after the response, from the times the data plane measures anyway, so tracing never
 adds work inside the scheduler.
 
-Triton's trace extension settings: ``trace_level`` (``["OFF"]`` or ``["TIMESTAMPS"]``), ``trace_rate`` (trace
-one request in N), ``trace_count`` (stop after N traced requests; -1: no limit), ``log_frequency`` (accepted,
-no effect: spans are exported in batches), global or per model (a model's ``null`` clears its own). Values
-come and go as Triton writes them (strings, lists for ``trace_level``).
+Triton's trace extension settings: ``trace_level`` (``["OFF"]``, or ``TIMESTAMPS`` and / or ``TENSORS``: the
+request's input and output tensors as span events, each cut to ``TENSOR_ELEMENTS`` elements), ``trace_rate``
+(trace one request in N), ``trace_count`` (stop after N traced requests; -1: no limit), ``log_frequency``
+(accepted, no effect: spans are exported in batches). As in Triton, each is set globally or per model, field by
+field: a model's field it does not set follows the global one, and ``null`` clears a field (a model's returns
+to the global value, a global one to the value the server started with). Values come and go as Triton writes
+them (strings, lists for ``trace_level``).
 """
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import threading
@@ -28,7 +32,8 @@ from foldserve.errors import InvalidInput
 
 logger = logging.getLogger(__name__)
 
-LEVELS = ("OFF", "TIMESTAMPS")
+LEVELS = ("OFF", "TIMESTAMPS", "TENSORS")
+TENSOR_ELEMENTS = 16      # elements of each tensor a TENSORS trace records (its shape and datatype in full)
 EXPORTERS = ("otlp", "console")
 
 
@@ -58,34 +63,51 @@ def _int(key: str, value: Any, minimum: int) -> int:
     return number
 
 
-def merged(base: TraceSettings, updates: Any, exporter: str) -> TraceSettings:
-    """``base`` with ``updates`` (Triton's setting names), checked."""
-    if not isinstance(updates, dict):
-        raise InvalidInput(f"trace settings must be a JSON object, got {type(updates).__name__}")
-    out = replace(base, trace_level=list(base.trace_level))
+def normalized(updates: dict[str, Any], exporter: str) -> dict[str, Any]:
+    """Triton's settings (strings, lists) as the values in force, checked; ``None`` values are left out (the
+    caller clears those fields)."""
+    out: dict[str, Any] = {}
     for key, value in updates.items():
+        if value is None:
+            continue
         if key == "trace_level":
             levels = value if isinstance(value, list) else [value]
             if not levels or any(v not in LEVELS for v in levels) or ("OFF" in levels and len(levels) > 1):
-                raise InvalidInput(f"trace setting 'trace_level' must be [\"OFF\"] or [\"TIMESTAMPS\"], got {value!r}")
+                raise InvalidInput(f"trace setting 'trace_level' must be [\"OFF\"] or a list of TIMESTAMPS and / or "
+                                   f"TENSORS, got {value!r}")
             if levels != ["OFF"] and not exporter:
                 raise InvalidInput("trace setting 'trace_level': tracing has no exporter; start the server with "
                                    "OTEL_TRACES_EXPORTER=otlp (and OTEL_EXPORTER_OTLP_ENDPOINT) or console")
-            out.trace_level = list(levels)
+            out[key] = list(dict.fromkeys(levels))
         elif key == "trace_rate":
-            out.trace_rate = _int(key, value, 1)
+            out[key] = _int(key, value, 1)
         elif key == "trace_count":
-            out.trace_count = _int(key, value, -1)
+            out[key] = _int(key, value, -1)
         elif key == "log_frequency":
-            out.log_frequency = _int(key, value, 0)
-        elif key in ("trace_file", "trace_mode"):
-            if value not in ("", "opentelemetry", [""], ["opentelemetry"]):
-                raise InvalidInput(f"trace setting {key!r}: foldserve traces with OpenTelemetry only (spans go to "
-                                   f"the OTEL_* exporter), got {value!r}")
+            out[key] = _int(key, value, 0)
+        elif key == "trace_file":
+            raise InvalidInput(f"trace file location can not be updated through network protocol (foldserve "
+                               f"traces with OpenTelemetry: spans go to the OTEL_* exporter; got {value!r})")
+        elif key == "trace_mode":
+            if value not in ("opentelemetry", ["opentelemetry"]):
+                raise InvalidInput(f"trace setting 'trace_mode': foldserve traces with OpenTelemetry only, got "
+                                   f"{value!r}")
         else:
             raise InvalidInput(f"unknown trace setting {key!r}; the settings are trace_level, trace_rate, "
                                f"trace_count, log_frequency")
     return out
+
+
+def tensor_attributes(name: str, datatype: str, arr: Any) -> dict[str, Any]:
+    """A tensor as span-event attributes: its name, datatype and shape, and its first ``TENSOR_ELEMENTS`` elements
+    as JSON (BYTES elements as text where they are UTF-8, else their hex)."""
+    flat = arr.reshape(-1)[:TENSOR_ELEMENTS]
+    if flat.dtype == object:
+        values: list[Any] = [x.decode("utf-8", "backslashreplace") if isinstance(x, bytes) else str(x) for x in flat]
+    else:
+        values = flat.tolist()
+    return {"tensor.name": name, "tensor.datatype": datatype, "tensor.shape": [int(d) for d in arr.shape],
+            "tensor.data": json.dumps(values), "tensor.truncated": bool(arr.size > TENSOR_ELEMENTS)}
 
 
 class Tracing:
@@ -95,8 +117,10 @@ class Tracing:
         self.exporter = os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
         if self.exporter not in EXPORTERS:
             self.exporter = ""
-        self.settings = TraceSettings(trace_level=["TIMESTAMPS"] if self.exporter else ["OFF"])
+        self.initial = TraceSettings(trace_level=["TIMESTAMPS"] if self.exporter else ["OFF"])
+        self.settings = self.initial                      # in force globally, and per model below
         self.models: dict[str, TraceSettings] = {}
+        self.overrides: dict[str, Any] = {"global": {}, "models": {}}   # the fields set, globally and per model
         self._seen = itertools.count()
         self._traced = 0
         self._tracer: Any = None
@@ -127,19 +151,31 @@ class Tracing:
         self.enabled = self._tracer is not None and (
             self.settings.trace_level != ["OFF"] or any(s.trace_level != ["OFF"] for s in self.models.values()))
 
-    def apply(self, settings: dict[str, Any]) -> None:
-        """Settings from the coordinator (the same on every worker): {"global": ..., "models": {name: ...}}."""
-        self.settings = TraceSettings(**settings["global"])
-        self.models = {k: TraceSettings(**v) for k, v in settings.get("models", {}).items()}
+    def apply(self, overrides: dict[str, Any]) -> None:
+        """The fields set, from the coordinator (the same on every worker): {"global": {field: value},
+        "models": {name: {field: value}}}; every other field follows the global value, or the starting one."""
+        self.overrides = {"global": dict(overrides.get("global", {})),
+                          "models": {k: dict(v) for k, v in overrides.get("models", {}).items()}}
+        self.settings = replace(self.initial, **self.overrides["global"])
+        self.models = {k: replace(self.settings, **v) for k, v in self.overrides["models"].items()}
         self._refresh()
 
-    @staticmethod
-    def plain(s: TraceSettings) -> dict[str, Any]:
-        return {"trace_level": list(s.trace_level), "trace_rate": s.trace_rate, "trace_count": s.trace_count,
-                "log_frequency": s.log_frequency}
-
     def state(self) -> dict[str, Any]:
-        return {"global": self.plain(self.settings), "models": {k: self.plain(v) for k, v in self.models.items()}}
+        """The fields set (a copy to change and :meth:`apply`)."""
+        return {"global": dict(self.overrides["global"]),
+                "models": {k: dict(v) for k, v in self.overrides["models"].items()}}
+
+    def updated(self, model: str, updates: dict[str, Any]) -> dict[str, Any]:
+        """The overrides after Triton's update of ``model`` (or the global settings): given fields set, ``null``
+        ones cleared."""
+        state = self.state()
+        target = state["models"].setdefault(model, {}) if model else state["global"]
+        for key in [k for k, v in updates.items() if v is None]:
+            target.pop(key, None)
+        target.update(normalized(updates, self.exporter))
+        if model and not target:
+            del state["models"][model]
+        return state
 
     def for_model(self, model: str) -> TraceSettings:
         return self.models.get(model, self.settings)
@@ -156,7 +192,7 @@ class Tracing:
 
     def record(self, *, model: str, version: str, protocol: str, carrier: dict[str, str] | None, start_ns: int,
                end_ns: int, queued_s: float, compute: tuple[int, int, int], batch: int, exec_batch: int,
-               error: str | None) -> None:
+               error: str | None, tensors: list[tuple[str, str, str, Any]] | None = None) -> None:
         """One request's span, with Triton's TIMESTAMPS as events on its timeline (one span, not three: at a
         trace rate of 1 the span objects are most of what tracing costs)."""
         from opentelemetry import propagate
@@ -177,6 +213,9 @@ class Tracing:
                                ("COMPUTE_OUTPUT_START", compute[1]), ("COMPUTE_END", compute[2])):
                 t += step
                 span.add_event(name, timestamp=t)
+        for kind, name, datatype, arr in tensors or ():   # TENSORS: (INPUT / OUTPUT, name, datatype, array)
+            span.add_event(f"TENSOR_{kind}", timestamp=end_ns if kind == "OUTPUT" else start_ns,
+                           attributes=tensor_attributes(name, datatype, arr))
         if error is not None:
             span.set_status(Status(StatusCode.ERROR, error))
         span.end(end_time=end_ns)

@@ -58,6 +58,7 @@ class ModelSpec:
     labels: list[str] = field(default_factory=list)
     parameters: dict[str, str] = field(default_factory=dict)
     config: Any = None            # the completed ModelConfig message (foldserve.model_config.ModelConfig)
+    opaque_strings: bool = False  # BYTES elements are moved, never read: any bytes (server/core/strings.py)
 
     def input(self, name: str) -> TensorSpec | None:
         return next((t for t in self.inputs if t.name == name), None)

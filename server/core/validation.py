@@ -82,13 +82,21 @@ def _flatten(values: Any) -> list[Any]:
     return out
 
 
-def _decode_bytes(t: InferInput, n: int) -> np.ndarray:
+def _decode_bytes(t: InferInput, n: int, model: str, opaque: bool = False) -> np.ndarray:
     """A BYTES input: length-prefixed raw bytes (binary extension, raw contents, shared memory), a JSON array of
-    strings, or protobuf bytes_contents; an object array of str of the request's shape."""
+    strings, or protobuf bytes_contents; an object array of the request's shape, of str (UTF-8 text), or for a
+    model that only moves its strings (``opaque``) of the elements as given (any bytes)."""
     where = f"input {t.name!r}"
     try:
         if t.raw is not None:
-            items: list[Any] = deserialize_bytes(t.raw, n, where)
+            try:
+                items: list[Any] = deserialize_bytes(t.raw, n, where)
+            except UnsupportedDataType as exc:   # Triton's words first
+                got = _whole_elements(t.raw)
+                raise InvalidInput((f"expected {n} string elements for inference input '{t.name}' for model "
+                                    f"'{model}', got {got}" if got < n else
+                                    f"unexpected number of string elements {n + 1} for inference input '{t.name}' "
+                                    f"for model '{model}', expecting {n}") + f": {exc}") from None
         elif t.values is None:
             raise InvalidInput(f"{where}: no data (give 'data', bytes_contents, raw_input_contents or a "
                                f"binary_data_size)")
@@ -96,20 +104,32 @@ def _decode_bytes(t: InferInput, n: int) -> np.ndarray:
             items = _flatten(t.values)
             if len(items) != n:
                 raise InvalidInput(f"{where}: {len(items)} elements of data, shape {t.shape} needs {n}")
-        return string_array(items, t.shape, where)
+        return string_array(items, t.shape, where, text=not opaque)
     except UnsupportedDataType as exc:
         raise InvalidInput(str(exc)) from None
 
 
-def _decode(t: InferInput, dtype: np.dtype) -> np.ndarray:
+def _whole_elements(raw: bytes | memoryview) -> int:
+    """How many whole length-prefixed elements ``raw`` starts with."""
+    off, count = 0, 0
+    while off + 4 <= len(raw):
+        off += 4 + int.from_bytes(raw[off:off + 4], "little")
+        if off > len(raw):
+            break
+        count += 1
+    return count
+
+
+def _decode(t: InferInput, dtype: np.dtype, model: str, opaque: bool = False) -> np.ndarray:
     n = math.prod(t.shape)
     if t.datatype == "BYTES":
-        return _decode_bytes(t, n)
+        return _decode_bytes(t, n, model, opaque)
     if t.raw is not None:
         expected = n * dtype.itemsize
         if len(t.raw) != expected:
-            raise InvalidInput(f"input {t.name!r}: {len(t.raw)} bytes of data, expected {expected} "
-                               f"({n} elements of {t.datatype}, {dtype.itemsize} bytes each, shape {t.shape})")
+            raise InvalidInput(f"input byte size mismatch for input '{t.name}' for model '{model}'. Expected "
+                               f"{expected}, got {len(t.raw)} ({n} elements of {t.datatype}, {dtype.itemsize} bytes "
+                               f"each, shape {t.shape})")
         return np.frombuffer(t.raw, dtype=dtype).reshape(t.shape)
     if t.values is None:
         raise InvalidInput(f"input {t.name!r}: no data (give 'data', typed contents, raw_input_contents or a "
@@ -141,7 +161,7 @@ def _decode(t: InferInput, dtype: np.dtype) -> np.ndarray:
 def validate_request(req: InferRequest, model: ModelSpec, max_elements: int) -> tuple[dict[str, np.ndarray], int]:
     """Returns (feeds, batch size). Raises :class:`InvalidInput` naming the tensor and what was expected."""
     batch = check_request(req, model, max_elements)
-    return decode_inputs(req), batch
+    return decode_inputs(req, model.opaque_strings), batch
 
 
 def check_shm_inputs(req: InferRequest, model: ModelSpec, max_request_bytes: int) -> None:
@@ -167,9 +187,6 @@ def check_shm_inputs(req: InferRequest, model: ModelSpec, max_request_bytes: int
 def check_request(req: InferRequest, model: ModelSpec, max_elements: int, max_string_elements: int = 1 << 62) -> int:
     """Names, datatypes, shapes, batch sizes and requested outputs, before any data is read or decoded; returns
     the batch size."""
-    if not req.inputs:
-        raise InvalidInput(f"request has no inputs; model {model.name!r} expects "
-                           f"{[t.name for t in model.inputs]}")
     seen: set[str] = set()
     batches: set[int] = set()
     for t in req.inputs:
@@ -185,9 +202,7 @@ def check_request(req: InferRequest, model: ModelSpec, max_elements: int, max_st
         if t.datatype != spec.datatype:
             raise InvalidInput(f"input {t.name!r}: datatype {t.datatype}, expected {spec.datatype}")
         batches.add(_check_shape(t, spec, model, max_elements, max_string_elements))
-    missing = [i.name for i in model.inputs if i.name not in seen]
-    if missing:
-        raise InvalidInput(f"missing inputs {missing} for model {model.name!r}")
+    _check_count(req, model, seen)
     if len(batches) > 1:
         raise InvalidInput(f"inputs disagree on the batch size: {sorted(batches)}")
     requested: set[str] = set()
@@ -196,24 +211,46 @@ def check_request(req: InferRequest, model: ModelSpec, max_elements: int, max_st
             raise InvalidInput(f"output '{o.name}' already exists in request: request each output once")
         requested.add(o.name)
         if model.output(o.name) is None:
-            raise InvalidInput(f"unknown output {o.name!r} requested; model {model.name!r} has "
+            raise InvalidInput(f"unexpected inference output '{o.name}' for model '{model.name}': it has "
                                f"{[t.name for t in model.outputs]}")
         if o.class_count < 0:
             raise InvalidInput(f"output {o.name!r}: classification count must be >= 0")
         if o.class_count and model.output(o.name).datatype == "BYTES":  # type: ignore[union-attr]
             raise InvalidInput(f"output {o.name!r}: classification needs numeric scores, this output is BYTES")
-    return batches.pop()
+    return batches.pop() if batches else 1
 
 
-def decode_inputs(req: InferRequest) -> dict[str, np.ndarray]:
-    """The checked inputs (:func:`check_request`) as arrays (zero-copy for raw bytes)."""
+def _check_count(req: InferRequest, model: ModelSpec, seen: set[str]) -> None:
+    """Every required input given (an optional one may be left out), in Triton's words."""
+    missing = [i.name for i in model.inputs if i.name not in seen and not i.optional]
+    if not missing:
+        return
+    required = sum(not i.optional for i in model.inputs)
+    expected = (f"{required} inputs" if required == len(model.inputs)
+                else f"number of inputs between {required} and {len(model.inputs)}")
+    given, absent = (",".join(f"'{n}'" for n in names) for names in ([t.name for t in req.inputs], missing))
+    raise InvalidInput(f"expected {expected} but got {len(req.inputs)} inputs for model '{model.name}'. Got input(s) "
+                       f"[{given}], but missing required input(s) [{absent}]. Please provide all required input(s).")
+
+
+def decode_inputs(req: InferRequest, opaque_strings: bool = False) -> dict[str, np.ndarray]:
+    """The checked inputs (:func:`check_request`) as arrays (zero-copy for raw bytes); BYTES elements as any
+    bytes where the model only moves its strings (``opaque_strings``), else as UTF-8 text."""
     feeds = {}
+    problems = []        # every BYTES input that does not decode, named (Triton names the last one)
     for t in req.inputs:
         try:
             dtype = numpy_dtype(t.datatype, f"input {t.name!r}")
         except UnsupportedDataType as exc:
             raise InvalidInput(str(exc)) from None
-        feeds[t.name] = _decode(t, dtype)
+        try:
+            feeds[t.name] = _decode(t, dtype, req.model_name, opaque_strings)
+        except InvalidInput as exc:
+            if t.datatype != "BYTES":
+                raise
+            problems.append(str(exc))
+    if problems:
+        raise InvalidInput("; ".join(problems))
     return feeds
 
 

@@ -234,6 +234,17 @@ def parse_raw_request(model: str, version: str, body: bytes, spec: ModelSpec) ->
     return InferRequest(model, version, "", [inp], [], {"binary_data_output": True})
 
 
+def _json_text(name: str, i: int, item: Any) -> str:
+    """A BYTES output element as JSON text: JSON carries UTF-8 text only, other bytes travel as binary data."""
+    if not isinstance(item, bytes):
+        return str(item)
+    try:
+        return item.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInput(f"output {name!r}: element {i} is not UTF-8 text, which JSON cannot carry; request the "
+                           f"output as binary data (parameters: binary_data: true)") from None
+
+
 def encode_infer_response(resp: InferResponse, binary_default: bool) -> tuple[bytes, int | None]:
     """(body, json header length or None)."""
     outputs = []
@@ -249,7 +260,7 @@ def encode_infer_response(resp: InferResponse, binary_default: bool) -> tuple[by
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         elif o.datatype == "BYTES":
-            entry["data"] = [str(x) for x in o.data.reshape(-1)]
+            entry["data"] = [_json_text(o.name, i, x) for i, x in enumerate(o.data.reshape(-1))]
         else:
             entry["data"] = np.ascontiguousarray(o.data).reshape(-1)
         outputs.append(entry)

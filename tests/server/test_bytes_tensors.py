@@ -1,6 +1,6 @@
 """BYTES (string) tensors as model inputs and outputs (onnxruntime's tensor(string)), served as Triton serves them:
 JSON strings, the binary extension's 4-byte length prefixes, gRPC raw and typed contents, system shared memory,
-raw binary requests; bytes that are not UTF-8 are refused naming the element."""
+raw binary requests; bytes that are not UTF-8 travel where the transport carries them (JSON cannot)."""
 from __future__ import annotations
 
 import http.client
@@ -96,12 +96,12 @@ def test_raw_binary_requests_and_bad_bytes_are_answered_as_triton_does(bytes_ser
     status, _, payload = _post(bytes_server.http, "/v2/models/strings/infer", b"427",
                                {"Inference-Header-Content-Length": "0"})
     assert status == 400 and b"For BYTE datatype raw input 'INPUT0', the model must have input shape [1]" in payload
-    raw = (2).to_bytes(4, "little") + b"\xff\xfe"                             # not UTF-8
+    raw = (2).to_bytes(4, "little") + b"\xff\xfe"      # not UTF-8: the model carries it, a JSON answer cannot
     header = json.dumps({"inputs": [{"name": "INPUT0", "shape": [1, 1], "datatype": "BYTES",
                                      "parameters": {"binary_data_size": len(raw)}}]}).encode()
     status, _, payload = _post(bytes_server.http, "/v2/models/strings/infer", header + raw,
                                {"Inference-Header-Content-Length": str(len(header))})
-    assert status == 400 and b"element 0 is not UTF-8" in payload
+    assert status == 400 and b"element 0 is not UTF-8 text, which JSON cannot carry" in payload
     short = (9).to_bytes(4, "little") + b"abc"                               # claims more than it has
     header = json.dumps({"inputs": [{"name": "INPUT0", "shape": [1, 1], "datatype": "BYTES",
                                      "parameters": {"binary_data_size": len(short)}}]}).encode()

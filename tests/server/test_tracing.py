@@ -5,6 +5,7 @@ turns it off and on at run time, per model too. Off by default."""
 from __future__ import annotations
 
 import http.server
+import json
 import secrets
 import threading
 import time
@@ -169,3 +170,54 @@ def test_sigterm_is_not_held_by_a_collector_that_never_answers(repository, tmp_p
         assert "did not finish within 2.0 s" in srv.log()
     finally:
         silent.close()
+
+
+def test_trace_settings_are_set_and_cleared_field_by_field_as_triton_does(traced):
+    """Triton's rules (qa/L0_trace): a model's field it does not set follows the global one; null clears a field,
+    a model's to the global value, a global one to the value the server started with (not the last one set)."""
+    srv, _ = traced
+    h = thttp.InferenceServerClient(srv.http)
+    start = h.get_trace_settings()
+    try:
+        h.update_trace_settings("digits", {"trace_rate": "12", "log_frequency": "34"})
+        h.update_trace_settings(settings={"trace_rate": "56", "trace_count": "78", "trace_level": ["OFF"]})
+        cleared = h.update_trace_settings(settings={"trace_rate": None, "trace_count": None})
+        assert (cleared["trace_rate"], cleared["trace_count"], cleared["trace_level"]) == \
+            (start["trace_rate"], start["trace_count"], ["OFF"])
+        model = h.get_trace_settings("digits")
+        assert (model["trace_rate"], model["log_frequency"], model["trace_level"], model["trace_count"]) == \
+            ("12", "34", ["OFF"], start["trace_count"])
+        model = h.update_trace_settings("digits", {"trace_rate": None, "trace_level": None})
+        assert (model["trace_rate"], model["log_frequency"], model["trace_level"]) == (start["trace_rate"], "34", ["OFF"])
+        with pytest.raises(InferenceServerException, match="trace file location can not be updated through network"):
+            h.update_trace_settings("digits", {"trace_file": "model.log"})
+        with pytest.raises(InferenceServerException, match="Request for unknown model : does-not-exist"):
+            h.get_trace_settings("does-not-exist")
+    finally:
+        h.update_trace_settings("digits", {k: None for k in ("trace_level", "trace_rate", "trace_count",
+                                                            "log_frequency")})
+        h.update_trace_settings(settings={"trace_level": None})
+        h.close()
+    assert thttp.InferenceServerClient(srv.http).get_trace_settings() == start
+
+
+def test_the_tensors_level_records_each_input_and_output_bounded(traced):
+    srv, receiver = traced
+    h = thttp.InferenceServerClient(srv.http)
+    try:
+        assert h.update_trace_settings(settings={"trace_level": ["TIMESTAMPS", "TENSORS"]})["trace_level"] == \
+            ["TIMESTAMPS", "TENSORS"]
+        trace_id, _, header = _traceparent()
+        _infer(thttp, srv.http, {"traceparent": header})
+        (span,) = receiver.trace(trace_id, want=1)
+    finally:
+        h.update_trace_settings(settings={"trace_level": None})
+        h.close()
+    tensors = {e.name: {a.key: a.value for a in e.attributes} for e in span.events if e.name.startswith("TENSOR_")}
+    assert set(tensors) == {"TENSOR_INPUT", "TENSOR_OUTPUT"}
+    x = tensors["TENSOR_INPUT"]
+    assert x["tensor.name"].string_value == "input" and x["tensor.datatype"].string_value == "FP32"
+    assert [v.int_value for v in x["tensor.shape"].array_value.values] == [2, 1, 8, 8]
+    data = json.loads(x["tensor.data"].string_value)
+    assert data == pytest.approx(digits_batch(2).reshape(-1)[:16].tolist()) and x["tensor.truncated"].bool_value
+    assert tensors["TENSOR_OUTPUT"]["tensor.name"].string_value == "output"
