@@ -103,7 +103,8 @@ def build_version(repo: ModelRepository, name: str, version: int, config: ModelC
     grown = rss_bytes() - rss_before
     if grown > files.budget:   # requests served meanwhile may have grown the process: judge the load alone
         judge_alone(ProbeRequest(files.model, files.external, onnx_path.name, options, spec,
-                                 str(repo.model_dir(name)), s.max_elements, s.warmup), version, grown, files.budget)
+                                 str(repo.model_dir(name)), s.max_elements, s.warmup), name, version, grown,
+                    files.budget)
     metrics.model_loaded(name, str(version))
     return LoadedVersion(name, version, spec, runtime, scheduler, stats, verification, preprocess, precision,
                          request_bytes_limit(spec, s.max_elements, s.max_request_bytes),
@@ -188,14 +189,14 @@ def read_model_bytes(path: Path, vdir: Path, max_model_memory_mb: int = 0) -> Mo
     return ModelBytes(path.name, data, external, digests, budget, opaque_strings(model.graph))
 
 
-def judge_alone(request: ProbeRequest, version: int, grown: int, budget: int) -> None:
+def judge_alone(request: ProbeRequest, name: str, version: int, grown: int, budget: int) -> None:
     """Refuse the load if building and warming it alone (in a child process) takes more than its budget."""
     alone = growth_alone(request)
     if alone > budget:
         raise ModelNotReady(f"building and warming version {version} takes {alone >> 20} MB (measured alone), "
                             f"more than the {budget >> 20} MB a load may cost (--max-model-memory-mb)")
     logger.info("%s version %d: the process grew by %d MB during the load, the load alone by %d MB (within its "
-                "%d MB)", request.label, version, grown >> 20, alone >> 20, budget >> 20)
+                "%d MB)", name, version, grown >> 20, alone >> 20, budget >> 20)
 
 
 def _measure_alone() -> None:
