@@ -1,12 +1,12 @@
-"""Benchmark section ``burst`` (item 14 of the third review): what a well-behaved client sees while the server is
-hit by N REST and N gRPC inference requests at once (5,000 + 5,000; 1,000 + 1,000 in a quick run).
+"""Benchmark section ``burst``: what a well-behaved client sees while the server is hit by N REST and N gRPC
+inference requests at once (5,000 + 5,000; 1,000 + 1,000 in a quick run).
 
 The well-behaved client is one gRPC channel sending batch-1 requests one after another; its p50 / p99 / maximum
 latency is measured alone and during the burst, and the burst's outcomes are counted (answered, shed with 429 /
 503 / RESOURCE_EXHAUSTED, or anything else). ``tests/hardening/test_burst.py`` runs the same burst and asserts its
 behaviour (every request answered or shed, nothing lost, the server serving right after); the latency goal lives
-here, because on 2 shared cores it moves with the machine (a p99 of 7-8 ms during the burst on one day, 100-670 ms
-on a slower one, with the same code).
+here, because on 2 shared cores it moves with the machine (the same code gives a p99 an order of magnitude apart
+on a quiet and a busy host).
 
 Run as a process of its own, this module is the burst (so that its CPU is not the measuring client's):
 ``python -m bench.burst HOST HTTP_PORT GRPC_PORT N_GRPC N_REST`` prints the outcome counts as JSON.

@@ -36,17 +36,5 @@ def verify_options(args: argparse.Namespace) -> Any:
 
 def print_fold_report(report: FoldReport) -> None:
     print(report.summary())
-    for f in report.folded:
-        print(f"  folded   {f.bn} -> {f.into} ({f.direction}, {f.producer_type})")
-    for s in report.skipped:
-        print(f"  skipped  {s.bn}: {s.reason}")
-    for f in report.affines:
-        print(f"  folded   {f.bn_type} {f.bn} -> {f.into} ({f.direction}, {f.producer_type})")
-    for s in report.affines_skipped:
-        print(f"  left     affine {s.bn}: {s.reason}")
-    for m in report.merges:
-        print(f"  merged   {' + '.join(m.branches)} -> {m.into}")
-    for ms in report.merges_skipped:
-        print(f"  left     sum {ms.sum}: {ms.reason}")
-    for w in report.warnings:
-        print(f"  warning  {w}")
+    for line in report.lines():
+        print(f"  {line}")

@@ -32,7 +32,7 @@ import numpy as np
 import onnx
 
 from folding.fold_math import BNParams
-from folding.onnx_fold import OnnxFoldPass
+from folding.onnx_fold import LayerFoldPass
 from folding.rules import Skip
 
 STEP_OPS = ("Mul", "Add", "Sub", "Div")
@@ -74,7 +74,7 @@ class AffineSite:
         return "+".join(s.op for s in self.steps)
 
 
-class OnnxAffinePass(OnnxFoldPass):
+class OnnxAffinePass(LayerFoldPass[AffineSite]):
     """The BN rules over affine sites instead of BatchNormalization nodes."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
@@ -199,19 +199,19 @@ class OnnxAffinePass(OnnxFoldPass):
 
     # --- the FoldPass interface -----------------------------------------------------------------------------
 
-    def batchnorms(self) -> list[AffineSite]:  # type: ignore[override]
+    def batchnorms(self) -> list[AffineSite]:
         return list(self.sites)
 
-    def bn_name(self, bn: AffineSite) -> str:  # type: ignore[override]
+    def bn_name(self, bn: AffineSite) -> str:
         return bn.name
 
-    def bn_type(self, bn: AffineSite) -> str:  # type: ignore[override]
+    def bn_type(self, bn: AffineSite) -> str:
         return bn.op_type
 
     def step_count(self) -> int:
         return sum(len(s.steps) for s in self.sites)
 
-    def check_bn(self, bn: AffineSite) -> BNParams | Skip:  # type: ignore[override]
+    def check_bn(self, bn: AffineSite) -> BNParams | Skip:
         why = self.kept.get(id(bn.steps[0].node))
         if why:
             return Skip(f"{bn.steps[0].op} {bn.name!r} {why} kernel, which folding it would prevent")
@@ -252,10 +252,10 @@ class OnnxAffinePass(OnnxFoldPass):
     def pads_ok_forward(self, params: BNParams) -> bool:
         return not np.any(params.shift)
 
-    def features_last(self, bn: AffineSite) -> bool:  # type: ignore[override]
+    def features_last(self, bn: AffineSite) -> bool:
         return bn.features_last
 
-    def remove_bn(self, bn: AffineSite) -> None:  # type: ignore[override]
+    def remove_bn(self, bn: AffineSite) -> None:
         self.removed_inputs += [s.const_name for s in bn.steps]
         for s in bn.steps:
             self.g.node.remove(s.node)

@@ -34,7 +34,8 @@ from onnx import numpy_helper
 
 from folding.fold_math import BNParams
 from folding.onnx_affine import CHANNEL_AXIS, Step, channel_broadcast_reason
-from folding.onnx_fold import OnnxFoldPass, _attr, _set_attr
+from folding.onnx_fold import batchnorm_params
+from folding.onnx_graph import GraphIndex, attr, set_attr
 from folding.rules import Skip
 from foldserve.records import MergedBranches, SkippedMerge
 
@@ -45,31 +46,47 @@ class Leaf:
     coef: np.ndarray                   # per channel (or one value), float64
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Branch:
-    kind: str                          # "conv", "bn" (identity through a BN) or "identity"
+    """A leaf of the sum that is X itself (an identity); :class:`ConvBranch` and :class:`BnBranch` are the others."""
+
     tensor: str                        # the leaf tensor of the sum
     source: str                        # X, the tensor the branch reads
-    node: onnx.NodeProto | None = None
-    weight: np.ndarray | None = None   # conv: float64 weight; bn: None
-    bias: np.ndarray | None = None
-    bn: BNParams | None = None
     coef: np.ndarray = field(default_factory=lambda: np.ones(1))   # per channel (or one value), float64
 
+    def what(self) -> str:
+        return "identity"
+
     def describe(self) -> str:
-        if self.kind == "conv":
-            assert self.node is not None and self.weight is not None
-            text = f"Conv {self.node.name or self.node.output[0]!r} {'x'.join(map(str, self.weight.shape[2:]))}"
-        elif self.kind == "bn":
-            assert self.node is not None
-            text = f"BatchNormalization {self.node.name or self.node.output[0]!r} (identity)"
-        else:
-            text = "identity"
+        text = self.what()
         if np.all(self.coef == 1):
             return text
         if np.all(self.coef == -1):
             return f"{text} subtracted"
         return f"{text} {'subtracted, ' if np.all(self.coef < 0) else ''}scaled per channel"
+
+
+@dataclass(kw_only=True)
+class ConvBranch(Branch):
+    """``Conv(X)`` with constant weights (float64)."""
+
+    node: onnx.NodeProto
+    weight: np.ndarray
+    bias: np.ndarray
+
+    def what(self) -> str:
+        return f"Conv {self.node.name or self.node.output[0]!r} {'x'.join(map(str, self.weight.shape[2:]))}"
+
+
+@dataclass(kw_only=True)
+class BnBranch(Branch):
+    """``BatchNormalization(X)``: an identity through a BN."""
+
+    node: onnx.NodeProto
+    bn: BNParams
+
+    def what(self) -> str:
+        return f"BatchNormalization {self.node.name or self.node.output[0]!r} (identity)"
 
 
 @dataclass
@@ -84,8 +101,13 @@ class Merge:
     removed: list[str] = field(default_factory=list)
 
 
-class BranchPass(OnnxFoldPass):
-    """Indexes of one graph plus the sums that merge; BN checks come from the BN pass."""
+class BranchPass(GraphIndex):
+    """The sums of one graph that merge, over its index; a BN branch's parameters are read as the BN pass reads
+    them (:func:`folding.onnx_fold.batchnorm_params`)."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        super().__init__(model)
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
     def sums(self) -> list[tuple[onnx.NodeProto, list[onnx.NodeProto], list[Leaf]]]:
         """Every top Add / Sub of a linear combination: (top, its nodes, its leaves)."""
@@ -162,21 +184,21 @@ class BranchPass(OnnxFoldPass):
             bias = self.array(b) if b else None
             if not b or bias is not None:
                 w = self.array(p.input[1]).astype(np.float64)
-                return Branch("conv", leaf, p.input[0], p, w,
-                              np.zeros(w.shape[0]) if bias is None else bias.astype(np.float64).reshape(-1))
+                return ConvBranch(tensor=leaf, source=p.input[0], node=p, weight=w,
+                                  bias=np.zeros(w.shape[0]) if bias is None else bias.astype(np.float64).reshape(-1))
         if private and p.op_type == "BatchNormalization":
-            params = self.check_bn(p)
+            params = batchnorm_params(self, p, self.opset)
             if isinstance(params, BNParams):
-                return Branch("bn", leaf, p.input[0], p, bn=params)
-        return Branch("identity", leaf, leaf)
+                return BnBranch(tensor=leaf, source=p.input[0], node=p, bn=params)
+        return Branch(tensor=leaf, source=leaf)
 
 
 def _conv_attrs(node: onnx.NodeProto, spatial: int) -> tuple[int, list[int], list[int], list[int], str]:
-    auto = _attr(node, "auto_pad", b"NOTSET")
+    auto = attr(node, "auto_pad", b"NOTSET")
     auto = auto.decode() if isinstance(auto, bytes) else auto
-    pads = list(_attr(node, "pads", None) or [0] * (2 * spatial))
-    return (int(_attr(node, "group", 1)), list(_attr(node, "strides", None) or [1] * spatial),
-            list(_attr(node, "dilations", None) or [1] * spatial), pads, auto)
+    pads = list(attr(node, "pads", None) or [0] * (2 * spatial))
+    return (int(attr(node, "group", 1)), list(attr(node, "strides", None) or [1] * spatial),
+            list(attr(node, "dilations", None) or [1] * spatial), pads, auto)
 
 
 def match(p: BranchPass, top: onnx.NodeProto, adds: list[onnx.NodeProto], leaves: list[Leaf]) -> Merge | Skip | None:
@@ -184,7 +206,7 @@ def match(p: BranchPass, top: onnx.NodeProto, adds: list[onnx.NodeProto], leaves
     parallel branches at all)."""
     branches = [p.branch(t) for t in leaves]
     sources = {b.source for b in branches}
-    convs = [b for b in branches if b.kind == "conv"]
+    convs = [b for b in branches if isinstance(b, ConvBranch)]
     if not convs:
         return None
     if len(sources) != 1:
@@ -197,42 +219,42 @@ def match(p: BranchPass, top: onnx.NodeProto, adds: list[onnx.NodeProto], leaves
     if isinstance(layout, Skip):
         return layout
     kernel, pads, dilations = layout
-    identities = [b for b in branches if b.kind != "conv"]
+    identities = [b for b in branches if not isinstance(b, ConvBranch)]
     if identities:
         reason = _identity_reason(convs[0], kernel, pads, dilations)
         if reason:
             return Skip(reason)
-    summed = _sum_branches(branches, convs[0].weight.shape[:2], kernel)  # type: ignore[union-attr]
+    summed = _sum_branches(branches, convs[0].weight.shape[:2], kernel)
     if isinstance(summed, Skip):
         return summed
-    into = max(convs, key=lambda c: int(np.prod(c.weight.shape[2:])))  # type: ignore[union-attr]
-    return Merge(top, adds, branches, into.node, summed[0], summed[1], pads)  # type: ignore[arg-type]
+    into = max(convs, key=lambda c: int(np.prod(c.weight.shape[2:])))
+    return Merge(top, adds, branches, into.node, summed[0], summed[1], pads)
 
 
-def _check_convs(convs: list[Branch]) -> tuple[list[int], list[int], list[int]] | Skip:
+def _check_convs(convs: list[ConvBranch]) -> tuple[list[int], list[int], list[int]] | Skip:
     """(merged kernel, merged pads, dilations) when every Conv lines up on one output grid, else a Skip."""
     first = convs[0]
-    spatial = first.weight.ndim - 2  # type: ignore[union-attr]
-    group, strides, dilations, _, _ = _conv_attrs(first.node, spatial)  # type: ignore[arg-type]
+    spatial = first.weight.ndim - 2
+    group, strides, dilations, _, _ = _conv_attrs(first.node, spatial)
     for c in convs:
-        if c.weight.ndim - 2 != spatial:  # type: ignore[union-attr]
+        if c.weight.ndim - 2 != spatial:
             return Skip(f"{c.describe()} has a kernel of another rank")
-        g, st, d, _, auto = _conv_attrs(c.node, spatial)  # type: ignore[arg-type]
+        g, st, d, _, auto = _conv_attrs(c.node, spatial)
         if (g, st, d) != (group, strides, dilations):
             return Skip(f"{c.describe()} has group={g}, strides={st}, dilations={d}; {first.describe()} has "
                         f"group={group}, strides={strides}, dilations={dilations}")
         if auto not in ("NOTSET", "VALID"):
             return Skip(f"{c.describe()} uses auto_pad={auto}: give explicit pads to merge it")
-        if c.weight.shape[:2] != first.weight.shape[:2]:  # type: ignore[union-attr]
-            return Skip(f"{c.describe()} has weight shape {list(c.weight.shape)}, {first.describe()} "  # type: ignore[union-attr]
+        if c.weight.shape[:2] != first.weight.shape[:2]:
+            return Skip(f"{c.describe()} has weight shape {list(c.weight.shape)}, {first.describe()} "
                         f"{list(first.weight.shape)}")
-    kernel = [max(c.weight.shape[2 + a] for c in convs) for a in range(spatial)]  # type: ignore[union-attr]
+    kernel = [max(c.weight.shape[2 + a] for c in convs) for a in range(spatial)]
     merged: list[int] | None = None
     for c in convs:
-        k = c.weight.shape[2:]  # type: ignore[union-attr]
+        k = c.weight.shape[2:]
         if any((kernel[a] - k[a]) % 2 for a in range(spatial)):
             return Skip(f"{c.describe()} cannot be centred in a {'x'.join(map(str, kernel))} kernel")
-        pads = _conv_attrs(c.node, spatial)[3]  # type: ignore[arg-type]
+        pads = _conv_attrs(c.node, spatial)[3]
         shift = [dilations[a] * (kernel[a] - k[a]) // 2 for a in range(spatial)]
         aligned = [pads[a] + shift[a] for a in range(spatial)] + [pads[spatial + a] + shift[a] for a in range(spatial)]
         if merged is None:
@@ -244,10 +266,10 @@ def _check_convs(convs: list[Branch]) -> tuple[list[int], list[int], list[int]] 
     return kernel, merged, dilations
 
 
-def _identity_reason(conv: Branch, kernel: list[int], pads: list[int], dilations: list[int]) -> str | None:
+def _identity_reason(conv: ConvBranch, kernel: list[int], pads: list[int], dilations: list[int]) -> str | None:
     spatial = len(kernel)
-    group, strides, *_ = _conv_attrs(conv.node, spatial)  # type: ignore[arg-type]
-    cout, cin_g = conv.weight.shape[:2]  # type: ignore[union-attr]
+    group, strides, *_ = _conv_attrs(conv.node, spatial)
+    cout, cin_g = conv.weight.shape[:2]
     centre = [dilations[a] * (kernel[a] - 1) // 2 for a in range(spatial)]
     if any(s != 1 for s in strides):
         return f"an identity branch needs stride 1, the Convs have strides {strides}"
@@ -271,13 +293,13 @@ def _sum_branches(branches: list[Branch], shape: tuple[int, ...], kernel: list[i
         if b.coef.size not in (1, cout):
             return Skip(f"{b.describe()} is scaled on {b.coef.size} channels, the Convs give {cout}")
         coef = np.broadcast_to(b.coef, (cout,))
-        if b.kind == "conv":
-            k = b.weight.shape[2:]  # type: ignore[union-attr]
+        if isinstance(b, ConvBranch):
+            k = b.weight.shape[2:]
             window = tuple(slice((kernel[a] - k[a]) // 2, (kernel[a] - k[a]) // 2 + k[a]) for a in range(spatial))
             weight[(slice(None), slice(None), *window)] += b.weight * coef.reshape(-1, *[1] * (1 + spatial))
-            bias += b.bias * coef  # type: ignore[operator]
+            bias += b.bias * coef
             continue
-        scale, shift = (b.bn.scale, b.bn.shift) if b.bn is not None else (np.ones(cout), np.zeros(cout))
+        scale, shift = (b.bn.scale, b.bn.shift) if isinstance(b, BnBranch) else (np.ones(cout), np.zeros(cout))
         if scale.size != cout:
             return Skip(f"{b.describe()} normalises {scale.size} channels, the Convs give {cout}")
         for o in range(cout):
@@ -294,21 +316,22 @@ def apply(p: BranchPass, m: Merge) -> None:
     p.g.initializer.extend([numpy_helper.from_array(m.weight.astype(dtype), w_name),
                             numpy_helper.from_array(m.bias.astype(dtype), b_name)])
     for b in m.branches:
-        if b.node is not None:
+        if isinstance(b, (ConvBranch, BnBranch)):
             m.removed += [i for i in b.node.input[1:] if i]
     m.removed += [i for n in m.adds if n.op_type == "Mul" for i in n.input if p.array(i) is not None]
     while len(m.into.input) < 3:
         m.into.input.append("")
     m.into.input[1], m.into.input[2] = w_name, b_name
-    _set_attr(m.into, "pads", m.pads)
-    _set_attr(m.into, "kernel_shape", list(m.weight.shape[2:]))
+    set_attr(m.into, "pads", m.pads)
+    set_attr(m.into, "kernel_shape", list(m.weight.shape[2:]))
     for i, a in enumerate(m.into.attribute):
         if a.name == "auto_pad":
             del m.into.attribute[i]
             break
     m.into.output[0] = m.top.output[0]
     p.producer[m.top.output[0]] = m.into
-    for node in [*(b.node for b in m.branches if b.node is not None and b.node is not m.into), *m.adds]:
+    for node in [*(b.node for b in m.branches if isinstance(b, (ConvBranch, BnBranch)) and b.node is not m.into),
+                 *m.adds]:
         p.g.node.remove(node)
 
 

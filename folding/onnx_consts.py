@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+from folding.onnx_graph import attr
 
 MAX_ELEMENTS = 1 << 22
 
@@ -37,18 +38,11 @@ class Value:
         return np.asarray(self.array).astype(self.dtype)
 
 
-def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
 def _axes(node: onnx.NodeProto, args: list[Value]) -> list[int] | None:
     """Squeeze / Unsqueeze axes: an attribute before opset 13, the second input after."""
     if len(args) > 1:
         return [int(v) for v in args[1].array.reshape(-1)]
-    axes = _attr(node, "axes", None)
+    axes = attr(node, "axes", None)
     return None if axes is None else [int(v) for v in axes]
 
 
@@ -75,7 +69,7 @@ def _unary(fn: Callable[[np.ndarray], np.ndarray]) -> Callable:
 def _reshape(node: onnx.NodeProto, args: list[Value]) -> Value | None:
     a, shape = args
     dims = [int(d) for d in shape.array.reshape(-1)]
-    if not int(_attr(node, "allowzero", 0)):
+    if not int(attr(node, "allowzero", 0)):
         dims = [a.array.shape[i] if d == 0 else d for i, d in enumerate(dims)]
     return Value(a.array.reshape(dims), a.dtype)
 
@@ -95,7 +89,7 @@ def _squeeze(node: onnx.NodeProto, args: list[Value]) -> Value | None:
 
 
 def _cast(node: onnx.NodeProto, args: list[Value]) -> Value | None:
-    to = helper.tensor_dtype_to_np_dtype(int(_attr(node, "to", 0)))
+    to = helper.tensor_dtype_to_np_dtype(int(attr(node, "to", 0)))
     (a,) = args
     if to.kind == "f":
         return Value(a.array.astype(np.float64), np.dtype(to))
@@ -105,14 +99,14 @@ def _cast(node: onnx.NodeProto, args: list[Value]) -> Value | None:
 
 
 def _transpose(node: onnx.NodeProto, args: list[Value]) -> Value | None:
-    perm = _attr(node, "perm", None)
+    perm = attr(node, "perm", None)
     return Value(np.transpose(args[0].array, perm), args[0].dtype)
 
 
 def _concat(node: onnx.NodeProto, args: list[Value]) -> Value | None:
     if len({a.dtype for a in args}) != 1:
         return None
-    return Value(np.concatenate([a.array for a in args], axis=int(_attr(node, "axis", 0))), args[0].dtype)
+    return Value(np.concatenate([a.array for a in args], axis=int(attr(node, "axis", 0))), args[0].dtype)
 
 
 def _expand(node: onnx.NodeProto, args: list[Value]) -> Value | None:
@@ -138,7 +132,7 @@ EVALUATORS: dict[str, Callable[[onnx.NodeProto, list[Value]], Value | None]] = {
 
 
 def _constant_node(node: onnx.NodeProto) -> np.ndarray | None:
-    value = _attr(node, "value", None)
+    value = attr(node, "value", None)
     return None if value is None else numpy_helper.to_array(value)
 
 

@@ -23,141 +23,41 @@ The folded producer takes over the BN's output name, so graph outputs and downst
 from __future__ import annotations
 
 import logging
-from collections import Counter
-from collections.abc import Callable
-from typing import ClassVar
+from collections.abc import Callable, Sequence
+from typing import ClassVar, Generic, Protocol, TypeVar
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from folding.fold_math import BNParams, fold_backward, fold_forward
-from folding.onnx_io import without_weights
+from folding.onnx_graph import GraphIndex, attr, set_attr
 from folding.rules import BACKWARD, FORWARD, NONLINEARITIES, Plan, Rule, Skip
 
 logger = logging.getLogger(__name__)
 
 
 
-def _attr(node: onnx.NodeProto, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
-def _set_attr(node: onnx.NodeProto, name: str, value) -> None:
-    for i, a in enumerate(node.attribute):
-        if a.name == name:
-            del node.attribute[i]
-            break
-    node.attribute.append(helper.make_attribute(name, value))
-
-
-def _input_uses(nodes) -> Counter:
-    """How often each tensor name is read, subgraphs (If/Loop/Scan bodies) included."""
-    used: Counter = Counter()
-    for n in nodes:
-        for i in n.input:
-            if i:
-                used[i] += 1
-        for a in n.attribute:
-            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                used.update(_input_uses(sub.node))
-    return used
-
-
-class _Graph:
-    """Indexes over one graph: initializers, producers, consumer counts (subgraphs included)."""
-
-    def __init__(self, model: onnx.ModelProto) -> None:
-        self.model = model
-        self.g = model.graph
-        self.inits = {t.name: t for t in self.g.initializer}
-        self.producer = {o: n for n in self.g.node for o in n.output if o}
-        self.graph_outputs = {o.name for o in self.g.output}
-        self.uses = _input_uses(self.g.node)
-        self.dims: dict[str, list[int | None]] = self._infer_dims()
-        self.ranks = {name: len(d) for name, d in self.dims.items()}
-        self.used_names = set(self.inits) | set(self.producer) | {i.name for i in self.g.input}
-        self.used_names |= {n.name for n in self.g.node}
-
-    def _infer_dims(self) -> dict[str, list[int | None]]:
-        """Each tensor's inferred dimensions (None where symbolic); absent where its rank is unknown."""
-        try:
-            inferred = onnx.shape_inference.infer_shapes(without_weights(self.model), strict_mode=False)
-        except Exception:  # shape inference is a help, not a requirement
-            return {}
-        dims = {}
-        for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
-            t = vi.type.tensor_type
-            if t.HasField("shape"):
-                dims[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
-        return dims
-
-    def array(self, name: str, depth: int = 0) -> np.ndarray | None:
-        """The constant value of tensor ``name``: an initializer, a Constant, or Identity/Transpose of one."""
-        t = self.inits.get(name)
-        if t is not None:
-            return numpy_helper.to_array(t)
-        p = self.producer.get(name)
-        if p is None or depth > 8:
-            return None
-        if p.op_type == "Constant":
-            value = _attr(p, "value", None)
-            return None if value is None else numpy_helper.to_array(value)
-        if p.op_type == "Identity":
-            return self.array(p.input[0], depth + 1)
-        if p.op_type == "Transpose":
-            a = self.array(p.input[0], depth + 1)
-            return None if a is None else a.transpose(_attr(p, "perm", None) or list(range(a.ndim))[::-1])
-        return None
-
-    def fresh(self, base: str) -> str:
-        name, k = base, 0
-        while name in self.used_names:
-            k += 1
-            name = f"{base}_{k}"
-        self.used_names.add(name)
-        return name
-
-    def write(self, name: str, values: np.ndarray, like: str | None, node: onnx.NodeProto, slot: int) -> None:
-        """Store folded values for ``node.input[slot]``, in the dtype of ``like`` (or of ``name``)."""
-        ref = self.array(like or name) if (like or name) else None
-        arr = values.astype(ref.dtype) if ref is not None else values.astype(np.float32)
-        if name and name in self.inits and self.uses[name] <= 1:
-            new = numpy_helper.from_array(arr, name)
-            self.inits[name].CopyFrom(new)
-            return
-        new_name = self.fresh(f"{node.name or node.op_type}_folded_{'W' if slot == 1 else 'B'}")
-        self.g.initializer.append(numpy_helper.from_array(arr, new_name))
-        self.inits[new_name] = self.g.initializer[-1]
-        if name:
-            self.uses[name] -= 1
-        self.uses[new_name] += 1
-        while len(node.input) <= slot:
-            node.input.append("")
-        node.input[slot] = new_name
-
-
-def _remove_dead_constants(model: onnx.ModelProto) -> None:
-    """Drop Identity/Transpose/Constant nodes whose outputs nobody reads any more."""
-    pure = {"Identity", "Transpose", "Constant"}
-    outputs = {o.name for o in model.graph.output}
-    while True:
-        used = _input_uses(model.graph.node)
-        dead = [n for n in model.graph.node
-                if n.op_type in pure and not any(used[o] or o in outputs for o in n.output)]
-        if not dead:
-            return
-        for n in dead:
-            model.graph.node.remove(n)
-
-
 # --- the pass: BNs, their checks and neighbours --------------------------------------------------------
 
-class OnnxFoldPass(_Graph):
-    """The ONNX side of :mod:`folding.rules`: BatchNormalization nodes, their producers and consumers."""
+class Site(Protocol):
+    """What the rules fold: a BatchNormalization node, or a chain of affine nodes read as one
+    (:class:`folding.onnx_affine.AffineSite`): ``input[0]`` is its data, ``output[0]`` its result."""
+
+    @property
+    def input(self) -> Sequence[str]: ...
+
+    @property
+    def output(self) -> Sequence[str]: ...
+
+
+S = TypeVar("S", bound=Site)
+
+
+class LayerFoldPass(GraphIndex, Generic[S]):
+    """The ONNX side of :mod:`folding.rules` over one kind of site (``S``): the layers next to a site, and what
+    stops a fold. A subclass says what its sites are (``batchnorms``, ``bn_name``, ``bn_type``, ``check_bn``,
+    ``remove_bn``); the BN pass and the affine pass are the two, and neither inherits the other."""
 
     RULES: ClassVar[dict[str, dict[str, Rule]]]      # the table at the end of this module
 
@@ -166,26 +66,35 @@ class OnnxFoldPass(_Graph):
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
         self.removed_inputs: list[str] = []
 
-    def batchnorms(self) -> list[onnx.NodeProto]:
-        return [n for n in self.g.node if n.op_type == "BatchNormalization"]
+    def batchnorms(self) -> list[S]:
+        raise NotImplementedError
 
-    def bn_name(self, bn: onnx.NodeProto) -> str:
-        return bn.name or bn.output[0]
+    def bn_name(self, bn: S) -> str:
+        raise NotImplementedError
 
-    def bn_type(self, bn: onnx.NodeProto) -> str:
-        return "BatchNormalization"
+    def bn_type(self, bn: S) -> str:
+        raise NotImplementedError
 
-    def check_bn(self, bn: onnx.NodeProto) -> BNParams | Skip:
-        reason = _bn_reason(self, bn, self.opset)
-        if reason is not None:
-            return Skip(reason)
-        scale, bias, mean, var = (self.array(n).astype(np.float64) for n in bn.input[1:5])
-        return BNParams.create(mean, var, scale, bias, float(_attr(bn, "epsilon", 1e-5)))
+    def check_bn(self, bn: S) -> BNParams | Skip:
+        raise NotImplementedError
 
-    def neighbour(self, bn: onnx.NodeProto, direction: str):
+    def remove_bn(self, bn: S) -> None:
+        raise NotImplementedError
+
+    def features_last(self, bn: S) -> bool:
+        """Whether ``bn`` works on its data's last axis (a MatMul's features, at any rank) instead of axis 1. A
+        BatchNormalization never does; the affine pass's sites next to a MatMul do."""
+        return False
+
+    def pads_ok_forward(self, params: BNParams) -> bool:
+        """Whether a forward fold into a zero-padded Conv is exact (only for a map without shift; kept off for BN
+        so that both BN passes make the same choice)."""
+        return False
+
+    def neighbour(self, bn: S, direction: str):
         return self._producer(bn) if direction == BACKWARD else self._consumer(bn)
 
-    def _producer(self, bn: onnx.NodeProto):
+    def _producer(self, bn: S):
         prod = self.producer.get(bn.input[0])
         add = through = None
         if prod is not None and self._keeps_last_axis(prod) and self._linear_before(prod.input[0]):
@@ -211,14 +120,14 @@ class OnnxFoldPass(_Graph):
             return False
         if node.op_type == "Transpose":
             rank = self.ranks.get(node.input[0])
-            perm = list(_attr(node, "perm", None) or ())
+            perm = list(attr(node, "perm", None) or ())
             if rank is None or rank < 2 or len(perm) != rank or perm[1] != rank - 1:
                 return False
         else:
             src, out = self.dims.get(node.input[0]), self.dims.get(node.output[0])
             if src is None or out is None or len(src) < 2 or len(out) != 2 or src[-1] is None or out[-1] != src[-1]:
                 return False
-            if node.op_type == "Flatten" and int(_attr(node, "axis", 1)) % len(src) != len(src) - 1:
+            if node.op_type == "Flatten" and int(attr(node, "axis", 1)) % len(src) != len(src) - 1:
                 return False
         # a Shape of the layer's output reads no value (LeViT's ``reshape_as(x)``): folding cannot change it
         return sum(i == node.input[0] for n in self.g.node if n.op_type != "Shape" for i in n.input) == 1
@@ -235,12 +144,7 @@ class OnnxFoldPass(_Graph):
             p = self._matmul_into(p)
         return p is not None and p.op_type == "MatMul"
 
-    def features_last(self, bn: onnx.NodeProto) -> bool:
-        """Whether ``bn`` works on its data's last axis (a MatMul's features, at any rank) instead of axis 1. A
-        BatchNormalization never does; the affine pass's sites next to a MatMul do."""
-        return False
-
-    def _consumer(self, bn: onnx.NodeProto):
+    def _consumer(self, bn: S):
         out = bn.output[0]
         if out in self.graph_outputs:
             return Skip("no exact forward target: BN output is a graph output")
@@ -259,10 +163,22 @@ class OnnxFoldPass(_Graph):
             return f"input comes from {prod.op_type} {prod.name!r}{kind}, which cannot absorb a BN"
         return f"no exact forward target: next is {node.op_type} {node.name!r}"
 
-    def pads_ok_forward(self, params: BNParams) -> bool:
-        """Whether a forward fold into a zero-padded Conv is exact (only for a map without shift; kept off for BN
-        so that both BN passes make the same choice)."""
-        return False
+
+
+class OnnxFoldPass(LayerFoldPass[onnx.NodeProto]):
+    """The BN pass: BatchNormalization nodes as the sites of the rules."""
+
+    def batchnorms(self) -> list[onnx.NodeProto]:
+        return [n for n in self.g.node if n.op_type == "BatchNormalization"]
+
+    def bn_name(self, bn: onnx.NodeProto) -> str:
+        return bn.name or bn.output[0]
+
+    def bn_type(self, bn: onnx.NodeProto) -> str:
+        return "BatchNormalization"
+
+    def check_bn(self, bn: onnx.NodeProto) -> BNParams | Skip:
+        return batchnorm_params(self, bn, self.opset)
 
     def remove_bn(self, bn: onnx.NodeProto) -> None:
         self.removed_inputs += list(bn.input[1:5])
@@ -271,16 +187,26 @@ class OnnxFoldPass(_Graph):
             self.uses[i] -= 1
 
 
+def batchnorm_params(index: GraphIndex, bn: onnx.NodeProto, opset: int) -> BNParams | Skip:
+    """A BatchNormalization node's parameters (float64), or why it cannot fold (training mode, an input that is
+    not a constant, ...): what every pass that meets a BN reads."""
+    reason = _bn_reason(index, bn, opset)
+    if reason is not None:
+        return Skip(reason)
+    scale, bias, mean, var = (index.array(n).astype(np.float64) for n in bn.input[1:5])
+    return BNParams.create(mean, var, scale, bias, float(attr(bn, "epsilon", 1e-5)))
+
+
 # --- rules: match (checks + float64 arithmetic) -> Plan | Skip ------------------------------------------
 
-def _plan(p: OnnxFoldPass, bn, node, direction: str, w2, b2, writes: list, attrs: list = (), **site) -> Plan:
+def _plan(p: LayerFoldPass, bn, node, direction: str, w2, b2, writes: list, attrs: list = (), **site) -> Plan:
     name = node.name or node.output[0]
     return Plan(p.bn_name(bn), name, direction, node.op_type, p.bn_type(bn), w2, b2,
                 site={"bn": bn, "node": node, "writes": writes, "attrs": list(attrs), **site},
                 tensor=bn.output[0] if direction == BACKWARD else node.output[0])
 
 
-def _conv_constants(p: OnnxFoldPass, conv, prefix: str):
+def _conv_constants(p: LayerFoldPass, conv, prefix: str):
     """(weight name, bias name, W, b) of a Conv/ConvTranspose in float64 (b None without a bias), or a Skip
     whose reason starts with ``prefix``."""
     w_name = conv.input[1] if len(conv.input) > 1 else ""
@@ -294,28 +220,28 @@ def _conv_constants(p: OnnxFoldPass, conv, prefix: str):
 
 
 def _match_conv(out_axis: int) -> Callable:
-    def match(p: OnnxFoldPass, bn, node, params: BNParams) -> Plan | Skip:
+    def match(p: LayerFoldPass, bn, node, params: BNParams) -> Plan | Skip:
         prod = node[0]
         found = _conv_constants(p, prod, "")
         if isinstance(found, Skip):
             return found
         w_name, b_name, w, bias = found
         try:
-            w2, b2 = fold_backward(w, bias, params, out_axis, int(_attr(prod, "group", 1)))
+            w2, b2 = fold_backward(w, bias, params, out_axis, int(attr(prod, "group", 1)))
         except ValueError as exc:
             return Skip(f"{prod.op_type} weight does not match BN: {exc}")
         return _plan(p, bn, prod, BACKWARD, w2, b2, [(w_name, w2, w_name, prod, 1), (b_name, b2, w_name, prod, 2)])
     return match
 
 
-def _match_concat(p: OnnxFoldPass, bn, node, params: BNParams) -> Plan | Skip:
+def _match_concat(p: LayerFoldPass, bn, node, params: BNParams) -> Plan | Skip:
     """A BN after ``Concat(conv_a(x), conv_b(x), ...)`` on the channel axis (MixNet's MixConv, CSP necks, any
     grouped-branch design): each channel slice of the BN folds into the convolution that produced it, exactly,
     when every Concat input is a Conv / ConvTranspose output read by nothing else."""
     cat = node[0]
     if p.features_last(bn):
         return Skip(f"the constants are per feature on the last axis; Concat {cat.name!r} joins channels on axis 1")
-    rank, axis = p.ranks.get(cat.output[0]), int(_attr(cat, "axis", 1))
+    rank, axis = p.ranks.get(cat.output[0]), int(attr(cat, "axis", 1))
     if rank is None or axis % rank != 1:
         return Skip(f"Concat {cat.name!r} joins on axis {axis}, not on the channel axis 1")
     writes: list = []
@@ -331,7 +257,7 @@ def _match_concat(p: OnnxFoldPass, bn, node, params: BNParams) -> Plan | Skip:
         if isinstance(found, Skip):
             return found
         w_name, b_name, w, bias = found
-        group, out_axis = int(_attr(prod, "group", 1)), 0 if prod.op_type == "Conv" else 1
+        group, out_axis = int(attr(prod, "group", 1)), 0 if prod.op_type == "Conv" else 1
         channels = w.shape[0] if out_axis == 0 else w.shape[1] * group
         part = slice(off, off + channels)
         off += channels
@@ -353,13 +279,13 @@ def _match_concat(p: OnnxFoldPass, bn, node, params: BNParams) -> Plan | Skip:
     return plan
 
 
-def _apply_concat(p: OnnxFoldPass, plan: Plan) -> None:
+def _apply_concat(p: LayerFoldPass, plan: Plan) -> None:
     _write_all(p, plan)
     plan.site["node"].output[0] = plan.site["bn"].output[0]       # the Concat now gives the BN's output
     p.remove_bn(plan.site["bn"])
 
 
-def _per_output_bias(p: OnnxFoldPass, c_name: str, m: int, scale: float) -> np.ndarray | Skip:
+def _per_output_bias(p: LayerFoldPass, c_name: str, m: int, scale: float) -> np.ndarray | Skip:
     if not c_name:
         return np.zeros(m)
     carr = p.array(c_name)
@@ -370,15 +296,15 @@ def _per_output_bias(p: OnnxFoldPass, c_name: str, m: int, scale: float) -> np.n
     return np.broadcast_to(carr.astype(np.float64).reshape(-1), (m,)) * scale
 
 
-def _match_gemm(p: OnnxFoldPass, bn, node, params: BNParams) -> Plan | Skip:
+def _match_gemm(p: LayerFoldPass, bn, node, params: BNParams) -> Plan | Skip:
     prod = node[0]
     b_name = prod.input[1]
     c_name = prod.input[2] if len(prod.input) > 2 else ""
     w = p.array(b_name)
     if w is None or w.ndim != 2:
         return Skip(f"Gemm weight {b_name!r} is not a 2-D initializer")
-    trans_b = int(_attr(prod, "transB", 0))
-    alpha, beta = float(_attr(prod, "alpha", 1.0)), float(_attr(prod, "beta", 1.0))
+    trans_b = int(attr(prod, "transB", 0))
+    alpha, beta = float(attr(prod, "alpha", 1.0)), float(attr(prod, "beta", 1.0))
     m = w.shape[0] if trans_b else w.shape[1]
     if m != params.mean.size:
         return Skip(f"Gemm has {m} outputs, BN normalises {params.mean.size}")
@@ -392,7 +318,7 @@ def _match_gemm(p: OnnxFoldPass, bn, node, params: BNParams) -> Plan | Skip:
                  [(prod, "beta", 1.0)])
 
 
-def _match_matmul(p: OnnxFoldPass, bn, node, params: BNParams) -> Plan | Skip:
+def _match_matmul(p: LayerFoldPass, bn, node, params: BNParams) -> Plan | Skip:
     prod, add, through = node
     if p.ranks.get(bn.input[0]) != 2 and (through is None or through.op_type != "Transpose") \
             and not p.features_last(bn):
@@ -419,12 +345,12 @@ def _match_matmul(p: OnnxFoldPass, bn, node, params: BNParams) -> Plan | Skip:
     return _plan(p, bn, prod, BACKWARD, w2, b2, writes, add=add, through=through)
 
 
-def _match_forward_conv(p: OnnxFoldPass, bn, c, params: BNParams) -> Plan | Skip:
+def _match_forward_conv(p: LayerFoldPass, bn, c, params: BNParams) -> Plan | Skip:
     if p.features_last(bn) and p.ranks.get(bn.output[0]) != 2:
         return Skip(f"no exact forward target: the constants are per feature on the last axis, {c.op_type} "
                     f"{c.name!r} reads channels on axis 1")
-    pads = _attr(c, "pads", None) or []
-    auto = _attr(c, "auto_pad", b"NOTSET")
+    pads = attr(c, "pads", None) or []
+    auto = attr(c, "auto_pad", b"NOTSET")
     auto = auto.decode() if isinstance(auto, bytes) else auto
     if (any(pads) or auto in ("SAME_UPPER", "SAME_LOWER")) and not p.pads_ok_forward(params):
         return Skip(f"no exact forward target: Conv {c.name!r} zero-pads its input (pads={list(pads)}, "
@@ -434,15 +360,15 @@ def _match_forward_conv(p: OnnxFoldPass, bn, c, params: BNParams) -> Plan | Skip
         return found
     w_name, b_name, w, bias = found
     try:
-        w2, b2 = fold_forward(w, bias, params, int(_attr(c, "group", 1)))
+        w2, b2 = fold_forward(w, bias, params, int(attr(c, "group", 1)))
     except ValueError as exc:
         return Skip(f"no exact forward target: {exc}")
     return _plan(p, bn, c, FORWARD, w2, b2, [(w_name, w2, w_name, c, 1), (b_name, b2, w_name, c, 2)])
 
 
-def _match_forward_linear(p: OnnxFoldPass, bn, c, params: BNParams) -> Plan | Skip:
+def _match_forward_linear(p: LayerFoldPass, bn, c, params: BNParams) -> Plan | Skip:
     """Gemm or MatMul reading the BN output as its (N, C) data input."""
-    if c.op_type == "Gemm" and int(_attr(c, "transA", 0)):
+    if c.op_type == "Gemm" and int(attr(c, "transA", 0)):
         return Skip(f"no exact forward target: Gemm {c.name!r} has transA=1")
     if p.ranks.get(bn.output[0]) != 2 and not (c.op_type == "MatMul" and p.features_last(bn)):
         return Skip(f"no exact forward target: {c.op_type} input rank is {p.ranks.get(bn.output[0], 'unknown')}, "
@@ -452,8 +378,8 @@ def _match_forward_linear(p: OnnxFoldPass, bn, c, params: BNParams) -> Plan | Sk
     if w is None or w.ndim != 2:
         return Skip(f"no exact forward target: {c.op_type} weight {w_name!r} is not a 2-D constant")
     gemm = c.op_type == "Gemm"
-    trans_b = gemm and int(_attr(c, "transB", 0))
-    alpha, beta = (float(_attr(c, "alpha", 1.0)), float(_attr(c, "beta", 1.0))) if gemm else (1.0, 1.0)
+    trans_b = gemm and int(attr(c, "transB", 0))
+    alpha, beta = (float(attr(c, "alpha", 1.0)), float(attr(c, "beta", 1.0))) if gemm else (1.0, 1.0)
     w_om = (w.astype(np.float64) if trans_b else w.astype(np.float64).T) * alpha  # (out, in)
     b_name = c.input[2] if gemm and len(c.input) > 2 else ""
     bias = _per_output_bias(p, b_name, w_om.shape[0], beta) if b_name else None
@@ -479,7 +405,7 @@ def _match_forward_linear(p: OnnxFoldPass, bn, c, params: BNParams) -> Plan | Sk
     return _plan(p, bn, c, FORWARD, w2, b2, writes, attrs)
 
 
-def _bias_add_after(p: OnnxFoldPass, mm: onnx.NodeProto, out: int) -> tuple[onnx.NodeProto, int, np.ndarray] | None:
+def _bias_add_after(p: LayerFoldPass, mm: onnx.NodeProto, out: int) -> tuple[onnx.NodeProto, int, np.ndarray] | None:
     """The Add that is a MatMul's bias (its only reader, a constant of ``out`` values on the last axis), as
     (node, constant slot, constant), or None."""
     y = mm.output[0]
@@ -497,28 +423,28 @@ def _bias_add_after(p: OnnxFoldPass, mm: onnx.NodeProto, out: int) -> tuple[onnx
 
 # --- rules: apply (rewrite, never re-check) ---------------------------------------------------------------
 
-def _write_all(p: OnnxFoldPass, plan: Plan) -> None:
+def _write_all(p: LayerFoldPass, plan: Plan) -> None:
     for name, values, like, node, slot in plan.site["writes"]:
         p.write(name, values, like, node, slot)
-    for node, attr, value in plan.site["attrs"]:
-        _set_attr(node, attr, value)
+    for node, name, value in plan.site["attrs"]:
+        set_attr(node, name, value)
 
 
-def _apply_backward(p: OnnxFoldPass, plan: Plan) -> None:
+def _apply_backward(p: LayerFoldPass, plan: Plan) -> None:
     _write_all(p, plan)
     _take_over_output(p.model, p, plan.site["bn"], plan.site["node"], plan.site.get("add"), plan.bias,
                       plan.site.get("through"))
     p.remove_bn(plan.site["bn"])
 
 
-def _apply_forward(p: OnnxFoldPass, plan: Plan) -> None:
+def _apply_forward(p: LayerFoldPass, plan: Plan) -> None:
     _write_all(p, plan)
     bn = plan.site["bn"]
     plan.site["node"].input[0] = bn.input[0]
     p.remove_bn(bn)
 
 
-OnnxFoldPass.RULES = {
+LayerFoldPass.RULES = {
     BACKWARD: {"Conv": Rule(_match_conv(0), _apply_backward), "ConvTranspose": Rule(_match_conv(1), _apply_backward),
                "Gemm": Rule(_match_gemm, _apply_backward), "MatMul": Rule(_match_matmul, _apply_backward),
                "Concat": Rule(_match_concat, _apply_concat)},
@@ -527,7 +453,7 @@ OnnxFoldPass.RULES = {
 }
 
 
-def _bn_reason(gr: _Graph, bn: onnx.NodeProto, opset: int) -> str | None:
+def _bn_reason(gr: GraphIndex, bn: onnx.NodeProto, opset: int) -> str | None:
     if len(bn.input) < 5:
         return "BatchNormalization with fewer than 5 inputs"
     for name in bn.input[1:5]:
@@ -536,18 +462,18 @@ def _bn_reason(gr: _Graph, bn: onnx.NodeProto, opset: int) -> str | None:
             return f"BN parameter {name!r} is not a constant (it may change at run time)"
         if value.dtype.kind != "f" and "bfloat16" not in str(value.dtype):
             return f"BN parameter {name!r} is not a floating-point tensor"
-    if int(_attr(bn, "training_mode", 0)) != 0:
+    if int(attr(bn, "training_mode", 0)) != 0:
         return "training_mode=1: BN uses batch statistics"
-    if opset < 7 and int(_attr(bn, "is_test", 0)) == 0:
+    if opset < 7 and int(attr(bn, "is_test", 0)) == 0:
         return "is_test=0 (opset < 7): BN runs in training mode"
-    if opset < 9 and int(_attr(bn, "spatial", 1)) == 0:
+    if opset < 9 and int(attr(bn, "spatial", 1)) == 0:
         return "spatial=0: per-activation statistics, not per-channel"
     if any(gr.uses[o] or o in gr.graph_outputs for o in bn.output[1:] if o):
         return "BN's training outputs (running mean/var) are used"
     return None
 
 
-def _take_over_output(out: onnx.ModelProto, gr: _Graph, bn: onnx.NodeProto, prod: onnx.NodeProto,
+def _take_over_output(out: onnx.ModelProto, gr: GraphIndex, bn: onnx.NodeProto, prod: onnx.NodeProto,
                       add: onnx.NodeProto | None, folded_bias: np.ndarray,
                       through: onnx.NodeProto | None = None) -> None:
     """The last node of the producer chain (the Flatten / Reshape looked through, if any) takes over the BN's
@@ -567,18 +493,3 @@ def _take_over_output(out: onnx.ModelProto, gr: _Graph, bn: onnx.NodeProto, prod
         if through is None:
             return
     last.output[0] = bn.output[0]
-
-
-def _drop_unused_initializers(model: onnx.ModelProto, candidates: list[str]) -> None:
-    graph_inputs = {i.name for i in model.graph.input}
-    used = _input_uses(model.graph.node)
-    outputs = {o.name for o in model.graph.output}
-    keep = [t for t in model.graph.initializer
-            if used[t.name] or t.name in outputs or (t.name in graph_inputs and t.name not in candidates)]
-    dead = {t.name for t in model.graph.initializer} - {t.name for t in keep}
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
-    if dead:
-        kept_inputs = [i for i in model.graph.input if i.name not in dead]
-        del model.graph.input[:]
-        model.graph.input.extend(kept_inputs)

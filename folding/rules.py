@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from folding.fold_math import BNParams, overflow_warning
-from foldserve.records import FoldedPair, FoldReport, SkippedBN
+from foldserve.records import FoldedPair, PassSection, SkippedBN
 
 BACKWARD, FORWARD = "backward", "forward"
 
@@ -84,23 +84,23 @@ def match(p: FoldPass, bn: Any, params: BNParams, direction: str) -> Plan | Skip
     return plan
 
 
-def run_pass(p: FoldPass, report: FoldReport) -> FoldReport:
-    """Fold every BN the rules allow, backward before forward; report the rest with their reasons."""
+def run_pass(p: FoldPass, section: PassSection, warnings: list[str]) -> None:
+    """Fold every BN the rules allow, backward before forward, into ``section.done``; the rest go to
+    ``section.left`` with their reasons, and the BN statistics' and folded weights' warnings to ``warnings``."""
     for bn in list(p.batchnorms()):
         name = p.bn_name(bn)
         params = p.check_bn(bn)
         if isinstance(params, Skip):
-            report.skipped.append(SkippedBN(name, params.reason))
+            section.left.append(SkippedBN(name, params.reason))
             continue
         plan = match(p, bn, params, BACKWARD)
         if isinstance(plan, Skip):
             forward = match(p, bn, params, FORWARD)
             if isinstance(forward, Skip):
-                report.skipped.append(SkippedBN(name, f"cannot fold backwards ({plan.reason}); {forward.reason}"))
+                section.left.append(SkippedBN(name, f"cannot fold backwards ({plan.reason}); {forward.reason}"))
                 continue
             plan = forward
         plan.rule.apply(p, plan)  # type: ignore[union-attr]
-        report.folded.append(FoldedPair(name, plan.target, plan.direction, plan.target_type, plan.bn_type,
-                                        plan.tensor))
-        report.warnings += params.lint(name) + overflow_warning(plan.target, plan.weight, plan.bias)
-    return report
+        section.done.append(FoldedPair(name, plan.target, plan.direction, plan.target_type, plan.bn_type,
+                                       plan.tensor))
+        warnings += params.lint(name) + overflow_warning(plan.target, plan.weight, plan.bias)

@@ -29,7 +29,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from folding.fold_math import BNParams, fold_backward, fold_forward
 from folding.rules import BACKWARD, FORWARD, Plan, Rule, Skip, run_pass
 from foldserve.errors import FoldError
-from foldserve.records import FoldReport
+from foldserve.records import BATCHNORM, FoldReport
 
 logger = logging.getLogger(__name__)
 
@@ -282,7 +282,7 @@ def fold_module(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None 
     report = FoldReport()
     with torch.no_grad():
         _drop_eval_identities(folder)
-        run_pass(folder, report)
+        run_pass(folder, report.section(BATCHNORM), report.warnings)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()

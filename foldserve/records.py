@@ -225,11 +225,22 @@ class FoldedPair(Record):
     bn_type: str = "BatchNorm"
     tensor: str = ""      # ONNX: the tensor at the fold site, same name in the unfolded and folded graph
 
+    def describe(self, section: str) -> str:
+        what = "" if section == BATCHNORM else f"{self.bn_type} "      # a BN is a BN; an affine site says its ops
+        return f"folded   {what}{self.bn} -> {self.into} ({self.direction}, {self.producer_type})"
+
+    def site(self) -> FoldedPair:
+        return self
+
 
 @dataclass
 class SkippedBN(Record):
     bn: str
     reason: str
+
+    @property
+    def name(self) -> str:
+        return self.bn
 
 
 @dataclass
@@ -241,57 +252,169 @@ class MergedBranches(Record):
     branches: list[str]    # each branch, e.g. "Conv 'b1' 3x3", "BatchNormalization 'bn' (identity)", "identity"
     tensor: str = ""       # the sum's tensor, same name in the unfolded and folded graph
 
+    def describe(self, section: str) -> str:
+        return f"merged   {' + '.join(self.branches)} -> {self.into}"
+
+    def site(self) -> FoldedPair:
+        return FoldedPair(self.sum, self.into, "merge", "Conv", "Add", self.tensor)
+
 
 @dataclass
 class SkippedMerge(Record):
     sum: str
     reason: str
 
+    @property
+    def name(self) -> str:
+        return self.sum
+
+
+#: the sections the fold passes write (their ``name``; ``folding.onnx_passes.PASSES`` lists the ONNX ones)
+BATCHNORM, AFFINE, MERGE = "batchnorm", "affine", "merge"
+
+
+@dataclass
+class PassSection(Record):
+    """What one pass did over the rounds of a fold: the sites it changed (``done``), those it left and why (the
+    last round's), and how many of what it acts on (BatchNormalization nodes, affine nodes next to a layer, Conv
+    nodes) the graph had when it first ran and has at the end (0 when it had none before)."""
+
+    done: list[FoldedPair | MergedBranches] = field(default_factory=list)
+    left: list[SkippedBN | SkippedMerge] = field(default_factory=list)
+    before: int = 0
+    after: int = 0
+
+
+#: how the terminal shows what a section left (a pass without a row: ``left     NAME NAME: REASON``)
+LEFT_LINES = {BATCHNORM: "skipped  {name}: {reason}", AFFINE: "left     affine {name}: {reason}",
+              MERGE: "left     sum {name}: {reason}"}
+
+
+def _section_summary(name: str, s: PassSection) -> str | None:
+    """One section's part of the summary line (None: nothing to say)."""
+    if name == AFFINE:
+        return (f"affine Mul/Add/Sub/Div next to a layer: {s.before} -> {s.after} ({len(s.done)} folded, "
+                f"{len(s.left)} left)") if s.before else None
+    if name == MERGE:
+        return (f"branches merged: {len(s.done)} sums ({len(s.left)} left), Conv {s.before} -> {s.after}"
+                if s.done or s.left else None)
+    return f"{name}: {len(s.done)} done ({s.before} -> {s.after}), {len(s.left)} left" if s.done or s.left else None
+
 
 @dataclass
 class FoldReport(Record):
-    """What one folding pass did: folded pairs, BNs left in place with the reason, warnings, counts; for ONNX
-    also constant subgraphs evaluated, per-channel affine maps (constant Mul/Add/Sub/Div next to a layer)
-    folded and left, and branches merged and left."""
+    """What a fold did: one section per pass (BN folds, and for ONNX the affine folds and branch merges: see
+    :class:`PassSection`), warnings, constant subgraphs evaluated, node and parameter counts. ``folded``,
+    ``affines``, ``merges`` and the like are views of the sections, for readers."""
 
-    folded: list[FoldedPair] = field(default_factory=list)
-    skipped: list[SkippedBN] = field(default_factory=list)
+    sections: dict[str, PassSection] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
-    bn_before: int = 0
-    bn_after: int = 0
     params_before: int = 0
     params_after: int = 0
     nodes_before: int = 0
     nodes_after: int = 0
     constants_folded: int = 0
-    affines: list[FoldedPair] = field(default_factory=list)
-    affines_skipped: list[SkippedBN] = field(default_factory=list)
-    affine_before: int = 0     # affine nodes next to a layer before folding, and left after
-    affine_after: int = 0
-    merges: list[MergedBranches] = field(default_factory=list)
-    merges_skipped: list[SkippedMerge] = field(default_factory=list)
-    conv_before: int = 0
-    conv_after: int = 0
+
+    def section(self, name: str) -> PassSection:
+        return self.sections.setdefault(name, PassSection())
+
+    # views of the sections (what readers and the tests name)
+    @property
+    def folded(self) -> list[FoldedPair]:
+        return typing.cast(list[FoldedPair], self.section(BATCHNORM).done)
+
+    @property
+    def skipped(self) -> list[SkippedBN]:
+        return typing.cast(list[SkippedBN], self.section(BATCHNORM).left)
+
+    @property
+    def affines(self) -> list[FoldedPair]:
+        return typing.cast(list[FoldedPair], self.section(AFFINE).done)
+
+    @property
+    def affines_skipped(self) -> list[SkippedBN]:
+        return typing.cast(list[SkippedBN], self.section(AFFINE).left)
+
+    @property
+    def merges(self) -> list[MergedBranches]:
+        return typing.cast(list[MergedBranches], self.section(MERGE).done)
+
+    @property
+    def merges_skipped(self) -> list[SkippedMerge]:
+        return typing.cast(list[SkippedMerge], self.section(MERGE).left)
+
+    @property
+    def bn_before(self) -> int:
+        return self.section(BATCHNORM).before
+
+    @bn_before.setter
+    def bn_before(self, value: int) -> None:
+        self.section(BATCHNORM).before = value
+
+    @property
+    def bn_after(self) -> int:
+        return self.section(BATCHNORM).after
+
+    @bn_after.setter
+    def bn_after(self, value: int) -> None:
+        self.section(BATCHNORM).after = value
+
+    @property
+    def affine_before(self) -> int:
+        return self.section(AFFINE).before
+
+    @property
+    def affine_after(self) -> int:
+        return self.section(AFFINE).after
+
+    @property
+    def conv_before(self) -> int:
+        return self.section(MERGE).before
+
+    @property
+    def conv_after(self) -> int:
+        return self.section(MERGE).after
 
     def summary(self) -> str:
         text = (f"folded {len(self.folded)} BN ({self.bn_before} -> {self.bn_after} left), "
                 f"skipped {len(self.skipped)}, {len(self.warnings)} warning(s); "
                 f"parameters {self.params_before} -> {self.params_after}")
-        if self.affine_before:
-            text += (f"; affine Mul/Add/Sub/Div next to a layer: {self.affine_before} -> {self.affine_after} "
-                     f"({len(self.affines)} folded, {len(self.affines_skipped)} left)")
-        if self.merges or self.merges_skipped:
-            text += (f"; branches merged: {len(self.merges)} sums ({len(self.merges_skipped)} left), Conv "
-                     f"{self.conv_before} -> {self.conv_after}")
+        for name, s in self.sections.items():
+            part = _section_summary(name, s) if name != BATCHNORM else None
+            if part:
+                text += f"; {part}"
         if self.constants_folded:
             text += f"; {self.constants_folded} constant node(s) evaluated or dropped as no-ops"
         return text
 
+    def lines(self) -> list[str]:
+        """Every site of every section, one line each, as the terminal shows them."""
+        out = []
+        for name, s in self.sections.items():
+            out += [item.describe(name) for item in s.done]
+            template = LEFT_LINES.get(name, f"left     {name} {{name}}: {{reason}}")
+            out += [template.format(name=item.name, reason=item.reason) for item in s.left]
+        return out + [f"warning  {w}" for w in self.warnings]
+
     def sites(self) -> list[FoldedPair]:
-        """Every place the pass changed (BN folds, affine folds, merges as direction "merge"), each with the
-        tensor both graphs compute there: what localisation compares."""
-        merges = [FoldedPair(m.sum, m.into, "merge", "Conv", "Add", m.tensor) for m in self.merges]
-        return [*self.folded, *self.affines, *merges]
+        """Every place a pass changed (merges as direction "merge"), each with the tensor both graphs compute
+        there: what localisation compares."""
+        return [item.site() for s in self.sections.values() for item in s.done]
+
+
+def _flat_sections(report: dict[str, Any]) -> dict[str, Any]:
+    """A fold report of format 1 or 2 (a flat pair of lists per pass) in sections."""
+    r = dict(report)
+    sections = {BATCHNORM: {"done": r.pop("folded", []), "left": r.pop("skipped", []),
+                            "before": r.pop("bn_before", 0), "after": r.pop("bn_after", 0)}}
+    if any(k in r for k in ("affines", "affines_skipped", "affine_before", "affine_after")):
+        sections[AFFINE] = {"done": r.pop("affines", []), "left": r.pop("affines_skipped", []),
+                            "before": r.pop("affine_before", 0), "after": r.pop("affine_after", 0)}
+    if any(k in r for k in ("merges", "merges_skipped", "conv_before", "conv_after")):
+        sections[MERGE] = {"done": r.pop("merges", []), "left": r.pop("merges_skipped", []),
+                           "before": r.pop("conv_before", 0), "after": r.pop("conv_after", 0)}
+    r["sections"] = sections
+    return r
 
 
 @dataclass
@@ -299,7 +422,15 @@ class EntryFoldReport(Record):
     """A version's fold_report.json: the ONNX pass (what is served) and the torch.fx pass (checkpoints)."""
 
     VERSION_FIELD: ClassVar[str | None] = "format_version"
-    VERSION: ClassVar[int] = 2    # 2: affine folds, branch merges, constants evaluated (1 reads as none of them)
+    VERSION: ClassVar[int] = 3    # 2: affine folds, branch merges, constants evaluated (1 reads as none of them);
+                                  # 3: one section per pass (2 reads into sections)
+
+    @classmethod
+    def upgrade(cls, data: dict[str, Any], version: int) -> dict[str, Any]:
+        if version < 3:
+            data = {k: _flat_sections(v) if k in ("onnx", "torch") and isinstance(v, dict) else v
+                    for k, v in data.items()}
+        return data
 
     onnx: FoldReport
     torch: FoldReport | None = None

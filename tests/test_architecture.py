@@ -207,3 +207,28 @@ def test_commands_that_need_torch_say_so_in_one_line_where_torch_is_missing():
                                                                    "['--help']")],
                                cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
     assert "not installed here: train, fold, verify, pipeline, bench" in " ".join(help_text.split())
+
+
+def test_the_onnx_fold_is_one_pipeline_of_passes_that_inherit_no_other():
+    """Every pass in ``PASSES`` implements the ``Pass`` protocol and owns a report section; the passes share the
+    graph index instead of inheriting each other, and their modules need no ``type: ignore`` (no override of a
+    signature they cannot keep, no branch typed by a string)."""
+    import inspect
+
+    from folding.onnx_affine import OnnxAffinePass
+    from folding.onnx_branches import BranchPass
+    from folding.onnx_fold import LayerFoldPass, OnnxFoldPass
+    from folding.onnx_graph import GraphIndex
+    from folding.onnx_passes import PASSES, Pass
+
+    names = [p.name for p in PASSES]
+    assert len(set(names)) == len(names) == len(PASSES)
+    for p in PASSES:
+        for method in ("count", "run"):
+            assert callable(getattr(p, method, None)), (p, method)
+            assert list(inspect.signature(getattr(p, method)).parameters) == \
+                list(inspect.signature(getattr(Pass, method)).parameters)[1:], (p, method)
+    assert OnnxFoldPass not in OnnxAffinePass.__mro__ and OnnxFoldPass not in BranchPass.__mro__
+    assert LayerFoldPass in OnnxAffinePass.__mro__ and GraphIndex in BranchPass.__mro__
+    for module in ("onnx_fold", "onnx_affine", "onnx_branches", "onnx_passes", "onnx_graph"):
+        assert "type: ignore" not in (ROOT / "folding" / f"{module}.py").read_text(), module

@@ -2,8 +2,8 @@
 
 grpc core caps the connections it accepts (``grpc.max_allowed_incoming_connections``) and refuses the rest, but
 it cannot close an idle connection to make room, and it keeps a connection that finished its HTTP/2 handshake
-and sends nothing until ``max_connection_idle`` (``--idle-timeout-s``): 4,096 such connections locked every new
-client out for a minute (hardening III, item 3). This process's own view closes that gap:
+and sends nothing until ``max_connection_idle`` (the idle timeout), so that thousands of such connections would
+lock every new client out until then. This process's own view closes that gap:
 
 * :class:`PeerActivity` counts, per client address, the calls in flight (fed by every v2 handler and the
   health service: a stream that sends nothing for minutes is not idle);

@@ -16,6 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from folding.onnx_passes import fold_onnx
 from folding.source import ort_session
+from foldserve.entry import read_fold_report
 from tests.conftest import run_cli
 from tests.folding.helpers import assert_close_to_scale, export_onnx, scale_layer_weights, torch64
 from tests.zoo import FrozenBatchNorm2d, FrozenNet, RepNet, frozen_net, rep_net
@@ -227,13 +228,12 @@ def test_a_bad_merge_is_caught_and_localised(rep_repo, tmp_path):
 
     vdir = tmp_path / "rep_pt2" / "1"
     shutil.copytree(rep_repo["repo"] / "rep_pt2" / "1", vdir)
-    merges = json.loads((vdir / "fold_report.json").read_text())["onnx"]["merges"]
-    target = merges[3]
-    scale_layer_weights(vdir / "model.onnx", target["into"])
+    target = read_fold_report(vdir).onnx.merges[3]
+    scale_layer_weights(vdir / "model.onnx", target.into)
     report = verify_entry(vdir, VerifyOptions(batch_sizes=(2,), write=False))
     assert not report.passed and report.candidates["unfolded_torch"].passed
-    assert report.localization.first_failing_layer == target["into"]
-    assert report.localization.first_failing_bn == target["sum"]
+    assert report.localization.first_failing_layer == target.into
+    assert report.localization.first_failing_bn == target.sum
 
 
 def test_fold_report_of_version_1_still_reads(tmp_path: Path):

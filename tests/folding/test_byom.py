@@ -13,6 +13,7 @@ import onnx
 import pytest
 import torch
 
+from foldserve.entry import read_fold_report
 from tests.conftest import run_cli
 from tests.folding.helpers import assert_close_to_scale, scale_layer_weights, torch64
 from tests.zoo import mobilenet_v3_small, residual_net, resnet18
@@ -174,12 +175,12 @@ def test_a_broken_fold_of_a_user_model_is_caught_and_localised(byom_repo, tmp_pa
 
     vdir = tmp_path / "rn_pt2" / "1"
     shutil.copytree(byom_repo["repo"] / "rn_pt2" / "1", vdir)
-    folds = json.loads((vdir / "fold_report.json").read_text())["onnx"]["folded"]
-    target = next(f for f in folds if f["producer_type"] == "ConvTranspose")
-    scale_layer_weights(vdir / "model.onnx", target["into"])
+    folds = read_fold_report(vdir).onnx.folded
+    target = next(f for f in folds if f.producer_type == "ConvTranspose")
+    scale_layer_weights(vdir / "model.onnx", target.into)
     report = verify_entry(vdir, VerifyOptions(batch_sizes=(2,), write=False))
     assert not report.passed and report.candidates["unfolded_torch"].passed
-    assert report.localization.first_failing_layer == target["into"]
+    assert report.localization.first_failing_layer == target.into
 
 
 def _truncate(src: Path, dst: Path) -> Path:

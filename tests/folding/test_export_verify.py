@@ -14,6 +14,7 @@ from cli.main import main as cli_main
 from folding import fold_onnx
 from folding.export import FoldRequest, build_entry, example_input
 from folding.verify import VerifyOptions, ort_session, verify_entry
+from foldserve.entry import read_fold_report
 from foldserve.records import CheckpointMeta
 from trainer.checkpoint import load_checkpoint, model_from_checkpoint
 from trainer.models import ARCHITECTURES
@@ -90,9 +91,8 @@ def _copy_entry(entry, tmp_path) -> Path:
 def test_verifier_fails_and_localises_a_one_percent_channel_error(entry, tmp_path, capsys):
     vdir = _copy_entry(entry, tmp_path)
     served = onnx.load(str(vdir / "model.onnx"))
-    report = json.loads((vdir / "fold_report.json").read_text())
-    target = report["onnx"]["folded"][3]  # a conv in the middle of the net
-    node = next(n for n in served.graph.node if n.name == target["into"])
+    target = read_fold_report(vdir).onnx.folded[3]  # a conv in the middle of the net
+    node = next(n for n in served.graph.node if n.name == target.into)
     w = next(t for t in served.graph.initializer if t.name == node.input[1])
     arr = numpy_helper.to_array(w).copy()
     arr[0] *= 1.01
@@ -101,16 +101,16 @@ def test_verifier_fails_and_localises_a_one_percent_channel_error(entry, tmp_pat
     code = cli_main(["--log-level", "ERROR", "verify", str(vdir)])
     out = capsys.readouterr().out
     assert code == 1
-    assert f"first layer over tolerance: {target['into']}" in out
+    assert f"first layer over tolerance: {target.into}" in out
     # the passing report of the bytes that were verified stays; the failing one is written beside it
     assert json.loads((vdir / "verification.json").read_text())["passed"] is True
     assert "verification.failed.json" in out
     saved = json.loads((vdir / "verification.failed.json").read_text())
-    assert saved["passed"] is False and saved["localization"]["first_failing_layer"] == target["into"]
+    assert saved["passed"] is False and saved["localization"]["first_failing_layer"] == target.into
     # the layers before it were fine
     sites = saved["localization"]["sites"]
     first_bad = next(i for i, s in enumerate(sites) if not s["passed"])
-    assert sites[first_bad]["layer"] == target["into"] and all(s["passed"] for s in sites[:first_bad])
+    assert sites[first_bad]["layer"] == target.into and all(s["passed"] for s in sites[:first_bad])
 
 
 def test_verifier_fails_a_fold_with_the_wrong_eps(entry, tmp_path):

@@ -16,6 +16,7 @@ import onnx
 import pytest
 import torch
 
+from foldserve.entry import read_fold_report
 from foldserve.model_config import read_config
 from tests.conftest import run_cli
 from tests.folding.helpers import assert_close_to_scale, scale_layer_weights
@@ -144,12 +145,12 @@ def test_a_broken_output_is_caught_and_localised(tower_repo, tmp_path):
 
     vdir = tmp_path / "tt_onnx" / "1"
     shutil.copytree(tower_repo["repo"] / "tt_onnx" / "1", vdir)
-    folds = json.loads((vdir / "fold_report.json").read_text())["onnx"]["folded"]
-    target = next(f for f in folds if f["producer_type"] == "Gemm")       # the vector tower
-    scale_layer_weights(vdir / "model.onnx", target["into"])
+    folds = read_fold_report(vdir).onnx.folded
+    target = next(f for f in folds if f.producer_type == "Gemm")       # the vector tower
+    scale_layer_weights(vdir / "model.onnx", target.into)
     report = verify_entry(vdir, VerifyOptions(batch_sizes=(2,), write=False))
     assert not report.passed
-    assert report.localization.first_failing_layer == target["into"]
+    assert report.localization.first_failing_layer == target.into
 
 
 @pytest.mark.parametrize("argv,expected", [
@@ -224,8 +225,8 @@ def test_torchvision_segmentation_with_aux_head_and_frozen_bn_fpn_backbone(tmp_p
         assert ops["BatchNormalization"] == 0 and ops["Mul"] == 0, (name, ops)
         assert ops["Conv"] == sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()), (name, ops)
     assert json.loads((repo / "seg" / "1" / "source.json").read_text())["outputs"] == ["out", "aux"]
-    fpn_report = json.loads((repo / "fpn" / "1" / "fold_report.json").read_text())["onnx"]
-    assert len(fpn_report["affines"]) == 20 and fpn_report["constants_folded"] > 0
+    fpn_report = read_fold_report(repo / "fpn" / "1").onnx
+    assert len(fpn_report.affines) == 20 and fpn_report.constants_folded > 0
     xs = np.random.default_rng(5).normal(size=(3, 3, size, size)).astype(np.float32)
     with torch.no_grad():
         truths = {"seg": {k: v.numpy() for k, v in copy.deepcopy(seg).double()(torch.from_numpy(xs).double()).items()},

@@ -18,6 +18,7 @@ from torch import nn
 from folding.onnx_passes import fold_onnx
 from folding.source import ort_session
 from folding.tolerances import TOLERANCES, compare
+from foldserve.entry import read_fold_report
 from tests.conftest import run_cli
 from tests.folding.helpers import export_onnx, randomize_bn, scale_layer_weights, torch64
 from tests.zoo import library
@@ -111,9 +112,8 @@ def test_a_program_returning_one_tensor_twice_folds_verifies_and_serves_every_ou
     assert "Traceback" not in proc.stderr
     assert report["passed"] and set(report["noise"]["outputs"]) == {"output_0", "output_1", "output_2"}
     # the fold report names the module (layer.1 is the BN of the Sequential), not the exporter's node names
-    fold = json.loads((tmp_path / "repo" / "twice" / "1" / "fold_report.json").read_text())
-    assert [(f["bn"], f["into"]) for f in fold["onnx"]["folded"]] == [("layer.1/BatchNormalization",
-                                                                       "layer.0/Conv")]
+    fold = read_fold_report(tmp_path / "repo" / "twice" / "1")
+    assert [(f.bn, f.into) for f in fold.onnx.folded] == [("layer.1/BatchNormalization", "layer.0/Conv")]
     assert "folded   layer.1/BatchNormalization -> layer.0/Conv" in proc.stdout
     x = np.random.default_rng(1).normal(size=(3, 3, 8, 8)).astype(np.float32)
     with torch.no_grad():
@@ -229,9 +229,9 @@ def library_entries(tmp_path_factory):
 def test_mixnet_folds_every_bn_and_verifies_against_its_own_noise(library_entries):
     _, entries = library_entries
     _, stdout, report = entries["mixnet"]
-    fold = json.loads((library_entries[0] / "mixnet" / "1" / "fold_report.json").read_text())["onnx"]
-    assert fold["bn_before"] == 49 and fold["bn_after"] == 0           # 34 were left behind Concat before
-    assert sum(f["producer_type"] == "Concat" for f in fold["folded"]) >= 30
+    fold = read_fold_report(library_entries[0] / "mixnet" / "1").onnx
+    assert fold.bn_before == 49 and fold.bn_after == 0           # 34 were left behind Concat before
+    assert sum(f.producer_type == "Concat" for f in fold.folded) >= 30
     noise = report["noise"]
     assert report["passed"] and noise["margin"] == 2.0 and noise["runs"] == ["reference_onnx_opt", "reference_onnx_ulp"]
     floor = noise["outputs"]["logits"]
@@ -259,8 +259,8 @@ def test_a_broken_fold_of_an_ill_conditioned_model_still_fails_and_names_the_sit
     repo, _ = library_entries
     vdir = tmp_path / "entry"
     shutil.copytree(repo / name / "1", vdir)
-    fold = json.loads((vdir / "fold_report.json").read_text())["onnx"]["folded"]
-    target = next(f["into"] for f in fold[3:] if f["producer_type"] == "Conv")
+    fold = read_fold_report(vdir).onnx.folded
+    target = next(f.into for f in fold[3:] if f.producer_type == "Conv")
     scale_layer_weights(vdir / "model.onnx", target, 1.01)          # a 1 % error in one folded layer
     proc = run_cli("--log-level", "ERROR", "verify", str(vdir))
     assert proc.returncode == 1, proc.stdout + proc.stderr
