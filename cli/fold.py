@@ -77,8 +77,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--out goes with --onnx; a MODEL is folded into --repository DIR")
     if not args.model or not args.repository:
         raise ConfigError("fold needs MODEL and --repository DIR (or --onnx IN --out OUT)")
+    from cli.fold_args import parse_normalizes, parse_shapes
     from folding.export import FoldRequest, build_entry
-    from folding.programs import Options, parse_normalizes, parse_shapes
+    from folding.programs import Options
     from folding.verify import summary_table
 
     if args.precision == "fp16":

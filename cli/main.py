@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
+from cli.flags import FlagNames, render
 from foldserve import __version__
 from foldserve.errors import ConfigError, FoldserveError
 
@@ -70,6 +71,8 @@ def _add_unavailable(sub: argparse._SubParsersAction, name: str, missing: list[s
 def _configure_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(FlagNames())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -83,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except FoldserveError as exc:
-        print(f"foldserve {args.command}: error: {exc}", file=sys.stderr)
+        print(f"foldserve {args.command}: error: {render(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"foldserve {args.command}: interrupted", file=sys.stderr)

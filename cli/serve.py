@@ -31,6 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     from pydantic_core import PydanticUndefined
 
     from server.settings import Settings
+    from server.settings import flag as setting_flag
 
     p = sub.add_parser("serve", help="serve a model repository over KServe v2 gRPC (:8001) and REST (:8000)",
                        usage="foldserve serve [--repository DIR] [options]",
@@ -42,7 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         if name == "log_level":
             continue                    # the global `foldserve --log-level`
         group = groups[name]
-        flag = "--" + name.replace("_", "-")
+        flag = setting_flag(name)
         default = field.get_default(call_default_factory=True)
         shown = "" if default in (None, PydanticUndefined) or default == [] else f" (default: {default})"
         help_ = (field.description or "").replace("%", "%%") + shown

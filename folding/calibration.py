@@ -33,6 +33,7 @@ def _from_file(data: str, prepared: Prepared, n: int, verifying: bool) -> tuple[
     if len(x) > n:
         prepared.record.data_skip = n
         return x[:n], f"the first {n} of {len(x)} samples of {name} (verification uses the other {len(x) - n})"
-    logger.warning("--data has %d samples, not more than --calibration-samples %d: calibration and verification "
+    logger.warning("Options.data has %d samples, not more than FoldRequest.calibration_samples %d: calibration and "
+                   "verification "
                    "use the same samples", len(x), n)
     return x, f"all {len(x)} samples of {name} (also the verification samples)"

@@ -28,7 +28,7 @@ from folding.install import (
 from folding.kinds import Prepared, SourceKind, detect_kind
 from folding.onnx_io import check_onnx, has_external_data, save_model, save_with_external_data
 from folding.onnx_passes import fold_onnx
-from folding.precision import check_precision_options, to_precision
+from folding.precision import to_precision
 from folding.programs import Options
 from folding.source import example_input
 from folding.verify import VerifyOptions, verify_entry
@@ -47,9 +47,11 @@ from foldserve.entry import (
 from foldserve.errors import ConfigError, FoldError, WriteError
 from foldserve.model_config import ModelConfig, TensorSpec, make_config
 from foldserve.records import (
+    CALIBRATION_METHODS,
     DEFAULT_CALIBRATION_METHOD,
     DEFAULT_CALIBRATION_SAMPLES,
     DEFAULT_PRECISION,
+    PRECISIONS,
     EntryFoldReport,
     FoldReport,
     PrecisionInfo,
@@ -83,19 +85,45 @@ class FoldRequest:
     calibration_method: str = DEFAULT_CALIBRATION_METHOD
     calibration_samples: int = DEFAULT_CALIBRATION_SAMPLES
 
-    def check(self, kind: SourceKind) -> None:
-        """Flags that contradict each other or the source's kind, before any work."""
+    def check(self) -> CheckedRequest:
+        """The one check of a fold request, before any work: the precision and its calibration, the batch bound,
+        the data files, the options against the source's kind (which it detects), and the install target (the
+        name, and the version and its clash where the name is given). The stages after it trust it; only what the
+        prepared model tells is checked where it becomes known (a clash under the model's own name, int8's one
+        input, the interface of the model's other versions)."""
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"FoldRequest.precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        if self.calibration_method not in CALIBRATION_METHODS:
+            raise ConfigError(f"FoldRequest.calibration_method {self.calibration_method!r}: choose one of "
+                              f"{', '.join(CALIBRATION_METHODS)}")
+        if self.calibration_samples < 1:
+            raise ConfigError(f"FoldRequest.calibration_samples must be >= 1, got {self.calibration_samples}")
         if self.max_batch_size < 1:
-            raise ConfigError(f"--max-batch-size must be >= 1, got {self.max_batch_size}")
+            raise ConfigError(f"FoldRequest.max_batch_size must be >= 1, got {self.max_batch_size}")
         opts = self.options
-        for flag, value in (("--data", opts.data), ("--calibration-data", opts.calibration_data)):
+        for field_name, value in (("Options.data", opts.data), ("Options.calibration_data", opts.calibration_data)):
             if value and not Path(value).is_file():
-                raise ConfigError(f"{flag} {value}: no such file (expected an .npz with x and optional y)")
+                raise ConfigError(f"{field_name} {value}: no such file (expected an .npz with x and optional y)")
         if opts.calibration_data and self.precision != "int8":
-            raise ConfigError("--calibration-data goes with --precision int8")
+            raise ConfigError("Options.calibration_data goes with FoldRequest.precision int8")
+        path = Path(self.source)
+        kind = detect_kind(path)
         kind.check_options(opts, self.labels_file)
-        if self.name is not None:
+        version = None
+        if self.name is not None:       # a clash is refused before any work
             check_model_name(self.name)
+            version = check_version(Path(self.repository) / self.name, self.name, self.version, self.force)
+        return CheckedRequest(path, kind, version)
+
+
+@dataclass(frozen=True)
+class CheckedRequest:
+    """What :meth:`FoldRequest.check` found: the source, its kind, and the version to write where the request
+    names the model (else it is known once the source names it)."""
+
+    path: Path
+    kind: SourceKind
+    version: int | None
 
 
 @dataclass
@@ -155,22 +183,17 @@ def _config(request: FoldRequest, name: str, model_dir: Path, version: int, prep
 def build_entry(request: FoldRequest) -> EntryResult:
     """model (checkpoint, ONNX, .pt2, TorchScript) -> fold -> (fp16 / int8) -> (verify) -> REPO/NAME/VERSION,
     atomically."""
-    path, opts = Path(request.source), request.options
-    check_precision_options(request.precision, request.calibration_method, request.calibration_samples)
-    kind = detect_kind(path)
-    request.check(kind)
-    name = request.name
-    if name is not None:        # a clash is refused before any work
-        version = check_version(Path(request.repository) / name, name, request.version, request.force)
-    prepared = kind.prepare(path, opts, request.labels_file)
-    if name is None:
+    checked = request.check()
+    kind, opts, name, version = checked.kind, request.options, request.name, checked.version
+    prepared = kind.prepare(checked.path, opts, request.labels_file)
+    if name is None or version is None:
         name = check_model_name(prepared.default_name)
         version = check_version(Path(request.repository) / name, name, request.version, request.force)
     model_dir = Path(request.repository) / name
     version_dir = model_dir / str(version)
     config = _config(request, name, model_dir, version, prepared)
     if request.precision == "int8" and len(prepared.record.input_records()) > 1:
-        raise ConfigError(f"--precision int8 calibrates models with one input; this one has "
+        raise ConfigError(f"FoldRequest.precision int8 calibrates models with one input; this one has "
                           f"{[r.name for r in prepared.record.input_records()]} (fp32 and fp16 serve it)")
     calibration, calibration_source = (calibration_samples(prepared, opts, request.calibration_samples)
                                        if request.precision == "int8" else (None, ""))
@@ -209,11 +232,11 @@ def fold_onnx_file(src: str | Path, dst: str | Path) -> FoldReport:
     """``foldserve fold --onnx IN --out OUT``: fold any ONNX file, check it, write it atomically."""
     src, dst = Path(src), Path(dst)
     if not src.is_file():
-        raise ConfigError(f"--onnx {src}: no such file")
+        raise ConfigError(f"{src}: no such file")
     try:
         model = onnx.load(str(src))
     except Exception as exc:  # onnx raises DecodeError, ValueError, ... for a bad file
-        raise FoldError(f"--onnx {src}: not a readable ONNX model ({type(exc).__name__}: {first_line(exc)})") from None
+        raise FoldError(f"{src}: not a readable ONNX model ({type(exc).__name__}: {first_line(exc)})") from None
     folded, report = fold_onnx(model)
     check_onnx(folded, "folded")
     try:

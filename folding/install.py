@@ -31,9 +31,10 @@ def check_version(model_dir: Path, name: str, version: int | None, force: bool) 
     """The version to write (the next free one by default); an existing one only with --force."""
     version = version if version is not None else next_version(model_dir)
     if version < 1:
-        raise ConfigError(f"--version must be >= 1, got {version}")
+        raise ConfigError(f"FoldRequest.version must be >= 1, got {version}")
     if (model_dir / str(version)).exists() and not force:
-        raise ConfigError(f"{name}/{version} already exists; choose another --version or pass --force")
+        raise ConfigError(f"{name}/{version} already exists; choose another FoldRequest.version or pass "
+                          "FoldRequest.force")
     return version
 
 
@@ -51,7 +52,7 @@ def check_compatible(model_dir: Path, config: ModelConfig, labels: list[str], re
         what = f"{len(old_labels)} labels; this model has {len(labels)} other ones"
     if what:
         raise ConfigError(f"model {model_dir.name!r} (versions {others}) has {what}: its versions would stop "
-                          f"working; fold it under a new --name")
+                          f"working; fold it under a new FoldRequest.name")
 
 
 def _fmt(iface: Interface) -> str:

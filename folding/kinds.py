@@ -100,10 +100,11 @@ class CheckpointKind(SourceKind):
 
     def check_options(self, opts: Options, labels_file: str | None) -> None:
         if labels_file:
-            raise ConfigError("--labels is for models brought from elsewhere: a checkpoint records its class names")
-        for flag, value in (("--normalize", opts.normalize), ("--input-shape", opts.input_shape),
-                            ("--input-name", opts.input_name), ("--output-name", opts.output_name),
-                            ("--accuracy-output", opts.accuracy_output)):
+            raise ConfigError("FoldRequest.labels_file is for models brought from elsewhere: a checkpoint records "
+                              "its class names")
+        for flag, value in (("Options.normalize", opts.normalize), ("Options.input_shape", opts.input_shape),
+                            ("Options.input_name", opts.input_name), ("Options.output_name", opts.output_name),
+                            ("Options.accuracy_output", opts.accuracy_output)):
             if value:
                 raise ConfigError(f"{flag} is for models brought from elsewhere: a foldserve checkpoint records its "
                                   f"own input, names and normalisation")
@@ -278,8 +279,8 @@ class ProgramKind(UserKind):
         signature = self.input_signature(program, opts, path.name)
         names = [n for n, _ in signature]
         examples = [torch.randn([dims[0] or 2, *resolve_shape(
-            dims[1:], opts.for_input(opts.input_shape, name, names, "--input-shape"), f"{path.name} input {name!r}")])
-            for name, dims in signature]
+            dims[1:], opts.for_input(opts.input_shape, name, names, "Options.input_shape"),
+            f"{path.name} input {name!r}")]) for name, dims in signature]
         output_names = program_output_names(self._check_runs(program, examples, path.name, opts), path.name)
         try:
             model = self.export(program, examples, names, output_names)
@@ -305,7 +306,7 @@ class ProgramKind(UserKind):
                 return self.module(program)(*examples)
         except Exception as exc:  # the program's own error: a shape, a dtype, a missing op
             shapes = " and ".join(str(list(e.shape)) for e in examples)
-            flag = (" (--input-shape " + " ".join(",".join(map(str, e.shape[1:])) for e in examples) + ")"
+            flag = (" (Options.input_shape " + " ".join(",".join(map(str, e.shape[1:])) for e in examples) + ")"
                     if opts.input_shape else "")
             raise ConfigError(f"{name}: the program does not run on input of shape {shapes}{flag}: "
                               f"{_telling_line(exc)}") from None
@@ -412,12 +413,13 @@ class TorchScriptKind(ProgramKind):
         args = [a.name for a in program.forward.schema.arguments][1:]
         out: list[tuple[str, list[int | None]]] = []
         for arg in args:
-            shape = opts.for_input(opts.input_shape, arg, args, "--input-shape")
+            shape = opts.for_input(opts.input_shape, arg, args, "Options.input_shape")
             if not shape:
                 example = "3,224,224" if len(args) == 1 else " ".join(f"{a}:3,224,224" for a in args)
-                raise ConfigError(f"{name}: a TorchScript file does not record its input shapes: pass --input-shape "
-                                  f"(per sample, without the batch axis) for {args}, e.g. --input-shape "
-                                  f"{example.replace(' ', ' --input-shape ')}")
+                raise ConfigError(f"{name}: a TorchScript file does not record its input shapes: pass "
+                                  "Options.input_shape "
+                                  f"(per sample, without the batch axis) for {args}, e.g. Options.input_shape "
+                                  f"{example.replace(' ', ' Options.input_shape ')}")
             out.append((arg, [None, *shape]))
         return out
 
@@ -453,7 +455,7 @@ def default_name(path: Path) -> str:
 
     stem = path.name.split(".")[0]
     if not is_valid_model_name(stem):
-        raise ConfigError(f"{path.name}: its name does not make a model name ({RULE}); pass --name")
+        raise ConfigError(f"{path.name}: its name does not make a model name ({RULE}); pass FoldRequest.name")
     return stem
 
 
@@ -461,17 +463,18 @@ def read_labels_file(labels_file: str, folded: onnx.ModelProto, record: SourceRe
     try:
         labels = [line.strip() for line in Path(labels_file).read_text().splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"--labels {Path(labels_file).name}: unreadable "
+        raise ConfigError(f"FoldRequest.labels_file {Path(labels_file).name}: unreadable "
                           f"({getattr(exc, 'strerror', None) or exc})") from None
     target = record.accuracy_output or record.output_name
     if record.task != "classification":
-        raise ConfigError(f"--labels names classes, but the model's outputs are {record.output_names()}: with "
-                          f"several, say which one is the classifier with --accuracy-output NAME")
+        raise ConfigError(f"FoldRequest.labels_file names classes, but the model's outputs are "
+                          f"{record.output_names()}: with "
+                          f"several, say which one is the classifier with Options.accuracy_output NAME")
     out = next(o for o in folded.graph.output if o.name == target)
     dims = [d.dim_value for d in out.type.tensor_type.shape.dim]
     classes = dims[-1] if dims and dims[-1] > 0 else None
     if classes is not None and classes != len(labels):
-        raise ConfigError(f"--labels has {len(labels)} names; the model's output {target!r} has shape "
+        raise ConfigError(f"FoldRequest.labels_file has {len(labels)} names; the model's output {target!r} has shape "
                           f"{dims}: labels need an output [batch, {len(labels)}]")
     return labels
 

@@ -24,20 +24,11 @@ from onnx import numpy_helper
 
 from folding.fold_math import FP16_MAX
 from foldserve.errors import ConfigError, FoldError
-from foldserve.records import CALIBRATION_METHODS, PRECISIONS, PrecisionInfo, first_line
+from foldserve.records import PrecisionInfo, first_line
 
 logger = logging.getLogger(__name__)
 
 FP16_HEADROOM = 16.0          # a constant beyond FP16_MAX / 16 keeps its node in float32 (products overflow first)
-
-
-def check_precision_options(precision: str, method: str, samples: int) -> None:
-    if precision not in PRECISIONS:
-        raise ConfigError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    if method not in CALIBRATION_METHODS:
-        raise ConfigError(f"--calibration-method {method!r}: choose one of {', '.join(CALIBRATION_METHODS)}")
-    if samples < 1:
-        raise ConfigError(f"--calibration-samples must be >= 1, got {samples}")
 
 
 def to_precision(folded: onnx.ModelProto, precision: str, *, calibration: np.ndarray | None = None,
@@ -48,7 +39,8 @@ def to_precision(folded: onnx.ModelProto, precision: str, *, calibration: np.nda
     if precision == "fp16":
         return to_fp16(folded)
     if calibration is None or len(calibration) == 0:
-        raise ConfigError("--precision int8 needs calibration samples: --calibration-data FILE.npz or --data "
+        raise ConfigError("FoldRequest.precision int8 needs calibration samples: Options.calibration_data FILE.npz "
+                          "or Options.data "
                           "FILE.npz (array x), or a checkpoint whose training data can be reloaded here")
     return to_int8(folded, calibration, method, source)
 

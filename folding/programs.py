@@ -67,68 +67,6 @@ def load_onnx_file(path: Path, external: bool = True) -> onnx.ModelProto:
 
 # --- options ------------------------------------------------------------------------------------------
 
-def parse_shape(text: str | None, flag: str = "--input-shape") -> list[int] | None:
-    if not text:
-        return None
-    try:
-        dims = [int(d) for d in text.replace("x", ",").split(",") if d.strip()]
-    except ValueError:
-        raise ConfigError(f"{flag} {text!r}: expected positive integers per sample, e.g. 3,224,224") from None
-    if not dims or min(dims) < 1:
-        raise ConfigError(f"{flag} {text!r}: expected positive integers per sample, e.g. 3,224,224")
-    return dims
-
-
-def _split_name(text: str, parts_without_name: int) -> tuple[str, str]:
-    """``NAME:rest`` -> (NAME, rest) when the text has one more ``:``-part than the unnamed form."""
-    if text.count(":") == parts_without_name:
-        name, rest = text.split(":", 1)
-        return name.strip(), rest
-    return "", text
-
-
-def parse_shapes(texts: list[str] | str | None) -> dict[str, list[int]] | None:
-    """``--input-shape [NAME:]C,H,W`` (repeatable: one per input of a model with several)."""
-    if not texts:
-        return None
-    out: dict[str, list[int]] = {}
-    for text in [texts] if isinstance(texts, str) else texts:
-        name, dims = _split_name(text, 1)
-        if name in out:
-            raise ConfigError(f"--input-shape given twice for {'input ' + repr(name) if name else 'the input'}")
-        out[name] = parse_shape(dims) or []
-    return out
-
-
-def parse_normalize(text: str | None) -> Norm | None:
-    """``MEAN,..:STD,..`` -> {"mean": [...], "std": [...]} (one value per channel, or one for all)."""
-    if not text:
-        return None
-    try:
-        mean_s, std_s = text.split(":")
-        mean = [float(v) for v in mean_s.split(",")]
-        std = [float(v) for v in std_s.split(",")]
-    except ValueError:
-        raise ConfigError(f"--normalize {text!r}: expected [NAME:]MEAN,..:STD,.. e.g. "
-                          f"0.485,0.456,0.406:0.229,0.224,0.225") from None
-    if len(mean) != len(std) or not all(np.isfinite(mean)) or not all(np.isfinite(s) and s > 0 for s in std):
-        raise ConfigError(f"--normalize {text!r}: as many means as standard deviations, finite, std > 0")
-    return {"mean": mean, "std": std}
-
-
-def parse_normalizes(texts: list[str] | str | None) -> dict[str, Norm] | None:
-    """``--normalize [NAME:]MEAN,..:STD,..`` (repeatable: one per input)."""
-    if not texts:
-        return None
-    out: dict[str, Norm] = {}
-    for text in [texts] if isinstance(texts, str) else texts:
-        name, rest = _split_name(text, 2)
-        if name in out:
-            raise ConfigError(f"--normalize given twice for {'input ' + repr(name) if name else 'the input'}")
-        out[name] = parse_normalize(rest) or {}
-    return out
-
-
 def parse_names(text: str | None, count: int, flag: str, what: str) -> list[str] | None:
     """``--input-name`` / ``--output-name``: one name per tensor, comma-separated, in the model's order."""
     if not text:
@@ -145,18 +83,19 @@ def resolve_shape(model_dims: list[int | None], given: list[int] | None, where: 
     if given is None:
         if any(d is None for d in model_dims):
             raise ConfigError(f"{where} has symbolic dimensions {['?' if d is None else d for d in model_dims]} "
-                              f"(per sample): pass --input-shape with concrete ones, e.g. "
+                              f"(per sample): pass Options.input_shape with concrete ones, e.g. "
                               f"{','.join(str(d or 224) for d in model_dims)}")
         return [int(d) for d in model_dims]
     if len(given) != len(model_dims) or any(d is not None and d != g for d, g in zip(model_dims, given, strict=False)):
-        raise ConfigError(f"--input-shape {','.join(map(str, given))} does not fit {where}, whose per-sample shape "
+        raise ConfigError(f"Options.input_shape {','.join(map(str, given))} does not fit {where}, whose per-sample "
+                          "shape "
                           f"is {['?' if d is None else d for d in model_dims]}")
     return given
 
 
 def _check_normalization(norm: Norm | None, shape: list[int], name: str) -> None:
     if norm and len(norm["mean"]) not in (1, shape[0] if shape else 1):
-        raise ConfigError(f"--normalize has {len(norm['mean'])} values per statistic; input {name!r} has "
+        raise ConfigError(f"Options.normalize has {len(norm['mean'])} values per statistic; input {name!r} has "
                           f"{shape[0] if shape else 0} "
                           f"channels (axis 1): give one per channel or one for all")
 
@@ -265,22 +204,23 @@ def finish_reference(reference: onnx.ModelProto, record: SourceRecord, opts: Opt
         dtype = lookup(vi.type.tensor_type.elem_type, "onnx", f"{what} input {vi.name!r}").numpy
         if not np.issubdtype(dtype, np.floating) and not opts.data:
             raise ConfigError(f"{what} takes {dtype.name} input {vi.name!r}: random verification inputs need float "
-                              f"inputs; pass real samples with --data FILE.npz")
+                              f"inputs; pass real samples with Options.data FILE.npz")
         dims[vi.name] = _input_dims(vi)
         if not dims[vi.name]:
             raise ConfigError(f"{what}: input {vi.name!r} has no shape; export it with a shape (batch first)")
     record.batch = _batch_axis(dims, what)                 # None: dynamic batch axis
     inputs = []
     for vi in vis:
-        shape = resolve_shape(dims[vi.name][1:], opts.for_input(opts.input_shape, vi.name, names, "--input-shape"),
-                              f"{what} input {vi.name!r}")
+        given = opts.for_input(opts.input_shape, vi.name, names, "Options.input_shape")
+        shape = resolve_shape(dims[vi.name][1:], given, f"{what} input {vi.name!r}")
         inputs.append(InputRecord(vi.name, shape))
-    renamed = parse_names(opts.input_name, len(vis), "--input-name", "input(s)")
-    norms = {r.name: opts.for_input(opts.normalize, r.name, names, "--normalize") for r in inputs}
+    renamed = parse_names(opts.input_name, len(vis), "Options.input_name", "input(s)")
+    norms = {r.name: opts.for_input(opts.normalize, r.name, names, "Options.normalize") for r in inputs}
     outs = [o.name for o in reference.graph.output]
-    wanted = parse_names(opts.output_name, len(outs), "--output-name", "output(s)") or output_names
+    wanted = parse_names(opts.output_name, len(outs), "Options.output_name", "output(s)") or output_names
     if wanted is not None and len(wanted) != len(outs):
-        raise ConfigError(f"{what} has {len(outs)} outputs, its program returns {len(wanted)}: pass --output-name")
+        raise ConfigError(f"{what} has {len(outs)} outputs, its program returns {len(wanted)}: pass "
+                          "Options.output_name")
     if renamed:
         for r, new in zip(inputs, renamed, strict=True):
             rename_tensor(reference, r.name, new)
@@ -292,14 +232,14 @@ def finish_reference(reference: onnx.ModelProto, record: SourceRecord, opts: Opt
         outs = list(wanted)
     numbered = [o for o in outs if o.isdigit()]
     if numbered:
-        logger.warning("%s: outputs %s are numbers the exporter gave; name them with --output-name %s", what,
+        logger.warning("%s: outputs %s are numbers the exporter gave; name them with Options.output_name %s", what,
                        numbered, ",".join(f"NAME{i}" for i in range(len(outs))))
     for r in inputs:
         norm = norms.get(r.name)
         if norm:
             vi = next(i for i in reference.graph.input if i.name == r.name)
             if not np.issubdtype(lookup(vi.type.tensor_type.elem_type, "onnx", r.name).numpy, np.floating):
-                raise ConfigError(f"--normalize needs a float input; {what}'s {r.name!r} is not")
+                raise ConfigError(f"Options.normalize needs a float input; {what}'s {r.name!r} is not")
             _check_normalization(norm, r.shape, r.name)
             prepend_normalization(reference, norm, 1 + len(r.shape), r.name)
             r.normalization = norm
@@ -310,9 +250,10 @@ def finish_reference(reference: onnx.ModelProto, record: SourceRecord, opts: Opt
     ranks = {o.name: len(o.type.tensor_type.shape.dim) for o in reference.graph.output}
     if opts.accuracy_output is not None:
         if opts.accuracy_output not in ranks:
-            raise ConfigError(f"--accuracy-output {opts.accuracy_output!r}: the model's outputs are {outs}")
+            raise ConfigError(f"Options.accuracy_output {opts.accuracy_output!r}: the model's outputs are {outs}")
         if ranks[opts.accuracy_output] != 2:
-            raise ConfigError(f"--accuracy-output {opts.accuracy_output!r} has rank {ranks[opts.accuracy_output]}; "
+            raise ConfigError(f"Options.accuracy_output {opts.accuracy_output!r} has rank "
+                              f"{ranks[opts.accuracy_output]}; "
                               f"accuracy needs class scores [batch, classes]")
         record.accuracy_output = opts.accuracy_output
     numeric = {o.name: o.type.tensor_type.elem_type not in (onnx.TensorProto.STRING, onnx.TensorProto.BOOL)

@@ -135,22 +135,25 @@ def load_feed(path: str | Path, inputs: list[InputRecord], limit: int, dtypes: A
                 names = {"x": inputs[0].name}
             missing = [n for n in want if names[n] not in z.files]
             if missing:
-                raise DataError(f"--data {path.name}: no array named {missing[0]!r} (it has {z.files}); expected "
+                raise DataError(f"Options.data {path.name}: no array named {missing[0]!r} (it has {z.files}); expected "
                                 f"{expected} and optional y [N]")
             arrays = {n: z[names[n]] for n in want}
             y = z["y"] if "y" in z.files else None
     except DataError:
         raise
     except Exception as exc:  # missing, not an npz, pickled objects
-        raise DataError(f"--data {path.name}: not a readable .npz of arrays ({type(exc).__name__}: {exc})") from None
+        raise DataError(f"Options.data {path.name}: not a readable .npz of arrays ({type(exc).__name__}: "
+                        f"{exc})") from None
     count = len(arrays[want[0]])
     for n, r in zip(want, inputs, strict=True):
         a = arrays[n]
         if a.ndim != 1 + len(r.shape) or list(a.shape[1:]) != list(r.shape) or len(a) == 0 or len(a) != count:
-            raise DataError(f"--data {path.name}: {n} has shape {list(a.shape)}; the model takes [{count or 'N'}, "
+            raise DataError(f"Options.data {path.name}: {n} has shape {list(a.shape)}; the model takes "
+                            f"[{count or 'N'}, "
                             f"{', '.join(map(str, r.shape))}]")
     if y is not None and (y.ndim != 1 or len(y) != count or not np.issubdtype(y.dtype, np.integer)):
-        raise DataError(f"--data {path.name}: y must be {count} integer class indices, got {y.dtype} {list(y.shape)}")
+        raise DataError(f"Options.data {path.name}: y must be {count} integer class indices, got {y.dtype} "
+                        f"{list(y.shape)}")
     k = min(count, limit)
     feed = {r.name: arrays[n][:k].astype(dtypes.get(r.name, np.float32) if isinstance(dtypes, dict) else dtypes)
             for n, r in zip(want, inputs, strict=True)}
@@ -298,7 +301,8 @@ class SourceModel:
                 sets[f"random_{i}"] = (random_feed(r.input_records(), b, seed + i, dtype), None)
         if r.data:
             if not Path(r.data).is_file():
-                logger.warning("--data %s of this entry is gone: verifying on random inputs only", Path(r.data).name)
+                logger.warning("Options.data %s of this entry is gone: verifying on random inputs only",
+                               Path(r.data).name)
             else:
                 feed, y = load_feed(r.data, r.input_records(), max_validation + r.data_skip, dtype)
                 n = feed_len(feed)
@@ -306,7 +310,7 @@ class SourceModel:
                 if not self.batched:
                     n = feed_len(feed) - feed_len(feed) % r.batch
                     if n == 0:
-                        logger.warning("--data has fewer samples than the model's fixed batch of %d", r.batch)
+                        logger.warning("Options.data has fewer samples than the model's fixed batch of %d", r.batch)
                         return sets
                     feed, y = feed_slice(feed, 0, n), (None if y is None else y[:n])
                 sets["validation"] = (feed, y)

@@ -1,9 +1,15 @@
 """One error hierarchy for the whole project.
 
 Every stage raises these; each transport maps them once (CLI -> exit code, gRPC -> status code,
-REST -> HTTP status). Messages say what was wrong and what to do; they are shown to users as they are.
+REST -> HTTP status). Messages say what was wrong and what to do. The library speaks in its own terms: a value
+a caller gave is named by its field (``FoldRequest.max_batch_size``, ``Options.data``, ``TrainConfig.epochs``),
+listed in ``fields``; the CLI shows each as its flag (``cli/flags.py``).
 """
 from __future__ import annotations
+
+import re
+
+_FIELD = re.compile(r"\b(?:FoldRequest|Options|TrainConfig)\.[a-z_]+\b")
 
 
 class FoldserveError(Exception):
@@ -13,6 +19,11 @@ class FoldserveError(Exception):
     exit_code = 1
     http_status = 500
     grpc_status = "INTERNAL"
+
+    @property
+    def fields(self) -> list[str]:
+        """The request fields the message names (``FoldRequest.max_batch_size``), in order."""
+        return _FIELD.findall(str(self))
 
 
 class UserError(FoldserveError):

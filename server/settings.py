@@ -149,3 +149,12 @@ class Settings(BaseSettings):
 
     def concurrency_limit(self) -> int:
         return self.max_concurrent_requests or self.max_queue_size + 64
+
+
+def flag(field_name: str) -> str:
+    """The ``serve`` flag of a setting (``max_model_memory_mb`` -> ``--max-model-memory-mb``; its environment
+    variable is ``FOLDSERVE_`` and the name in capitals): how the server's messages name the setting an operator
+    can change. The one place that spells the rule ``cli/serve.py`` builds its flags by."""
+    if field_name not in Settings.model_fields:
+        raise KeyError(f"no setting {field_name!r}")
+    return "--" + field_name.replace("_", "-")

@@ -232,3 +232,35 @@ def test_the_onnx_fold_is_one_pipeline_of_passes_that_inherit_no_other():
     assert LayerFoldPass in OnnxAffinePass.__mro__ and GraphIndex in BranchPass.__mro__
     for module in ("onnx_fold", "onnx_affine", "onnx_branches", "onnx_passes", "onnx_graph"):
         assert "type: ignore" not in (ROOT / "folding" / f"{module}.py").read_text(), module
+
+
+def _message_strings(path: Path) -> list[tuple[int, str]]:
+    """Every string literal of a module that is not a docstring (f-string parts included), with its line."""
+    tree = ast.parse(path.read_text())
+    docs = {id(n.body[0].value) for n in ast.walk(tree)
+            if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and n.body
+            and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    return [(n.lineno, n.value) for n in ast.walk(tree)
+            if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs]
+
+
+def test_the_library_speaks_in_fields_and_the_cli_in_flags():
+    """No message of folding/, trainer/ or server/core/ names a command-line flag: the library names the field
+    (``FoldRequest.max_batch_size``), the CLI renders it (``cli/flags.py``), and the server's core names a setting
+    through ``server.settings.flag``; every field the library names has a flag in the CLI's table."""
+    import re
+
+    from cli.flags import FLAGS, render
+
+    flag = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]+")
+    field = re.compile(r"\b(?:FoldRequest|Options|TrainConfig)\.[a-z_]+\b")
+    found, named = [], set()
+    for folder in ("folding", "trainer", "server/core"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for line, text in _message_strings(path):
+                found += [f"{path.relative_to(ROOT)}:{line}: {m}" for m in flag.findall(text)]
+                named |= set(field.findall(text))
+    assert not found, "flags in library messages:\n" + "\n".join(found)
+    assert named and named <= set(FLAGS), sorted(named - set(FLAGS))
+    assert render("FoldRequest.max_batch_size must be >= 1 (Options.data x.npz)") == \
+        "--max-batch-size must be >= 1 (--data x.npz)"

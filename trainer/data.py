@@ -40,7 +40,7 @@ class Dataset:
 
 def _split(x: np.ndarray, y: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, ...]:
     if not 0.0 < val_fraction < 1.0:
-        raise ConfigError(f"--val-fraction must be in (0, 1), got {val_fraction}")
+        raise ConfigError(f"TrainConfig.val_fraction must be in (0, 1), got {val_fraction}")
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(x))
     n_val = max(1, round(len(x) * val_fraction))
@@ -84,29 +84,30 @@ def _synthetic(seed: int, n: int = 1200, classes: int = 10, shape: tuple[int, ..
 
 def _npz(path: Path):
     if not path.is_file():
-        raise DataError(f"--data {path}: no such file")
+        raise DataError(f"TrainConfig.data {path}: no such file")
     try:
         with np.load(path, allow_pickle=False) as f:
             if "x" not in f.files or "y" not in f.files:
-                raise DataError(f"--data {path}: an .npz needs arrays 'x' and 'y'; it has {sorted(f.files)}")
+                raise DataError(f"TrainConfig.data {path}: an .npz needs arrays 'x' and 'y'; it has {sorted(f.files)}")
             x, y = np.asarray(f["x"]), np.asarray(f["y"])
             names = [str(s) for s in f["class_names"]] if "class_names" in f.files else None
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise DataError(f"--data {path}: not a readable .npz file ({exc})") from None
+        raise DataError(f"TrainConfig.data {path}: not a readable .npz file ({exc})") from None
     if x.ndim < 2:
-        raise DataError(f"--data {path}: 'x' must be (N, ...) with at least one feature axis; got shape {x.shape}")
+        raise DataError(f"TrainConfig.data {path}: 'x' must be (N, ...) with at least one feature axis; got shape "
+                        f"{x.shape}")
     if y.ndim != 1 or len(y) != len(x):
-        raise DataError(f"--data {path}: 'y' must be a 1-D array of {len(x)} labels; got shape {y.shape}")
+        raise DataError(f"TrainConfig.data {path}: 'y' must be a 1-D array of {len(x)} labels; got shape {y.shape}")
     if not np.issubdtype(x.dtype, np.number) or not np.issubdtype(y.dtype, np.integer):
-        raise DataError(f"--data {path}: 'x' must be numeric and 'y' integer; got {x.dtype} and {y.dtype}")
+        raise DataError(f"TrainConfig.data {path}: 'x' must be numeric and 'y' integer; got {x.dtype} and {y.dtype}")
     if not np.isfinite(x).all():
-        raise DataError(f"--data {path}: 'x' contains NaN or Inf")
+        raise DataError(f"TrainConfig.data {path}: 'x' contains NaN or Inf")
     if y.min() < 0:
-        raise DataError(f"--data {path}: labels must be >= 0; found {int(y.min())}")
+        raise DataError(f"TrainConfig.data {path}: labels must be >= 0; found {int(y.min())}")
     n_classes = int(y.max()) + 1
     names = names or [str(i) for i in range(n_classes)]
     if len(names) < n_classes:
-        raise DataError(f"--data {path}: {len(names)} class_names for labels up to {n_classes - 1}")
+        raise DataError(f"TrainConfig.data {path}: {len(names)} class_names for labels up to {n_classes - 1}")
     return x.astype(np.float32), y.astype(np.int64), names
 
 
@@ -114,16 +115,17 @@ def _folder(path: Path, image_size: int):
     from PIL import Image, UnidentifiedImageError
 
     if not path.is_dir():
-        raise DataError(f"--data {path}: not a directory (expected one sub-folder of images per class)")
+        raise DataError(f"TrainConfig.data {path}: not a directory (expected one sub-folder of images per class)")
     classes = sorted(p.name for p in path.iterdir() if p.is_dir())
     if len(classes) < 2:
-        raise DataError(f"--data {path}: found {len(classes)} class folders; need at least 2")
+        raise DataError(f"TrainConfig.data {path}: found {len(classes)} class folders; need at least 2")
     xs, ys = [], []
     mode = None
     for label, cls in enumerate(classes):
         files = sorted(p for p in (path / cls).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
-            raise DataError(f"--data {path}: class folder {cls!r} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            raise DataError(f"TrainConfig.data {path}: class folder {cls!r} has no images "
+                            f"({', '.join(sorted(IMAGE_SUFFIXES))})")
         for f in files:
             try:
                 with Image.open(f) as im:
@@ -132,7 +134,7 @@ def _folder(path: Path, image_size: int):
                     im = im.convert(mode).resize((image_size, image_size), Image.BILINEAR)
                     arr = np.asarray(im, dtype=np.float32)
             except (UnidentifiedImageError, OSError) as exc:
-                raise DataError(f"--data {path}: cannot read image {f} ({exc})") from None
+                raise DataError(f"TrainConfig.data {path}: cannot read image {f} ({exc})") from None
             xs.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
             ys.append(label)
     return np.stack(xs), np.asarray(ys, dtype=np.int64), classes
@@ -149,7 +151,7 @@ def load_dataset(name: str, *, data: str | None = None, seed: int = 0, val_fract
         x, y, names = _synthetic(seed)
     elif name in ("npz", "folder"):
         if not data:
-            raise ConfigError(f"--dataset {name} needs --data PATH")
+            raise ConfigError(f"TrainConfig.dataset {name} needs TrainConfig.data PATH")
         x, y, names = _npz(Path(data)) if name == "npz" else _folder(Path(data), image_size)
     else:
         raise ConfigError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")

@@ -318,7 +318,7 @@ def resolve_arch_args(name: str, input_shape: list[int], num_classes: int, place
     """The complete, JSON-able argument set that :func:`build_model` needs (saved in checkpoints)."""
     spec = arch_spec(name)
     if placement not in PLACEMENTS:
-        raise ConfigError(f"unknown --bn-placement {placement!r}; expected one of {PLACEMENTS}")
+        raise ConfigError(f"unknown TrainConfig.bn_placement {placement!r}; expected one of {PLACEMENTS}")
     args = dict(spec.defaults)
     for key, value in (overrides or {}).items():
         if key not in spec.defaults:

@@ -72,31 +72,31 @@ class TrainConfig:
     def validate(self) -> None:
         arch_spec(self.arch)
         if self.epochs < 1:
-            raise ConfigError(f"--epochs must be >= 1, got {self.epochs}")
+            raise ConfigError(f"TrainConfig.epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 2:
-            raise ConfigError(f"--batch-size must be >= 2 (BatchNorm needs 2 samples), got {self.batch_size}")
+            raise ConfigError(f"TrainConfig.batch_size must be >= 2 (BatchNorm needs 2 samples), got {self.batch_size}")
         if self.optimizer not in ("sgd", "adamw"):
-            raise ConfigError(f"--optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
+            raise ConfigError(f"TrainConfig.optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
         if self.lr <= 0:
-            raise ConfigError(f"--lr must be > 0, got {self.lr}")
+            raise ConfigError(f"TrainConfig.lr must be > 0, got {self.lr}")
         if self.bn_momentum is not None and not 0.0 < self.bn_momentum <= 1.0:
-            raise ConfigError(f"--bn-momentum must be in (0, 1] or 'cumulative', got {self.bn_momentum}")
+            raise ConfigError(f"TrainConfig.bn_momentum must be in (0, 1] or 'cumulative', got {self.bn_momentum}")
         if self.precise_bn < 0:
-            raise ConfigError(f"--precise-bn must be >= 0, got {self.precise_bn}")
+            raise ConfigError(f"TrainConfig.precise_bn must be >= 0, got {self.precise_bn}")
         _check_writable_dir(Path(self.out))
 
 
 def _check_writable_dir(out: Path) -> None:
     """--out must be a directory this process can write (checked before any training time is spent)."""
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out}: exists and is not a directory; choose a directory for the run")
+        raise ConfigError(f"TrainConfig.out {out}: exists and is not a directory; choose a directory for the run")
     probe = out
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
-        raise ConfigError(f"--out {out}: {probe} is a file, not a directory; choose a directory for the run")
+        raise ConfigError(f"TrainConfig.out {out}: {probe} is a file, not a directory; choose a directory for the run")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out {out}: {probe} is not writable; choose a directory you can write")
+        raise ConfigError(f"TrainConfig.out {out}: {probe} is not writable; choose a directory you can write")
 
 
 @dataclass
@@ -139,7 +139,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
+        raise ConfigError(f"TrainConfig.device {name}: CUDA is not available on this machine")
     return torch.device(name)
 
 
@@ -447,10 +447,10 @@ def _barrier(dist_info: DistInfo) -> None:
 def _resume(path: Path, cfg: TrainConfig, arch_args: dict[str, Any], model: nn.Module, optimizer, scheduler,
             scaler) -> tuple[int, list[dict[str, Any]]]:
     if not path.is_file():
-        raise CheckpointError(f"--resume: no checkpoint at {path} to resume from")
+        raise CheckpointError(f"TrainConfig.resume: no checkpoint at {path} to resume from")
     ckpt = load_checkpoint(path)
     if ckpt["arch"] != cfg.arch or ckpt["arch_args"] != arch_args:
-        raise CheckpointError(f"--resume: {path} holds a {ckpt['arch']!r} model with arguments "
+        raise CheckpointError(f"TrainConfig.resume: {path} holds a {ckpt['arch']!r} model with arguments "
                               f"{ckpt['arch_args']}, not the requested {cfg.arch!r} {arch_args}")
     model.load_state_dict(ckpt["model_state"])
     optimizer.load_state_dict(ckpt["optimizer_state"])

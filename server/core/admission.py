@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from foldserve.errors import QueueFull
+from server.settings import flag
 
 TICK_S = 0.01
 
@@ -89,8 +90,8 @@ class Admission:
             return f"server busy: {self.active} requests in flight (limit {self.limit}); retry later"
         others = self.monitor.demand() if self.monitor is not None else False
         if self.monitor is not None and self.monitor.overloaded() and (others or self.active > 0):
-            return (f"server overloaded: its event loop runs {self.monitor.lag * 1000:.0f} ms late (--shed-lag-ms "
-                    f"{self.monitor.lag_s * 1000:g}); retry later")
+            return (f"server overloaded: its event loop runs {self.monitor.lag * 1000:.0f} ms late "
+                    f"({flag('shed_lag_ms')} {self.monitor.lag_s * 1000:g}); retry later")
         return None
 
     @contextmanager

@@ -51,7 +51,7 @@ from server.core.types import (
     TensorMetadata,
 )
 from server.core.validation import check_request, check_shm_inputs, decode_inputs
-from server.settings import Settings
+from server.settings import Settings, flag
 
 logger = logging.getLogger(__name__)
 
@@ -296,7 +296,7 @@ class DataPlane:
     def _check_repository_api(self) -> None:
         if not self.settings.repository_api:
             raise PermissionDenied("the repository load/unload API is disabled; start the server with "
-                                   "--repository-api (and --admin-token) to enable it")
+                                   f"{flag('repository_api')} (and {flag('admin_token')}) to enable it")
 
     # --- inference -------------------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ from server.core.stats import Metrics, ModelStats
 from server.core.strings import opaque_strings
 from server.core.types import ModelSpec
 from server.core.validation import grpc_message_limit, request_bytes_limit, request_elements_limit
-from server.settings import Settings
+from server.settings import Settings, flag
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def build_version(repo: ModelRepository, name: str, version: int, config: ModelC
     verification = read_verification(vdir, onnx_path.name, files.digests)
     if not verification.passed and not settings.allow_unverified:
         raise ModelNotReady(f"verification did not pass ({verification.reason or 'failed'}); "
-                            f"re-run `foldserve verify` or start with --allow-unverified")
+                            f"re-run `foldserve verify` or start with {flag('allow_unverified')}")
     s = settings
     options: dict[str, Any] = dict(provider=s.provider, device_id=s.device_id, intra_op_threads=s.intra_op_threads,
                                    inter_op_threads=s.inter_op_threads, io_binding=s.io_binding, spin=s.spin)
@@ -144,7 +144,7 @@ def read_model_bytes(path: Path, vdir: Path, max_model_memory_mb: int = 0) -> Mo
     size = path.stat().st_size          # refused before it is read: a 2.2 GB sparse file cost its read first
     if max_model_memory_mb and size > max_model_memory_mb << 20:
         raise ModelNotReady(f"{path.name} is {size >> 20} MB, more than the {max_model_memory_mb} MB a load may cost "
-                            f"(--max-model-memory-mb)")
+                            f"({flag('max_model_memory_mb')})")
     if size >= 2**31:
         raise ModelNotReady(f"{path.name} is {size >> 20} MB: an ONNX protobuf is at most 2 GB (larger weights go "
                             f"in external data)")
@@ -162,7 +162,7 @@ def read_model_bytes(path: Path, vdir: Path, max_model_memory_mb: int = 0) -> Mo
             if loc not in external:
                 if max_model_memory_mb and target.stat().st_size > max_model_memory_mb << 20:
                     raise ModelNotReady(f"{path.name}: external data {loc!r} is more than the {max_model_memory_mb} "
-                                        f"MB a load may cost (--max-model-memory-mb)")
+                                        f"MB a load may cost ({flag('max_model_memory_mb')})")
                 external[loc] = target.read_bytes()
             start, length = int(info.get("offset", 0)), info.get("length")
             blob = external[loc]
@@ -194,7 +194,7 @@ def judge_alone(request: ProbeRequest, name: str, version: int, grown: int, budg
     alone = growth_alone(request)
     if alone > budget:
         raise ModelNotReady(f"building and warming version {version} takes {alone >> 20} MB (measured alone), "
-                            f"more than the {budget >> 20} MB a load may cost (--max-model-memory-mb)")
+                            f"more than the {budget >> 20} MB a load may cost ({flag('max_model_memory_mb')})")
     logger.info("%s version %d: the process grew by %d MB during the load, the load alone by %d MB (within its "
                 "%d MB)", name, version, grown >> 20, alone >> 20, budget >> 20)
 
@@ -235,7 +235,7 @@ def check_static_sizes(model: Any, name: str, budget: int) -> None:
         size = int(np.prod(dims, dtype=np.float64)) * itemsize
         if size > budget:
             raise ModelNotReady(f"{name}: tensor {vi.name!r} of shape {dims} would take {size >> 20} MB, more "
-                                f"than the {budget >> 20} MB a load may cost (--max-model-memory-mb)")
+                                f"than the {budget >> 20} MB a load may cost ({flag('max_model_memory_mb')})")
 
 
 def check_batch_bound(spec: ModelSpec, max_elements: int) -> None:
@@ -248,7 +248,7 @@ def check_batch_bound(spec: ModelSpec, max_elements: int) -> None:
         n = spec.max_batch_size * int(np.prod(t.dims, dtype=np.float64))
         if n > max_elements:
             raise ModelNotReady(f"max_batch_size {spec.max_batch_size} makes input {t.name!r} {n} elements at a full "
-                                f"batch, more than --max-elements {max_elements}: lower max_batch_size")
+                                f"batch, more than {flag('max_elements')} {max_elements}: lower max_batch_size")
 
 
 def check_spec_matches_model(spec: ModelSpec, runtime: OnnxModel) -> None:
@@ -353,7 +353,7 @@ def _warmup_feeds(spec: ModelSpec, w: Any, model_dir: Path, rng: np.random.Gener
         n_elements = int(np.prod(shape, dtype=np.float64))
         if n_elements > max_elements:
             raise ModelNotReady(f"{where}: input {t.name!r} of shape {shape} has {n_elements} elements, more than "
-                                f"--max-elements {max_elements}")
+                                f"{flag('max_elements')} {max_elements}")
         kind = item.WhichOneof("input_data_type")
         if kind == "input_data_file":
             name = item.input_data_file

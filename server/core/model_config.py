@@ -13,6 +13,7 @@ from foldserve.errors import FoldserveError, InvalidInput, ModelNotReady
 from foldserve.model_config import BACKEND, PLATFORM, ModelConfig, TensorSpec, read_config, tensors
 from foldserve.protocol import model_config_pb2 as mc
 from server.core.types import BatchingSpec, ModelSpec
+from server.settings import flag
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def read_servable_config(model_dir: Path) -> ModelConfig:
 REFUSED = {"sequence_batching": "stateful sequence batching", "ensemble_scheduling": "ensembles",
            "batch_input": "batch inputs (ragged batching)", "batch_output": "batch outputs (ragged batching)"}
 #: fields whose absence of effect changes no answer: the model loads, with a warning naming each
-IGNORED = {"optimization": "backend optimisation settings (onnxruntime runs with --optimization)",
+IGNORED = {"optimization": "backend optimisation settings (onnxruntime applies all its graph optimisations)",
            "cc_model_filenames": "per-GPU model files", "metric_tags": "metric tags",
            "model_operations": "model operations", "model_repository_agents": "repository agents",
            "response_cache": "the response cache (every request is computed)", "model_metrics": "model metrics"}
@@ -80,7 +81,7 @@ def check_fields(config: ModelConfig, where: str) -> list[str]:
         ignored = [n for n in INSTANCE_IGNORED if n in present]
         if ignored:
             warnings.append(f"{where}: instance_group {', '.join(ignored)} ignored (the provider is chosen by "
-                            f"--provider; count sets the model's parallel executions)")
+                            f"{flag('provider')}; count sets the model's parallel executions)")
     count = sum(max(g.count, 1) for g in config.instance_group)
     if count > MAX_INSTANCES:
         raise ModelNotReady(f"{where}: instance_group count {count} is more than the {MAX_INSTANCES} parallel "

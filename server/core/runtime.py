@@ -19,6 +19,7 @@ from foldserve.errors import FoldserveError, ModelNotReady
 from foldserve.model_config import TensorSpec
 from foldserve.records import first_line
 from server.core.strings import as_latin1, from_latin1
+from server.settings import flag
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def cuda_problem(device_id: int = 0) -> str | None:
     if count == 0:
         return "no CUDA device is visible"
     if device_id >= count:
-        return f"--device-id {device_id}, but {count} CUDA device(s) are visible"
+        return f"{flag('device_id')} {device_id}, but {count} CUDA device(s) are visible"
     return None
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from foldserve.errors import AlreadyExists, InvalidInput, LimitExceeded
 from server.core.types import ShmRef
+from server.settings import flag
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ SHM_ROOT = Path("/dev/shm")
 KEY_RULE = "a shm_open name: an optional leading '/', then 1-255 of A-Z a-z 0-9 . _ - (no other '/')"
 _KEY = re.compile(r"/?([A-Za-z0-9._-]{1,255})")
 CUDA_SHM_UNSUPPORTED = ("CUDA shared memory is not supported by this server; use system shared memory "
-                        "(SystemSharedMemoryRegister, /v2/systemsharedmemory, perf_analyzer --shared-memory system)")
+                        "(SystemSharedMemoryRegister, /v2/systemsharedmemory, perf_analyzer's system shared memory)")
 NAME_RULE = "1-256 printable ASCII characters"
 _NAME = re.compile(r"[\x21-\x7e][\x20-\x7e]{0,255}")
 DEFAULT_MAX_REGIONS = 256
@@ -243,7 +244,7 @@ class SystemSharedMemory:
             raise AlreadyExists(f"shared memory region {name!r} already in manager (unregister it first)")
         if len(self._regions) >= self.max_regions:
             raise LimitExceeded(f"shared-memory region {name!r}: {len(self._regions)} regions are registered, the "
-                                f"most this server holds (--max-shm-regions); unregister some first")
+                                f"most this server holds ({flag('max_shm_regions')}); unregister some first")
 
     def _region(self, ref: ShmRef, what: str) -> Region:
         region = self._regions.get(ref.region)

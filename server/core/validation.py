@@ -14,6 +14,7 @@ import numpy as np
 from foldserve.datatypes import V2_NAMES, deserialize_bytes, numpy_dtype, string_array
 from foldserve.errors import InvalidInput, PayloadTooLarge, UnsupportedDataType
 from server.core.types import InferInput, InferRequest, ModelSpec, TensorSpec
+from server.settings import flag
 
 INT64_MAX = (1 << 63) - 1
 #: bytes per element of the fixed-size v2 datatypes (for the byte-size overflow check)
@@ -54,10 +55,10 @@ def _check_shape(t: InferInput, spec: TensorSpec, model: ModelSpec, max_elements
                                f"{model.max_batch_size}")
     if n > max_elements:
         raise PayloadTooLarge(f"input {t.name!r}: shape {t.shape} causes total element count to exceed maximum "
-                              f"size of {max_elements} ({n} elements; --max-elements)")
+                              f"size of {max_elements} ({n} elements; {flag('max_elements')})")
     if t.datatype == "BYTES" and n > max_string_elements:
         raise PayloadTooLarge(f"input {t.name!r}: shape {t.shape} holds {n} strings, more than the "
-                              f"{max_string_elements} one BYTES input may hold (--max-string-elements)")
+                              f"{max_string_elements} one BYTES input may hold ({flag('max_string_elements')})")
     return batch
 
 
@@ -181,7 +182,7 @@ def check_shm_inputs(req: InferRequest, model: ModelSpec, max_request_bytes: int
                                    f"region {t.shm.region!r}, for shape {t.shape} of {t.datatype})")
     if total > max_request_bytes:
         raise PayloadTooLarge(f"the request's shared-memory inputs are {total} bytes together, more than the "
-                              f"{max_request_bytes} bytes a request may carry (--max-request-bytes)")
+                              f"{max_request_bytes} bytes a request may carry ({flag('max_request_bytes')})")
 
 
 def check_request(req: InferRequest, model: ModelSpec, max_elements: int, max_string_elements: int = 1 << 62) -> int:
