@@ -74,37 +74,47 @@ class ConvUnit(nn.Sequential):
 
 # --- ResNet ---------------------------------------------------------------------------------------
 
-class BasicBlock(nn.Module):
+class ResidualBlock(nn.Module):
+    """``relu(conv_n(...conv1(x)) + shortcut(x))``: a block's units are ``conv1``, ``conv2``, ... (their names are
+    the checkpoint's keys), the last without activation; the shortcut is a 1x1 conv + BN where the shape changes."""
+
+    expansion = 1
+
+    def __init__(self, cin: int, cout: int, stride: int, placement: str, units: list[ConvUnit]) -> None:
+        super().__init__()
+        self.depth = len(units)
+        for i, unit in enumerate(units, 1):
+            self.add_module(f"conv{i}", unit)
+        self.shortcut = (ConvUnit(cin, cout, 1, stride, act="none", placement=placement)
+                         if stride != 1 or cin != cout else nn.Identity())
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x
+        for i in range(1, self.depth + 1):
+            y = getattr(self, f"conv{i}")(y)
+        return self.act(y + self.shortcut(x))
+
+
+class BasicBlock(ResidualBlock):
     expansion = 1
 
     def __init__(self, cin: int, planes: int, stride: int, placement: str) -> None:
-        super().__init__()
         cout = planes * self.expansion
-        self.conv1 = ConvUnit(cin, planes, 3, stride, placement=placement)
-        self.conv2 = ConvUnit(planes, cout, 3, 1, act="none", placement=placement)
-        self.shortcut = (ConvUnit(cin, cout, 1, stride, act="none", placement=placement)
-                         if stride != 1 or cin != cout else nn.Identity())
-        self.act = nn.ReLU()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.conv2(self.conv1(x)) + self.shortcut(x))
+        super().__init__(cin, cout, stride, placement, [
+            ConvUnit(cin, planes, 3, stride, placement=placement),
+            ConvUnit(planes, cout, 3, 1, act="none", placement=placement)])
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(ResidualBlock):
     expansion = 4
 
     def __init__(self, cin: int, planes: int, stride: int, placement: str) -> None:
-        super().__init__()
         cout = planes * self.expansion
-        self.conv1 = ConvUnit(cin, planes, 1, 1, placement=placement)
-        self.conv2 = ConvUnit(planes, planes, 3, stride, placement=placement)
-        self.conv3 = ConvUnit(planes, cout, 1, 1, act="none", placement=placement)
-        self.shortcut = (ConvUnit(cin, cout, 1, stride, act="none", placement=placement)
-                         if stride != 1 or cin != cout else nn.Identity())
-        self.act = nn.ReLU()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.conv3(self.conv2(self.conv1(x))) + self.shortcut(x))
+        super().__init__(cin, cout, stride, placement, [
+            ConvUnit(cin, planes, 1, 1, placement=placement),
+            ConvUnit(planes, planes, 3, stride, placement=placement),
+            ConvUnit(planes, cout, 1, 1, act="none", placement=placement)])
 
 
 class ResNet(nn.Module):
@@ -259,12 +269,11 @@ class ArchSpec:
         self.defaults, self.doc = defaults, doc
 
 
-def _resnet(in_shape, num_classes, **kw):
-    return ResNet(in_shape[0], num_classes, **kw)
-
-
-def _mobilenet(in_shape, num_classes, **kw):
-    return MobileNetV2(in_shape[0], num_classes, **kw)
+def _on_channels(cls: Callable[..., nn.Module], classes: bool = True) -> Callable[..., nn.Module]:
+    """A builder for a network that takes the input's channels first (and the class count, unless it has none)."""
+    def build(in_shape, num_classes, **kw):
+        return cls(in_shape[0], num_classes, **kw) if classes else cls(in_shape[0], **kw)
+    return build
 
 
 def _mlp(in_shape, num_classes, **kw):
@@ -274,12 +283,8 @@ def _mlp(in_shape, num_classes, **kw):
     return MLP(n, num_classes, **kw)
 
 
-def _encdec(in_shape, num_classes, **kw):
-    return EncoderDecoder(in_shape[0], **kw)
-
-
-def _conv1d(in_shape, num_classes, **kw):
-    return Conv1dNet(in_shape[0], num_classes, **kw)
+_resnet, _mobilenet, _conv1d = _on_channels(ResNet), _on_channels(MobileNetV2), _on_channels(Conv1dNet)
+_encdec = _on_channels(EncoderDecoder, classes=False)
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
