@@ -187,7 +187,7 @@ class UserKind(SourceKind):
         finish_reference(reference, record, opts, path.name, output_names=output_names)
         record.truth_dtype = self.truth_dtype()
         folded, onnx_report = fold_onnx(reference)
-        if onnx_report.bn_before == 0 and not (onnx_report.affines or onnx_report.merges):
+        if onnx_report.bn_before == 0 and not any(s.done for s in onnx_report.sections.values()):
             note = (f"{path.name} has no BatchNormalization node, so there is nothing to fold: if torch.onnx.export "
                     f"wrote it, the exporter fused BN already (torch 2.13's default dynamo exporter does, and so "
                     f"does the TorchScript one with constant folding); export with dynamo=False, "
