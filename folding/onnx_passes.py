@@ -27,7 +27,7 @@ import onnx
 from folding.onnx_affine import OnnxAffinePass
 from folding.onnx_branches import merge_branches
 from folding.onnx_consts import drop_neutral, fold_constants
-from folding.onnx_fold import OnnxFoldPass
+from folding.onnx_fold import LayerFoldPass, OnnxFoldPass
 from folding.onnx_graph import count_ops, drop_unused_initializers, param_count, remove_dead_constants
 from folding.rules import run_pass
 from foldserve.errors import FoldError
@@ -61,6 +61,14 @@ class Pass(Protocol):
         ...
 
 
+def _rules_round(p: LayerFoldPass) -> Round:
+    """One round of the BN rules over ``p``'s sites (:func:`folding.rules.run_pass`)."""
+    done = Round(PassSection())
+    run_pass(p, done.section, done.warnings)
+    done.freed = p.removed_inputs
+    return done
+
+
 class BatchNormPass:
     name: ClassVar[str] = BATCHNORM
 
@@ -68,11 +76,7 @@ class BatchNormPass:
         return count_ops(model, "BatchNormalization")
 
     def run(self, model: onnx.ModelProto) -> Round:
-        p = OnnxFoldPass(model)
-        done = Round(PassSection())
-        run_pass(p, done.section, done.warnings)
-        done.freed = p.removed_inputs
-        return done
+        return _rules_round(OnnxFoldPass(model))
 
 
 class AffinePass:
@@ -82,11 +86,7 @@ class AffinePass:
         return OnnxAffinePass(model).step_count()
 
     def run(self, model: onnx.ModelProto) -> Round:
-        p = OnnxAffinePass(model)
-        done = Round(PassSection())
-        run_pass(p, done.section, done.warnings)
-        done.freed = p.removed_inputs
-        return done
+        return _rules_round(OnnxAffinePass(model))
 
 
 class BranchMergePass:
