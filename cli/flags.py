@@ -4,7 +4,8 @@ commands show each as the flag that sets it (``--max-batch-size``)."""
 from __future__ import annotations
 
 import logging
-import re
+
+from foldserve.errors import FIELD
 
 FLAGS: dict[str, str] = {
     # foldserve fold: folding.export.FoldRequest and folding.programs.Options
@@ -38,12 +39,11 @@ FLAGS: dict[str, str] = {
     "TrainConfig.device": "--device",
     "TrainConfig.resume": "--resume",
 }
-_FIELD = re.compile(r"\b(?:FoldRequest|Options|TrainConfig)\.[a-z_]+\b")
 
 
 def render(text: str) -> str:
     """``text`` with every field it names shown as its flag (a field without a flag stays as it is)."""
-    return _FIELD.sub(lambda m: FLAGS.get(m.group(0), m.group(0)), text)
+    return FIELD.sub(lambda m: FLAGS.get(m.group(0), m.group(0)), text)
 
 
 class FlagNames(logging.Filter):
@@ -51,6 +51,6 @@ class FlagNames(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if _FIELD.search(message):
+        if FIELD.search(message):
             record.msg, record.args = render(message), ()
         return True

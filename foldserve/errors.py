@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import re
 
-_FIELD = re.compile(r"\b(?:FoldRequest|Options|TrainConfig)\.[a-z_]+\b")
+#: how a message names a request field (``FoldRequest.max_batch_size``); ``cli/flags.py`` renders the same ones
+FIELD = re.compile(r"\b(?:FoldRequest|Options|TrainConfig)\.[a-z_]+\b")
 
 
 class FoldserveError(Exception):
@@ -23,7 +24,7 @@ class FoldserveError(Exception):
     @property
     def fields(self) -> list[str]:
         """The request fields the message names (``FoldRequest.max_batch_size``), in order."""
-        return _FIELD.findall(str(self))
+        return FIELD.findall(str(self))
 
 
 class UserError(FoldserveError):

@@ -18,7 +18,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar, Union
+from typing import Any, ClassVar, Generic, TypeVar, Union
 
 from foldserve.atomic import write_json
 from foldserve.errors import EntryError
@@ -301,6 +301,24 @@ def _section_summary(name: str, s: PassSection) -> str | None:
     return f"{name}: {len(s.done)} done ({s.before} -> {s.after}), {len(s.left)} left" if s.done or s.left else None
 
 
+V = TypeVar("V")
+
+
+class _View(Generic[V]):
+    """One attribute of one section of a :class:`FoldReport`, read and set as an attribute of the report (not a
+    field: the record's JSON holds the sections)."""
+
+    def __init__(self, section: str, attr: str) -> None:
+        self.section, self.attr = section, attr
+
+    def __get__(self, report: FoldReport, owner: type | None = None) -> V:
+        value: V = getattr(report.section(self.section), self.attr)
+        return value
+
+    def __set__(self, report: FoldReport, value: V) -> None:
+        setattr(report.section(self.section), self.attr, value)
+
+
 @dataclass
 class FoldReport(Record):
     """What a fold did: one section per pass (BN folds, and for ONNX the affine folds and branch merges: see
@@ -319,61 +337,18 @@ class FoldReport(Record):
         return self.sections.setdefault(name, PassSection())
 
     # views of the sections (what readers and the tests name)
-    @property
-    def folded(self) -> list[FoldedPair]:
-        return typing.cast(list[FoldedPair], self.section(BATCHNORM).done)
-
-    @property
-    def skipped(self) -> list[SkippedBN]:
-        return typing.cast(list[SkippedBN], self.section(BATCHNORM).left)
-
-    @property
-    def affines(self) -> list[FoldedPair]:
-        return typing.cast(list[FoldedPair], self.section(AFFINE).done)
-
-    @property
-    def affines_skipped(self) -> list[SkippedBN]:
-        return typing.cast(list[SkippedBN], self.section(AFFINE).left)
-
-    @property
-    def merges(self) -> list[MergedBranches]:
-        return typing.cast(list[MergedBranches], self.section(MERGE).done)
-
-    @property
-    def merges_skipped(self) -> list[SkippedMerge]:
-        return typing.cast(list[SkippedMerge], self.section(MERGE).left)
-
-    @property
-    def bn_before(self) -> int:
-        return self.section(BATCHNORM).before
-
-    @bn_before.setter
-    def bn_before(self, value: int) -> None:
-        self.section(BATCHNORM).before = value
-
-    @property
-    def bn_after(self) -> int:
-        return self.section(BATCHNORM).after
-
-    @bn_after.setter
-    def bn_after(self, value: int) -> None:
-        self.section(BATCHNORM).after = value
-
-    @property
-    def affine_before(self) -> int:
-        return self.section(AFFINE).before
-
-    @property
-    def affine_after(self) -> int:
-        return self.section(AFFINE).after
-
-    @property
-    def conv_before(self) -> int:
-        return self.section(MERGE).before
-
-    @property
-    def conv_after(self) -> int:
-        return self.section(MERGE).after
+    folded = _View[list[FoldedPair]](BATCHNORM, "done")
+    skipped = _View[list[SkippedBN]](BATCHNORM, "left")
+    affines = _View[list[FoldedPair]](AFFINE, "done")
+    affines_skipped = _View[list[SkippedBN]](AFFINE, "left")
+    merges = _View[list[MergedBranches]](MERGE, "done")
+    merges_skipped = _View[list[SkippedMerge]](MERGE, "left")
+    bn_before = _View[int](BATCHNORM, "before")
+    bn_after = _View[int](BATCHNORM, "after")
+    affine_before = _View[int](AFFINE, "before")
+    affine_after = _View[int](AFFINE, "after")
+    conv_before = _View[int](MERGE, "before")
+    conv_after = _View[int](MERGE, "after")
 
     def summary(self) -> str:
         text = (f"folded {len(self.folded)} BN ({self.bn_before} -> {self.bn_after} left), "
