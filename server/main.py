@@ -14,6 +14,7 @@ import sys
 import uvicorn
 
 from foldserve.errors import ConfigError, WorkerUnavailable
+from server.core import heap
 from server.core.admission import Admission
 from server.core.coordinator import Coordinator, LocalCoordinator
 from server.core.dataplane import DataPlane
@@ -150,6 +151,7 @@ async def serve(settings: Settings, coordinator: Coordinator | None = None) -> i
         await dp.stop()
         return EXIT_NOT_JOINED
     gauges = asyncio.create_task(refresh_gauges(dp)) if coordinator.shared_ports else None
+    heap.manage()       # what starting made lives on; collections under load skip it (server/core/heap.py)
     event = "worker serving" if coordinator.shared_ports else "serving"
     print(json.dumps({"event": event, "grpc": f"{settings.host}:{grpc_port}",
                       "http": f"{scheme}://{settings.host}:{http_port}", "models": ready,

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from foldserve.errors import FoldserveError, ModelNotFound, ModelNotReady
 from foldserve.model_config import ModelConfig
+from server.core import heap
 from server.core.loader import LoadedVersion, build_version
 from server.core.model_config import override_config, select_versions, version_policy
 from server.core.repository import ModelRepository, check_model_name, check_version
@@ -146,8 +147,17 @@ class ModelRegistry:
         for old in previous.values():   # kept until done: the loop holds tasks only weakly
             task = asyncio.create_task(old.scheduler.close(self.settings.grace_period_s))
             self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+            task.add_done_callback(self._closed)
+        if not previous:
+            heap.settle()       # the new versions join what later collections skip
         return state
+
+    def _closed(self, task: asyncio.Task[None]) -> None:
+        """A replaced version drained: once none is left, the collector may look at everything again (a
+        replaced version frozen with a reference cycle would never be freed), then skips what lives now."""
+        self._closing.discard(task)
+        if not self._closing:
+            heap.resettle()
 
     def fail(self, name: str, reason: str) -> None:
         """Record a failed (re)load of ``name``: its old versions, if any, keep serving."""
@@ -215,6 +225,8 @@ class ModelRegistry:
             self._refresh_limits()
             state.state, state.reason = "UNAVAILABLE", "unloaded"
         await asyncio.gather(*(lv.scheduler.close(self.settings.grace_period_s) for lv in old.values()))
+        old.clear()
+        heap.resettle()
         logger.info("model %s unloaded", name)
 
     async def close(self) -> None:
