@@ -23,7 +23,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
                "request_timeout_s", "body_timeout_s", "header_timeout_s", "idle_timeout_s", "max_connections",
                "max_streams_per_connection", "max_header_bytes", "max_shm_regions"),
     "auth": ("auth_token", "admin_token", "insecure_admin", "public_metadata"),
-    "workers and shutdown": ("workers", "event_loop", "grace_period_s"),
+    "workers and shutdown": ("workers", "handoff", "event_loop", "grace_period_s"),
 }
 
 

@@ -122,6 +122,7 @@ class Supervisor:
         self.settings = settings.model_copy(update={"http_port": http_port, "grpc_port": grpc_port,
                                                     "intra_op_threads": threads})
         self.run.create()
+        self.run.create_board(self.n)
         self.slots = [Slot(i) for i in range(self.n)]
         self.stopping = False
         self.up = False
@@ -144,10 +145,12 @@ class Supervisor:
         logger.info("worker %d started (pid %d)", slot.index, slot.proc.pid)
 
     def _forget(self, slot: Slot) -> None:
-        """A dead worker's files: its readiness, its socket, its live gauges (prometheus_client's
-        mark_process_dead, done by hand so that this process never imports the metrics library)."""
+        """A dead worker's files: its readiness, its sockets, its slot on the load board, its live gauges
+        (prometheus_client's mark_process_dead, done by hand so that this process never imports the metrics
+        library)."""
         pid = slot.proc.pid if slot.proc else -1
-        for path in (self.run.ready(slot.index), self.run.socket(slot.index),
+        self.run.close_slot(slot.index)           # no peer hands it anything more
+        for path in (self.run.ready(slot.index), self.run.socket(slot.index), self.run.handoff(slot.index),
                      *self.run.metrics.glob(f"gauge_live*_{pid}.db")):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()

@@ -22,7 +22,7 @@ def main() -> int:
                         format=f"%(asctime)s %(levelname)s worker {index} %(name)s: %(message)s")
     from server.main import run
 
-    return run(settings, ClusterCoordinator(root, index, settings.worker_count()))
+    return run(settings, ClusterCoordinator(root, index, settings.worker_count(), handoff=settings.handoff))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from foldserve.atomic import write_json
 from foldserve.errors import FoldserveError, ModelNotFound, ModelNotReady, WorkerUnavailable
 from server.core import logsettings
 from server.core.cluster_state import ClusterState, Region
+from server.core.handoff import Balance, Execution, LoadBoard
 from server.core.logsettings import LogSettings
 from server.core.peer import (
     GONE,
@@ -55,6 +56,7 @@ from server.core.peer import (
 )
 from server.core.registry import ModelRegistry
 from server.core.runfolder import RunFolder
+from server.core.scheduler import Outcome
 from server.core.shm import SystemSharedMemory
 from server.core.stats import ModelStats, merge_stats
 from server.core.tracing import Tracing
@@ -80,6 +82,8 @@ class Served(Protocol):
 
     def local_statistics(self, name: str = "", version: str = "") -> list[ModelStats]: ...
 
+    async def run_handed(self, ex: Execution) -> Outcome: ...
+
     def repository_index(self, ready_only: bool = False) -> list[IndexEntry]: ...
 
 
@@ -89,6 +93,8 @@ class Coordinator(ABC):
     dp: Served
     #: several processes serve the same ports (SO_REUSEPORT) and publish their gauges for whichever renders them
     shared_ports: bool = False
+    #: this process's side of the hand-off of executions between workers (server/core/handoff.py), if any
+    balance: Balance | None = None
 
     def attach(self, dataplane: Served) -> None:
         self.dp = dataplane
@@ -170,10 +176,13 @@ class ClusterCoordinator(Coordinator):  # long class: one method per operation, 
 
     shared_ports = True
 
-    def __init__(self, run_dir: Path, index: int, workers: int) -> None:
+    def __init__(self, run_dir: Path, index: int, workers: int, handoff: bool = True) -> None:
         self.run = RunFolder(run_dir)
         self.index = index
         self.workers = workers
+        if handoff and workers > 1:
+            self.balance = Balance(LoadBoard(self.run.board, workers), index,
+                                   [self.run.handoff(i) for i in range(workers)])
         self.synced_gen = 0
         self._pending: dict[str, Any] = {}
         self._peer = PeerServer(index, self.apply)
@@ -229,14 +238,20 @@ class ClusterCoordinator(Coordinator):  # long class: one method per operation, 
                 self._check_pins(state)
             write_json(self.run.ready(self.index), {"pid": os.getpid(), "models": [
                 f"{m.name}:{m.version}" for m in self.dp.repository_index(ready_only=True)]})
+        if self.balance is not None:          # warm and serving: peers may hand executions to it from now on
+            await self.balance.open(self.dp.run_handed)
 
     def leave(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.run.ready(self.index).unlink()
+        if self.balance is not None:
+            self.balance.stop_taking()
 
     async def close(self) -> None:
         self.leave()
         self._peer.close()
+        if self.balance is not None:
+            self.balance.close()
         with contextlib.suppress(FileNotFoundError):
             self.run.socket(self.index).unlink()
 

@@ -6,6 +6,7 @@ but not ready (ModelNotReady), what readiness means, what the statistics of "all
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
@@ -20,6 +21,7 @@ from foldserve.errors import (
     InvalidInput,
     LimitExceeded,
     ModelNotFound,
+    ModelNotReady,
     NotSupported,
     PermissionDenied,
     QueueFull,
@@ -33,10 +35,12 @@ from foldserve.records import first_line
 from server.core import logsettings
 from server.core.admission import LoopMonitor
 from server.core.coordinator import Coordinator, LocalCoordinator
+from server.core.handoff import Execution
 from server.core.loader import LoadedVersion
 from server.core.model_config import override_config
 from server.core.registry import ModelRegistry
 from server.core.repository import ModelRepository, check_model_name
+from server.core.scheduler import Outcome
 from server.core.shm import CUDA_SHM_UNSUPPORTED, SystemSharedMemory, check_region_name
 from server.core.stats import Metrics, ModelStats
 from server.core.tracing import Tracing
@@ -325,8 +329,9 @@ class DataPlane:
             wanted = [o.name for o in req.outputs] or [t.name for t in lv.spec.outputs]
             priority, timeout_us = _queue_parameters(req.parameters)
             lv.scheduler.check_parameters(priority, timeout_us)
-            results, queued, compute, exec_batch = await lv.scheduler.infer(
-                feeds, wanted, batch, self.settings.request_timeout_s, priority, timeout_us)
+            results, queued, compute, exec_batch = await self._execute(
+                Execution(lv.name, str(lv.version), feeds, wanted, batch, self.settings.request_timeout_s, priority,
+                          timeout_us), lv)
             outputs = self._outputs(lv, req, wanted, results)
             if traced and "TENSORS" in self.tracing.for_model(req.model_name).trace_level:
                 tensors = ([("INPUT", t.name, t.datatype, feeds[t.name]) for t in req.inputs]
@@ -354,6 +359,31 @@ class DataPlane:
                                     protocol=protocol, carrier=req.trace, start_ns=start_ns, end_ns=time.time_ns(),
                                     queued_s=queued, compute=compute, batch=batch, exec_batch=exec_batch,
                                     error=error, tensors=tensors)
+
+    async def _execute(self, ex: Execution, lv: LoadedVersion) -> Outcome:
+        """Run a request of this process's own clients: here, or on an idle worker when this one is behind
+        (server/core/handoff.py)."""
+        balance = self.coordinator.balance
+        if balance is None:
+            return await lv.scheduler.infer(ex.feeds, ex.outputs, ex.batch, ex.timeout_s, ex.priority, ex.timeout_us)
+        peer = balance.pick() if ex.portable() else None
+        if peer is not None:
+            outcome = await balance.send(peer, ex)
+            self.metrics.handoff(ex.model, "sent" if outcome is not None else "returned")
+            if outcome is not None:
+                return outcome
+        with balance.under_way():
+            return await lv.scheduler.infer(ex.feeds, ex.outputs, ex.batch, ex.timeout_s, ex.priority, ex.timeout_us)
+
+    async def run_handed(self, ex: Execution) -> Outcome:
+        """Run an execution another worker handed to this one (never handed on)."""
+        if not self._ready:
+            raise ModelNotReady("this worker is not ready (starting or shutting down)")
+        lv = self.registry.get(ex.model, ex.version)
+        self.metrics.handoff(ex.model, "received")
+        balance = self.coordinator.balance
+        with balance.under_way() if balance is not None else contextlib.nullcontext():
+            return await lv.scheduler.infer(ex.feeds, ex.outputs, ex.batch, ex.timeout_s, ex.priority, ex.timeout_us)
 
     def _read_shm(self, req: InferRequest) -> list[Any]:
         """Hold every region the request reads or writes (in use until the answer is written: an unregister

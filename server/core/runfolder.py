@@ -4,14 +4,18 @@ before any gRPC or onnxruntime object may exist), and the SO_REUSEPORT listening
 The folder is private (mode 0700): ``supervisor.pid`` (so that a later start can tell a folder whose supervisor was
 killed and remove it), ``state.json`` (the cluster
 state, :class:`server.core.cluster_state.ClusterState`), ``cluster.lock``, ``ready/INDEX`` per ready worker,
-``up`` once every worker of the first start was ready, ``wINDEX.sock`` (each worker's control socket) and
-``metrics/`` (prometheus_client's multiprocess files).
+``up`` once every worker of the first start was ready, ``wINDEX.sock`` (each worker's control socket),
+``hINDEX.sock`` (each worker's hand-off socket), ``load`` (the load board: each worker's executions under way,
+one signed 64-bit slot per worker, -1 while it takes no hand-offs; see server/core/handoff.py) and ``metrics/``
+(prometheus_client's multiprocess files).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket as _socket
+import struct
 from pathlib import Path
 
 from foldserve.records import read_record, write_record
@@ -19,6 +23,8 @@ from server.core.cluster_state import ClusterState
 
 RUN_DIR_ENV = "FOLDSERVE_RUN_DIR"
 WORKER_ENV = "FOLDSERVE_WORKER_INDEX"
+BOARD_SLOT = struct.Struct("<q")
+CLOSED = -1          # a board slot whose worker takes no hand-offs (not ready yet, stopping, dead)
 
 
 class RunFolder:
@@ -31,9 +37,23 @@ class RunFolder:
         self.lock = self.root / "cluster.lock"
         self.up = self.root / "up"
         self.metrics = self.root / "metrics"
+        self.board = self.root / "load"
 
     def socket(self, index: int) -> Path:
         return self.root / f"w{index}.sock"
+
+    def handoff(self, index: int) -> Path:
+        return self.root / f"h{index}.sock"
+
+    def create_board(self, workers: int) -> None:
+        """The load board with every slot closed (before any worker starts)."""
+        self.board.write_bytes(BOARD_SLOT.pack(CLOSED) * workers)
+
+    def close_slot(self, index: int) -> None:
+        """Close a dead worker's slot (it cannot do it itself): no peer hands it anything more."""
+        with contextlib.suppress(OSError), open(self.board, "r+b") as f:
+            f.seek(index * BOARD_SLOT.size)
+            f.write(BOARD_SLOT.pack(CLOSED))
 
     def ready(self, index: int) -> Path:
         return self.root / "ready" / str(index)

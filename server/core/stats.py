@@ -326,6 +326,9 @@ class Metrics:
                                   ["model", "version"], registry=r, multiprocess_mode="livesum")
         self.inflight = Gauge("foldserve_inflight_requests", "Inference requests being handled.", registry=r,
                               multiprocess_mode="livesum")
+        self.handoffs = Counter("foldserve_handoffs", "Executions handed between workers (--workers N): sent to an "
+                                "idle peer, received from a busy one, or returned untaken and run where they arrived.",
+                                ["model", "direction"], registry=r)
         # Triton's families, kept under internal names (prometheus_client would add _total to a counter's name;
         # Triton's have none) and renamed when rendered
         self.triton = {key: Counter(TRITON_PREFIX + key, doc, ["model", "version", "reason"] if key == "request_failure"
@@ -365,6 +368,9 @@ class Metrics:
 
     def failed(self, model: str, version: str, reason: str) -> None:
         self.triton["request_failure"].labels(model, version, reason).inc()
+
+    def handoff(self, model: str, direction: str) -> None:
+        self.handoffs.labels(model, direction).inc()
 
     def queued(self, model: str, seconds: float) -> None:
         self.queue_time.labels(model).observe(seconds)
