@@ -2,20 +2,29 @@
 
 * Seldon MLServer, in its own virtual environment (its FastAPI pin conflicts with ours), serving the same
   ONNX file through a minimal custom runtime, with adaptive batching at the same limits as ours.
+* Triton's own front end: PyPI's ``nvidia-pytriton`` bundles tritonserver with its Python backend; a Python
+  callable runs onnxruntime (the same session options as our workers) on the same ONNX file, with dynamic
+  batching at the entry's limits. Two things it needs here: the Python backend's stub links the system's
+  libpython, whose patch level may differ from the venv interpreter's (Debian's 3.11.2 against pyenv's 3.11.7:
+  ``RLock._recursion_count`` missing), so the stub is pointed at the interpreter's own library
+  (``LD_LIBRARY_PATH``); and PyTriton restricts the statistics API to an access token, which perf_analyzer
+  cannot send, so the peer restricts every endpoint but that one.
 * Triton's perf_analyzer (the standard load generator for v2 servers). PyPI's binary needs glibc 2.38,
   newer than Debian 12's, so it runs through the loader and libraries of a Debian trixie root made with
   debootstrap.
 
-Both are cached under ``bench/.cache`` (ignored by git). A peer that cannot be set up is reported as
+All are cached under ``bench/.cache`` (ignored by git). A peer that cannot be set up is reported as
 skipped with the reason, never silently left out.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -29,6 +38,7 @@ from foldserve.procnet import socket_descriptors, tcp_sockets
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 MLSERVER_VERSION = "1.7.1"
+PYTRITON_VERSION = "0.7.0"
 PERF_ANALYZER_VERSION = "2.60.0"
 
 RUNTIME = '''
@@ -123,6 +133,166 @@ class MLServerPeer:
                 self.proc.kill()
 
 
+# --- PyTriton (tritonserver's front end) ------------------------------------------------------------
+
+PYTRITON_RUNNER = '''
+import json
+import sys
+
+import numpy as np
+import onnxruntime as ort
+from pytriton.decorators import batch
+from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
+from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
+
+cfg = json.loads(sys.argv[1])
+opts = ort.SessionOptions()
+opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+if cfg["intra_op_threads"]:
+    opts.intra_op_num_threads = cfg["intra_op_threads"]
+if not cfg["spin"]:
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+session = ort.InferenceSession(cfg["model"], sess_options=opts, providers=["CPUExecutionProvider"])
+input_name = session.get_inputs()[0].name
+output_name = session.get_outputs()[0].name
+
+
+@batch
+def infer(**inputs):
+    return {output_name: session.run(None, {input_name: inputs[input_name]})[0]}
+
+
+config = TritonConfig(http_port=cfg["http_port"], grpc_port=cfg["grpc_port"], metrics_port=cfg["metrics_port"],
+                      http_address="127.0.0.1", grpc_address="127.0.0.1", log_verbose=0)
+# every endpoint restricted as PyTriton's default, but statistics (perf_analyzer reads it, without a token)
+security = TritonSecurityConfig(restricted_endpoints=["shared-memory", "model-repository", "trace", "logging"])
+with Triton(config=config, security_config=security) as triton:
+    triton.bind(model_name=cfg["name"], infer_func=infer,
+                inputs=[Tensor(name=input_name, dtype=np.float32, shape=tuple(cfg["input_shape"]))],
+                outputs=[Tensor(name=output_name, dtype=np.float32, shape=(-1,))],
+                config=ModelConfig(max_batch_size=cfg["max_batch_size"],
+                                   batcher=DynamicBatcher(max_queue_delay_microseconds=cfg["max_queue_delay_us"])))
+    print("ready", flush=True)
+    triton.serve()
+'''
+
+
+def ensure_pytriton() -> Path | str:
+    """The python of our PyTriton venv, or the reason it cannot be had (it ships x86-64 Linux wheels only)."""
+    venv = CACHE / "pytriton-venv"
+    python = venv / "bin" / "python"
+    if (venv / ".complete").exists():
+        return python
+    CACHE.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(venv, ignore_errors=True)
+    r = _run([sys.executable, "-m", "venv", str(venv)])
+    if r.returncode != 0:
+        return f"venv failed: {r.stderr[-300:]}"
+    r = _run([str(python), "-m", "pip", "install", "-q", f"nvidia-pytriton=={PYTRITON_VERSION}",
+              "onnxruntime==1.31.1"])
+    if r.returncode != 0:
+        shutil.rmtree(venv, ignore_errors=True)
+        return f"pip install nvidia-pytriton=={PYTRITON_VERSION} failed: {r.stderr.strip()[-300:]}"
+    (venv / ".complete").touch()
+    return python
+
+
+def interpreter_libdir(python: Path) -> str:
+    """Where the venv interpreter's own libpython lives (pyenv and python.org builds ship it shared)."""
+    r = _run([str(python), "-c", "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))"], timeout=60)
+    return r.stdout.strip()
+
+
+class PyTritonPeer:
+    """tritonserver's front end (through PyTriton) serving ``model_path`` with dynamic batching."""
+
+    def __init__(self, python: Path, model_path: Path, name: str, input_shape: list[int], max_batch_size: int,
+                 max_queue_delay_us: int, intra_op_threads: int, spin: bool, work: Path) -> None:
+        """``intra_op_threads`` 0: onnxruntime's default; ``spin``: whether idle intra-op threads spin."""
+        self.http_port, self.grpc_port = free_port(), free_port()
+        cfg = {"model": str(model_path), "name": name, "input_shape": input_shape, "max_batch_size": max_batch_size,
+               "max_queue_delay_us": max_queue_delay_us, "intra_op_threads": intra_op_threads, "spin": spin,
+               "http_port": self.http_port, "grpc_port": self.grpc_port, "metrics_port": free_port()}
+        root = work / "pytriton"
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "runner.py").write_text(PYTRITON_RUNNER)
+        libdir = interpreter_libdir(python)
+        env = {**os.environ, "LD_LIBRARY_PATH": ":".join(p for p in (libdir, os.environ.get("LD_LIBRARY_PATH")) if p),
+               "PYTRITON_HOME": str(root / "home")}
+        self.log = root / "pytriton.log"
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen([str(python), str(root / "runner.py"), json.dumps(cfg)], stdout=log,
+                                         stderr=subprocess.STDOUT, cwd=root, env=env, start_new_session=True)
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"PyTriton exited with {self.proc.returncode}: {self.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/v2/models/{name}/ready",
+                                            timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            self.stop()
+            raise RuntimeError(f"PyTriton did not become ready in 240 s: {self.log_tail()}")
+        time.sleep(1.0)
+
+    def log_tail(self) -> str:
+        try:
+            return self.log.read_text(errors="replace").strip()[-400:]
+        except OSError:
+            return ""
+
+    def pids(self) -> list[int]:
+        """Every process of the peer: the runner, tritonserver, the Python backend's stub."""
+        return process_tree(self.proc.pid)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds the processes have used so far (gone ones count nothing)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
 # --- perf_analyzer ------------------------------------------------------------------------------------
 
 def ensure_perf_analyzer() -> list[str] | str:
@@ -164,24 +334,31 @@ def ensure_perf_analyzer() -> list[str] | str:
     return [str(loader), "--library-path", libs, str(binary)]
 
 
-def perf_analyzer(cmd: list[str], model: str, grpc_address: str, concurrencies: list[int], work: Path,
+def perf_analyzer(cmd: list[str], model: str, address: str, concurrencies: list[int], work: Path,
                   interval_ms: int = 3000, extra: list[str] | None = None,
-                  during: Any = None, server_pids: list[int] | None = None) -> dict[str, Any]:
-    """Run perf_analyzer over gRPC at each concurrency; per concurrency: req/s and latencies (ms), the number
-    of TCP connections it held to the server and, given the serving pids, how they were split among them
-    (counted from /proc half-way through).
+                  during: Any = None, server_pids: list[int] | None = None, protocol: str = "grpc") -> dict[str, Any]:
+    """Run perf_analyzer over ``protocol`` (grpc, or http with binary tensors) at each concurrency; per
+    concurrency: req/s and latencies (ms), the number of TCP connections it held to the server and, given the
+    serving pids, how they were split among them (counted from /proc half-way through), and the serving
+    processes' CPU time per request over the same seconds.
     ``during(c)``, if given, runs while the measurement at concurrency ``c`` is under way."""
     result: dict[Any, Any] = {}
-    port = int(grpc_address.rsplit(":", 1)[1])
+    port = int(address.rsplit(":", 1)[1])
     for c in concurrencies:
         out = work / f"pa-{model}-{c}-{int(time.time() * 1000)}.csv"
-        proc = subprocess.Popen([*cmd, "-m", model, "-u", grpc_address, "-i", "grpc", "--concurrency-range",
+        proc = subprocess.Popen([*cmd, "-m", model, "-u", address, "-i", protocol, "--concurrency-range",
                                  f"{c}:{c}", "--measurement-interval", str(interval_ms), "--stability-percentage",
                                  "30", "--max-trials", "8", "-f", str(out), *(extra or [])],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         time.sleep(min(3.0, interval_ms / 1000))
         connections = tcp_connections_to(port, proc.pid)
         split = connection_split(port, server_pids) if server_pids else None
+        cpu_window = None
+        if server_pids:   # the servers' CPU seconds over one measurement interval, while the load is steady
+            cpu0, t0 = cpu_seconds(server_pids), time.perf_counter()
+            time.sleep(interval_ms / 1000)
+            if proc.poll() is None:     # still measuring at the end of the window: it held load throughout
+                cpu_window = (cpu_seconds(server_pids) - cpu0, time.perf_counter() - t0)
         extra_result = during(c) if during is not None else None
         try:
             text, _ = proc.communicate(timeout=1200)
@@ -197,6 +374,8 @@ def perf_analyzer(cmd: list[str], model: str, grpc_address: str, concurrencies: 
         result[c] = {"throughput": float(row["Inferences/Second"]), "p50_ms": float(row["p50 latency"]) / 1000,
                      "p90_ms": float(row["p90 latency"]) / 1000, "p99_ms": float(row["p99 latency"]) / 1000,
                      "connections": connections, **({"per_worker": split} if split else {}),
+                     **({"cpu_ms_per_request": round(1000 * cpu_window[0] / (cpu_window[1] * float(
+                         row["Inferences/Second"])), 3)} if cpu_window and float(row["Inferences/Second"]) else {}),
                      **({"server": server} if server else {})}
         if extra_result is not None:
             result[c]["profile"] = extra_result

@@ -10,6 +10,11 @@ Sections (each in the JSON report; the Markdown table summarises them):
 * ``rest224``    a 3x224x224 input: binary REST vs gRPC vs JSON REST vs a plain FastAPI+pydantic endpoint.
 * ``scaling``    Triton's perf_analyzer at concurrency 1/8/32/64 against 1 and 2 workers, with and without
                  system shared memory, on ResNet-20 and the 3x224x224 model; py-spy profiles under load.
+* ``pytriton``   tritonserver's own front end (PyTriton) against foldserve with 1 and 2 workers: perf_analyzer over
+                 gRPC and HTTP at concurrency 1 and 32, interleaved rounds, CPU time per request
+                 (:mod:`bench.frontend`).
+* ``balance``    load across 2 workers for a client with two connections: perf_analyzer at concurrency 8, 10 runs
+                 with and without hand-off, against an even split (:mod:`bench.balance`).
 * ``gpu``        onnxruntime CUDA EP (skipped without a GPU).
 * ``tracing``    OpenTelemetry tracing off vs on at rate 1: gRPC p50 at c=1, throughput at c=32.
 * ``reparam``    timm's MobileOne-S0 / RepVGG-A0: training form vs what ``fold`` serves (:mod:`bench.reparam`).
@@ -36,12 +41,18 @@ from typing import Any
 
 import numpy as np
 
+from bench.balance import bench_balance
+from bench.balance import goals as balance_goals
+from bench.balance import markdown as balance_markdown
 from bench.bombs import bench_bombs
 from bench.bombs import goals as bombs_goals
 from bench.bombs import markdown as bombs_markdown
 from bench.burst import bench_burst
 from bench.burst import goals as burst_goals
 from bench.burst import markdown as burst_markdown
+from bench.frontend import bench_pytriton
+from bench.frontend import goals as pytriton_goals
+from bench.frontend import markdown as pytriton_markdown
 from bench.loadgen import (
     closed_loop,
     free_port,
@@ -293,7 +304,8 @@ def bench_peers(repo: Path, model_path: Path, x: np.ndarray, concurrencies: list
         for label, batching in (("batching", True), ("no_batching", False)):
             proc, hport, gport = start_server(repo, batching)
             try:
-                res[label] = peers.perf_analyzer(cmd, "resnet20", f"127.0.0.1:{gport}", concurrencies, work)
+                res[label] = peers.perf_analyzer(cmd, "resnet20", f"127.0.0.1:{gport}", concurrencies, work,
+                                                 server_pids=proc.pids())
             finally:
                 proc.stop()
         out["perf_analyzer"] = res
@@ -316,7 +328,8 @@ def bench_peers(repo: Path, model_path: Path, x: np.ndarray, concurrencies: list
                            "grpc": grpc_res}
         if not isinstance(cmd, str):
             out["mlserver"]["perf_analyzer"] = peers.perf_analyzer(cmd, "resnet20", f"127.0.0.1:{gport}",
-                                                                   concurrencies, work)
+                                                                   concurrencies, work,
+                                                                   server_pids=peers.process_tree(peer.proc.pid))
     finally:
         peer.stop()
     return out
@@ -619,6 +632,8 @@ def goals(r: dict[str, Any]) -> list[dict[str, Any]]:
                           f"{fp['accuracy_float64']:.4f} (float64)", "limit": "1.5x, 1 point",
                   "passed": speed >= 1.5 and drop <= 1.0 and q8["verified"]})
     g += scaling_goals(r)
+    g += pytriton_goals(r)
+    g += balance_goals(r)
     f = r["folding"]
     g.append({"goal": "fold a ResNet-50-sized model in < 2 s", "measured": f"{f['fold_module_s']:.2f} s (torch.fx), "
               f"{f['fold_onnx_s']:.2f} s (ONNX)", "limit": "2 s", "passed": max(f["fold_module_s"], f["fold_onnx_s"]) < 2})
@@ -667,8 +682,9 @@ def markdown(report: dict[str, Any]) -> str:
                      f"{v['p99_ms']:.3f} | {v['throughput']:.0f} |")
     pa = peers_r.get("perf_analyzer", {})
     if "skipped" not in pa and pa:
-        lines += ["", "Triton's perf_analyzer (gRPC, ResNet-20): req/s, p50 / p99 (ms)", "",
-                  "| target | concurrency | req/s | p50 | p99 |", "|---|---|---|---|---|"]
+        lines += ["", "Triton's perf_analyzer (gRPC, ResNet-20): req/s, p50 / p99 (ms), the serving processes' CPU "
+                      "time per request (ms)", "",
+                  "| target | concurrency | req/s | p50 | p99 | CPU ms/request |", "|---|---|---|---|---|---|"]
         rows = [(f"foldserve ({mode.replace('_', ' ')})", res) for mode, res in pa.items()]
         if isinstance(ml.get("perf_analyzer"), dict):
             rows.append(("MLServer", ml["perf_analyzer"]))
@@ -677,12 +693,15 @@ def markdown(report: dict[str, Any]) -> str:
                 if "error" in v:
                     reason = next((ln.strip() for ln in v["error"].splitlines() if "rror" in ln or "ailed" in ln),
                                   "error")
-                    lines.append(f"| {label} | {c} | {reason[:90]} | - | - |")
+                    lines.append(f"| {label} | {c} | {reason[:90]} | - | - | - |")
                 else:
-                    lines.append(f"| {label} | {c} | {v['throughput']:.0f} | {v['p50_ms']:.2f} | {v['p99_ms']:.2f} |")
+                    lines.append(f"| {label} | {c} | {v['throughput']:.0f} | {v['p50_ms']:.2f} | {v['p99_ms']:.2f} | "
+                                 f"{v.get('cpu_ms_per_request', '-')} |")
     else:
         lines.append(f"\nperf_analyzer: {pa.get('skipped', 'not run')}; MLServer: {ml.get('skipped', 'run')}")
     lines += scaling_markdown(r)
+    lines += pytriton_markdown(r)
+    lines += balance_markdown(r)
     lines += ["", "Models (in-process onnxruntime vs our gRPC with batching; p50 in ms, throughput in req/s)", "",
               "| model | input | in-process p50 (b=1) | in-process best samples/s | gRPC p50 c=1 | gRPC req/s c=32 |",
               "|---|---|---|---|---|---|"]
@@ -730,16 +749,18 @@ def scaling_markdown(r: dict[str, Any]) -> list[str]:
     if "runs" not in sc:
         return ["", f"perf_analyzer scaling section: {sc.get('skipped', 'not run')}"]
     lines = ["", "perf_analyzer (C++ client, gRPC, batch-1 requests, dynamic batching): req/s, p50 / p99 (ms), "
-                 "TCP connections the client held (with 2 workers: how many each got)", "",
-             "| model, workers, transport | concurrency | req/s | p50 | p99 | connections |", "|---|---|---|---|---|---|"]
+                 "TCP connections the client held (with 2 workers: how many each got), the serving processes' CPU time "
+                 "per request", "",
+             "| model, workers, transport | concurrency | req/s | p50 | p99 | connections | CPU ms/request |",
+             "|---|---|---|---|---|---|---|"]
     for key, per_c in sc["runs"].items():
         for c, v in _by_c(per_c):
             if "error" in v:
-                lines.append(f"| {key} | {c} | error: {v['error'].strip().splitlines()[-1][:80] if v['error'].strip() else ''} | - | - | - |")
+                lines.append(f"| {key} | {c} | error: {v['error'].strip().splitlines()[-1][:80] if v['error'].strip() else ''} | - | - | - | - |")
             else:
                 split = "" if len(v.get("per_worker") or []) < 2 else f" ({':'.join(map(str, v['per_worker']))})"
                 lines.append(f"| {key} | {c} | {v['throughput']:.0f} | {v['p50_ms']:.2f} | {v['p99_ms']:.2f} | "
-                             f"{v.get('connections', '-')}{split} |")
+                             f"{v.get('connections', '-')}{split} | {v.get('cpu_ms_per_request', '-')} |")
     for label, v in sc.get("python_client_c32", {}).items():
         lines.append(f"\nOur Python client (4 gRPC connections; the client MLServer is measured with) at concurrency 32, "
                      f"ResNet-20, {label}: {v['throughput']:.0f} req/s, p50 {v['p50_ms']:.2f} ms, p99 {v['p99_ms']:.2f} ms.")
@@ -788,6 +809,8 @@ def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
                                                "resnet18": (r18, [3, 224, 224])}, quick)
         report["peers"] = bench_peers(repo, r20, x, conc, n, quick, work)
         report["scaling"] = bench_scaling(repo, quick, work)
+        report["pytriton"] = bench_pytriton(repo, quick, work)
+        report["balance"] = bench_balance(repo, quick, work)
         report["precision"] = bench_precision(work, quick)
         report["gpu"] = bench_gpu(r20)
         report["tracing"] = bench_tracing(repo, "resnet20", [3, 32, 32], quick)

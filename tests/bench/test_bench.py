@@ -14,7 +14,7 @@ def test_quick_bench_report_has_every_section(tmp_path):
     proc = run_cli("--log-level", "WARNING", "bench", "--quick", "--out", str(tmp_path), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "latest.json").read_text())
-    for section in ("meta", "folding", "inprocess", "floors", "server", "rest224", "models", "peers", "precision", "gpu", "reparam", "fold_stages", "tracing", "burst", "bombs", "goals"):
+    for section in ("meta", "folding", "inprocess", "floors", "server", "rest224", "models", "peers", "precision", "gpu", "reparam", "fold_stages", "tracing", "burst", "bombs", "pytriton", "balance", "goals"):
         assert section in report, section
     assert set(report["server"]) == {"batching", "batching_eager", "no_batching"}
     for mode in report["server"].values():
@@ -27,6 +27,9 @@ def test_quick_bench_report_has_every_section(tmp_path):
     assert {"grpc", "rest_binary", "rest_json", "naive_fastapi_json"} <= set(report["rest224"])
     assert all({"goal", "measured", "limit", "passed"} <= set(g) for g in report["goals"])
     assert {"perf_analyzer", "mlserver"} <= set(report["peers"])
+    # --quick skips what needs perf_analyzer and PyTriton, saying so, and their goals say so too
+    assert "--quick" in report["pytriton"]["skipped"] and "--quick" in report["balance"]["skipped"]
+    assert any("PyTriton" in g["goal"] and g["passed"] is None for g in report["goals"])
     assert set(report["models"]) == {"digits", "resnet20", "resnet18"}
     precision = report["precision"]["entries"]
     assert {"resnet20_fp32", "resnet20_int8"} <= set(precision)
