@@ -231,21 +231,40 @@ class Balance:
                 ex = Execution(header["model"], header["version"], dict(zip(header["inputs"], arrays, strict=True)),
                                header["outputs"], header["batch"], header["timeout_s"], header["priority"],
                                header["timeout_us"])
-                try:
-                    if self._run is None:
-                        raise ModelNotReady(f"worker {self.index} takes no hand-offs")
-                    results, queued, compute, exec_batch = await self._run(ex)
-                    parts = _pack({"ok": True, "queued": queued, "compute": list(compute), "exec_batch": exec_batch},
-                                  results)
-                except FoldserveError as exc:
-                    parts = _pack({"ok": False, "kind": type(exc).__name__, "error": str(exc)}, [])
-                except Exception as exc:  # a bug here must not hang the peer waiting for this answer
-                    logger.exception("worker %d: a handed-off execution of %s failed", self.index, ex.model)
-                    parts = _pack({"ok": False, "kind": "FoldserveError",
-                                   "error": f"worker {self.index}: internal error ({type(exc).__name__})"}, [])
+                parts = await self._answer(ex, reader)
+                if parts is None:
+                    return
                 writer.writelines(parts)
                 await writer.drain()
-        except (OSError, ValueError) as exc:
+        except (OSError, asyncio.IncompleteReadError):
+            pass                          # the sender went away (its client cancelled): nothing to answer
+        except Exception as exc:          # only peers of the same run folder write here: a bug, not an attack
             logger.warning("worker %d: a hand-off connection failed: %s", self.index, exc)
         finally:
             writer.close()
+
+    async def _answer(self, ex: Execution, reader: asyncio.StreamReader) -> list[bytes | memoryview] | None:
+        """Run ``ex`` and pack its answer; None when the sender hung up meanwhile (the execution is cancelled:
+        the sender's client went away, or it gave up)."""
+        if self._run is None:
+            return _pack({"ok": False, "kind": "ModelNotReady", "error": f"worker {self.index} takes no hand-offs"}, [])
+        run = asyncio.ensure_future(self._run(ex))
+        hangup = asyncio.ensure_future(reader.read(1))     # nothing else comes while the sender waits
+        try:
+            await asyncio.wait({run, hangup}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            hangup.cancel()
+        if not run.done():
+            run.cancel()
+            with contextlib.suppress(BaseException):
+                await run
+            return None
+        try:
+            results, queued, compute, exec_batch = run.result()
+        except FoldserveError as exc:
+            return _pack({"ok": False, "kind": type(exc).__name__, "error": str(exc)}, [])
+        except Exception as exc:  # a bug here must not hang the peer waiting for this answer
+            logger.exception("worker %d: a handed-off execution of %s failed", self.index, ex.model)
+            return _pack({"ok": False, "kind": "FoldserveError",
+                          "error": f"worker {self.index}: internal error ({type(exc).__name__})"}, [])
+        return _pack({"ok": True, "queued": queued, "compute": list(compute), "exec_batch": exec_batch}, results)

@@ -116,3 +116,30 @@ def test_executions_travel_whole_and_errors_come_back_as_themselves(tmp_path):
 def test_string_tensors_stay_where_they_arrived():
     assert not Execution("m", "1", {"s": np.array([b"x"], dtype=object)}, ["y"], 1, 1.0).portable()
     assert Execution("m", "1", {"s": np.zeros(2, np.float32)}, ["y"], 1, 1.0).portable()
+
+
+def test_a_sender_that_gives_up_cancels_the_execution_on_the_peer(tmp_path):
+    async def scenario():
+        started, cancelled = asyncio.Event(), asyncio.Event()
+
+        async def run(ex: Execution):
+            started.set()
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+        receiver, sender = _balance(tmp_path, 1, 2), _balance(tmp_path, 0, 2)
+        await receiver.open(run)
+        try:
+            task = asyncio.ensure_future(sender.send(1, Execution("m", "1", {"x": np.ones(3)}, ["y"], 1, 30.0)))
+            await asyncio.wait_for(started.wait(), 5)
+            task.cancel()                                  # the client went away
+            await asyncio.wait_for(cancelled.wait(), 5)    # ... and the peer stops working for it
+            assert not sender._idle.get(1)                 # that connection is not reused
+        finally:
+            sender.close()
+            receiver.close()
+
+    asyncio.run(scenario())
