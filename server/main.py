@@ -20,7 +20,7 @@ from server.core.coordinator import Coordinator, LocalCoordinator
 from server.core.dataplane import DataPlane
 from server.core.runfolder import reuse_port_socket
 from server.grpc.servicer import build_grpc_server, set_health
-from server.rest.app import create_app
+from server.rest.app import InferFirst, create_app
 from server.rest.protocol import protocol_class
 from server.settings import Settings
 
@@ -82,7 +82,7 @@ async def refresh_gauges(dp: DataPlane, every_s: float = 1.0) -> None:
 async def start_http(settings: Settings, dp: DataPlane, reuse_port: bool) -> tuple[uvicorn.Server, asyncio.Task, int]:
     """uvicorn on the REST port (shared with the other workers when ``reuse_port``); returns once bound."""
     admission = Admission(settings.concurrency_limit(), dp.monitor)
-    app = create_app(settings, dp, admission)
+    app = InferFirst(create_app(settings, dp, admission))
     ssl = {}
     if settings.tls_cert:
         import ssl as _ssl
