@@ -150,7 +150,9 @@ opts = ort.SessionOptions()
 opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
 if cfg["intra_op_threads"]:
     opts.intra_op_num_threads = cfg["intra_op_threads"]
-if not cfg["spin"]:
+if cfg["spin"]:
+    opts.add_session_config_entry("session.force_spinning_stop", "1")
+else:
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
 session = ort.InferenceSession(cfg["model"], sess_options=opts, providers=["CPUExecutionProvider"])
 input_name = session.get_inputs()[0].name

@@ -111,7 +111,9 @@ class OnnxModel:
             opts.intra_op_num_threads = intra_op_threads
         if inter_op_threads:
             opts.inter_op_num_threads = inter_op_threads
-        if not spin:
+        if spin:    # within a run only: idle threads that spin on between runs take the CPU the front end needs
+            opts.add_session_config_entry("session.force_spinning_stop", "1")
+        else:
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         if external:   # the model's external data, as read (and hashed) by the loader: onnxruntime opens no file
