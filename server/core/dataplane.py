@@ -366,7 +366,8 @@ class DataPlane:
         balance = self.coordinator.balance
         if balance is None:
             return await lv.scheduler.infer(ex.feeds, ex.outputs, ex.batch, ex.timeout_s, ex.priority, ex.timeout_us)
-        peer = balance.pick() if ex.portable() else None
+        portable = ex.portable() and all(o.datatype != "BYTES" for o in lv.spec.outputs)
+        peer = balance.pick() if portable else None
         if peer is not None:
             outcome = await balance.send(peer, ex)
             self.metrics.handoff(ex.model, "sent" if outcome is not None else "returned")

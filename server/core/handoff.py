@@ -17,7 +17,7 @@ execution is never handed on.
 
 A peer that cannot take it (gone, being replaced, the model or version not ready there, its queue full) costs
 one attempt and the request runs where it arrived; an execution that fails there fails as it would here.
-Requests with string tensors (object arrays) stay where they are.
+Requests with string tensors (object arrays), and requests to models with string outputs, stay where they are.
 
 Wire format, both ways on a Unix socket, one execution at a time per connection: a 4-byte big-endian length,
 a JSON header, then the tensors' bytes back to back in the header's order.
@@ -114,6 +114,9 @@ class Balance:
     index: int
     sockets: list[Path]                 # every worker's hand-off socket, by index
     running: int = 0                    # executions under way here (own and handed to us)
+    #: executions this worker has sent to each peer and not had back (a peer's slot counts them only once
+    #: they arrived: a burst must not all go to the peer whose slot has not caught up yet)
+    in_transit: dict[int, int] = field(default_factory=dict)
     _idle: dict[int, list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]] = field(default_factory=dict)
     _server: asyncio.AbstractServer | None = None
     _run: Callable[[Execution], Awaitable[Outcome]] | None = None
@@ -137,7 +140,8 @@ class Balance:
 
     def pick(self) -> int | None:
         """The least busy open peer when this worker has MARGIN executions more than it, else None."""
-        open_peers = [(count, i) for i, count in enumerate(self.board.counts()) if i != self.index and count != CLOSED]
+        open_peers = [(max(count, self.in_transit.get(i, 0)), i) for i, count in enumerate(self.board.counts())
+                      if i != self.index and count != CLOSED]
         if not open_peers:
             return None
         count, peer = min(open_peers)
@@ -152,6 +156,7 @@ class Balance:
             return None
         reader, writer = conn
         done = False
+        self.in_transit[peer] = self.in_transit.get(peer, 0) + 1
         try:
             header = {"model": ex.model, "version": ex.version, "outputs": ex.outputs, "batch": ex.batch,
                       "timeout_s": ex.timeout_s, "priority": ex.priority, "timeout_us": ex.timeout_us,
@@ -166,6 +171,7 @@ class Balance:
         except (OSError, asyncio.IncompleteReadError, ValueError):
             return None               # the peer went away mid-way: the execution runs here
         finally:
+            self.in_transit[peer] -= 1
             if done and len(self._idle.setdefault(peer, [])) < IDLE_CONNECTIONS:
                 self._idle[peer].append(conn)
             else:

@@ -70,6 +70,9 @@ def test_a_worker_hands_over_only_when_it_is_margin_ahead_of_an_open_peer(tmp_pa
     third.board.set(2, 0)
     other.board.set(1, 1)
     assert me.pick() == 2                                # the least busy one
+    me.running, me.in_transit[2] = MARGIN + 1, 2         # ... counting what is on its way there
+    assert me.pick() == 1
+    me.in_transit[2] = 0
     with me.under_way():
         assert me.board.counts()[0] == CLOSED            # a worker not taking hand-offs keeps its slot closed
     for b in (me, other, third):
