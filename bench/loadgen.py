@@ -12,6 +12,8 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from bench.cpu import cpu_seconds
+
 
 @dataclass
 class LoadResult:
@@ -24,9 +26,11 @@ class LoadResult:
     p99_ms: float
     throughput: float          # successful requests per second
     samples_per_s: float = 0.0
+    cpu_ms_per_request: float | None = None     # the serving processes' CPU time, when they were given
 
     def to_dict(self) -> dict:
-        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()
+                if v is not None}
 
 
 def free_port() -> int:
@@ -57,8 +61,10 @@ def median_ms(fn: Callable[[], object], n: int) -> float:
 
 
 async def closed_loop(make_sender: Callable[[int], Awaitable[Callable[[], Awaitable[bool]]]], concurrency: int,
-                      requests: int, warmup: int = 20, batch: int = 1) -> LoadResult:
-    """``concurrency`` workers, each sending back-to-back until ``requests`` are done in total."""
+                      requests: int, warmup: int = 20, batch: int = 1,
+                      server_pids: list[int] | None = None) -> LoadResult:
+    """``concurrency`` workers, each sending back-to-back until ``requests`` are done in total. Given the serving
+    processes, the result also says their CPU time per request over the measured requests (warm-up excluded)."""
     senders = [await make_sender(i) for i in range(concurrency)]
     for i in range(min(warmup, requests)):
         await senders[i % concurrency]()
@@ -77,12 +83,14 @@ async def closed_loop(make_sender: Callable[[int], Awaitable[Callable[[], Awaita
             else:
                 errors += 1
 
+    cpu0 = cpu_seconds(server_pids) if server_pids else 0.0
     t0 = time.perf_counter()
     await asyncio.gather(*(worker(s) for s in senders))
     elapsed = time.perf_counter() - t0
+    cpu = (cpu_seconds(server_pids) - cpu0) * 1000 / max(len(latencies) + errors, 1) if server_pids else None
     ms = [x * 1000 for x in latencies]
     return LoadResult(concurrency, len(latencies), errors, elapsed, percentile(ms, 50), percentile(ms, 90),
-                      percentile(ms, 99), len(latencies) / elapsed, len(latencies) * batch / elapsed)
+                      percentile(ms, 99), len(latencies) / elapsed, len(latencies) * batch / elapsed, cpu)
 
 
 # --- clients -----------------------------------------------------------------------------------------

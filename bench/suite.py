@@ -223,15 +223,16 @@ def bench_server(repo: Path, model: str, x: np.ndarray, concurrencies: list[int]
             gp = _infer_grpc_payload(model, x)
             binary, js = _infer_http_payloads(model, x, hport)
             res = {"grpc": {}, "rest_binary": {}, "rest_json": {}}
+            pids = proc.pids()
             for c in concurrencies:
                 res["grpc"][c] = _run(closed_loop(grpc_sender_factory(f"127.0.0.1:{gport}",
                                                                       "/inference.GRPCInferenceService/ModelInfer", gp),
-                                                  c, n, batch=len(x))).to_dict()
+                                                  c, n, batch=len(x), server_pids=pids)).to_dict()
                 res["rest_binary"][c] = _run(closed_loop(http_sender_factory("127.0.0.1", hport, binary), c, n,
-                                                         batch=len(x))).to_dict()
+                                                         batch=len(x), server_pids=pids)).to_dict()
                 if c <= 8 or label == "no_batching":
                     res["rest_json"][c] = _run(closed_loop(http_sender_factory("127.0.0.1", hport, js), c,
-                                                           max(n // 2, 20), batch=len(x))).to_dict()
+                                                           max(n // 2, 20), batch=len(x), server_pids=pids)).to_dict()
             out[label] = res
         finally:
             proc.stop()
@@ -321,9 +322,10 @@ def bench_peers(repo: Path, model_path: Path, x: np.ndarray, concurrencies: list
         return out
     try:
         gp = _infer_grpc_payload("resnet20", x)
+        pids = peers.process_tree(peer.proc.pid)
         grpc_res = {c: _run(closed_loop(grpc_sender_factory(f"127.0.0.1:{gport}",
                                                             "/inference.GRPCInferenceService/ModelInfer", gp),
-                                        c, n, batch=len(x))).to_dict() for c in concurrencies}
+                                        c, n, batch=len(x), server_pids=pids)).to_dict() for c in concurrencies}
         out["mlserver"] = {"version": peers.MLSERVER_VERSION, "max_batch_size": 64, "max_batch_time_s": 0.002,
                            "grpc": grpc_res}
         if not isinstance(cmd, str):
@@ -660,26 +662,28 @@ def markdown(report: dict[str, Any]) -> str:
         if g.get("passed") is False and g.get("where"):
             lines.append(f"\nMISS, {g['goal']}: where the server's time goes (py-spy, share of samples): "
                          + ", ".join(f"{k} {v}%" for k, v in g["where"].items()))
-    lines += ["", "ResNet-20 (3x32x32, batch 1 per request): p50 / p99 latency (ms) and throughput (req/s)", "",
-              "| target | concurrency | p50 | p99 | req/s |", "|---|---|---|---|---|"]
+    lines += ["", "ResNet-20 (3x32x32, batch 1 per request): p50 / p99 latency (ms), throughput (req/s) and the "
+                  "serving processes' CPU time per request (ms)", "",
+              "| target | concurrency | p50 | p99 | req/s | CPU ms/request |", "|---|---|---|---|---|---|"]
     inp = r["inprocess"]
     lines.append(f"| in-process onnxruntime (batch 1) | 1 | {inp['p50_ms_batch1']:.3f} | - | "
-                 f"{1000 / inp['p50_ms_batch1']:.0f} |")
+                 f"{1000 / inp['p50_ms_batch1']:.0f} | - |")
     lines.append(f"| in-process onnxruntime (batch 32) | - | {inp['batch'][32]['p50_ms']:.3f} | - | "
-                 f"{inp['batch'][32]['samples_per_s']:.0f} samples/s |")
+                 f"{inp['batch'][32]['samples_per_s']:.0f} samples/s | - |")
     for name in ("grpc_echo", "http_echo"):
         for c, v in _by_c(r["floors"][name]):
-            lines.append(f"| bare {name.replace('_', ' ')} | {c} | {v['p50_ms']:.3f} | {v['p99_ms']:.3f} | {v['throughput']:.0f} |")
+            lines.append(f"| bare {name.replace('_', ' ')} | {c} | {v['p50_ms']:.3f} | {v['p99_ms']:.3f} | "
+                         f"{v['throughput']:.0f} | - |")
     for mode, res in r["server"].items():
         for proto, per_c in res.items():
             for c, v in _by_c(per_c):
                 lines.append(f"| foldserve {proto} ({mode.replace('_', ' ')}) | {c} | {v['p50_ms']:.3f} | "
-                             f"{v['p99_ms']:.3f} | {v['throughput']:.0f} |")
+                             f"{v['p99_ms']:.3f} | {v['throughput']:.0f} | {v.get('cpu_ms_per_request', '-')} |")
     peers_r = r.get("peers", {})
     ml = peers_r.get("mlserver", {})
     for c, v in _by_c(ml.get("grpc", {})):
         lines.append(f"| MLServer {ml.get('version', '')} grpc (adaptive batching) | {c} | {v['p50_ms']:.3f} | "
-                     f"{v['p99_ms']:.3f} | {v['throughput']:.0f} |")
+                     f"{v['p99_ms']:.3f} | {v['throughput']:.0f} | {v.get('cpu_ms_per_request', '-')} |")
     pa = peers_r.get("perf_analyzer", {})
     if "skipped" not in pa and pa:
         lines += ["", "Triton's perf_analyzer (gRPC, ResNet-20): req/s, p50 / p99 (ms), the serving processes' CPU "

@@ -22,7 +22,8 @@ def test_quick_bench_report_has_every_section(tmp_path):
         for per_c in mode.values():
             for point in per_c.values():
                 assert point["requests"] > 0 and point["errors"] == 0
-                assert {"p50_ms", "p90_ms", "p99_ms", "throughput"} <= set(point)
+                assert {"p50_ms", "p90_ms", "p99_ms", "throughput", "cpu_ms_per_request"} <= set(point)
+                assert point["cpu_ms_per_request"] > 0
     assert {"grpc_echo", "http_echo"} <= set(report["floors"])
     assert {"grpc", "rest_binary", "rest_json", "naive_fastapi_json"} <= set(report["rest224"])
     assert all({"goal", "measured", "limit", "passed"} <= set(g) for g in report["goals"])
@@ -83,3 +84,40 @@ def test_perf_analyzer_server_section_is_read_in_full():
     assert s and abs(sum(s[k] for k in ("overhead_us", "queue_us", "compute_input_us", "compute_infer_us",
                                         "compute_output_us")) - s["avg_request_us"]) <= 5
     assert server_section("Request concurrency: 2\n  Client: \n    Request count: 3\n") is None
+
+
+def test_pytriton_section_takes_medians_and_judges_ratios():
+    from bench import frontend
+
+    def point(thr, p50, p99):
+        return {"throughput": thr, "p50_ms": p50, "p90_ms": p99 / 2, "p99_ms": p99, "cpu_ms_per_request": 1.0}
+
+    rounds = [{1: point(300, 3.0, 5.0), 32: point(1300, 20, 30)}, {1: point(280, 3.2, 6.0), 32: {"error": "x"}},
+              {1: point(290, 3.1, 5.5), 32: point(1500, 19, 28)}]
+    med = frontend.medians(rounds)
+    assert med[1]["throughput"] == 290 and med[1]["p50_ms"] == 3.1 and med[32]["throughput"] == 1400
+    theirs = {1: point(180, 5.3, 8.0), 32: point(1200, 26, 29)}
+    r = {"pytriton": {"median": {"foldserve": {"grpc": med, "http": med},
+                                 "pytriton": {"grpc": theirs, "http": theirs}}}}
+    goals = {g["goal"]: g["passed"] for g in frontend.goals(r)}
+    assert goals["grpc: throughput at concurrency 32 >= 1.2 x PyTriton's"] is False       # 1400 / 1200 = 1.17
+    assert goals["http: p99 at concurrency 32 <= PyTriton's"] is True                      # 29.0 <= 29
+    assert goals["grpc: p50 at concurrency 1 <= PyTriton's"] is True
+    assert frontend.goals({"pytriton": {"skipped": "why"}})[0]["passed"] is None
+    compile(__import__("bench.peers").peers.PYTRITON_RUNNER, "runner.py", "exec")       # the peer's script is Python
+
+
+def test_balance_section_judges_every_run_against_an_even_split():
+    from bench import balance
+
+    def run(thr, split):
+        return {"throughput": thr, "per_worker": split}
+
+    result = {"handoff": [run(100, [1, 1]), run(92, [2, 0]), run(104, [1, 1]), {"error": "x"}],
+              "no_handoff": [run(55, [0, 2]), run(98, [1, 1])]}
+    j = balance.judge(result)
+    assert j["reference"] == 102 and j["handoff_worst"] == round(92 / 102, 3) and j["handoff_failed"] == 1
+    assert j["no_handoff_worst"] == round(55 / 102, 3) and j["no_handoff_one_sided"] == 1
+    g = balance.goals({"balance": {"runs_per_mode": 4, "models": {"m": {**result, **j}}}})
+    assert g[0]["passed"] is False                        # a failed run fails the goal
+    assert balance.judge({"handoff": [run(50, [2, 0])], "no_handoff": [run(50, [0, 2])]}) == {"reference": None}
