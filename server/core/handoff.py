@@ -19,8 +19,12 @@ A peer that cannot take it (gone, being replaced, the model or version not ready
 one attempt and the request runs where it arrived; an execution that fails there fails as it would here.
 Requests with string tensors (object arrays), and requests to models with string outputs, stay where they are.
 
+A peer acknowledges an execution as soon as it has read it; one that does not within ACK_S (stopped, hung,
+its loop swamped) gets the execution cancelled, is passed over for SUSPECT_S and the request runs here, so a
+hung worker delays a peer's request by half a second at most, once, until the supervisor replaces it.
+
 Wire format, both ways on a Unix socket, one execution at a time per connection: a 4-byte big-endian length,
-a JSON header, then the tensors' bytes back to back in the header's order.
+a JSON header, then the tensors' bytes back to back in the header's order; the answer is preceded by ACK.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ import logging
 import mmap
 import os
 import struct
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +54,9 @@ MARGIN = 2                  # executions under way beyond the least busy peer's 
 HEADER = struct.Struct(">I")
 HEADER_LIMIT = 1 << 20
 IDLE_CONNECTIONS = 32       # per peer, kept open for the next hand-off
+ACK = b"\x06"               # a peer's first answer: it has the execution (its loop runs)
+ACK_S = 0.5                 # ... within this long, or the execution runs here and the peer is passed over
+SUSPECT_S = 5.0             # ... for this long (a stopped or swamped worker; the supervisor replaces a hung one)
 #: errors after which the execution runs where it arrived: the peer could not take it (not: it ran and failed)
 DECLINED = (ModelNotFound, ModelNotReady, QueueFull)
 
@@ -117,6 +125,7 @@ class Balance:
     #: executions this worker has sent to each peer and not had back (a peer's slot counts them only once
     #: they arrived: a burst must not all go to the peer whose slot has not caught up yet)
     in_transit: dict[int, int] = field(default_factory=dict)
+    suspect_until: dict[int, float] = field(default_factory=dict)   # peers that did not acknowledge in time
     _idle: dict[int, list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]] = field(default_factory=dict)
     _server: asyncio.AbstractServer | None = None
     _run: Callable[[Execution], Awaitable[Outcome]] | None = None
@@ -140,8 +149,9 @@ class Balance:
 
     def pick(self) -> int | None:
         """The least busy open peer when this worker has MARGIN executions more than it, else None."""
+        now = time.monotonic()
         open_peers = [(max(count, self.in_transit.get(i, 0)), i) for i, count in enumerate(self.board.counts())
-                      if i != self.index and count != CLOSED]
+                      if i != self.index and count != CLOSED and self.suspect_until.get(i, 0.0) <= now]
         if not open_peers:
             return None
         count, peer = min(open_peers)
@@ -150,7 +160,8 @@ class Balance:
     # --- the sending side -----------------------------------------------------------------------------
 
     async def send(self, peer: int, ex: Execution) -> Outcome | None:
-        """Run ``ex`` on ``peer``; None when the peer could not take it (run it here)."""
+        """Run ``ex`` on ``peer``; None when the peer could not take it (run it here): gone, declined, or no
+        acknowledgement within ACK_S (stopped, hung, swamped: then it is passed over for SUSPECT_S)."""
         conn = await self._connection(peer)
         if conn is None:
             return None
@@ -162,8 +173,16 @@ class Balance:
                       "timeout_s": ex.timeout_s, "priority": ex.priority, "timeout_us": ex.timeout_us,
                       "inputs": list(ex.feeds)}
             writer.writelines(_pack(header, list(ex.feeds.values())))
+            try:
+                async with asyncio.timeout(ACK_S):
+                    await writer.drain()
+                    await reader.readexactly(len(ACK))
+            except TimeoutError:
+                self.suspect_until[peer] = time.monotonic() + SUSPECT_S
+                logger.warning("worker %d: worker %d did not take a hand-off within %g s; passed over for %g s",
+                               self.index, peer, ACK_S, SUSPECT_S)
+                return None
             async with asyncio.timeout(ex.timeout_s + 5.0):
-                await writer.drain()
                 reply, arrays = await _unpack(reader)
             done = True
         except TimeoutError:
@@ -237,6 +256,7 @@ class Balance:
                 ex = Execution(header["model"], header["version"], dict(zip(header["inputs"], arrays, strict=True)),
                                header["outputs"], header["batch"], header["timeout_s"], header["priority"],
                                header["timeout_us"])
+                writer.write(ACK)
                 parts = await self._answer(ex, reader)
                 if parts is None:
                     return

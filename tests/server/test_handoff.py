@@ -146,3 +146,30 @@ def test_a_sender_that_gives_up_cancels_the_execution_on_the_peer(tmp_path):
             receiver.close()
 
     asyncio.run(scenario())
+
+
+def test_a_peer_that_does_not_take_the_execution_in_time_is_passed_over(tmp_path):
+    """A stopped or hung worker (its socket accepts, its loop never reads): the request runs where it arrived
+    after ACK_S, and that peer gets nothing more for SUSPECT_S."""
+    from server.core.handoff import ACK_S
+
+    async def scenario():
+        sender = _balance(tmp_path, 0, 2)
+        held = []
+
+        async def hung(reader, writer):        # accepts, never answers (the kernel buffers what is written)
+            held.append(writer)
+
+        server = await asyncio.start_unix_server(hung, path=str(sender.sockets[1]))
+        sender.board.set(1, 0)
+        try:
+            t0 = asyncio.get_running_loop().time()
+            assert await sender.send(1, Execution("m", "1", {"x": np.ones(3)}, ["y"], 1, 30.0)) is None
+            assert asyncio.get_running_loop().time() - t0 < ACK_S + 2
+            sender.running = 10
+            assert sender.pick() is None                   # the only peer is passed over for a while
+        finally:
+            server.close()
+            sender.close()
+
+    asyncio.run(scenario())
