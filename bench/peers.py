@@ -72,6 +72,22 @@ def _run(cmd: list[str], timeout: float = 900, **kw) -> subprocess.CompletedProc
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
 
 
+def wait_ready(proc: subprocess.Popen, url: str, timeout_s: float) -> str | None:
+    """None once ``url`` answers 200 (and a second more, for the peer's last start-up work); else why not."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            return f"exited with {proc.returncode}"
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    time.sleep(1.0)
+                    return None
+        except OSError:
+            time.sleep(0.5)
+    return f"did not become ready in {timeout_s:g} s"
+
+
 # --- MLServer ---------------------------------------------------------------------------------------
 
 def ensure_mlserver() -> Path | str:
@@ -110,20 +126,10 @@ class MLServerPeer:
         self.proc = subprocess.Popen([str(exe), "start", str(root)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, cwd=root,
                                      env={**os.environ, "PYTHONPATH": str(mdir)})
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mlserver exited with {self.proc.returncode}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/models/{name}/ready", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
-        else:
+        why = wait_ready(self.proc, f"http://127.0.0.1:{http_port}/v2/models/{name}/ready", 180)
+        if why:
             self.stop()
-            raise RuntimeError("mlserver did not become ready")
-        time.sleep(1.0)
+            raise RuntimeError(f"mlserver {why}")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -226,21 +232,10 @@ class PyTritonPeer:
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen([str(python), str(root / "runner.py"), json.dumps(cfg)], stdout=log,
                                          stderr=subprocess.STDOUT, cwd=root, env=env, start_new_session=True)
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"PyTriton exited with {self.proc.returncode}: {self.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/v2/models/{name}/ready",
-                                            timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
-        else:
+        why = wait_ready(self.proc, f"http://127.0.0.1:{self.http_port}/v2/models/{name}/ready", 240)
+        if why:
             self.stop()
-            raise RuntimeError(f"PyTriton did not become ready in 240 s: {self.log_tail()}")
-        time.sleep(1.0)
+            raise RuntimeError(f"PyTriton {why}: {self.log_tail()}")
 
     def log_tail(self) -> str:
         try:
