@@ -326,8 +326,8 @@ class Metrics:
                                   ["model", "version"], registry=r, multiprocess_mode="livesum")
         self.inflight = Gauge("foldserve_inflight_requests", "Inference requests being handled.", registry=r,
                               multiprocess_mode="livesum")
-        self.handoffs = Counter("foldserve_handoffs", "Executions handed between workers (--workers N): sent to an "
-                                "idle peer, received from a busy one, or returned untaken and run where they arrived.",
+        self.handoffs = Counter("foldserve_handoffs", "Executions handed between workers: sent to an idle peer, "
+                                "received from a busy one, or returned untaken and run where they arrived.",
                                 ["model", "direction"], registry=r)
         # Triton's families, kept under internal names (prometheus_client would add _total to a counter's name;
         # Triton's have none) and renamed when rendered

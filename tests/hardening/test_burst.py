@@ -1,4 +1,6 @@
-"""Item 14 of the third review: a burst of 5,000 REST and 5,000 gRPC requests at once (2 x 1,000 in `make test`).
+"""Item 14 of the third review: a burst of 5,000 REST and 5,000 gRPC requests at once (in `make test` too: since
+the REST path skips FastAPI's router, a server on 2 cores answers a burst of 2 x 1,000 in about a second without
+shedding anything, which would leave the shedding untested).
 Well-behaved gRPC clients saw p99 266-450 ms and maxima of 3.5-4.7 s. The excess is now shed early (REST before
 routing, both transports while the event loop runs late). What this test asserts is the behaviour: every request
 of the burst is answered or shed with a status (never reset, closed without an answer, or left hanging), the
@@ -15,7 +17,7 @@ from tests.hardening.conftest import FULL
 from tests.server.conftest import ServerProcess, digits_batch
 
 pytestmark = [pytest.mark.hardening, pytest.mark.subprocess]
-N = 5000 if FULL else 1000
+N = 5000
 
 
 def test_a_burst_is_answered_or_shed_and_the_server_keeps_serving(hardening_repo):
