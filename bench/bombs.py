@@ -103,19 +103,21 @@ def markdown(r: dict[str, Any]) -> list[str]:
 
 
 def _attack(url: str, data: bytes) -> None:
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    try:
-        while True:
-            req = urllib.request.Request(url, data=data, method="POST", headers={"content-encoding": "gzip"})
-            try:
-                urllib.request.urlopen(req, timeout=30).read()
-                code = 200
-            except urllib.error.HTTPError as exc:
-                code = exc.code
-            print(code, flush=True)
-            time.sleep(PAUSE_S)
-    except SystemExit:
-        pass
+    # SIGTERM sets a flag the loop reads: a SystemExit raised from the handler is swallowed when the signal lands
+    # inside a finalizer (a response's __del__), and the attacker then outlived its stop (a 30 s timeout in CI)
+    stopping: list[bool] = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    while not stopping:
+        req = urllib.request.Request(url, data=data, method="POST", headers={"content-encoding": "gzip"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                r.read()
+            code = 200
+        except urllib.error.HTTPError as exc:
+            code = exc.code
+            exc.close()
+        print(code, flush=True)
+        time.sleep(PAUSE_S)
 
 
 if __name__ == "__main__":
