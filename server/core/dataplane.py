@@ -365,7 +365,7 @@ class DataPlane:
         (server/core/handoff.py)."""
         balance = self.coordinator.balance
         if balance is None:
-            return await lv.scheduler.infer(ex.feeds, ex.outputs, ex.batch, ex.timeout_s, ex.priority, ex.timeout_us)
+            return await ex.run_on(lv.scheduler)
         portable = ex.portable() and all(o.datatype != "BYTES" for o in lv.spec.outputs)
         peer = balance.pick() if portable else None
         if peer is not None:
@@ -374,7 +374,7 @@ class DataPlane:
             if outcome is not None:
                 return outcome
         with balance.under_way():
-            return await lv.scheduler.infer(ex.feeds, ex.outputs, ex.batch, ex.timeout_s, ex.priority, ex.timeout_us)
+            return await ex.run_on(lv.scheduler)
 
     async def run_handed(self, ex: Execution) -> Outcome:
         """Run an execution another worker handed to this one (never handed on)."""
@@ -384,7 +384,7 @@ class DataPlane:
         self.metrics.handoff(ex.model, "received")
         balance = self.coordinator.balance
         with balance.under_way() if balance is not None else contextlib.nullcontext():
-            return await lv.scheduler.infer(ex.feeds, ex.outputs, ex.batch, ex.timeout_s, ex.priority, ex.timeout_us)
+            return await ex.run_on(lv.scheduler)
 
     def _read_shm(self, req: InferRequest) -> list[Any]:
         """Hold every region the request reads or writes (in use until the answer is written: an unregister

@@ -46,7 +46,7 @@ import numpy as np
 from foldserve import errors
 from foldserve.errors import FoldserveError, ModelNotFound, ModelNotReady, QueueFull, RequestTimeout
 from server.core.runfolder import BOARD_SLOT, CLOSED
-from server.core.scheduler import Outcome
+from server.core.scheduler import Outcome, Scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +94,11 @@ class Execution:
 
     def portable(self) -> bool:
         return all(a.dtype != object for a in self.feeds.values())
+
+    async def run_on(self, scheduler: Scheduler) -> Outcome:
+        """Execute it here, on this process's scheduler of its version."""
+        return await scheduler.infer(self.feeds, self.outputs, self.batch, self.timeout_s, self.priority,
+                                     self.timeout_us)
 
 
 def _pack(header: dict[str, Any], arrays: list[np.ndarray]) -> list[bytes | memoryview]:
